@@ -1,0 +1,116 @@
+//! Types shared by the eBPF capture programs and ztunnel's loader.
+//!
+//! Everything here is `#[repr(C)]` plain data: the same bytes are written by
+//! user space into BPF maps and read by the kernel programs.
+#![no_std]
+
+/// Names of the maps, as both sides refer to them.
+pub mod maps {
+    /// Enrolled pods: [`PodKey`] → [`PodInfo`].
+    pub const PODS: &str = "ZT_PODS";
+    /// One [`Settings`] value at index 0.
+    pub const SETTINGS: &str = "ZT_SETTINGS";
+    /// Destination ports never captured: port → 1.
+    pub const EXCLUDED_PORTS: &str = "ZT_EXCL_PORTS";
+    /// The node's own addresses (kubelet probes and the node itself): [`PodKey`] → 1.
+    pub const NODE_ADDRS: &str = "ZT_NODE_ADDRS";
+    /// Flows handed to a ztunnel listener: [`FlowKey`] → 1 (LRU). A packet of such a flow
+    /// that finds no ztunnel socket is dropped (fail closed), unlike a flow that predates
+    /// enrollment, which is let through.
+    pub const CAPTURED_FLOWS: &str = "ZT_FLOWS";
+    /// Per-pod counters, per CPU: [`PodKey`] → [`PodCounters`].
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+}
+
+/// Name of the TC program in the object file.
+pub const CAPTURE_PROGRAM: &str = "zt_capture";
+
+/// An IPv4 or IPv6 address in 16 bytes, IPv4 as `::ffff:a.b.c.d` (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodKey {
+    pub addr: [u8; 16],
+}
+
+impl PodKey {
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = octets[0];
+        addr[13] = octets[1];
+        addr[14] = octets[2];
+        addr[15] = octets[3];
+        PodKey { addr }
+    }
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        PodKey { addr: octets }
+    }
+}
+
+/// What the programs know of an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Host-side interface of the pod (informational; the address is the key).
+    pub ifindex: u32,
+    /// `POD_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// Capture this pod's outbound connections (to 15001).
+pub const POD_FLAG_OUTBOUND: u32 = 1;
+/// Capture connections addressed to this pod (to 15006 / 15008).
+pub const POD_FLAG_INBOUND: u32 = 2;
+
+/// Global settings written once by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Packet mark set on every assigned packet; an `ip rule fwmark` sends it to a
+    /// `local` route so the kernel delivers it to the assigned socket.
+    pub capture_mark: u32,
+    /// `SO_MARK` ztunnel puts on its own sockets: their packets are never captured.
+    pub proxy_mark: u32,
+    pub outbound_port: u16,
+    pub inbound_plain_port: u16,
+    pub inbound_hbone_port: u16,
+    /// 1 once the loader has written real settings; 0 means "pass everything".
+    pub enabled: u16,
+}
+
+/// A TCP flow as seen from the packet that opened it (client → server).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in network byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Per-pod counters (one copy per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// Connections this pod opened that were handed to ztunnel's outbound listener.
+    pub outbound_flows: u64,
+    /// Connections to this pod handed to ztunnel's inbound listeners.
+    pub inbound_flows: u64,
+    /// Packets (and bytes) of this pod's TCP seen by the capture program, either direction.
+    pub packets: u64,
+    pub bytes: u64,
+    /// SYNs dropped because no ztunnel listener was there (fail closed).
+    pub dropped_no_proxy: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are #[repr(C)] plain old data without padding-sensitive invariants.
+    unsafe impl aya::Pod for super::PodKey {}
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::PodCounters {}
+}

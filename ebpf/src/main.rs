@@ -1,0 +1,339 @@
+//! The capture program: one TC ingress classifier, attached to the host side of each
+//! enrolled pod's veth and to the node's other links.
+//!
+//! For every TCP packet that leaves an enrolled pod or is addressed to one, in order:
+//! 1. a ztunnel socket already owns this exact flow → assign the packet to it;
+//! 2. a SYN opening a new flow → assign it to ztunnel's transparent listener
+//!    (15001 outbound, 15008 for HBONE, 15006 for other inbound);
+//! 3. a packet of a flow we captured whose socket is gone (ztunnel died) → drop (fail closed);
+//! 4. anything else (flows opened before enrollment, other traffic) → untouched.
+//!
+//! Assigned packets get the capture mark, which policy routing turns into local delivery.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use ztunnel_ebpf_common::{
+    FlowKey, PodCounters, PodInfo, PodKey, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
+};
+
+#[map(name = "ZT_PODS")]
+static PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(16384, 0);
+#[map(name = "ZT_SETTINGS")]
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+#[map(name = "ZT_EXCL_PORTS")]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+#[map(name = "ZT_NODE_ADDRS")]
+static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
+#[map(name = "ZT_FLOWS")]
+static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
+#[map(name = "ZT_COUNTERS")]
+static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
+
+const ETH_HDR_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TCP_STATE_LISTEN: u32 = 10;
+
+/// The fields of a TCP packet the decision needs.
+struct Packet {
+    v6: bool,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    /// Network byte order, as in the header.
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    len: u32,
+}
+
+#[classifier]
+pub fn zt_capture(ctx: TcContext) -> i32 {
+    match capture(&ctx) {
+        Ok(action) => action,
+        Err(()) => TC_ACT_OK as i32,
+    }
+}
+
+fn capture(ctx: &TcContext) -> Result<i32, ()> {
+    let settings = match SETTINGS.get(0) {
+        Some(s) if s.enabled != 0 => *s,
+        _ => return Ok(TC_ACT_OK as i32),
+    };
+    let Some(pkt) = parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let src = PodKey { addr: pkt.saddr };
+    let dst = PodKey { addr: pkt.daddr };
+    let src_out = pod_flags(&src) & POD_FLAG_OUTBOUND != 0;
+    let dst_in = pod_flags(&dst) & POD_FLAG_INBOUND != 0;
+    let flow = FlowKey { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+
+    if !src_out && !dst_in {
+        // Not an enrolled pod's traffic, but it may still belong to a flow we captured
+        // before the pod was unenrolled: that flow keeps going through ztunnel.
+        if !is_captured(&flow) {
+            return Ok(TC_ACT_OK as i32);
+        }
+    }
+    if src_out {
+        count_packet(&src, &pkt);
+    }
+    if dst_in {
+        count_packet(&dst, &pkt);
+    }
+
+    // 1. A ztunnel socket already owns this flow (also the replies to its own
+    //    original-source connections).
+    if assign_existing(ctx, &pkt, settings.capture_mark) {
+        return Ok(TC_ACT_OK as i32);
+    }
+
+    let is_syn = pkt.flags & TCP_SYN != 0 && pkt.flags & TCP_ACK == 0;
+    if !is_syn {
+        // 3. Ours but its socket is gone: never let it out in plaintext.
+        if is_captured(&flow) || is_captured(&reversed(&flow)) {
+            count_drop(&src, &dst, src_out, dst_in);
+            return Ok(TC_ACT_SHOT as i32);
+        }
+        // 4. A flow from before enrollment: let it finish on the direct path.
+        return Ok(TC_ACT_OK as i32);
+    }
+
+    // 2. A new connection.
+    if EXCLUDED_PORTS.get_ptr(u16::from_be(pkt.dport)).is_some() {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let listen_port = if src_out && NODE_ADDRS.get_ptr(dst).is_none() {
+        settings.outbound_port
+    } else if dst_in && !src_out {
+        if u16::from_be(pkt.dport) == settings.inbound_hbone_port {
+            settings.inbound_hbone_port
+        } else {
+            settings.inbound_plain_port
+        }
+    } else {
+        // An enrolled pod calling its own node (kubelet, node-local agents): direct.
+        return Ok(TC_ACT_OK as i32);
+    };
+
+    if assign_listener(ctx, &pkt, listen_port, settings.capture_mark) {
+        let _ = CAPTURED_FLOWS.insert(&flow, &1, 0);
+        if listen_port == settings.outbound_port {
+            if let Some(c) = counters(&src) {
+                c.outbound_flows += 1;
+            }
+            debug!(
+                ctx,
+                "outbound flow {:i}:{} -> {:i}:{} to listener {}",
+                pkt.saddr,
+                u16::from_be(pkt.sport),
+                pkt.daddr,
+                u16::from_be(pkt.dport),
+                listen_port
+            );
+        } else {
+            if let Some(c) = counters(&dst) {
+                c.inbound_flows += 1;
+            }
+            debug!(
+                ctx,
+                "inbound flow {:i}:{} -> {:i}:{} to listener {}",
+                pkt.saddr,
+                u16::from_be(pkt.sport),
+                pkt.daddr,
+                u16::from_be(pkt.dport),
+                listen_port
+            );
+        }
+        return Ok(TC_ACT_OK as i32);
+    }
+    // 5. Fail closed: ztunnel is not listening (stopped, crashed, restarting). Dropping
+    //    the SYN makes the client retry; it gets through once ztunnel is back.
+    count_drop(&src, &dst, src_out, dst_in);
+    Ok(TC_ACT_SHOT as i32)
+}
+
+fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let (v6, saddr, daddr, l4) = match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HDR_LEN).map_err(|_| ())?;
+            let proto: u8 = ctx.load(ETH_HDR_LEN + 9).map_err(|_| ())?;
+            if proto != IPPROTO_TCP {
+                return Ok(None);
+            }
+            // Fragments other than the first carry no TCP header.
+            let frag: u16 = u16::from_be(ctx.load(ETH_HDR_LEN + 6).map_err(|_| ())?);
+            if frag & 0x1fff != 0 {
+                return Ok(None);
+            }
+            let s: [u8; 4] = ctx.load(ETH_HDR_LEN + 12).map_err(|_| ())?;
+            let d: [u8; 4] = ctx.load(ETH_HDR_LEN + 16).map_err(|_| ())?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return Ok(None);
+            }
+            (false, PodKey::v4(s).addr, PodKey::v4(d).addr, ETH_HDR_LEN + ihl)
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = ctx.load(ETH_HDR_LEN + 6).map_err(|_| ())?;
+            if next != IPPROTO_TCP {
+                // Extension headers are not followed: such packets are left alone.
+                return Ok(None);
+            }
+            let s: [u8; 16] = ctx.load(ETH_HDR_LEN + 8).map_err(|_| ())?;
+            let d: [u8; 16] = ctx.load(ETH_HDR_LEN + 24).map_err(|_| ())?;
+            (true, s, d, ETH_HDR_LEN + 40)
+        }
+        _ => return Ok(None),
+    };
+    let sport: u16 = ctx.load(l4).map_err(|_| ())?;
+    let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
+    let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
+    Ok(Some(Packet { v6, saddr, daddr, sport, dport, flags, len: ctx.len() }))
+}
+
+fn pod_flags(key: &PodKey) -> u32 {
+    match PODS.get_ptr(key) {
+        // SAFETY: the pointer comes from a successful map lookup.
+        Some(info) => unsafe { (*info).flags },
+        None => 0,
+    }
+}
+
+fn is_captured(flow: &FlowKey) -> bool {
+    CAPTURED_FLOWS.get_ptr(flow).is_some()
+}
+
+fn reversed(flow: &FlowKey) -> FlowKey {
+    FlowKey { saddr: flow.daddr, daddr: flow.saddr, sport: flow.dport, dport: flow.sport }
+}
+
+/// Builds the lookup tuple for `pkt`, with the destination port replaced by `dport`.
+fn tuple(pkt: &Packet, dport: u16) -> (bpf_sock_tuple, u32) {
+    // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    if pkt.v6 {
+        // SAFETY: writing the ipv6 member of the union.
+        unsafe {
+            t.__bindgen_anon_1.ipv6.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.saddr);
+            t.__bindgen_anon_1.ipv6.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.daddr);
+            t.__bindgen_anon_1.ipv6.sport = pkt.sport;
+            t.__bindgen_anon_1.ipv6.dport = dport;
+        }
+        (t, 36)
+    } else {
+        let s = [pkt.saddr[12], pkt.saddr[13], pkt.saddr[14], pkt.saddr[15]];
+        let d = [pkt.daddr[12], pkt.daddr[13], pkt.daddr[14], pkt.daddr[15]];
+        // SAFETY: writing the ipv4 member of the union.
+        unsafe {
+            t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(s);
+            t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(d);
+            t.__bindgen_anon_1.ipv4.sport = pkt.sport;
+            t.__bindgen_anon_1.ipv4.dport = dport;
+        }
+        (t, 12)
+    }
+}
+
+/// Assigns the packet to a non-listening socket of exactly its flow, if one exists.
+fn assign_existing(ctx: &TcContext, pkt: &Packet, mark: u32) -> bool {
+    let (mut t, size) = tuple(pkt, pkt.dport);
+    // SAFETY: helper call with a valid context and a stack tuple of the given size.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(ctx.skb.skb as *mut _, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // A listener matching the tuple is a node service, not a flow of ours.
+    // SAFETY: sk is a non-null socket returned by the lookup helper.
+    let listening = unsafe { (*sk).state } == TCP_STATE_LISTEN;
+    let assigned = !listening && do_assign(ctx, sk, mark);
+    // SAFETY: every socket returned by the lookup is released exactly once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    assigned
+}
+
+/// Assigns a SYN to ztunnel's transparent listener on `port`.
+fn assign_listener(ctx: &TcContext, pkt: &Packet, port: u16, mark: u32) -> bool {
+    let (mut t, size) = tuple(pkt, port.to_be());
+    // SAFETY: as in assign_existing.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(ctx.skb.skb as *mut _, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: sk is non-null.
+    let listening = unsafe { (*sk).state } == TCP_STATE_LISTEN;
+    let assigned = listening && do_assign(ctx, sk, mark);
+    // SAFETY: released exactly once.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    assigned
+}
+
+fn do_assign(ctx: &TcContext, sk: *mut bpf_sock, mark: u32) -> bool {
+    // SAFETY: sk is a referenced socket from a lookup helper.
+    let rc = unsafe { bpf_sk_assign(ctx.skb.skb as *mut _, sk as *mut _, 0) };
+    if rc != 0 {
+        return false;
+    }
+    // Without the mark the packet takes the forwarding path and is lost.
+    ctx.set_mark(mark);
+    true
+}
+
+/// The counters of `pod` on this CPU, created on first use.
+fn counters(pod: &PodKey) -> Option<&'static mut PodCounters> {
+    let ptr = match COUNTERS.get_ptr_mut(pod) {
+        Some(p) => p,
+        None => {
+            let _ = COUNTERS.insert(pod, &PodCounters::default(), 0);
+            COUNTERS.get_ptr_mut(pod)?
+        }
+    };
+    // SAFETY: a per-CPU value: only this CPU touches it while the program runs.
+    Some(unsafe { &mut *ptr })
+}
+
+fn count_packet(pod: &PodKey, pkt: &Packet) {
+    if let Some(c) = counters(pod) {
+        c.packets += 1;
+        c.bytes += pkt.len as u64;
+    }
+}
+
+fn count_drop(src: &PodKey, dst: &PodKey, src_out: bool, dst_in: bool) {
+    let pod = if src_out {
+        src
+    } else if dst_in {
+        dst
+    } else {
+        return;
+    };
+    if let Some(c) = counters(pod) {
+        c.dropped_no_proxy += 1;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,7 @@
+//! ztunnel: an eBPF-native, per-node service-mesh data plane.
+//!
+//! The data path, in the order a connection meets it:
+//! `capture` (eBPF steers a pod's TCP into us) → `proxy::outbound` (accept, identify) →
+//! policy → pool → HBONE → `proxy::inbound` (on the destination node) → deliver.
+
+pub mod identity;
