@@ -1,1 +1,33 @@
+//! The testbed: a Kubernetes-like cluster built from network namespaces on one Linux
+//! machine, for end-to-end tests, benchmarks and the demo. Needs root.
+//!
+//! Each node and pod is a network namespace; the real kernel runs the real eBPF
+//! programs and real packets cross a real (virtual) wire. Namespaces are named per
+//! testbed (`zt<pid>-<n>-…`) so tests run in parallel, and are always removed: on
+//! drop (also during a panic), on Ctrl-C, and — for runs that were killed — by the
+//! next run.
 
+mod cleanup;
+mod netns;
+mod testbed;
+pub mod traffic;
+
+pub use cleanup::remove_stale;
+pub use netns::Netns;
+pub use testbed::{Node, Pod, Testbed};
+
+/// True when running as root (the testbed needs it).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Skips a test (returns from it) unless running as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root (network namespaces, eBPF)");
+            return;
+        }
+    };
+}

@@ -4,4 +4,9 @@
 //! `capture` (eBPF steers a pod's TCP into us) → `proxy::outbound` (accept, identify) →
 //! policy → pool → HBONE → `proxy::inbound` (on the destination node) → deliver.
 
+pub mod capture;
 pub mod identity;
+pub mod proxy;
+pub mod policy;
+pub mod state;
+pub mod xds;

@@ -1,0 +1,205 @@
+//! A cluster in network namespaces: nodes on one switched segment, pods behind veths.
+//!
+//! Addressing (every testbed has its own namespaces, so all testbeds reuse it):
+//! - node `i` (1-based): `192.168.0.i/24`, `fd00:ff::i/64` on `eth0`, plugged into a
+//!   bridge in a separate `switch` namespace;
+//! - pod `k` (2-based) on node `i`: `10.i.0.k/32` and `fd00:i::k/128` on its `eth0`,
+//!   default route via `169.254.1.1` / `fe80::1`, addresses every host-side veth
+//!   carries; the host side of its veth is `p<k>` in the node namespace;
+//! - every node routes the other nodes' pod ranges (`10.j.0.0/16`, `fd00:j::/64`) over
+//!   the wire.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::netns::Netns;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Testbed {
+    prefix: String,
+    switch: Arc<Netns>,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    processes: Mutex<Vec<Child>>,
+}
+
+#[derive(Clone)]
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    pub netns: Arc<Netns>,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pods: Arc<AtomicU32>,
+}
+
+#[derive(Clone)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub netns: Arc<Netns>,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// Host side of the pod's veth, in the node namespace.
+    pub host_if: String,
+}
+
+impl Testbed {
+    /// A new, empty testbed whose namespaces are named `zt<pid>-<n>-…`.
+    pub fn new() -> anyhow::Result<Testbed> {
+        crate::cleanup::init();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("{}{}-{}", crate::cleanup::PREFIX, std::process::id(), n);
+        let switch = Arc::new(Netns::create(&format!("{prefix}-switch"))?);
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        Ok(Testbed { prefix, switch, nodes: vec![], pods: vec![], processes: Mutex::new(vec![]) })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn add_node(&mut self, name: &str) -> anyhow::Result<Node> {
+        let index = self.nodes.len() as u8 + 1;
+        let netns = Arc::new(Netns::create(&format!("{}-{name}", self.prefix))?);
+        let ip = Ipv4Addr::new(192, 168, 0, index);
+        let ip6: Ipv6Addr = format!("fd00:ff::{index}").parse()?;
+        let sw = format!("n{index}");
+        self.switch.ip(&["link", "add", &sw, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        self.switch.ip(&["link", "set", &sw, "master", "br0", "up"])?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.sysctl("net.ipv4.ip_forward", "1")?;
+        netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // Routes to and from the nodes that already exist.
+        for other in &self.nodes {
+            route_pods(&netns, other.index, other.ip, other.ip6)?;
+            route_pods(&other.netns, index, ip, ip6)?;
+        }
+        let node = Node { name: name.to_string(), index, netns, ip, ip6, pods: Arc::new(AtomicU32::new(1)) };
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    pub fn add_pod(&mut self, node: &Node, name: &str) -> anyhow::Result<Pod> {
+        let k = node.pods.fetch_add(1, Ordering::SeqCst) + 1;
+        let netns = Arc::new(Netns::create(&format!("{}-{}-{name}", self.prefix, node.name))?);
+        let ip = Ipv4Addr::new(10, node.index, 0, k as u8);
+        let ip6: Ipv6Addr = format!("fd00:{}::{k}", node.index).parse()?;
+        let host_if = format!("p{k}");
+        node.netns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        node.netns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+        node.netns.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+        // The pod's gateway lives on every host-side veth (as Calico does with
+        // 169.254.1.1): the node answers for it, then routes by destination.
+        node.netns.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if, "noprefixroute"])?;
+        node.netns.ip(&["addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+        node.netns.ip(&["link", "set", &host_if, "up"])?;
+        node.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        node.netns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+        netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+        netns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        let pod = Pod { name: name.to_string(), node: node.name.clone(), netns, ip, ip6, host_if };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Starts a process inside `netns`; it is stopped (SIGTERM, then SIGKILL) when the
+    /// testbed is dropped, unless it was stopped before.
+    pub fn spawn(&self, mut cmd: Command) -> anyhow::Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let pid = child.id();
+        crate::cleanup::register_child(pid);
+        self.processes.lock().unwrap().push(child);
+        Ok(pid)
+    }
+
+    /// Stops a process started with [`Testbed::spawn`]: SIGTERM and up to `grace` to
+    /// exit, else SIGKILL. Returns its exit status.
+    pub fn stop(&self, pid: u32, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut procs = self.processes.lock().unwrap();
+        let pos = procs.iter().position(|c| c.id() == pid)?;
+        let mut child = procs.remove(pos);
+        crate::cleanup::unregister_child(pid);
+        stop_child(&mut child, grace)
+    }
+
+    /// Kills a process outright (SIGKILL), as a crash would.
+    pub fn kill(&self, pid: u32) {
+        self.stop(pid, Duration::ZERO);
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for mut child in self.processes.lock().unwrap().drain(..) {
+            crate::cleanup::unregister_child(child.id());
+            stop_child(&mut child, Duration::from_secs(5));
+        }
+        // Pins of ztunnels that were killed: removing them detaches their programs.
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/ztunnel/{}", node.netns.name()));
+        }
+        self.pods.clear();
+        self.nodes.clear();
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let pid = child.id() as i32;
+    if grace.is_zero() {
+        let _ = child.kill();
+        return child.wait().ok();
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// Routes node `index`'s pod ranges over the wire to its address.
+fn route_pods(on: &Netns, index: u8, ip: Ipv4Addr, ip6: Ipv6Addr) -> anyhow::Result<()> {
+    on.ip(&["route", "add", &format!("10.{index}.0.0/16"), "via", &ip.to_string()])?;
+    on.ip(&["-6", "route", "add", &format!("fd00:{index}::/64"), "via", &ip6.to_string()])
+}
+
+impl Pod {
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ip6)
+        } else {
+            IpAddr::V4(self.ip)
+        }
+    }
+}

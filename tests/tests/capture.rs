@@ -1,0 +1,283 @@
+//! The capture programs, driven through the library inside a testbed node: what a
+//! listener on 15001 sees, what is left alone, fail closed, enroll/unenroll, restart.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use ztunnel::capture::{Capture, CaptureConfig, RoutingConfig};
+use ztunnel::proxy::socket::{canonical, transparent_listener, transparent_std_listener};
+use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::{require_root, Netns, Pod, Testbed};
+
+const T: Duration = Duration::from_secs(5);
+
+fn config(ns: &Netns) -> CaptureConfig {
+    CaptureConfig {
+        instance: ns.name().to_string(),
+        bpffs_root: "/sys/fs/bpf".into(),
+        routing: RoutingConfig { mark: 0x4000, table: 15010, priority: 100 },
+        proxy_mark: 0x539,
+        outbound_port: 15001,
+        inbound_plain_port: 15006,
+        inbound_hbone_port: 15008,
+        excluded_ports: vec![9999],
+    }
+}
+
+enum Cmd {
+    Enroll(Vec<IpAddr>, String),
+    Unenroll(Vec<IpAddr>),
+    Counters(mpsc::Sender<std::collections::BTreeMap<IpAddr, ztunnel::capture::Counters>>),
+    /// Start a listener on 15001 (v4 and v6) that reports (peer, local) of accepted
+    /// connections and closes them.
+    Listen(mpsc::Sender<(SocketAddr, SocketAddr)>),
+    Shutdown(mpsc::Sender<()>),
+    /// Drop without cleanup, like a crash (pins stay).
+    Crash(mpsc::Sender<()>),
+}
+
+/// Runs `Capture` on a thread inside the node's namespace, driven by commands.
+struct NodeCapture {
+    tx: tokio::sync::mpsc::UnboundedSender<Cmd>,
+}
+
+impl NodeCapture {
+    fn start(ns: &Netns) -> NodeCapture {
+        let cfg = config(ns);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Cmd>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let path = ns.path();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut cap = Capture::start(cfg).await.expect("capture start");
+                ready_tx.send(()).unwrap();
+                let mut listeners: Vec<tokio::task::JoinHandle<()>> = vec![];
+                while let Some(cmd) = rx.recv().await {
+                    match cmd {
+                        Cmd::Enroll(ips, ifname) => cap.enroll(&ips, &ifname).await.unwrap(),
+                        Cmd::Unenroll(ips) => cap.unenroll(&ips).unwrap(),
+                        Cmd::Counters(reply) => reply.send(cap.counters()).unwrap(),
+                        Cmd::Listen(report) => {
+                            for addr in ["0.0.0.0:15001", "[::]:15001"] {
+                                let l: TcpListener = transparent_listener(addr.parse().unwrap()).unwrap();
+                                let report = report.clone();
+                                listeners.push(tokio::spawn(async move {
+                                    while let Ok((s, peer)) = l.accept().await {
+                                        let local = s.local_addr().unwrap();
+                                        let _ = report.send((canonical(peer), canonical(local)));
+                                    }
+                                }));
+                            }
+                        }
+                        Cmd::Shutdown(done) => {
+                            cap.shutdown().await.unwrap();
+                            done.send(()).unwrap();
+                            return;
+                        }
+                        Cmd::Crash(done) => {
+                            drop(cap);
+                            done.send(()).unwrap();
+                            return;
+                        }
+                    }
+                }
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).expect("capture did not start");
+        NodeCapture { tx }
+    }
+
+    fn send(&self, c: Cmd) {
+        self.tx.send(c).unwrap();
+    }
+
+    fn enroll(&self, pod: &Pod) {
+        self.send(Cmd::Enroll(vec![pod.ip.into(), pod.ip6.into()], pod.host_if.clone()));
+    }
+
+    fn listen(&self) -> mpsc::Receiver<(SocketAddr, SocketAddr)> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Listen(tx));
+        std::thread::sleep(Duration::from_millis(100));
+        rx
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<IpAddr, ztunnel::capture::Counters> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Counters(tx));
+        rx.recv_timeout(T).unwrap()
+    }
+
+    fn shutdown(self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Shutdown(tx));
+        rx.recv_timeout(T).unwrap();
+    }
+
+    fn crash(self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Crash(tx));
+        rx.recv_timeout(T).unwrap();
+    }
+}
+
+struct Bed {
+    tb: Testbed,
+    client: Pod,
+    other: Pod,
+    server: Pod,
+    echo: EchoServer,
+}
+
+/// Two nodes; `client` and `other` (never enrolled) on node a, `server` on node b
+/// running an echo server on 8080.
+fn bed() -> Bed {
+    let mut tb = Testbed::new().unwrap();
+    let a = tb.add_node("a").unwrap();
+    let b = tb.add_node("b").unwrap();
+    let client = tb.add_pod(&a, "client").unwrap();
+    let other = tb.add_pod(&a, "other").unwrap();
+    let server = tb.add_pod(&b, "server").unwrap();
+    let echo = EchoServer::start(&server.netns, 8080).unwrap();
+    Bed { tb, client, other, server, echo }
+}
+
+fn node_a(b: &Bed) -> &Netns {
+    &b.tb.nodes()[0].netns
+}
+
+#[test]
+fn outbound_connection_reaches_listener_with_original_destination() {
+    require_root!();
+    let b = bed();
+    let cap = NodeCapture::start(node_a(&b));
+    cap.enroll(&b.client);
+    let seen = cap.listen();
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(b.server.addr(v6), 8080);
+        let s = connect(&b.client.netns, dst, T).expect("connect through capture");
+        let (peer, local) = seen.recv_timeout(T).expect("listener saw the connection");
+        assert_eq!(local, dst, "local address must be the original destination");
+        assert_eq!(peer, canonical(s.local_addr().unwrap()), "peer must be the pod");
+        assert!(b.echo.drain().is_empty(), "the server must not have been reached directly");
+    }
+    let counters = cap.counters();
+    let c = counters.get(&IpAddr::from(b.client.ip)).expect("client counters");
+    assert_eq!(c.outbound_flows, 1);
+    assert!(c.packets >= 1 && c.bytes > 0);
+    assert_eq!(counters.get(&IpAddr::from(b.client.ip6)).unwrap().outbound_flows, 1);
+    cap.shutdown();
+}
+
+#[test]
+fn unenrolled_pod_excluded_port_and_own_node_are_not_captured() {
+    require_root!();
+    let b = bed();
+    let cap = NodeCapture::start(node_a(&b));
+    cap.enroll(&b.client);
+    let seen = cap.listen();
+    // A pod that is not enrolled goes straight to the server.
+    let mut s = connect(&b.other.netns, SocketAddr::new(b.server.ip.into(), 8080), T).unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"direct").unwrap(), b"direct");
+    let (peer, _) = b.echo.next_accepted(T).unwrap();
+    assert_eq!(peer.ip(), IpAddr::from(b.other.ip));
+
+    // An excluded destination port is not captured (nobody listens: refused, not captured).
+    let r = connect(&b.client.netns, SocketAddr::new(b.server.ip.into(), 9999), T);
+    assert!(r.is_err());
+    // The pod's own node (kubelet-style traffic) is not captured.
+    let node = &b.tb.nodes()[0];
+    let node_srv = EchoServer::start(&node.netns, 10250).unwrap();
+    let mut s = connect(&b.client.netns, SocketAddr::new(node.ip.into(), 10250), T).unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"probe").unwrap(), b"probe");
+    assert!(node_srv.next_accepted(T).is_some());
+    assert!(seen.try_recv().is_err(), "nothing may have reached the capture listener");
+    cap.shutdown();
+}
+
+#[test]
+fn enrolling_keeps_established_connections_and_unenrolling_restores_direct_path() {
+    require_root!();
+    let b = bed();
+    let cap = NodeCapture::start(node_a(&b));
+    let seen = cap.listen();
+    let dst = SocketAddr::new(b.server.ip.into(), 8080);
+    let mut before = connect(&b.client.netns, dst, T).unwrap();
+    b.echo.next_accepted(T).unwrap();
+    cap.enroll(&b.client);
+    std::thread::sleep(Duration::from_millis(100));
+    // The connection opened before enrollment still works, directly.
+    assert_eq!(echo_round_trip(&mut before, b"still here").unwrap(), b"still here");
+    // New connections are captured.
+    let _s = connect(&b.client.netns, dst, T).unwrap();
+    assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
+    // After unenrolling, new connections go direct again.
+    cap.send(Cmd::Unenroll(vec![b.client.ip.into(), b.client.ip6.into()]));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = connect(&b.client.netns, dst, T).unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"direct").unwrap(), b"direct");
+    assert_eq!(b.echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(b.client.ip));
+    cap.shutdown();
+}
+
+#[test]
+fn fails_closed_without_listener_and_after_crash_then_recovers_on_restart() {
+    require_root!();
+    let b = bed();
+    let cap = NodeCapture::start(node_a(&b));
+    cap.enroll(&b.client);
+    let dst = SocketAddr::new(b.server.ip.into(), 8080);
+    let short = Duration::from_millis(1500);
+    // No listener on 15001: the SYN is dropped, nothing reaches the server.
+    assert!(connect(&b.client.netns, dst, short).is_err());
+    assert!(b.echo.drain().is_empty(), "plaintext reached the server");
+    // Crash: pinned programs stay, still closed.
+    cap.crash();
+    assert!(connect(&b.client.netns, dst, short).is_err());
+    assert!(b.echo.drain().is_empty(), "plaintext reached the server after a crash");
+    // A new instance adopts the pinned state (the pod is still enrolled) and captures.
+    let cap = NodeCapture::start(node_a(&b));
+    let seen = cap.listen();
+    let _s = connect(&b.client.netns, dst, T).expect("captured again after restart");
+    assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
+    // Clean stop removes everything: direct path again.
+    cap.shutdown();
+    let mut s = connect(&b.client.netns, dst, T).unwrap();
+    assert_eq!(echo_round_trip(&mut s, b"x").unwrap(), b"x");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/ztunnel/{}", node_a(&b).name())).exists());
+}
+
+#[test]
+fn inbound_connections_to_enrolled_pod_go_to_inbound_listeners() {
+    require_root!();
+    let b = bed();
+    // Capture on node b, where the server lives; the client (node a) is not enrolled.
+    let node_b = b.tb.nodes()[1].netns.clone();
+    let cap = NodeCapture::start(&node_b);
+    cap.enroll(&b.server);
+    let (tx, seen) = mpsc::channel();
+    for port in [15006u16, 15008] {
+        let l = node_b
+            .run(move || transparent_std_listener(SocketAddr::from(([0, 0, 0, 0], port))))
+            .unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let _ = tx.send((port, canonical(c.local_addr().unwrap())));
+            }
+        });
+    }
+    for (dport, want) in [(8080u16, 15006u16), (15008, 15008)] {
+        let dst = SocketAddr::new(b.server.ip.into(), dport);
+        let _s = connect(&b.client.netns, dst, T).expect("inbound connect");
+        let (port, local) = seen.recv_timeout(T).expect("inbound listener saw it");
+        assert_eq!((port, local), (want, dst));
+    }
+    assert!(b.echo.drain().is_empty());
+    cap.shutdown();
+}

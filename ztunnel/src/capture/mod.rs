@@ -1,0 +1,336 @@
+//! Traffic capture: the eBPF programs that steer enrolled pods' TCP into ztunnel.
+//!
+//! This module loads the capture program (`ebpf/`), pins its maps and links under
+//! `<bpffs>/ztunnel/<instance>/`, installs the policy routing that delivers captured
+//! packets locally, and keeps the map of enrolled pods. See `ARCHITECTURE.md` for the
+//! mechanism; the program itself documents the per-packet decision.
+
+mod bpffs;
+mod links;
+pub mod routing;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
+use tracing::{debug, info, warn};
+use ztunnel_ebpf_common::{
+    maps, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, POD_FLAG_INBOUND,
+    POD_FLAG_OUTBOUND,
+};
+
+pub use links::AttachOutcome;
+pub use routing::RoutingConfig;
+
+/// The compiled capture program, built by `build.rs`.
+static CAPTURE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
+
+/// Everything the loader needs to know.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Names the pin directory, so several ztunnels (one per node netns in the testbed)
+    /// and restarts of one keep their state apart / find it again.
+    pub instance: String,
+    pub bpffs_root: PathBuf,
+    pub routing: RoutingConfig,
+    /// `SO_MARK` of ztunnel's own sockets; must not overlap `routing.mark`.
+    pub proxy_mark: u32,
+    pub outbound_port: u16,
+    pub inbound_plain_port: u16,
+    pub inbound_hbone_port: u16,
+    /// Destination ports never captured (e.g. a node-local agent's).
+    pub excluded_ports: Vec<u16>,
+}
+
+/// Per-pod counters summed over CPUs, as shown by the admin endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub outbound_flows: u64,
+    pub inbound_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub dropped_no_proxy: u64,
+}
+
+/// An enrolled pod address, as read back from the kernel map.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EnrolledPod {
+    pub address: IpAddr,
+    pub ifindex: u32,
+    pub outbound: bool,
+    pub inbound: bool,
+}
+
+/// The loaded and attached capture programs of this node.
+pub struct Capture {
+    cfg: CaptureConfig,
+    dir: PathBuf,
+    ebpf: Ebpf,
+    links: links::Links,
+    pods: BpfHashMap<MapData, PodKey, PodInfo>,
+    node_addrs: BpfHashMap<MapData, PodKey, u8>,
+    counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
+    netlink: rtnetlink::Handle,
+}
+
+impl Capture {
+    /// Loads the programs (adopting the pinned state of an earlier run of this
+    /// instance), installs routing, and attaches to every non-loopback link, so that
+    /// connections entering the node for enrolled pods are captured.
+    pub async fn start(cfg: CaptureConfig) -> anyhow::Result<Capture> {
+        if cfg.routing.mark & cfg.proxy_mark != 0 {
+            anyhow::bail!(
+                "capture mark {:#x} overlaps the proxy mark {:#x}: captured replies would be misrouted",
+                cfg.routing.mark,
+                cfg.proxy_mark
+            );
+        }
+        bpffs::ensure_mounted(&cfg.bpffs_root)?;
+        let dir = cfg.bpffs_root.join("ztunnel").join(&cfg.instance);
+        let map_dir = dir.join("maps");
+        std::fs::create_dir_all(&map_dir)
+            .with_context(|| format!("creating {}", map_dir.display()))?;
+
+        let mut ebpf = match load(&map_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                // Maps pinned by an incompatible build: start over rather than refuse.
+                warn!("pinned capture maps unusable ({e:#}); replacing them");
+                std::fs::remove_dir_all(&map_dir).ok();
+                std::fs::create_dir_all(&map_dir)?;
+                load(&map_dir)?
+            }
+        };
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_forwarder(logger),
+            Err(e) => warn!("eBPF logs unavailable: {e}"),
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(CAPTURE_PROGRAM)
+            .context("capture program missing from the object")?
+            .try_into()?;
+        prog.load().context("loading the capture program (verifier)")?;
+
+        let pods = take_hash(&mut ebpf, maps::PODS)?;
+        let node_addrs = take_hash(&mut ebpf, maps::NODE_ADDRS)?;
+        let counters = PerCpuHashMap::try_from(
+            ebpf.take_map(maps::COUNTERS).context("counters map missing")?,
+        )?;
+        let mut excluded: BpfHashMap<MapData, u16, u8> = take_hash(&mut ebpf, maps::EXCLUDED_PORTS)?;
+        let mut settings: Array<MapData, Settings> =
+            Array::try_from(ebpf.take_map(maps::SETTINGS).context("settings map missing")?)?;
+
+        let old: Vec<u16> = excluded.keys().filter_map(Result::ok).collect();
+        for p in old {
+            excluded.remove(&p)?;
+        }
+        for p in &cfg.excluded_ports {
+            excluded.insert(p, 1, 0)?;
+        }
+        settings.set(
+            0,
+            Settings {
+                capture_mark: cfg.routing.mark,
+                proxy_mark: cfg.proxy_mark,
+                outbound_port: cfg.outbound_port,
+                inbound_plain_port: cfg.inbound_plain_port,
+                inbound_hbone_port: cfg.inbound_hbone_port,
+                enabled: 1,
+            },
+            0,
+        )?;
+
+        let netlink = routing::connect()?;
+        routing::install(&netlink, cfg.routing).await?;
+        let links = links::Links::new(dir.join("links"))?;
+        let mut capture =
+            Capture { cfg, dir, ebpf, links, pods, node_addrs, counters, netlink };
+        capture.refresh().await?;
+        info!(dir = %capture.dir.display(), "capture programs loaded");
+        Ok(capture)
+    }
+
+    /// Attaches to links that appeared since the last call, forgets ones that went away,
+    /// and refreshes the node's own addresses. Cheap; called periodically.
+    pub async fn refresh(&mut self) -> anyhow::Result<()> {
+        let existing = routing::links(&self.netlink).await?;
+        for stale in self.links.stale_pins(&existing) {
+            debug!(pin = %stale.display(), "removing pin of a vanished interface");
+            let _ = std::fs::remove_file(stale);
+        }
+        let attached = self.links.interfaces();
+        for (name, idx) in attached {
+            if !existing.contains(&(name.clone(), idx)) {
+                self.links.detach(&name);
+            }
+        }
+        for (name, idx) in &existing {
+            if name == "lo" {
+                continue;
+            }
+            let outcome = self.links.attach(program(&mut self.ebpf)?, name, *idx)?;
+            if outcome != AttachOutcome::AlreadyAttached {
+                info!(interface = %name, ?outcome, "capture attached");
+            }
+        }
+        let addrs = routing::local_addresses(&self.netlink).await?;
+        let keys: Vec<PodKey> = addrs.iter().map(|a| key(*a)).collect();
+        let old: Vec<PodKey> = self.node_addrs.keys().filter_map(Result::ok).collect();
+        for k in old.iter().filter(|k| !keys.contains(k)) {
+            self.node_addrs.remove(k)?;
+        }
+        for k in keys.iter().filter(|k| !old.contains(k)) {
+            self.node_addrs.insert(k, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Starts capturing a pod's connections (new ones: established flows finish on the
+    /// direct path). `interface` is the host side of its veth.
+    pub async fn enroll(&mut self, addresses: &[IpAddr], interface: &str) -> anyhow::Result<()> {
+        let ifindex = routing::link_index(&self.netlink, interface)
+            .await?
+            .with_context(|| format!("interface {interface} not found"))?;
+        self.links.attach(program(&mut self.ebpf)?, interface, ifindex)?;
+        for a in addresses {
+            let info = PodInfo { ifindex, flags: POD_FLAG_OUTBOUND | POD_FLAG_INBOUND };
+            self.pods.insert(key(*a), info, 0).with_context(|| format!("enrolling {a}"))?;
+            info!(address = %a, interface, "pod enrolled");
+        }
+        Ok(())
+    }
+
+    /// Stops capturing new connections of these addresses; flows already going through
+    /// ztunnel keep going through it until they close.
+    pub fn unenroll(&mut self, addresses: &[IpAddr]) -> anyhow::Result<()> {
+        for a in addresses {
+            match self.pods.remove(&key(*a)) {
+                Ok(()) => info!(address = %a, "pod unenrolled"),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).with_context(|| format!("unenrolling {a}")),
+            }
+            let _ = self.counters.remove(&key(*a));
+        }
+        Ok(())
+    }
+
+    pub fn enrolled(&self) -> Vec<EnrolledPod> {
+        let mut v: Vec<EnrolledPod> = self
+            .pods
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, info)| EnrolledPod {
+                address: addr(k),
+                ifindex: info.ifindex,
+                outbound: info.flags & POD_FLAG_OUTBOUND != 0,
+                inbound: info.flags & POD_FLAG_INBOUND != 0,
+            })
+            .collect();
+        v.sort_by_key(|p| p.address);
+        v
+    }
+
+    /// Per-pod counters, summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<IpAddr, Counters> {
+        let mut out = BTreeMap::new();
+        for (k, per_cpu) in self.counters.iter().filter_map(Result::ok) {
+            let mut c = Counters::default();
+            for v in per_cpu.iter() {
+                c.outbound_flows += v.outbound_flows;
+                c.inbound_flows += v.inbound_flows;
+                c.packets += v.packets;
+                c.bytes += v.bytes;
+                c.dropped_no_proxy += v.dropped_no_proxy;
+            }
+            out.insert(addr(k), c);
+        }
+        out
+    }
+
+    pub fn interfaces(&self) -> Vec<(String, u32)> {
+        self.links.interfaces()
+    }
+
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &CaptureConfig {
+        &self.cfg
+    }
+
+    /// Removes everything this instance installed: links, routing, pinned maps.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.links.detach_all();
+        routing::uninstall(&self.netlink, self.cfg.routing).await?;
+        std::fs::remove_dir_all(&self.dir).ok();
+        info!("capture removed");
+        Ok(())
+    }
+
+    /// Exits leaving programs, maps and routing in place: enrolled pods stay captured
+    /// (new connections wait, fail closed) until the next ztunnel adopts them.
+    pub fn retain(mut self) {
+        self.links.retain_all();
+        info!(dir = %self.dir.display(), "capture retained for the next ztunnel");
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
+    Ok(ebpf.program_mut(CAPTURE_PROGRAM).context("capture program")?.try_into()?)
+}
+
+fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
+    EbpfLoader::new()
+        .default_map_pin_directory(map_dir)
+        .load(CAPTURE_OBJECT)
+        .context("loading the capture object")
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
+    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+    Ok(BpfHashMap::try_from(map)?)
+}
+
+/// Forwards aya-log records from the programs to `log`, which `tracing` picks up.
+fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the logger owns its ring-buffer fd and keeps it open while registered.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+pub fn key(ip: IpAddr) -> PodKey {
+    match ip {
+        IpAddr::V4(a) => PodKey::v4(a.octets()),
+        IpAddr::V6(a) => PodKey::v6(a.octets()),
+    }
+}
+
+pub fn addr(k: PodKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(k.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}

@@ -1,0 +1,3 @@
+//! The data path after capture: accept, identify, authorize, tunnel, deliver.
+
+pub mod socket;
