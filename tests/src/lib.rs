@@ -11,6 +11,7 @@ mod cleanup;
 mod netns;
 mod testbed;
 pub mod traffic;
+pub mod ztunnel;
 
 pub use cleanup::remove_stale;
 pub use netns::Netns;

@@ -29,7 +29,7 @@ pub struct Testbed {
     processes: Mutex<Vec<Child>>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Node {
     pub name: String,
     pub index: u8,
@@ -39,7 +39,7 @@ pub struct Node {
     pods: Arc<AtomicU32>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     pub node: String,

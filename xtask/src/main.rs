@@ -1,1 +1,81 @@
-fn main(){}
+//! Developer and CI commands. `cargo xtask --help` lists them.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ztunnel developer commands", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks: Debian's Rust toolchain for eBPF, bpf-linker.
+    Setup,
+    /// The one test command: setup, build, unit tests, end-to-end tests (as root).
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Two nodes, pods on each, ztunnel on both: shows traffic crossing the mesh.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root()).context("entering the workspace root")?;
+    match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::setup()?;
+    if !is_root() {
+        bail!("the end-to-end tests need root (network namespaces, eBPF): run `sudo -E cargo xtask test`");
+    }
+    run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("ZTUNNEL_BIN", workspace_root().join("target/debug/ztunnel")))
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::setup()?;
+    if !is_root() {
+        bail!("the demo needs root (network namespaces, eBPF): run `sudo -E cargo xtask demo`");
+    }
+    run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    run(Command::new(workspace_root().join("target/debug/demo"))
+        .env("ZTUNNEL_BIN", workspace_root().join("target/debug/ztunnel")))
+}
+
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}

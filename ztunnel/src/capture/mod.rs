@@ -259,6 +259,10 @@ impl Capture {
         &self.dir
     }
 
+    pub fn netlink(&self) -> &rtnetlink::Handle {
+        &self.netlink
+    }
+
     pub fn config(&self) -> &CaptureConfig {
         &self.cfg
     }

@@ -1,0 +1,143 @@
+//! Running the real `ztunnel` binary on testbed nodes, with a workload file written
+//! from the testbed's pods.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::testbed::{Node, Pod, Testbed};
+
+/// The binary under test: `$ZTUNNEL_BIN`, else `target/debug/ztunnel` of this workspace.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ZTUNNEL_BIN") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ztunnel")
+}
+
+/// A workload of the standalone config.
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+    /// HBONE (in the mesh) or TCP (outside it).
+    pub hbone: bool,
+}
+
+impl WorkloadSpec {
+    pub fn mesh(pod: &Pod, namespace: &str, sa: &str) -> Self {
+        WorkloadSpec { pod: pod.clone(), namespace: namespace.into(), service_account: sa.into(), hbone: true }
+    }
+    pub fn plain(pod: &Pod, namespace: &str) -> Self {
+        WorkloadSpec { pod: pod.clone(), namespace: namespace.into(), service_account: "default".into(), hbone: false }
+    }
+}
+
+/// Renders upstream ztunnel's local YAML for these workloads (plus `extra`, appended
+/// verbatim, e.g. `services:` or `policies:` sections).
+pub fn local_config(workloads: &[WorkloadSpec], extra: &str) -> String {
+    let mut y = String::from("workloads:\n");
+    for w in workloads {
+        let p = &w.pod;
+        let _ = write!(
+            y,
+            "- uid: cluster1//Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
+             workloadIps: [\"{ip}\", \"{ip6}\"]\n  protocol: {proto}\n  node: {node}\n",
+            ns = w.namespace,
+            name = p.name,
+            sa = w.service_account,
+            ip = p.ip,
+            ip6 = p.ip6,
+            proto = if w.hbone { "HBONE" } else { "TCP" },
+            node = p.node,
+        );
+    }
+    y.push_str(extra);
+    y
+}
+
+/// A running ztunnel.
+pub struct Ztunnel {
+    pub pid: u32,
+    pub node: Node,
+    pub log: PathBuf,
+}
+
+impl Ztunnel {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; fails early if the process died.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return Ok(());
+            }
+            if !Path::new(&format!("/proc/{}", self.pid)).exists() || is_zombie(self.pid) {
+                bail!("ztunnel on {} exited; log:\n{}", self.node.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("timed out waiting for {needle:?} from ztunnel on {}; log:\n{}", self.node.name, self.log_text())
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
+
+impl Testbed {
+    /// A directory for this testbed's files (configs, logs); kept under /tmp after the
+    /// run for post-mortems, named after the testbed.
+    pub fn dir(&self) -> PathBuf {
+        let d = std::env::temp_dir().join(self.prefix());
+        let _ = std::fs::create_dir_all(&d);
+        d
+    }
+
+    pub fn write_config(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
+        let p = self.dir().join(name);
+        std::fs::write(&p, yaml).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    }
+
+    /// Starts ztunnel on `node` with `config` and waits until it reports ready.
+    pub fn start_ztunnel(&self, node: &Node, config: &Path, extra: &[&str]) -> anyhow::Result<Ztunnel> {
+        let log = self.dir().join(format!("ztunnel-{}.log", node.name));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = node.netns.command(binary())?;
+        cmd.arg("run")
+            .args(["--node-name", &node.name, "--instance", node.netns.name()])
+            .arg("--local-xds-path")
+            .arg(config)
+            .args(["--rescan-interval-ms", "200"])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let pid = self.spawn(cmd)?;
+        let z = Ztunnel { pid, node: node.clone(), log };
+        // Only a "ready" written by this run counts.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = z.log_text();
+            if text.get(start as usize..).is_some_and(|t| t.contains("ztunnel ready")) {
+                return Ok(z);
+            }
+            if is_zombie(pid) || Instant::now() > deadline {
+                bail!("ztunnel on {} did not become ready; log:\n{}", node.name, text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
