@@ -10,3 +10,5 @@ pub mod proxy;
 pub mod policy;
 pub mod state;
 pub mod xds;
+pub mod hbone;
+pub mod tls;

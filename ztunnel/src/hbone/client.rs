@@ -1,0 +1,83 @@
+//! The HBONE client side: an HTTP/2 connection over mTLS, and CONNECT streams on it.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{HeaderValue, Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
+
+use super::{authority, client_builder, forwarded_value, H2Stream, HboneError};
+use super::{HEADER_BAGGAGE, HEADER_FORWARDED, HEADER_TRACEPARENT};
+
+/// What to tunnel: the original destination and the context that travels with it.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    pub target: SocketAddr,
+    /// The original client's IP, sent as `forwarded: for=<ip>`.
+    pub source: Option<IpAddr>,
+    pub baggage: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl ConnectRequest {
+    pub fn new(target: SocketAddr) -> Self {
+        ConnectRequest { target, source: None, baggage: None, traceparent: None }
+    }
+
+    fn to_http(&self) -> Result<Request<()>, HboneError> {
+        let bad = |e: &dyn std::fmt::Display| HboneError::Request(e.to_string());
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            // An authority-form URI: h2 then sends only `:method` and `:authority`.
+            .uri(authority(self.target))
+            .body(())
+            .map_err(|e| bad(&e))?;
+        let headers = req.headers_mut();
+        if let Some(src) = self.source {
+            headers.insert(HEADER_FORWARDED, forwarded_value(src));
+        }
+        if let Some(b) = &self.baggage {
+            headers.insert(HEADER_BAGGAGE, HeaderValue::from_str(b).map_err(|e| bad(&e))?);
+        }
+        if let Some(t) = &self.traceparent {
+            headers.insert(HEADER_TRACEPARENT, HeaderValue::from_str(t).map_err(|e| bad(&e))?);
+        }
+        Ok(req)
+    }
+}
+
+/// HTTP/2 client handshake over an established (mTLS) stream. The connection is driven by a
+/// spawned task, which ends when the connection does; the `JoinHandle` tells when.
+pub async fn handshake<IO>(
+    io: IO,
+) -> Result<(SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = client_builder().handshake(io).await?;
+    let driver = tokio::spawn(async move {
+        let r = conn.await;
+        if let Err(e) = &r {
+            tracing::debug!(error = %e, "HBONE client connection ended with error");
+        }
+        r
+    });
+    Ok((send, driver))
+}
+
+/// Opens one tunnelled TCP connection. Succeeds once the peer answers 200.
+pub async fn connect_stream(
+    send: &SendRequest<Bytes>,
+    req: &ConnectRequest,
+) -> Result<H2Stream, HboneError> {
+    let request = req.to_http()?;
+    let mut send = send.clone().ready().await?;
+    let (response, stream) = send.send_request(request, false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status(response.status()));
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}

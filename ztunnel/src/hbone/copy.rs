@@ -1,0 +1,21 @@
+//! Splicing a tunnel to a TCP connection.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Per-direction copy buffer. Bigger than tokio's 8 KiB default so one read fills most of an
+/// HBONE DATA frame and a TCP segment train.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways until both directions finish. When one side ends its writes (EOF), the
+/// other side is shut down for writing (TCP FIN / HTTP/2 END_STREAM) and the opposite
+/// direction keeps flowing: a half-close, as TCP applications expect.
+/// Returns (bytes a→b, bytes b→a).
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+}

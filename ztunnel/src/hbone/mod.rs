@@ -1,0 +1,136 @@
+//! HBONE: TCP tunnelled as HTTP/2 `CONNECT` streams over mesh mTLS (port 15008).
+//!
+//! One HTTP/2 connection between two workloads' identities carries many tunnelled TCP
+//! connections, one stream each. `:authority` is the original destination `ip:port`; the
+//! source address travels in `forwarded: for=<ip>`, tracing context in `baggage`/`traceparent`.
+
+mod client;
+mod copy;
+mod server;
+mod stream;
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderValue};
+
+pub use client::{connect_stream, handshake, ConnectRequest};
+pub use copy::copy_bidirectional;
+pub use server::{serve_connection, InboundRequest};
+pub use stream::H2Stream;
+
+/// The inbound HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+// Flow-control windows. HTTP/2's 64 KiB default caps a stream at 64 KiB per round trip,
+// far below what a single TCP connection carries between nodes. Each stream may have
+// 1 MiB in flight, so one stream can fill a fast link; the connection may have 16 MiB so
+// that several busy streams (or one stalled reader, which holds at most its stream
+// window) never starve the others sharing the connection.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Larger DATA frames than the 16 KiB default: fewer frame headers and wakeups per byte.
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Streams a server accepts at once on one connection; the pool opens more connections
+/// well before this.
+pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+pub const HEADER_FORWARDED: &str = "forwarded";
+pub const HEADER_BAGGAGE: &str = "baggage";
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("HBONE peer answered CONNECT with {0}")]
+    Status(http::StatusCode),
+    #[error("bad CONNECT authority {0:?}")]
+    BadAuthority(String),
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `:authority` for a destination: `ip:port`, IPv6 in brackets (what `SocketAddr` prints).
+pub fn authority(dst: SocketAddr) -> String {
+    dst.to_string()
+}
+
+/// Parses `ip:port` / `[ipv6]:port`. Host names are refused: HBONE targets are addresses.
+pub fn parse_authority(authority: &str) -> Result<SocketAddr, HboneError> {
+    authority.parse().map_err(|_| HboneError::BadAuthority(authority.to_string()))
+}
+
+/// The source IP from `forwarded: for=<ip>` (RFC 7239; IPv6 may be quoted and bracketed).
+pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let value = headers.get(HEADER_FORWARDED)?.to_str().ok()?;
+    value.split([';', ',']).find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim().trim_matches('"');
+        let v = v.strip_prefix('[').map(|s| s.split(']').next().unwrap_or(s)).unwrap_or(v);
+        v.parse().ok()
+    })
+}
+
+/// The `forwarded` header value for a source IP.
+pub fn forwarded_value(src: IpAddr) -> HeaderValue {
+    let s = match src {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    HeaderValue::from_str(&s).expect("IP addresses are valid header values")
+}
+
+fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS);
+    b
+}
+
+fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .enable_push(false);
+    b
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn authority_round_trip() {
+        for s in ["10.0.0.1:80", "[fd00::1]:8080"] {
+            let a = parse_authority(s).unwrap();
+            assert_eq!(authority(a), s);
+        }
+        assert!(parse_authority("example.com:80").is_err());
+        assert!(parse_authority("10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn forwarded_round_trip() {
+        for ip in ["10.1.2.3", "fd00::7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut h = HeaderMap::new();
+            h.insert(HEADER_FORWARDED, forwarded_value(ip));
+            assert_eq!(forwarded_for(&h), Some(ip));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_FORWARDED, HeaderValue::from_static("proto=http;for=192.0.2.60"));
+        assert_eq!(forwarded_for(&h), Some("192.0.2.60".parse().unwrap()));
+        assert_eq!(forwarded_for(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! The HBONE server side: accept CONNECT streams on an mTLS connection and hand each to a
+//! handler that decides (policy, upstream dial) and then accepts or rejects it.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{forwarded_for, parse_authority, server_builder, H2Stream, HboneError};
+use super::{HEADER_BAGGAGE, HEADER_TRACEPARENT};
+use crate::identity::Identity;
+
+/// A CONNECT request waiting for its answer. Call [`accept`](Self::accept) once the
+/// upstream is connected, or [`reject`](Self::reject) with 401/403 (policy) or 503
+/// (upstream unreachable). Dropped unanswered, it is answered 503.
+pub struct InboundRequest {
+    /// The destination from `:authority`.
+    pub target: SocketAddr,
+    pub headers: HeaderMap,
+    /// The client's verified SPIFFE identity (from its mTLS certificate).
+    pub peer: Identity,
+    respond: Option<SendResponse<Bytes>>,
+    body: Option<RecvStream>,
+}
+
+impl InboundRequest {
+    /// The original client's IP from `forwarded: for=`, when sent.
+    pub fn forwarded_for(&self) -> Option<IpAddr> {
+        forwarded_for(&self.headers)
+    }
+
+    pub fn baggage(&self) -> Option<&str> {
+        self.headers.get(HEADER_BAGGAGE).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok())
+    }
+
+    /// Answers 200 and returns the tunnel's byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let mut respond = self.respond.take().expect("answered once");
+        let body = self.body.take().expect("answered once");
+        let send = respond.send_response(status_response(StatusCode::OK), false)?;
+        Ok(H2Stream::new(send, body))
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        if let Some(respond) = self.respond.take() {
+            answer(respond, status);
+        }
+    }
+}
+
+impl Drop for InboundRequest {
+    fn drop(&mut self) {
+        if let Some(respond) = self.respond.take() {
+            answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+fn status_response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    if let Err(e) = respond.send_response(status_response(status), true) {
+        tracing::debug!(error = %e, %status, "could not answer HBONE request");
+    }
+}
+
+/// Serves HTTP/2 on an accepted mTLS stream from `peer` until the client closes it. Each
+/// valid CONNECT runs `handler` in its own task; malformed requests are answered here
+/// (405 for other methods, 400 for a bad authority) without reaching the handler.
+pub async fn serve_connection<IO, H, F>(io: IO, peer: Identity, handler: H) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(InboundRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let mut conn = server_builder().handshake::<_, Bytes>(io).await?;
+    while let Some(next) = conn.accept().await {
+        let (request, respond) = match next {
+            Ok(r) => r,
+            Err(e) if e.is_reset() => continue, // one stream failed; the connection is fine
+            Err(e) => return Err(e.into()),
+        };
+        if request.method() != Method::CONNECT {
+            answer(respond, StatusCode::METHOD_NOT_ALLOWED);
+            continue;
+        }
+        let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
+        let target = match parse_authority(authority) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "rejecting HBONE request");
+                answer(respond, StatusCode::BAD_REQUEST);
+                continue;
+            }
+        };
+        let (parts, body) = request.into_parts();
+        let inbound = InboundRequest {
+            target,
+            headers: parts.headers,
+            peer: peer.clone(),
+            respond: Some(respond),
+            body: Some(body),
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move { handler(inbound).await });
+    }
+    Ok(())
+}
