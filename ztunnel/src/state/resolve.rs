@@ -1,0 +1,116 @@
+//! Outbound resolution: from the original destination of a captured connection to the
+//! workload and port to tunnel to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::service::Service;
+use super::snapshot::ProxyState;
+use super::workload::{NetworkAddress, Workload};
+
+/// Where a connection goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub workload: Arc<Workload>,
+    /// The workload IP and target port to reach (the `:authority` of the HBONE CONNECT).
+    pub address: SocketAddr,
+    /// The service whose VIP was dialed, if it was one.
+    pub service: Option<Arc<Service>>,
+}
+
+impl Upstream {
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// Whether to tunnel (HBONE) or pass through in plaintext.
+    pub fn in_mesh(&self) -> bool {
+        self.workload.in_mesh()
+    }
+}
+
+/// A destination the mesh knows but cannot serve; refuse the connection rather than send
+/// it somewhere else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("service {service} has no healthy endpoint")]
+    NoHealthyEndpoints { service: String },
+    #[error("service {service} does not serve port {port}")]
+    NoSuchPort { service: String, port: u16 },
+    #[error("workload {uid} has no IP address")]
+    NoWorkloadIp { uid: String },
+}
+
+impl ProxyState {
+    /// Resolves an original destination on the default network.
+    ///
+    /// `Ok(None)`: the IP is neither a workload nor a service VIP (outside the mesh; pass
+    /// through). Service VIPs are load balanced at random over healthy endpoints.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Option<Upstream>, ResolveError> {
+        self.resolve_in("", dst)
+    }
+
+    pub fn resolve_in(
+        &self,
+        network: &str,
+        dst: SocketAddr,
+    ) -> Result<Option<Upstream>, ResolveError> {
+        let ip = dst.ip().to_canonical();
+        let addr = NetworkAddress::new(network, ip);
+        if let Some(svc) = self.service_by_vip(&addr) {
+            return self
+                .pick_endpoint(&svc, SocketAddr::new(ip, dst.port()), &mut rand::rng())
+                .map(Some);
+        }
+        Ok(self.workload_by_addr(&addr).map(|workload| Upstream {
+            workload,
+            address: SocketAddr::new(ip, dst.port()),
+            service: None,
+        }))
+    }
+
+    /// Picks a healthy endpoint of `svc` for a connection to `dst` (a VIP of it), uniformly
+    /// at random with `rng`; the endpoint IP is of `dst`'s family when it has one.
+    pub fn pick_endpoint(
+        &self,
+        svc: &Arc<Service>,
+        dst: SocketAddr,
+        rng: &mut impl Rng,
+    ) -> Result<Upstream, ResolveError> {
+        let key = svc.key();
+        let port = dst.port();
+        let candidates: Vec<_> = self
+            .endpoints(&key)
+            .into_iter()
+            .filter(|(w, _)| w.is_healthy() && !w.workload_ips.is_empty())
+            .filter_map(|(w, ep)| Some((svc.target_port(port, &ep.ports)?, w)))
+            .collect();
+        if candidates.is_empty() {
+            // Tell "nothing listens on that port" from "nobody is up" for the logs.
+            let any_healthy = self.endpoints(&key).iter().any(|(w, _)| w.is_healthy());
+            return Err(if any_healthy {
+                ResolveError::NoSuchPort {
+                    service: key.to_string(),
+                    port,
+                }
+            } else {
+                ResolveError::NoHealthyEndpoints {
+                    service: key.to_string(),
+                }
+            });
+        }
+        let (target, workload) = candidates[rng.random_range(0..candidates.len())].clone();
+        let ip = workload
+            .ip_like(dst.ip())
+            .ok_or_else(|| ResolveError::NoWorkloadIp {
+                uid: workload.uid.clone(),
+            })?;
+        Ok(Upstream {
+            workload,
+            address: SocketAddr::new(ip, target),
+            service: Some(svc.clone()),
+        })
+    }
+}

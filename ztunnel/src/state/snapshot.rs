@@ -1,0 +1,167 @@
+//! One immutable version of the state and its indexes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::service::{Endpoint, Service};
+use super::workload::{NamespacedHostname, NetworkAddress, Workload};
+use crate::policy::PolicyStore;
+
+/// Values are `Arc`s so that cloning the state for an update copies pointers, not
+/// workloads.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyState {
+    workloads_by_uid: HashMap<String, Arc<Workload>>,
+    workloads_by_addr: HashMap<NetworkAddress, Arc<Workload>>,
+    services: HashMap<NamespacedHostname, Arc<Service>>,
+    services_by_vip: HashMap<NetworkAddress, NamespacedHostname>,
+    /// Service → workload uid → endpoint. Kept apart from [`Service`] because workloads and
+    /// services arrive independently over xDS (a workload may name a service not yet seen).
+    endpoints: HashMap<NamespacedHostname, BTreeMap<String, Endpoint>>,
+    pub policies: PolicyStore,
+}
+
+impl ProxyState {
+    /// A state whose policies use the given root namespace.
+    pub fn with_root_namespace(root_namespace: &str) -> Self {
+        ProxyState {
+            policies: PolicyStore::new(root_namespace),
+            ..Default::default()
+        }
+    }
+
+    pub fn clear(&mut self) {
+        let root = self.policies.root_namespace().to_string();
+        *self = ProxyState::with_root_namespace(&root);
+    }
+
+    // ---- workloads ----
+
+    /// Adds or replaces (by uid) a workload and its service endpoints.
+    pub fn upsert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid);
+        let w = Arc::new(w);
+        for addr in w.network_addresses() {
+            if let Some(prev) = self.workloads_by_addr.insert(addr.clone(), w.clone()) {
+                warn!(%addr, new = %w, old = %prev, "two workloads claim one address; the newer wins");
+            }
+        }
+        for (svc, ports) in &w.services {
+            self.endpoints.entry(svc.clone()).or_default().insert(
+                w.uid.clone(),
+                Endpoint {
+                    workload_uid: w.uid.clone(),
+                    ports: ports.clone(),
+                },
+            );
+        }
+        self.workloads_by_uid.insert(w.uid.clone(), w);
+    }
+
+    pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.workloads_by_uid.remove(uid)?;
+        for addr in old.network_addresses() {
+            // Only drop the index entry if it still points at this workload.
+            if self
+                .workloads_by_addr
+                .get(&addr)
+                .is_some_and(|w| w.uid == uid)
+            {
+                self.workloads_by_addr.remove(&addr);
+            }
+        }
+        for svc in old.services.keys() {
+            if let Some(eps) = self.endpoints.get_mut(svc) {
+                eps.remove(uid);
+                if eps.is_empty() {
+                    self.endpoints.remove(svc);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.workloads_by_uid.get(uid).cloned()
+    }
+
+    pub fn workload_by_addr(&self, addr: &NetworkAddress) -> Option<Arc<Workload>> {
+        self.workloads_by_addr.get(addr).cloned()
+    }
+
+    /// The workload owning `ip` on the default network.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.workload_by_addr(&NetworkAddress::new("", ip.to_canonical()))
+    }
+
+    /// The workloads this node's ztunnel serves, sorted by uid.
+    pub fn workloads_on_node(&self, node: &str) -> Vec<Arc<Workload>> {
+        let mut v: Vec<_> = self
+            .workloads_by_uid
+            .values()
+            .filter(|w| w.node == node)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads_by_uid.values()
+    }
+
+    // ---- services ----
+
+    /// Adds or replaces (by namespace/hostname) a service; its endpoints are kept.
+    pub fn upsert_service(&mut self, svc: Service) {
+        let key = svc.key();
+        self.remove_service_only(&key);
+        for vip in &svc.vips {
+            if let Some(prev) = self.services_by_vip.insert(vip.clone(), key.clone()) {
+                warn!(%vip, new = %key, old = %prev, "two services claim one VIP; the newer wins");
+            }
+        }
+        self.services.insert(key, Arc::new(svc));
+    }
+
+    /// Removes a service. Endpoints stay: the workloads still name it, and would be its
+    /// endpoints again if it came back.
+    pub fn remove_service(&mut self, key: &NamespacedHostname) -> Option<Arc<Service>> {
+        self.remove_service_only(key)
+    }
+
+    fn remove_service_only(&mut self, key: &NamespacedHostname) -> Option<Arc<Service>> {
+        let old = self.services.remove(key)?;
+        for vip in &old.vips {
+            if self.services_by_vip.get(vip) == Some(key) {
+                self.services_by_vip.remove(vip);
+            }
+        }
+        Some(old)
+    }
+
+    pub fn service(&self, key: &NamespacedHostname) -> Option<Arc<Service>> {
+        self.services.get(key).cloned()
+    }
+
+    pub fn service_by_vip(&self, vip: &NetworkAddress) -> Option<Arc<Service>> {
+        self.services_by_vip.get(vip).and_then(|k| self.service(k))
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// All endpoints of a service, healthy or not, each with its workload.
+    pub fn endpoints(&self, key: &NamespacedHostname) -> Vec<(Arc<Workload>, &Endpoint)> {
+        self.endpoints
+            .get(key)
+            .into_iter()
+            .flat_map(|eps| eps.values())
+            .filter_map(|ep| Some((self.workload_by_uid(&ep.workload_uid)?, ep)))
+            .collect()
+    }
+}
