@@ -12,3 +12,4 @@ pub mod state;
 pub mod xds;
 pub mod hbone;
 pub mod tls;
+pub mod pool;

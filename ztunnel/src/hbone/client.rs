@@ -23,7 +23,12 @@ pub struct ConnectRequest {
 
 impl ConnectRequest {
     pub fn new(target: SocketAddr) -> Self {
-        ConnectRequest { target, source: None, baggage: None, traceparent: None }
+        ConnectRequest {
+            target,
+            source: None,
+            baggage: None,
+            traceparent: None,
+        }
     }
 
     fn to_http(&self) -> Result<Request<()>, HboneError> {
@@ -39,10 +44,16 @@ impl ConnectRequest {
             headers.insert(HEADER_FORWARDED, forwarded_value(src));
         }
         if let Some(b) = &self.baggage {
-            headers.insert(HEADER_BAGGAGE, HeaderValue::from_str(b).map_err(|e| bad(&e))?);
+            headers.insert(
+                HEADER_BAGGAGE,
+                HeaderValue::from_str(b).map_err(|e| bad(&e))?,
+            );
         }
         if let Some(t) = &self.traceparent {
-            headers.insert(HEADER_TRACEPARENT, HeaderValue::from_str(t).map_err(|e| bad(&e))?);
+            headers.insert(
+                HEADER_TRACEPARENT,
+                HeaderValue::from_str(t).map_err(|e| bad(&e))?,
+            );
         }
         Ok(req)
     }

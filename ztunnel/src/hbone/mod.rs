@@ -59,7 +59,9 @@ pub fn authority(dst: SocketAddr) -> String {
 
 /// Parses `ip:port` / `[ipv6]:port`. Host names are refused: HBONE targets are addresses.
 pub fn parse_authority(authority: &str) -> Result<SocketAddr, HboneError> {
-    authority.parse().map_err(|_| HboneError::BadAuthority(authority.to_string()))
+    authority
+        .parse()
+        .map_err(|_| HboneError::BadAuthority(authority.to_string()))
 }
 
 /// The source IP from `forwarded: for=<ip>` (RFC 7239; IPv6 may be quoted and bracketed).
@@ -71,7 +73,10 @@ pub fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
             return None;
         }
         let v = v.trim().trim_matches('"');
-        let v = v.strip_prefix('[').map(|s| s.split(']').next().unwrap_or(s)).unwrap_or(v);
+        let v = v
+            .strip_prefix('[')
+            .map(|s| s.split(']').next().unwrap_or(s))
+            .unwrap_or(v);
         v.parse().ok()
     })
 }
@@ -104,7 +109,7 @@ fn client_builder() -> h2::client::Builder {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod header_tests {
@@ -129,7 +134,10 @@ mod header_tests {
             assert_eq!(forwarded_for(&h), Some(ip));
         }
         let mut h = HeaderMap::new();
-        h.insert(HEADER_FORWARDED, HeaderValue::from_static("proto=http;for=192.0.2.60"));
+        h.insert(
+            HEADER_FORWARDED,
+            HeaderValue::from_static("proto=http;for=192.0.2.60"),
+        );
         assert_eq!(forwarded_for(&h), Some("192.0.2.60".parse().unwrap()));
         assert_eq!(forwarded_for(&HeaderMap::new()), None);
     }

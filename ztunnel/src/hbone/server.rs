@@ -35,11 +35,15 @@ impl InboundRequest {
     }
 
     pub fn baggage(&self) -> Option<&str> {
-        self.headers.get(HEADER_BAGGAGE).and_then(|v| v.to_str().ok())
+        self.headers
+            .get(HEADER_BAGGAGE)
+            .and_then(|v| v.to_str().ok())
     }
 
     pub fn traceparent(&self) -> Option<&str> {
-        self.headers.get(HEADER_TRACEPARENT).and_then(|v| v.to_str().ok())
+        self.headers
+            .get(HEADER_TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
     }
 
     /// Answers 200 and returns the tunnel's byte stream.
@@ -81,7 +85,11 @@ fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
 /// Serves HTTP/2 on an accepted mTLS stream from `peer` until the client closes it. Each
 /// valid CONNECT runs `handler` in its own task; malformed requests are answered here
 /// (405 for other methods, 400 for a bad authority) without reaching the handler.
-pub async fn serve_connection<IO, H, F>(io: IO, peer: Identity, handler: H) -> Result<(), HboneError>
+pub async fn serve_connection<IO, H, F>(
+    io: IO,
+    peer: Identity,
+    handler: H,
+) -> Result<(), HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Fn(InboundRequest) -> F + Send + Sync + 'static,

@@ -102,7 +102,10 @@ impl AsyncWrite for H2Stream {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream shut down")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream shut down",
+            )));
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -134,7 +137,9 @@ impl AsyncWrite for H2Stream {
             }
         }
         let n = this.send.capacity().min(buf.len());
-        this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
         Poll::Ready(Ok(n))
     }
 

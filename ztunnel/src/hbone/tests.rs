@@ -15,18 +15,24 @@ use crate::identity::Identity;
 use crate::tls;
 use crate::tls::tests::{cert, id, test_ca};
 
-const ECHO: u16 = 1;
+pub(crate) const ECHO: u16 = 1;
 const SERVER_FIRST: u16 = 2;
 const FIREHOSE: u16 = 3;
-const FORBIDDEN: u16 = 403;
+pub(crate) const FORBIDDEN: u16 = 403;
 const FIREHOSE_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug)]
 pub(crate) enum Report {
-    Headers { peer: Identity, forwarded: Option<IpAddr>, baggage: Option<String>, trace: Option<String> },
+    Headers {
+        peer: Identity,
+        forwarded: Option<IpAddr>,
+        baggage: Option<String>,
+        trace: Option<String>,
+    },
     Received(Vec<u8>),
     Copied(u64, u64),
     FirehoseDone,
+    ConnectionClosed,
 }
 
 /// Starts the HBONE test server (identity `httpbin`); returns its address.
@@ -43,8 +49,13 @@ pub(crate) async fn start_server(
             let config = config.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok((tls, peer)) = tls::accept(config, tcp).await else { return };
-                let _ = serve_connection(tls, peer, move |req| handle(req, tx.clone())).await;
+                let Ok((tls, peer)) = tls::accept(config, tcp).await else {
+                    return;
+                };
+                let handler_tx = tx.clone();
+                let _ =
+                    serve_connection(tls, peer, move |req| handle(req, handler_tx.clone())).await;
+                let _ = tx.send(Report::ConnectionClosed);
             });
         }
     });
@@ -104,7 +115,9 @@ fn target(port: u16) -> ConnectRequest {
 }
 
 async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), f).await.expect("timed out")
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("timed out")
 }
 
 #[tokio::test]
@@ -123,7 +136,12 @@ async fn echo_round_trip_with_client_half_close() {
     with_timeout(s.read_to_end(&mut got)).await.unwrap();
     assert_eq!(got, b"hello");
     match reports.recv().await.unwrap() {
-        Report::Headers { peer, forwarded, baggage, trace } => {
+        Report::Headers {
+            peer,
+            forwarded,
+            baggage,
+            trace,
+        } => {
             assert_eq!(peer, id("sleep"));
             assert_eq!(forwarded, req.source);
             assert_eq!(baggage, req.baggage);
@@ -164,11 +182,15 @@ async fn tunnels_to_tcp_upstream_with_half_close_both_ways() {
         let (mut tcp, _) = upstream.accept().await.unwrap();
         let mut req = Vec::new();
         tcp.read_to_end(&mut req).await.unwrap();
-        tcp.write_all(format!("got {} bytes", req.len()).as_bytes()).await.unwrap();
+        tcp.write_all(format!("got {} bytes", req.len()).as_bytes())
+            .await
+            .unwrap();
         tcp.shutdown().await.unwrap();
     });
     let send = client(&ca, addr).await;
-    let mut s = connect_stream(&send, &ConnectRequest::new(upstream_addr)).await.unwrap();
+    let mut s = connect_stream(&send, &ConnectRequest::new(upstream_addr))
+        .await
+        .unwrap();
     let payload = vec![1u8; 300_000];
     s.write_all(&payload).await.unwrap();
     s.shutdown().await.unwrap();
@@ -190,11 +212,24 @@ async fn rejections_carry_status() {
     let ca = test_ca();
     let (addr, _reports) = start_server(&ca).await;
     let send = client(&ca, addr).await;
-    let err = connect_stream(&send, &target(FORBIDDEN)).await.err().unwrap();
-    assert!(matches!(err, HboneError::Status(s) if s == http::StatusCode::FORBIDDEN), "{err}");
+    let err = connect_stream(&send, &target(FORBIDDEN))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, HboneError::Status(s) if s == http::StatusCode::FORBIDDEN),
+        "{err}"
+    );
     // Nothing listens on this port: upstream unreachable.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let err = connect_stream(&send, &ConnectRequest::new(closed)).await.err().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = connect_stream(&send, &ConnectRequest::new(closed))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, HboneError::Status(s) if s == http::StatusCode::SERVICE_UNAVAILABLE));
     // A host name is not an HBONE authority.
     let req = http::Request::builder()
@@ -202,7 +237,13 @@ async fn rejections_carry_status() {
         .uri("example.com:80")
         .body(())
         .unwrap();
-    let (resp, _stream) = send.clone().ready().await.unwrap().send_request(req, false).unwrap();
+    let (resp, _stream) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
     assert_eq!(resp.await.unwrap().status(), http::StatusCode::BAD_REQUEST);
     // The connection is still usable.
     let mut s = connect_stream(&send, &target(ECHO)).await.unwrap();
@@ -262,7 +303,10 @@ async fn stalled_reader_does_not_block_other_streams() {
     }
     // Flow control held the stalled stream's sender back: it did not get to write it all.
     while let Ok(r) = reports.try_recv() {
-        assert!(!matches!(r, Report::FirehoseDone), "unread data was buffered without limit");
+        assert!(
+            !matches!(r, Report::FirehoseDone),
+            "unread data was buffered without limit"
+        );
     }
     drop(stalled);
 }

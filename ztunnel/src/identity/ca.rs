@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber, PKCS_ECDSA_P256_SHA256,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -27,9 +27,15 @@ pub enum CaError {
     #[error("CSR signature does not verify")]
     BadCsrSignature,
     #[error("CSR must carry exactly the SAN {requested}, it has {found:?}")]
-    IdentityMismatch { requested: Identity, found: Vec<String> },
+    IdentityMismatch {
+        requested: Identity,
+        found: Vec<String>,
+    },
     #[error("identity {identity} is not in this CA's trust domain {trust_domain}")]
-    ForeignTrustDomain { identity: Identity, trust_domain: String },
+    ForeignTrustDomain {
+        identity: Identity,
+        trust_domain: String,
+    },
     #[error("CA storage {path}: {reason}")]
     Storage { path: PathBuf, reason: String },
     #[error("signing failed: {0}")]
@@ -96,7 +102,13 @@ impl CertificateAuthority {
             .map_err(|e| CaError::Signing(format!("root: {e}")))?;
         let root_not_after = parsed.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&root_der, key).map_err(signing)?;
-        Ok(CertificateAuthority { opts, root_pem, root_der, root_not_after, issuer })
+        Ok(CertificateAuthority {
+            opts,
+            root_pem,
+            root_der,
+            root_not_after,
+            issuer,
+        })
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -144,14 +156,24 @@ impl CertificateAuthority {
                     }
                 }
             }
-            return Err(CaError::IdentityMismatch { requested: identity.clone(), found });
+            return Err(CaError::IdentityMismatch {
+                requested: identity.clone(),
+                found,
+            });
         }
         let params = self.leaf_params(
-            vec![SanType::URI(identity.to_string().try_into().map_err(sign_err)?)],
+            vec![SanType::URI(
+                identity.to_string().try_into().map_err(sign_err)?,
+            )],
             requested_ttl,
-            &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         )?;
-        let cert = params.signed_by(&csr.public_key, &self.issuer).map_err(sign_err)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(sign_err)?;
         Ok(vec![cert.pem(), self.root_pem.clone()])
     }
 
@@ -201,7 +223,10 @@ impl CertificateAuthority {
             .leaf_params(
                 parsed.params.subject_alt_names.clone(),
                 Duration::from_secs(60),
-                &[ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+                &[
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
             )
             .unwrap();
         params.not_before = not_before;
@@ -222,7 +247,11 @@ impl CertificateAuthority {
         requested_ttl: Duration,
         ekus: &[ExtendedKeyUsagePurpose],
     ) -> Result<CertificateParams, CaError> {
-        let ttl = if requested_ttl.is_zero() { self.opts.default_ttl } else { requested_ttl };
+        let ttl = if requested_ttl.is_zero() {
+            self.opts.default_ttl
+        } else {
+            requested_ttl
+        };
         let ttl = ttl.min(self.opts.max_ttl);
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
@@ -233,7 +262,10 @@ impl CertificateAuthority {
         params.not_after = (now + ttl).min(self.root_not_after);
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = ekus.to_vec();
         params.use_authority_key_identifier_extension = true;
         Ok(params)
@@ -291,25 +323,36 @@ fn create_root(opts: &CaOptions) -> Result<(String, KeyPair), CaError> {
 fn load_or_create(dir: &Path, opts: &CaOptions) -> Result<(String, KeyPair), CaError> {
     let cert_path = dir.join(ROOT_CERT_FILE);
     let key_path = dir.join(ROOT_KEY_FILE);
-    let storage =
-        |path: &Path, reason: String| CaError::Storage { path: path.to_path_buf(), reason };
+    let storage = |path: &Path, reason: String| CaError::Storage {
+        path: path.to_path_buf(),
+        reason,
+    };
     match (cert_path.exists(), key_path.exists()) {
         (true, true) => {
-            let cert = fs::read_to_string(&cert_path).map_err(|e| storage(&cert_path, e.to_string()))?;
-            let key_pem = fs::read_to_string(&key_path).map_err(|e| storage(&key_path, e.to_string()))?;
+            let cert =
+                fs::read_to_string(&cert_path).map_err(|e| storage(&cert_path, e.to_string()))?;
+            let key_pem =
+                fs::read_to_string(&key_path).map_err(|e| storage(&key_path, e.to_string()))?;
             let key = KeyPair::from_pem(&key_pem).map_err(|e| storage(&key_path, e.to_string()))?;
             Ok((cert, key))
         }
         (false, false) => {
             fs::create_dir_all(dir).map_err(|e| storage(dir, e.to_string()))?;
             let (cert, key) = create_root(opts)?;
-            write_private(&key_path, &key.serialize_pem()).map_err(|e| storage(&key_path, e.to_string()))?;
+            write_private(&key_path, &key.serialize_pem())
+                .map_err(|e| storage(&key_path, e.to_string()))?;
             fs::write(&cert_path, &cert).map_err(|e| storage(&cert_path, e.to_string()))?;
             Ok((cert, key))
         }
         // Refuse to guess: a lone cert or key means someone's setup is half done.
-        (true, false) => Err(storage(&key_path, "root certificate present but key missing".into())),
-        (false, true) => Err(storage(&cert_path, "root key present but certificate missing".into())),
+        (true, false) => Err(storage(
+            &key_path,
+            "root certificate present but key missing".into(),
+        )),
+        (false, true) => Err(storage(
+            &cert_path,
+            "root key present but certificate missing".into(),
+        )),
     }
 }
 
@@ -317,7 +360,11 @@ fn load_or_create(dir: &Path, opts: &CaOptions) -> Result<(String, KeyPair), CaE
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())
 }
 
@@ -337,20 +384,30 @@ mod tests {
         let ca = ca();
         let id = Identity::new("cluster.local", "default", "sleep");
         let req = csr::generate(&id).unwrap();
-        let chain = ca.sign_csr(&req.csr_pem, &id, Duration::from_secs(600)).unwrap();
+        let chain = ca
+            .sign_csr(&req.csr_pem, &id, Duration::from_secs(600))
+            .unwrap();
         assert_eq!(chain.len(), 2);
         assert_eq!(chain[1], ca.root_cert_pem());
         let cert = WorkloadCertificate::from_ca_response(id.clone(), &chain, req.key, &[]).unwrap();
         assert_eq!(cert.identity, id);
-        let life = cert.not_after.duration_since(std::time::SystemTime::now()).unwrap();
-        assert!(life <= Duration::from_secs(600) && life > Duration::from_secs(590), "{life:?}");
+        let life = cert
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        assert!(
+            life <= Duration::from_secs(600) && life > Duration::from_secs(590),
+            "{life:?}"
+        );
     }
 
     #[test]
     fn caps_ttl() {
         let ca = ca();
         let id = Identity::new("cluster.local", "default", "sleep");
-        let cert = ca.issue_workload_cert(&id, Duration::from_secs(100 * 3600)).unwrap();
+        let cert = ca
+            .issue_workload_cert(&id, Duration::from_secs(100 * 3600))
+            .unwrap();
         assert!(cert.remaining() <= Duration::from_secs(3600));
         assert!(cert.remaining() > Duration::from_secs(3500));
     }
@@ -359,7 +416,11 @@ mod tests {
     fn rejects_malformed_csr() {
         let ca = ca();
         let id = Identity::new("cluster.local", "default", "sleep");
-        for bad in ["", "not a pem", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"] {
+        for bad in [
+            "",
+            "not a pem",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        ] {
             let err = ca.sign_csr(bad, &id, Duration::ZERO).unwrap_err();
             assert!(matches!(err, CaError::MalformedCsr(_)), "{bad:?}: {err}");
         }
@@ -370,18 +431,20 @@ mod tests {
         let ca = ca();
         let id = Identity::new("cluster.local", "default", "sleep");
         let req = csr::generate(&id).unwrap();
-        let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(
-            req.csr_pem.as_bytes(),
-        )
-        .unwrap()
-        .as_ref()
-        .to_vec();
+        let mut der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(req.csr_pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
         // Flip a bit in the signature (the last bytes of the DER).
         let n = der.len();
         der[n - 3] ^= 0x01;
         let pem = pem_encode_csr(&der);
         let err = ca.sign_csr(&pem, &id, Duration::ZERO).unwrap_err();
-        assert!(matches!(err, CaError::BadCsrSignature | CaError::MalformedCsr(_)), "{err}");
+        assert!(
+            matches!(err, CaError::BadCsrSignature | CaError::MalformedCsr(_)),
+            "{err}"
+        );
     }
 
     #[test]
@@ -390,7 +453,9 @@ mod tests {
         let asked = Identity::new("cluster.local", "default", "sleep");
         let other = Identity::new("cluster.local", "default", "admin");
         let req = csr::generate(&other).unwrap();
-        let err = ca.sign_csr(&req.csr_pem, &asked, Duration::ZERO).unwrap_err();
+        let err = ca
+            .sign_csr(&req.csr_pem, &asked, Duration::ZERO)
+            .unwrap_err();
         assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
     }
 
@@ -414,11 +479,15 @@ mod tests {
         let ca = ca();
         let foreign = Identity::new("evil.org", "default", "sleep");
         let req = csr::generate(&foreign).unwrap();
-        let err = ca.sign_csr(&req.csr_pem, &foreign, Duration::ZERO).unwrap_err();
+        let err = ca
+            .sign_csr(&req.csr_pem, &foreign, Duration::ZERO)
+            .unwrap_err();
         assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err}");
         // Asking for a local identity with a CSR for a foreign one is also named as such.
         let local = Identity::new("cluster.local", "default", "sleep");
-        let err = ca.sign_csr(&req.csr_pem, &local, Duration::ZERO).unwrap_err();
+        let err = ca
+            .sign_csr(&req.csr_pem, &local, Duration::ZERO)
+            .unwrap_err();
         assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err}");
     }
 
@@ -432,10 +501,15 @@ mod tests {
         assert_eq!(first.root_cert_pem(), second.root_cert_pem());
         // A certificate from the reloaded CA chains to the original root.
         let id = Identity::new("cluster.local", "default", "sleep");
-        let cert = second.issue_workload_cert(&id, Duration::from_secs(60)).unwrap();
+        let cert = second
+            .issue_workload_cert(&id, Duration::from_secs(60))
+            .unwrap();
         assert_eq!(cert.roots[0], first.root_cert_der());
         fs::remove_file(dir.join(ROOT_KEY_FILE)).unwrap();
-        assert!(matches!(CertificateAuthority::new(opts), Err(CaError::Storage { .. })));
+        assert!(matches!(
+            CertificateAuthority::new(opts),
+            Err(CaError::Storage { .. })
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -459,8 +533,11 @@ mod tests {
 
     fn pem_encode_csr(der: &[u8]) -> String {
         let b64 = base64_encode(der);
-        let body: Vec<&str> =
-            b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let body: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
         format!(
             "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
             body.join("\n")
@@ -471,7 +548,11 @@ mod tests {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in data.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
             for i in 0..4 {
                 if i <= chunk.len() {

@@ -24,7 +24,11 @@ pub enum CertError {
     #[error("certificate has no SPIFFE URI SAN")]
     NoSpiffeSan,
     #[error("certificate is for {actual}, expected {expected}")]
-    WrongIdentity { expected: Identity, actual: Identity },
+    // Strings, not `Identity`s: keeps this error (returned on hot paths) small.
+    WrongIdentity {
+        expected: String,
+        actual: String,
+    },
     #[error("unusable private key: {0}")]
     Key(String),
 }
@@ -72,14 +76,25 @@ impl WorkloadCertificate {
         let parsed = parse(leaf)?;
         let actual = spiffe_identity(&parsed)?;
         if actual != identity {
-            return Err(CertError::WrongIdentity { expected: identity, actual });
+            return Err(CertError::WrongIdentity {
+                expected: identity.to_string(),
+                actual: actual.to_string(),
+            });
         }
         let not_before = to_system_time(parsed.validity().not_before.timestamp());
         let not_after = to_system_time(parsed.validity().not_after.timestamp());
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| CertError::Key(e.to_string()))?;
         let certified = Arc::new(CertifiedKey::new(chain.clone(), signing_key));
-        Ok(WorkloadCertificate { identity, chain, key, roots, not_before, not_after, certified })
+        Ok(WorkloadCertificate {
+            identity,
+            chain,
+            key,
+            roots,
+            not_before,
+            not_after,
+            certified,
+        })
     }
 
     /// Builds from a CA answer in Istio's convention: PEM certificates, leaf first and the
@@ -124,17 +139,23 @@ impl WorkloadCertificate {
 
     /// Time left until expiry (zero once expired).
     pub fn remaining(&self) -> Duration {
-        self.not_after.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+        self.not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
     }
 
     /// The full validity period of the certificate.
     pub fn lifetime(&self) -> Duration {
-        self.not_after.duration_since(self.not_before).unwrap_or(Duration::ZERO)
+        self.not_after
+            .duration_since(self.not_before)
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Serial number of the leaf (hex), handy for logs and the admin page.
     pub fn serial(&self) -> String {
-        parse(&self.chain[0]).map(|c| c.raw_serial_as_string()).unwrap_or_default()
+        parse(&self.chain[0])
+            .map(|c| c.raw_serial_as_string())
+            .unwrap_or_default()
     }
 }
 
@@ -145,7 +166,9 @@ pub fn identity_from_cert(der: &CertificateDer<'_>) -> Result<Identity, CertErro
 
 /// Seconds since the epoch, for JSON output.
 pub fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// All certificates in a PEM text.
@@ -194,7 +217,9 @@ mod tests {
     fn issued_certificate_round_trips() {
         let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
         let id = Identity::new("cluster.local", "default", "sleep");
-        let cert = ca.issue_workload_cert(&id, Duration::from_secs(3600)).unwrap();
+        let cert = ca
+            .issue_workload_cert(&id, Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(cert.identity, id);
         assert_eq!(cert.chain.len(), 1);
         assert_eq!(cert.roots.len(), 1);
@@ -203,14 +228,19 @@ mod tests {
         assert_eq!(identity_from_cert(&cert.chain[0]).unwrap(), id);
         assert!(!cert.serial().is_empty());
         // The root carries no SPIFFE SAN.
-        assert!(matches!(identity_from_cert(&cert.roots[0]), Err(CertError::NoSpiffeSan)));
+        assert!(matches!(
+            identity_from_cert(&cert.roots[0]),
+            Err(CertError::NoSpiffeSan)
+        ));
     }
 
     #[test]
     fn rejects_chain_for_other_identity() {
         let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
         let id = Identity::new("cluster.local", "default", "sleep");
-        let cert = ca.issue_workload_cert(&id, Duration::from_secs(3600)).unwrap();
+        let cert = ca
+            .issue_workload_cert(&id, Duration::from_secs(3600))
+            .unwrap();
         let other = Identity::new("cluster.local", "default", "other");
         let err = WorkloadCertificate::new(
             other,

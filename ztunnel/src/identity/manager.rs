@@ -33,7 +33,9 @@ pub enum CaClientError {
 impl From<CaError> for CaClientError {
     fn from(e: CaError) -> Self {
         match e {
-            CaError::Storage { .. } | CaError::Signing(_) => CaClientError::Unavailable(e.to_string()),
+            CaError::Storage { .. } | CaError::Signing(_) => {
+                CaClientError::Unavailable(e.to_string())
+            }
             _ => CaClientError::Rejected(e.to_string()),
         }
     }
@@ -205,11 +207,19 @@ impl SecretManager {
                 // Nothing in flight and nothing valid: waiting would mean waiting for a
                 // backoff timer, so fail now and let the caller decide.
                 if failed_meanwhile || !p.in_flight {
-                    let reason =
-                        p.last_error.clone().unwrap_or_else(|| "renewal not yet due".to_string());
+                    let reason = p
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "renewal not yet due".to_string());
                     return Err(match p.cert {
-                        Some(_) => Error::Expired { identity: identity.clone(), reason },
-                        None => Error::Unavailable { identity: identity.clone(), reason },
+                        Some(_) => Error::Expired {
+                            identity: identity.clone(),
+                            reason,
+                        },
+                        None => Error::Unavailable {
+                            identity: identity.clone(),
+                            reason,
+                        },
                     });
                 }
             }
@@ -227,13 +237,25 @@ impl SecretManager {
 
     /// The workload left the node: drop its certificate and stop rotating it.
     pub fn forget(&self, identity: &Identity) {
-        if let Some(entry) = self.inner.entries.lock().expect("poisoned").remove(identity) {
+        if let Some(entry) = self
+            .inner
+            .entries
+            .lock()
+            .expect("poisoned")
+            .remove(identity)
+        {
             entry.task.abort();
         }
     }
 
     pub fn identities(&self) -> Vec<Identity> {
-        self.inner.entries.lock().expect("poisoned").keys().cloned().collect()
+        self.inner
+            .entries
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Every identity with its state and validity, sorted, for the admin page.
@@ -276,9 +298,18 @@ impl SecretManager {
                 return entry.rx.clone();
             }
         }
-        let (tx, rx) = watch::channel(Published { in_flight: true, ..Default::default() });
+        let (tx, rx) = watch::channel(Published {
+            in_flight: true,
+            ..Default::default()
+        });
         let task = tokio::spawn(run(self.inner.shared.clone(), identity.clone(), tx));
-        entries.insert(identity.clone(), Entry { rx: rx.clone(), task: task.abort_handle() });
+        entries.insert(
+            identity.clone(),
+            Entry {
+                rx: rx.clone(),
+                task: task.abort_handle(),
+            },
+        );
         rx
     }
 }
@@ -328,8 +359,13 @@ async fn request(shared: &Shared, identity: &Identity) -> Result<WorkloadCertifi
         .sign(req.csr_pem, identity, shared.opts.requested_ttl)
         .await
         .map_err(|e| e.to_string())?;
-    WorkloadCertificate::from_ca_response(identity.clone(), &chain, req.key, &shared.opts.extra_roots)
-        .map_err(|e| format!("CA returned an unusable certificate: {e}"))
+    WorkloadCertificate::from_ca_response(
+        identity.clone(),
+        &chain,
+        req.key,
+        &shared.opts.extra_roots,
+    )
+    .map_err(|e| format!("CA returned an unusable certificate: {e}"))
 }
 
 /// How long to keep a fresh certificate before renewing it: a fraction of its remaining

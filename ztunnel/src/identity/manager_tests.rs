@@ -79,8 +79,11 @@ async fn concurrent_first_fetches_share_one_request() {
         let mgr = mgr.clone();
         tokio::spawn(async move { mgr.fetch(&id("a")).await })
     });
-    let certs: Vec<_> =
-        futures::future::join_all(fetches).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
+    let certs: Vec<_> = futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
     assert_eq!(ca.calls(), 1);
     assert!(certs.iter().all(|c| Arc::ptr_eq(c, &certs[0])));
     assert_eq!(certs[0].identity, id("a"));
@@ -102,7 +105,10 @@ async fn rotates_before_expiry() {
     while Arc::ptr_eq(&first, &second) {
         assert!(Instant::now() < deadline, "no rotation");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        second = mgr.fetch(&id("a")).await.expect("a valid cert is always available");
+        second = mgr
+            .fetch(&id("a"))
+            .await
+            .expect("a valid cert is always available");
     }
     // The renewal arrived while the first certificate was still valid.
     assert!(SystemTime::now() < first.not_after + Duration::from_millis(50));
@@ -164,7 +170,10 @@ async fn serves_cached_cert_while_ca_fails_but_never_an_expired_one() {
         assert!(Arc::ptr_eq(&first, &again));
         assert_ne!(mgr.snapshot()[0].state, CertState::Ready);
     }
-    let wait = first.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    let wait = first
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(50)).await;
     let err = mgr.fetch(&id("a")).await.unwrap_err();
     assert!(matches!(err, Error::Expired { .. }), "{err}");
@@ -174,9 +183,19 @@ async fn serves_cached_cert_while_ca_fails_but_never_an_expired_one() {
 #[tokio::test]
 async fn rotation_delay_is_jittered_around_half_life() {
     let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
-    let cert = ca.issue_workload_cert(&id("a"), Duration::from_secs(1000)).unwrap();
+    let cert = ca
+        .issue_workload_cert(&id("a"), Duration::from_secs(1000))
+        .unwrap();
     let opts = SecretManagerOptions::default();
-    let delays: Vec<f64> = (0..50).map(|_| rotation_delay(&cert, &opts).as_secs_f64()).collect();
-    assert!(delays.iter().all(|d| (390.0..=601.0).contains(d)), "{delays:?}");
-    assert!(delays.iter().any(|d| (d - delays[0]).abs() > 1.0), "no jitter");
+    let delays: Vec<f64> = (0..50)
+        .map(|_| rotation_delay(&cert, &opts).as_secs_f64())
+        .collect();
+    assert!(
+        delays.iter().all(|d| (390.0..=601.0).contains(d)),
+        "{delays:?}"
+    );
+    assert!(
+        delays.iter().any(|d| (d - delays[0]).abs() > 1.0),
+        "no jitter"
+    );
 }

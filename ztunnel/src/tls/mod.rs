@@ -20,7 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::identity::cert::{identity_from_cert, CertError};
 use crate::identity::{Identity, WorkloadCertificate};
 
-pub use tokio_rustls::{client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream};
+pub use tokio_rustls::{
+    client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream,
+};
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -53,7 +55,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for root in &cert.roots {
-        roots.add(root.clone()).map_err(|e| TlsError::Config(format!("bad root: {e}")))?;
+        roots
+            .add(root.clone())
+            .map_err(|e| TlsError::Config(format!("bad root: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -87,9 +91,10 @@ pub fn client_config(
 /// roots. Which client identities are *allowed* is policy's business, not TLS's.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(root_store(cert)?, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(cert)?, provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -120,7 +125,9 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let name = ServerName::IpAddress(dst.ip().into());
-    Ok(tokio_rustls::TlsConnector::from(config).connect(name, io).await?)
+    Ok(tokio_rustls::TlsConnector::from(config)
+        .connect(name, io)
+        .await?)
 }
 
 /// Server handshake; returns the stream and the client's verified identity.

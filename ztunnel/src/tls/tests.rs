@@ -15,7 +15,8 @@ pub(crate) fn id(sa: &str) -> Identity {
 }
 
 pub(crate) fn cert(ca: &CertificateAuthority, sa: &str) -> WorkloadCertificate {
-    ca.issue_workload_cert(&id(sa), Duration::from_secs(3600)).unwrap()
+    ca.issue_workload_cert(&id(sa), Duration::from_secs(3600))
+        .unwrap()
 }
 
 fn dst() -> SocketAddr {
@@ -43,7 +44,10 @@ async fn mtls_with_expected_identity() {
     assert_eq!(peer, id("sleep"));
     let conn = c.get_ref().1;
     assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
-    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     assert_eq!(peer_identity(conn).unwrap(), id("httpbin"));
     c.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
@@ -82,7 +86,10 @@ async fn client_rejects_untrusted_server_root() {
     let server = server_config(&cert(&rogue, "httpbin")).unwrap();
     let (c, _) = handshake(client, server).await;
     let err = c.unwrap_err().to_string();
-    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("BadSignature"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +103,10 @@ async fn server_rejects_untrusted_client_root() {
     let server = server_config(&cert(&ca, "httpbin")).unwrap();
     let (_, s) = handshake(client, server).await;
     let err = s.unwrap_err().to_string();
-    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("BadSignature"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -104,7 +114,11 @@ async fn expired_certificates_rejected_both_ways() {
     let ca = test_ca();
     let now = time::OffsetDateTime::now_utc();
     let expired = |sa: &str| {
-        ca.issue_with_validity(&id(sa), now - Duration::from_secs(7200), now - Duration::from_secs(60))
+        ca.issue_with_validity(
+            &id(sa),
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )
     };
     // Expired server.
     let client = client_config(&cert(&ca, "sleep"), &[id("httpbin")]).unwrap();
@@ -138,5 +152,8 @@ async fn server_requires_client_certificate() {
     anon.alpn_protocols = vec![ALPN_H2.to_vec()];
     let (_, s) = handshake(Arc::new(anon), server_config(&server_cert).unwrap()).await;
     let err = s.unwrap_err().to_string();
-    assert!(err.contains("NoCertificatesPresented") || err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("NoCertificatesPresented") || err.contains("certificate"),
+        "{err}"
+    );
 }

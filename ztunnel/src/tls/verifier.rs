@@ -27,7 +27,11 @@ impl MeshServerVerifier {
         expected: Vec<Identity>,
         algs: WebPkiSupportedAlgorithms,
     ) -> Self {
-        MeshServerVerifier { roots, expected, algs }
+        MeshServerVerifier {
+            roots,
+            expected,
+            algs,
+        }
     }
 }
 
@@ -42,7 +46,13 @@ impl ServerCertVerifier for MeshServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         // Chain, validity period and serverAuth usage, via webpki.
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algs.all)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let actual = identity_from_cert(end_entity).map_err(|e| {
             tracing::warn!(error = %e, "server certificate has no SPIFFE identity");
             Error::InvalidCertificate(CertificateError::NotValidForName)
