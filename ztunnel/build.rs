@@ -1,8 +1,13 @@
 //! Builds the eBPF capture object (`ebpf/`) for `bpfel-unknown-none` with Debian's Rust
 //! toolchain (sysroot `/usr`, which ships the `core` sources `-Z build-std` needs) and
 //! bpf-linker. `cargo xtask setup` installs both.
+//!
+//! Also generates the gRPC/protobuf code (CA API, delta xDS) from `proto/`: `protox` parses
+//! the .proto files in pure Rust (there is no `protoc` on the build machines) and
+//! `tonic-prost-build` turns the descriptor set into Rust in `$OUT_DIR`.
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     // Debian's rustc is a stable compiler; build-std needs unstable flags.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
@@ -23,4 +28,24 @@ fn main() -> anyhow::Result<()> {
              (run `cargo xtask setup` to install Debian's rustc-web, rust-web-src and bpf-linker)"
         )
     })
+}
+
+/// The .proto files, relative to `proto/` (which is also the import root).
+const PROTOS: &[&str] = &[
+    "istio/ca.proto",
+    "istio/workload.proto",
+    "istio/authorization.proto",
+    "envoy/discovery.proto",
+];
+
+fn compile_protos() -> anyhow::Result<()> {
+    let root = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let fds = protox::compile(PROTOS, [&root])
+        .map_err(|e| anyhow::anyhow!("compiling the .proto files: {e:?}"))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .map_err(|e| anyhow::anyhow!("generating Rust from the .proto files: {e}"))
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -22,6 +23,40 @@ pub struct Cli {
 pub enum Command {
     /// Run the node proxy (needs root: loads eBPF programs, installs policy routing).
     Run(Box<RunArgs>),
+    /// Run a minimal control plane: Istio's CA API (gRPC over TLS) for the node proxies,
+    /// signing the identities of the workloads the workload file places on each node.
+    Controlplane(ControlplaneArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlplaneArgs {
+    /// Workload file (upstream ztunnel's local YAML, as for `run --local-xds-path`): a node
+    /// may obtain only the identities of workloads it places on that node. Reloaded when it
+    /// changes.
+    #[arg(long, env = "CONTROLPLANE_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// CA directory: `root-cert.pem` and `root-key.pem`, created if absent. Give
+    /// `<DIR>/root-cert.pem` to the node proxies (their `--ca-root-cert`).
+    #[arg(long, env = "CA_DIR", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+
+    /// Address of the gRPC endpoint (istiod serves xDS and the CA on 15012).
+    #[arg(long, env = "CONTROLPLANE_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// Callers' bearer tokens: one `<token> <node-name>` pair per line; `#` comments and
+    /// blank lines allowed. Reloaded when it changes.
+    #[arg(long, env = "TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: PathBuf,
+
+    /// Trust domain of the identities this CA signs.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Longest validity granted to a workload certificate (e.g. `24h`, `90m`, `3600s`, `3600`).
+    #[arg(long, env = "MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_cert_ttl: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,6 +129,50 @@ pub struct RunArgs {
     /// Log format (levels come from RUST_LOG, default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Istio CA to get workload certificates from, as a URL: `https://HOST:PORT`
+    /// (e.g. https://istiod.istio-system.svc:15012). Without it the built-in CA is used.
+    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
+    pub ca_address: Option<String>,
+
+    /// PEM root certificate(s) the CA's TLS certificate must chain to.
+    #[arg(long, env = "CA_ROOT_CA", value_name = "FILE")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// File holding the bearer token presented to the CA; re-read at every request
+    /// (Kubernetes projected tokens rotate).
+    #[arg(long, env = "CA_TOKEN_FILE", value_name = "FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Built-in CA (when no CA_ADDRESS): directory of its root (`root-cert.pem`,
+    /// `root-key.pem`), created if absent. Nodes that must trust each other share it;
+    /// without it each ztunnel makes an in-memory root only its own node trusts.
+    #[arg(long, env = "LOCAL_CA_DIR", value_name = "DIR")]
+    pub local_ca_dir: Option<PathBuf>,
+
+    /// Trust domain of the workload identities.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Validity asked of the CA for workload certificates; renewed at about half of it.
+    #[arg(long, env = "WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+
+    /// Admin endpoint; loopback addresses only (it shows and changes everything).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000", value_parser = parse_loopback)]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// On SIGTERM or /quitquitquit, how long live connections get to finish.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 impl RunArgs {
@@ -104,6 +183,30 @@ impl RunArgs {
     pub fn listen_addrs(&self, port: u16) -> [SocketAddr; 2] {
         [SocketAddr::from(([0, 0, 0, 0], port)), SocketAddr::from(([0u16; 8], port))]
     }
+}
+
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !a.ip().is_loopback() {
+        return Err(format!("{a} is not a loopback address: the admin endpoint is node-local only"));
+    }
+    Ok(a)
+}
+
+/// `24h`, `90m`, `30s`, `7d` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 24h, 90m, 30s"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -121,12 +224,28 @@ mod tests {
     #[test]
     fn parses_marks_and_env_defaults() {
         let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--capture-mark", "0x100"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("not run") };
         assert_eq!(args.capture_mark, 0x100);
         assert_eq!(args.proxy_mark, 0x539);
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.instance(), "n1");
         assert!(parse_u32("0xzz").is_err());
+    }
+
+    #[test]
+    fn parses_controlplane_args() {
+        let cli = Cli::try_parse_from([
+            "ztunnel", "controlplane", "--config", "w.yaml", "--ca-dir", "/ca", "--tokens-file", "t",
+            "--max-cert-ttl", "2h",
+        ])
+        .unwrap();
+        let Command::Controlplane(args) = cli.command else { panic!("not controlplane") };
+        assert_eq!(args.listen, "0.0.0.0:15012".parse().unwrap());
+        assert_eq!(args.trust_domain, "cluster.local");
+        assert_eq!(args.max_cert_ttl, Duration::from_secs(7200));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("h").is_err());
     }
 
     #[test]

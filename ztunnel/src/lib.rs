@@ -5,9 +5,12 @@
 //! policy → pool → HBONE → `proxy::inbound` (on the destination node) → deliver.
 
 pub mod capture;
+pub mod config;
+pub mod controlplane;
 pub mod identity;
 pub mod proxy;
 pub mod policy;
+pub mod proto;
 pub mod state;
 pub mod xds;
 pub mod hbone;

@@ -26,6 +26,14 @@ fn main() -> std::process::ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(ztunnel::app::run(*args)))
         }
+        Command::Controlplane(args) => {
+            init_logging(LogFormat::Text);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(ztunnel::controlplane::run(args)))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

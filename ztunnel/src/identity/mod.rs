@@ -1,11 +1,13 @@
 //! Workload identities (SPIFFE) and, as the node's Citadel Agent, their certificates.
 
 pub mod ca;
+pub mod ca_client;
 pub mod cert;
 pub mod csr;
 pub mod manager;
 pub mod spiffe;
 
+pub use ca_client::GrpcCaClient;
 pub use cert::WorkloadCertificate;
 pub use manager::{CaClient, SecretManager};
 pub use spiffe::Identity;

@@ -1,0 +1,240 @@
+//! The control plane's CA endpoint: Istio's `IstioCertificateService/CreateCertificate` over
+//! TLS, signing with the built-in [`CertificateAuthority`].
+//!
+//! Who may have what: the caller is a node, known by its bearer token; it asks on behalf of
+//! a workload by naming the workload's SPIFFE URI as `ImpersonatedIdentity`; it gets that
+//! identity only if the workload file places a workload with that identity on that node.
+//! So a compromised node can mint the identities of its own workloads, and no others.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::tokens::Tokens;
+use crate::identity::ca::{CaError, CertificateAuthority, ServerCertPem};
+use crate::identity::ca_client::{impersonated_identity, IMPERSONATED_IDENTITY};
+use crate::identity::Identity;
+use crate::proto::istio::v1::auth::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use crate::proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::xds::LocalConfig;
+
+/// The gRPC service. Tokens and workloads are live views: edits to their files apply to the
+/// next request.
+pub struct CaService {
+    ca: Arc<CertificateAuthority>,
+    tokens: watch::Receiver<Arc<Tokens>>,
+    workloads: watch::Receiver<Arc<LocalConfig>>,
+}
+
+impl CaService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        tokens: watch::Receiver<Arc<Tokens>>,
+        workloads: watch::Receiver<Arc<LocalConfig>>,
+    ) -> Self {
+        CaService {
+            ca,
+            tokens,
+            workloads,
+        }
+    }
+
+    /// The calling node's name, from `authorization: Bearer <token>`.
+    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let header = metadata.get("authorization").ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <token>` header")
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not `Bearer <token>`")
+            })?;
+        let tokens = self.tokens.borrow().clone();
+        tokens
+            .node_of(token)
+            .map(str::to_string)
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+    }
+
+    /// A node may obtain an identity only if one of the workloads on it has that identity.
+    fn authorize(&self, node: &str, identity: &Identity) -> Result<(), Status> {
+        let config = self.workloads.borrow().clone();
+        let mut elsewhere = BTreeSet::new();
+        for w in config
+            .workloads
+            .iter()
+            .filter(|w| w.identity() == *identity)
+        {
+            if w.node == node {
+                return Ok(());
+            }
+            elsewhere.insert(if w.node.is_empty() {
+                "<no node>"
+            } else {
+                w.node.as_str()
+            });
+        }
+        let why = if elsewhere.is_empty() {
+            "no workload in the workload file has that identity".to_string()
+        } else {
+            let nodes: Vec<&str> = elsewhere.into_iter().collect();
+            format!("its workloads are on node(s) {}", nodes.join(", "))
+        };
+        Err(Status::permission_denied(format!(
+            "node {node} may not obtain a certificate for {identity}: {why}"
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let node = self.authenticate(request.metadata())?;
+        let req = request.into_inner();
+        let identity = requested_identity(&req)?;
+        self.authorize(&node, &identity)?;
+        let ttl = u64::try_from(req.validity_duration).map_err(|_| {
+            Status::invalid_argument(format!(
+                "validity_duration must not be negative, got {}",
+                req.validity_duration
+            ))
+        })?;
+        let chain = self
+            .ca
+            .sign_csr(&req.csr, &identity, Duration::from_secs(ttl))
+            .map_err(|e| {
+                let status = ca_error_status(&e);
+                warn!(%node, %identity, error = %e, "certificate request refused");
+                status
+            })?;
+        info!(%node, %identity, requested_ttl_secs = ttl, "certificate issued");
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
+    }
+}
+
+fn requested_identity(req: &IstioCertificateRequest) -> Result<Identity, Status> {
+    let uri = impersonated_identity(req.metadata.as_ref()).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "this CA issues workload certificates to node proxies only: put the workload's \
+             SPIFFE URI in the request metadata as {IMPERSONATED_IDENTITY}"
+        ))
+    })?;
+    uri.parse()
+        .map_err(|e| Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}")))
+}
+
+fn ca_error_status(e: &CaError) -> Status {
+    match e {
+        CaError::MalformedCsr(_)
+        | CaError::BadCsrSignature
+        | CaError::IdentityMismatch { .. }
+        | CaError::ForeignTrustDomain { .. } => Status::invalid_argument(e.to_string()),
+        CaError::Storage { .. } | CaError::Signing(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The addresses the serving certificate must name for a listener on `listen`: that address,
+/// or, for a wildcard listener, every address of this host (a client may use any of them).
+pub fn serving_ips(listen: SocketAddr) -> Vec<IpAddr> {
+    let ip = listen.ip();
+    if !ip.is_unspecified() {
+        return vec![ip];
+    }
+    let mut ips: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
+    if listen.is_ipv6() {
+        ips.insert(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]));
+    }
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => {
+            for a in addrs {
+                let Some(sa) = a.address else { continue };
+                if let Some(v4) = sa.as_sockaddr_in() {
+                    ips.insert(IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = sa.as_sockaddr_in6() {
+                    // Link-local addresses need a zone to be dialled: no client uses them.
+                    let v6 = v6.ip();
+                    if listen.is_ipv6() && (v6.segments()[0] & 0xffc0) != 0xfe80 {
+                        ips.insert(IpAddr::V6(v6));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list this host's addresses; the CA certificate names loopback only")
+        }
+    }
+    ips.into_iter().collect()
+}
+
+/// A running CA server.
+pub struct RunningCaServer {
+    local_addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningCaServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and closes the listener.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task
+            .await
+            .context("CA server task")?
+            .context("CA server")
+    }
+}
+
+/// Serves `service` on `listener` over TLS with `cert` (leaf first, then the root).
+pub fn serve(
+    service: CaService,
+    listener: TcpListener,
+    cert: &ServerCertPem,
+) -> anyhow::Result<RunningCaServer> {
+    let local_addr = listener.local_addr()?;
+    let identity = tonic::transport::Identity::from_pem(cert.chain.concat(), &cert.key);
+    let mut builder = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .context("CA server TLS settings")?;
+    let router = builder.add_service(IstioCertificateServiceServer::new(service));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(RunningCaServer {
+        local_addr,
+        shutdown: tx,
+        task,
+    })
+}

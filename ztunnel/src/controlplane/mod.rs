@@ -1,0 +1,72 @@
+//! `ztunnel controlplane`: a minimal stand-in for istiod for clusters without one. Today it
+//! serves Istio's CA API (what node proxies use to get their workloads' certificates) from
+//! the built-in CA; the workloads and which node they are on come from the same local YAML
+//! file the node proxies read.
+
+pub mod ca_server;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use ca_server::{serve, serving_ips, CaService, RunningCaServer};
+pub use tokens::Tokens;
+
+use crate::config::ControlplaneArgs;
+use crate::identity::ca::{CaOptions, CertificateAuthority, ROOT_CERT_FILE};
+
+/// The name node proxies dial in a cluster (`CA_ADDRESS=https://istiod.istio-system.svc:15012`).
+pub const ISTIOD_DNS_NAME: &str = "istiod.istio-system.svc";
+
+/// How often the workload and token files are checked for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Validity of the CA's own TLS certificate (a new one is made at every start).
+const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Runs the control plane until SIGTERM or SIGINT.
+pub async fn run(args: ControlplaneArgs) -> anyhow::Result<()> {
+    let mut opts = CaOptions::new(&args.trust_domain);
+    opts.dir = Some(args.ca_dir.clone());
+    opts.max_ttl = args.max_cert_ttl;
+    opts.default_ttl = opts.default_ttl.min(opts.max_ttl);
+    let ca = Arc::new(CertificateAuthority::new(opts).context("loading or creating the CA root")?);
+    let root_path = args.ca_dir.join(ROOT_CERT_FILE);
+    info!(path = %root_path.display(), "CA root certificate (give this file to the node proxies as CA_ROOT_CA)");
+
+    let workloads = crate::xds::watch_every(&args.config, RELOAD_INTERVAL)?;
+    let tokens = tokens::watch_tokens(&args.tokens_file, RELOAD_INTERVAL)?;
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let cert = ca.issue_server_cert(
+        &serving_ips(args.listen),
+        &[ISTIOD_DNS_NAME.to_string(), "localhost".to_string()],
+        SERVING_CERT_TTL,
+    )?;
+    let server = serve(CaService::new(ca, tokens, workloads), listener, &cert)?;
+    info!(addr = %server.local_addr(), max_cert_ttl = ?args.max_cert_ttl, "CA serving istio.v1.auth.IstioCertificateService");
+
+    wait_for_signal().await?;
+    info!("shutting down");
+    server.shutdown().await
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
