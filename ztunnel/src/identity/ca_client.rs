@@ -38,7 +38,8 @@ impl GrpcCaClient {
     /// certificate must chain to the PEM root(s) in `root_cert_pem_path` and name HOST.
     /// `token_file`, if given, is read at every request (projected tokens rotate) and sent as
     /// `authorization: Bearer <token>`. No connection is made until the first request, so a
-    /// CA that is down at start is not an error here.
+    /// CA that is down at start is not an error here. Must be called within a tokio runtime
+    /// (the channel spawns its worker task).
     pub fn new(
         address: &str,
         root_cert_pem_path: impl AsRef<Path>,
