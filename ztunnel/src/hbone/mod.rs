@@ -4,10 +4,10 @@
 //! connections, one stream each. `:authority` is the original destination `ip:port`; the
 //! source address travels in `forwarded: for=<ip>`, tracing context in `baggage`/`traceparent`.
 
-mod client;
-mod copy;
-mod server;
-mod stream;
+pub mod client;
+pub mod copy;
+pub mod server;
+pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 
