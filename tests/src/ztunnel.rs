@@ -119,6 +119,9 @@ impl Testbed {
             .arg("--local-xds-path")
             .arg(config)
             .args(["--rescan-interval-ms", "200"])
+            // One built-in CA root for the whole testbed, so nodes trust each other.
+            .arg("--local-ca-dir")
+            .arg(self.dir().join("ca"))
             .args(extra)
             .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()))
             .stdin(Stdio::null())

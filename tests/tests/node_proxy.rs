@@ -57,8 +57,18 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     }
     // Both ztunnels handled it: the eBPF log (aya-log) and the proxy's own.
     za.wait_for_log("outbound flow", T).unwrap();
-    za.wait_for_log("outbound connection", T).unwrap();
-    zb.wait_for_log("inbound flow", T).unwrap();
+    zb.wait_for_log("to listener 15008", T).unwrap();
+    // Each side logged the connection with both identities, over HBONE.
+    for (z, dir) in [(&za, "Outbound"), (&zb, "Inbound")] {
+        let log = z.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("connection complete") && l.contains(dir))
+            .unwrap_or_else(|| panic!("no {dir} access log line:\n{log}"));
+        assert!(line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"), "{line}");
+        assert!(line.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server"), "{line}");
+        assert!(line.contains("protocol=\"HBONE\""), "{line}");
+    }
     assert!(ip_rules(&a.netns).contains("lookup 15010"));
 
     // SIGTERM: clean exit that removes programs, pins and rules.
@@ -72,8 +82,9 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
 fn killed_ztunnel_fails_closed_and_restart_recovers() {
     require_root!();
     let c = cluster();
-    let a = c.tb.nodes()[0].clone();
+    let [a, b] = [c.tb.nodes()[0].clone(), c.tb.nodes()[1].clone()];
     let za = c.tb.start_ztunnel(&a, &c.config, &[]).unwrap();
+    let _zb = c.tb.start_ztunnel(&b, &c.config, &[]).unwrap();
     za.wait_for_log("workload enrolled", T).unwrap();
     let dst = SocketAddr::new(c.server.ip.into(), 8080);
     let mut s = connect(&c.client.netns, dst, T).unwrap();
@@ -104,6 +115,8 @@ fn pod_whose_interface_appears_later_is_enrolled_then() {
             "- uid: cluster1//Pod/default/late\n  name: late\n  namespace: default\n  workloadIps: [\"{late_ip}\"]\n  protocol: HBONE\n  node: node-a\n"
         );
     std::fs::write(&c.config, yaml).unwrap();
+    let b = c.tb.nodes()[1].clone();
+    let _zb = c.tb.start_ztunnel(&b, &c.config, &[]).unwrap();
     let za = c.tb.start_ztunnel(&a, &c.config, &[]).unwrap();
     za.wait_for_log("will retry", T).unwrap();
     let late = c.tb.add_pod(&a, "late").unwrap();

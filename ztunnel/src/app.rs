@@ -1,10 +1,11 @@
-//! `ztunnel run`: wires capture, state, enrollment and the proxy together, and takes
-//! them apart again on SIGTERM/SIGINT.
+//! `ztunnel run`: wires state, identity, capture, enrollment, the proxy and the admin
+//! endpoints together, and takes them apart again on SIGTERM/SIGINT or `/quitquitquit`.
 //!
-//! Threads: one tokio runtime (worker threads = cores). The process starts in the
-//! node's network namespace (a DaemonSet pod on the host network, or the testbed's
-//! node namespace), so every socket and netlink call is the node's.
+//! Threads: one multi-threaded tokio runtime. The process starts in the node's network
+//! namespace (a DaemonSet pod on the host network, or a testbed node), so every socket
+//! and netlink call is the node's.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::capture::{Capture, CaptureConfig, RoutingConfig};
 use crate::config::RunArgs;
+use crate::connections::ConnectionTracker;
 use crate::enroll::Enroller;
+use crate::identity::ca::{CaOptions, CertificateAuthority};
+use crate::identity::manager::{LocalCaClient, SecretManagerOptions};
+use crate::identity::{CaClient, GrpcCaClient, SecretManager};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolOptions};
 use crate::proxy::{self, socket, ProxyContext};
 use crate::state::StateStore;
 
@@ -31,15 +39,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let certs = Arc::new(SecretManager::new(
+        ca_client(&args)?,
+        SecretManagerOptions { requested_ttl: args.workload_cert_ttl, ..Default::default() },
+    ));
 
     let capture = Capture::start(CaptureConfig {
         instance: args.instance(),
         bpffs_root: args.bpffs_root.clone(),
-        routing: RoutingConfig {
-            mark: args.capture_mark,
-            table: args.route_table,
-            priority: args.rule_priority,
-        },
+        routing: RoutingConfig { mark: args.capture_mark, table: args.route_table, priority: args.rule_priority },
         proxy_mark: args.proxy_mark,
         outbound_port: args.outbound_port,
         inbound_plain_port: args.inbound_plaintext_port,
@@ -50,11 +58,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("starting capture")?;
     let capture = Arc::new(Mutex::new(capture));
 
-    let result = serve(&args, store, capture.clone()).await;
+    let result = serve(&args, store, certs, capture.clone()).await;
 
-    let capture = Arc::into_inner(capture)
-        .map(Mutex::into_inner)
-        .context("capture still in use at exit")?;
+    let capture = Arc::into_inner(capture).map(Mutex::into_inner).context("capture still in use at exit")?;
     if args.retain_capture_on_exit {
         capture.retain();
     } else if let Err(e) = capture.shutdown().await {
@@ -64,51 +70,158 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: &RunArgs, store: Arc<StateStore>, capture: Arc<Mutex<Capture>>) -> anyhow::Result<()> {
+/// The CA: Istio's gRPC API when an address is given, else the built-in one.
+fn ca_client(args: &RunArgs) -> anyhow::Result<Arc<dyn CaClient>> {
+    if let Some(addr) = &args.ca_address {
+        let root = args.ca_root_cert.as_ref().context("--ca-address needs --ca-root-cert (CA_ROOT_CA)")?;
+        let client = GrpcCaClient::new(addr, root, args.ca_token_file.as_ref())
+            .with_context(|| format!("CA client for {addr}"))?;
+        info!(ca = %addr, "workload certificates from the CA");
+        return Ok(Arc::new(client));
+    }
+    let mut opts = CaOptions::new(&args.trust_domain);
+    opts.dir = args.local_ca_dir.clone();
+    if opts.dir.is_none() {
+        warn!("built-in CA with an in-memory root: only this node trusts it (use --local-ca-dir or --ca-address)");
+    }
+    let ca = CertificateAuthority::new(opts).context("built-in CA")?;
+    Ok(Arc::new(LocalCaClient::new(Arc::new(ca))))
+}
+
+async fn serve(
+    args: &RunArgs,
+    store: Arc<StateStore>,
+    certs: Arc<SecretManager>,
+    capture: Arc<Mutex<Capture>>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let connections = ConnectionTracker::new(metrics.clone());
+    let dialer = socket::Dialer { mark: args.proxy_mark };
+    let pool = Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default());
     let ctx = Arc::new(ProxyContext {
         node: args.node_name.clone(),
         store: store.clone(),
-        dialer: socket::Dialer { mark: args.proxy_mark },
+        dialer,
+        certs: certs.clone(),
+        pool,
+        connections: connections.clone(),
+        metrics: metrics.clone(),
         listen_ports: vec![args.outbound_port, args.inbound_plaintext_port, args.inbound_hbone_port],
+        hbone_port: args.inbound_hbone_port,
     });
-    let mut tasks = tokio::task::JoinSet::new();
+
+    // Listeners: the data path...
+    let mut proxy_tasks = tokio::task::JoinSet::new();
     for addr in args.listen_addrs(args.outbound_port) {
         let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
+        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
     }
     for addr in args.listen_addrs(args.inbound_plaintext_port) {
         let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::inbound::handle_plaintext));
+        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::inbound::handle_plaintext));
+    }
+    for addr in args.listen_addrs(args.inbound_hbone_port) {
+        let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
+        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::inbound::handle_hbone));
     }
 
+    // ...enrollment and certificates...
     let enroller = Arc::new(Enroller::new(args.node_name.clone(), store.clone(), capture.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
     let interval = Duration::from_millis(args.rescan_interval_ms.max(50));
-    {
-        let enroller = enroller.clone();
-        let capture = capture.clone();
-        let mut changes = store.subscribe();
-        tasks.spawn(async move {
-            loop {
-                if let Err(e) = capture.lock().await.refresh().await {
-                    warn!("capture refresh failed: {e:#}");
-                }
-                enroller.reconcile().await;
-                // Wake on a config change, or periodically to retry pending pods and
-                // attach to new interfaces.
-                let _ = tokio::time::timeout(interval, changes.changed()).await;
-            }
-        });
-    }
+    tasks.spawn(reconcile_loop(args.node_name.clone(), store.clone(), capture.clone(), enroller.clone(), certs.clone(), interval));
     enroller.reconcile().await;
-    info!(node = %args.node_name, "ztunnel ready");
+
+    // ...and what people look at.
+    let quit = Arc::new(tokio::sync::Notify::new());
+    let admin_state = Arc::new(AdminState {
+        node: args.node_name.clone(),
+        store: store.clone(),
+        capture: capture.clone(),
+        enroller: enroller.clone(),
+        metrics,
+        connections: connections.clone(),
+        certs,
+        config_expected: args.local_xds_path.is_some(),
+        quit: quit.clone(),
+    });
+    serve_http(&mut tasks, args.admin_addr, admin_state.clone(), admin::admin).await?;
+    serve_http(&mut tasks, args.metrics_addr, admin_state.clone(), admin::metrics).await?;
+    serve_http(&mut tasks, args.readiness_addr, admin_state.clone(), admin::readiness).await?;
+    info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+        _ = quit.notified() => info!("/quitquitquit: draining"),
+    }
+    // Drain: stop accepting, give live connections time to finish.
+    proxy_tasks.shutdown().await;
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    while connections.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if connections.count() > 0 {
+        warn!(open = connections.count(), "drain timeout: closing remaining connections");
     }
     tasks.shutdown().await;
+    drop(admin_state);
     drop(enroller);
+    drop(ctx);
+    Ok(())
+}
+
+/// Keeps capture, enrollment and certificates in line with the state: on every change,
+/// and periodically to attach to new interfaces and retry what failed.
+async fn reconcile_loop(
+    node: String,
+    store: Arc<StateStore>,
+    capture: Arc<Mutex<Capture>>,
+    enroller: Arc<Enroller>,
+    certs: Arc<SecretManager>,
+    interval: Duration,
+) {
+    let mut changes = store.subscribe();
+    loop {
+        if let Err(e) = capture.lock().await.refresh().await {
+            warn!("capture refresh failed: {e:#}");
+        }
+        enroller.reconcile().await;
+        // The Citadel Agent role: hold certificates for exactly this node's workloads.
+        let wanted: BTreeSet<_> = store
+            .snapshot()
+            .workloads_on_node(&node)
+            .iter()
+            .filter(|w| w.in_mesh())
+            .map(|w| w.identity())
+            .collect();
+        for id in &wanted {
+            certs.prefetch(id);
+        }
+        for id in certs.identities() {
+            if !wanted.contains(&id) {
+                info!(identity = %id, "no workload of this node has this identity any more: certificate dropped");
+                certs.forget(&id);
+            }
+        }
+        let _ = tokio::time::timeout(interval, changes.changed()).await;
+    }
+}
+
+async fn serve_http<F, Fut>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    addr: std::net::SocketAddr,
+    state: Arc<AdminState>,
+    handler: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Arc<AdminState>, admin::http::Req) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<admin::http::Body>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let handler = Arc::new(move |req| handler(state.clone(), req));
+    tasks.spawn(admin::http::serve(listener, handler));
     Ok(())
 }

@@ -4,15 +4,21 @@
 //! `capture` (eBPF steers a pod's TCP into us) → `proxy::outbound` (accept, identify) →
 //! policy → pool → HBONE → `proxy::inbound` (on the destination node) → deliver.
 
+pub mod admin;
+pub mod app;
 pub mod capture;
 pub mod config;
+pub mod connections;
 pub mod controlplane;
+pub mod enroll;
+pub mod hbone;
 pub mod identity;
+pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod policy;
 pub mod proto;
 pub mod state;
 pub mod xds;
-pub mod hbone;
 pub mod tls;
 pub mod pool;

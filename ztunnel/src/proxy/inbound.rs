@@ -1,30 +1,135 @@
-//! Inbound: connections addressed to enrolled pods. 15006 carries plaintext from
-//! outside the mesh; it is delivered to the pod with the client's address as source.
+//! Inbound: connections addressed to this node's enrolled pods.
+//!
+//! - 15008 (HBONE): mTLS presenting the certificate of the pod the client dialed, the
+//!   client's SPIFFE identity read from its certificate, then one CONNECT stream per
+//!   tunnelled connection: authorize → connect to the pod (original source) → relay.
+//! - 15006 (plaintext from outside the mesh): authorized with no identity (so policies
+//!   that require one — strict mTLS — refuse it), then delivered the same way.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use http::StatusCode;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{relay, socket, ProxyContext};
+use super::labels::{End, Record};
+use super::{authorize, relay, socket, ProxyContext};
+use crate::connections::Direction;
+use crate::hbone::{serve_connection, InboundRequest};
+use crate::identity::Identity;
+use crate::state::Workload;
+
+/// The local, in-mesh workload owning `ip`, if it is one of this node's.
+fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
+    ctx.store.snapshot().workload_by_ip(ip).filter(|w| w.node == ctx.node)
+}
+
+pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
+    let dialed = match socket::original_dst(&stream) {
+        Ok(d) => d,
+        Err(e) => return warn!("no original destination: {e}"),
+    };
+    // Which pod the client dialed decides which certificate we present.
+    let Some(workload) = local_workload(&ctx, dialed.ip()).filter(|w| w.in_mesh()) else {
+        return info!(%peer, %dialed, "HBONE to an address that is no mesh workload of this node: closed");
+    };
+    let identity = workload.identity();
+    let cert = match ctx.certs.fetch(&identity).await {
+        Ok(c) => c,
+        // Fail closed: without its certificate the pod accepts no mesh traffic.
+        Err(e) => return warn!(%peer, %identity, "no certificate, refusing HBONE: {e}"),
+    };
+    let config = match crate::tls::server_config(&cert) {
+        Ok(c) => c,
+        Err(e) => return warn!(%identity, "TLS server config: {e}"),
+    };
+    let (tls, client) = match crate::tls::accept(config, stream).await {
+        Ok(t) => t,
+        Err(e) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
+    };
+    debug!(%peer, client = %client, server = %identity, "HBONE connection");
+    let handler_ctx = ctx.clone();
+    let result = serve_connection(tls, client, move |req| {
+        deliver(handler_ctx.clone(), workload.clone(), peer, req)
+    })
+    .await;
+    if let Err(e) = result {
+        debug!(%peer, "HBONE connection ended: {e}");
+    }
+}
+
+async fn deliver(ctx: Arc<ProxyContext>, dialed: Arc<Workload>, tunnel: SocketAddr, req: InboundRequest) {
+    let target = req.target;
+    // The tunnel was authenticated as this pod: it may only carry traffic to this pod.
+    if !dialed.workload_ips.contains(&target.ip().to_canonical()) {
+        info!(%tunnel, %target, workload = %dialed.uid, "CONNECT to another address than the dialed pod: 400");
+        return req.reject(StatusCode::BAD_REQUEST);
+    }
+    let src_ip = req.forwarded_for().unwrap_or(tunnel.ip());
+    let client = req.peer.clone();
+    let state = ctx.store.snapshot();
+    let source = state.workload_by_ip(src_ip);
+    if !authorize(&ctx, Some(&client), src_ip, target, &dialed) {
+        return req.reject(StatusCode::UNAUTHORIZED);
+    }
+    let server_id = dialed.identity();
+    let record = Record {
+        direction: Direction::Inbound,
+        src: End { addr: Some(SocketAddr::new(src_ip, 0)), workload: source.as_deref(), identity: Some(&client) },
+        dst: End { addr: Some(target), workload: Some(&dialed), identity: Some(&server_id) },
+        service: None,
+        dst_addr: target,
+        target,
+        mtls: true,
+    };
+    let up = match ctx.dialer.connect(Some(src_ip), target).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(%src_ip, %target, "delivery to the pod failed: {e}");
+            return req.reject(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let mut guard = ctx.connections.open(record.info(), record.labels());
+    let tunnel_stream = match req.accept() {
+        Ok(s) => s,
+        Err(e) => return guard.set_outcome(format!("answering CONNECT failed: {e}")),
+    };
+    match relay(guard.count(tunnel_stream), up).await {
+        Ok(_) => guard.set_outcome("ok"),
+        Err(e) => guard.set_outcome(format!("error: {e}")),
+    }
+}
 
 pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = match socket::original_dst(&stream) {
         Ok(d) => d,
         Err(e) => return warn!("no original destination: {e}"),
     };
-    let state = ctx.store.snapshot();
-    let Some(workload) = state.workload_by_ip(dst.ip()) else {
-        return info!(%peer, %dst, "plaintext inbound to an unknown workload: refused");
+    let Some(workload) = local_workload(&ctx, dst.ip()) else {
+        return info!(%peer, %dst, "plaintext to an address that is no workload of this node: closed");
     };
-    debug!(%peer, %dst, workload = %workload.uid, "inbound plaintext connection");
+    if !authorize(&ctx, None::<&Identity>, peer.ip(), dst, &workload) {
+        return; // closing the accepted socket refuses the connection
+    }
+    let source = ctx.store.snapshot().workload_by_ip(peer.ip());
+    let dst_id = workload.identity();
+    let record = Record {
+        direction: Direction::Inbound,
+        src: End { addr: Some(peer), workload: source.as_deref(), identity: None },
+        dst: End { addr: Some(dst), workload: Some(&workload), identity: Some(&dst_id) },
+        service: None,
+        dst_addr: dst,
+        target: dst,
+        mtls: false,
+    };
     let up = match ctx.dialer.connect(Some(peer.ip()), dst).await {
         Ok(s) => s,
         Err(e) => return info!(%peer, %dst, "delivery to the pod failed: {e}"),
     };
-    match relay(stream, up).await {
-        Ok((tx, rx)) => debug!(%peer, %dst, tx, rx, "inbound connection closed"),
-        Err(e) => debug!(%peer, %dst, "inbound connection failed: {e}"),
+    let mut guard = ctx.connections.open(record.info(), record.labels());
+    match relay(guard.count(stream), up).await {
+        Ok(_) => guard.set_outcome("ok"),
+        Err(e) => guard.set_outcome(format!("error: {e}")),
     }
 }

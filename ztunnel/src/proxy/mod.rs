@@ -1,29 +1,41 @@
 //! The data path after capture: accept → identify → authorize → tunnel → deliver.
 //!
-//! `outbound` serves 15001 (connections pods open), `inbound` serves 15006 (plaintext
-//! addressed to enrolled pods) and 15008 (HBONE). `socket` holds the socket options
-//! every stage relies on.
+//! `outbound` serves 15001 (connections pods open), `inbound` serves 15008 (HBONE) and
+//! 15006 (plaintext addressed to enrolled pods). `socket` holds the socket options every
+//! stage relies on; `labels` what each connection is recorded as.
 
 pub mod inbound;
+mod labels;
 pub mod outbound;
 pub mod socket;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::state::StateStore;
+use crate::connections::ConnectionTracker;
+use crate::pool::Pool;
+use crate::identity::manager::SecretManager;
+use crate::identity::Identity;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::state::{StateStore, Workload};
 
 /// What every connection handler needs.
 pub struct ProxyContext {
     pub node: String,
     pub store: Arc<StateStore>,
     pub dialer: socket::Dialer,
+    pub certs: Arc<SecretManager>,
+    pub pool: Pool,
+    pub connections: Arc<ConnectionTracker>,
+    pub metrics: Arc<Metrics>,
     /// Our own listener ports: a connection whose original destination is one of
     /// them on a local address would loop.
     pub listen_ports: Vec<u16>,
+    /// The inbound HBONE port of remote ztunnels.
+    pub hbone_port: u16,
 }
 
 /// Accepts on `listener` forever, handing each connection to `handle`.
@@ -47,14 +59,26 @@ where
     }
 }
 
+/// L4 authorization of a connection to `dst` on workload `w`; logs denials.
+pub fn authorize(ctx: &ProxyContext, src_id: Option<&Identity>, src_ip: IpAddr, dst: SocketAddr, w: &Workload) -> bool {
+    let conn = crate::policy::Connection::new(src_id.cloned(), src_ip, dst.ip(), dst.port());
+    let decision = ctx.store.snapshot().policies.evaluate(&conn, w);
+    let result = if decision.allowed { "allow" } else { "deny" };
+    ctx.metrics.authz_decisions.get_or_create(&ResultLabels { result: result.into() }).inc();
+    if !decision.allowed {
+        info!(%conn, workload = %w.uid, %decision, "connection denied by policy");
+    }
+    decision.allowed
+}
+
 /// Copies both ways until both sides are done, half-closing each direction as its
-/// source ends. Returns (bytes client→server, bytes server→client).
+/// source ends. Returns (bytes a→b, bytes b→a).
 pub async fn relay<A, B>(mut a: A, mut b: B) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let r = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    let r = crate::hbone::copy_bidirectional(&mut a, &mut b).await;
     if let Err(e) = &r {
         debug!("relay ended with error: {e}");
     }

@@ -1,5 +1,11 @@
 //! Outbound (15001): connections enrolled pods open, captured with their original
 //! destination as the accepted socket's local address.
+//!
+//! identify (source by its address, destination by resolving the original destination)
+//! → in the mesh on another node: HBONE through the pool, presenting the source's
+//!   certificate and requiring the destination's identity;
+//! → in the mesh on this node: the same identity checks, delivered directly;
+//! → outside the mesh: plain passthrough with the pod's address as source.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +13,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{relay, socket, ProxyContext};
+use super::labels::{End, Record};
+use super::{authorize, relay, socket, ProxyContext};
+use crate::connections::Direction;
+use crate::hbone::ConnectRequest;
+use crate::identity::Identity;
+use crate::pool::PoolKey;
+use crate::state::{Upstream, Workload};
 
 pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = match socket::original_dst(&stream) {
@@ -17,29 +29,112 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
     if ctx.listen_ports.contains(&dst.port()) && is_local(dst) {
         return debug!(%peer, %dst, "refusing a connection to our own listener");
     }
-    // Identify: who is calling (by the pod address) and where it goes.
+    // Identify.
     let state = ctx.store.snapshot();
-    let source = state.workload_by_ip(peer.ip());
+    let source = state.workload_by_ip(peer.ip()).filter(|w| w.node == ctx.node && w.in_mesh());
     let upstream = match state.resolve(dst) {
         Ok(u) => u,
-        Err(e) => return warn!(%peer, %dst, "refused: {e}"),
+        Err(e) => return info!(%peer, %dst, "refused: {e}"),
     };
-    let target = upstream.as_ref().map(|u| u.address).unwrap_or(dst);
-    debug!(
-        src = %peer,
-        src_workload = source.as_ref().map(|w| w.uid.as_str()).unwrap_or("-"),
-        %dst,
-        %target,
-        "outbound connection"
-    );
-    // Plain passthrough, with the pod's address as source.
+    match (source, upstream) {
+        (Some(src), Some(up)) if up.in_mesh() => {
+            if up.workload.node == ctx.node {
+                same_node(&ctx, stream, peer, dst, &src, &up).await
+            } else {
+                hbone(&ctx, stream, peer, dst, &src, &up).await
+            }
+        }
+        (src, up) => {
+            let target = up.as_ref().map(|u| u.address).unwrap_or(dst);
+            let record = Record {
+                direction: Direction::Outbound,
+                src: End { addr: Some(peer), workload: src.as_deref(), identity: None },
+                dst: End { addr: Some(target), workload: up.as_ref().map(|u| &*u.workload), identity: None },
+                service: up.as_ref().and_then(|u| u.service.as_deref()),
+                dst_addr: dst,
+                target,
+                mtls: false,
+            };
+            deliver(&ctx, stream, peer, record).await
+        }
+    }
+}
+
+/// The identities the destination may present: its workload's, or any of the
+/// service's subjectAltNames.
+fn expected_identities(up: &Upstream) -> Vec<Identity> {
+    let mut ids = vec![up.workload.identity()];
+    if let Some(svc) = &up.service {
+        ids.extend(svc.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
+    }
+    ids
+}
+
+async fn hbone(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, src: &Workload, up: &Upstream) {
+    let src_id = src.identity();
+    let dst_ids = expected_identities(up);
+    let key = PoolKey::new(src_id.clone(), dst_ids, SocketAddr::new(up.address.ip(), ctx.hbone_port));
+    let mut req = ConnectRequest::new(up.address);
+    req.source = Some(peer.ip());
+    let dst_id = up.workload.identity();
+    let record = Record {
+        direction: Direction::Outbound,
+        src: End { addr: Some(peer), workload: Some(src), identity: Some(&src_id) },
+        dst: End { addr: Some(up.address), workload: Some(&up.workload), identity: Some(&dst_id) },
+        service: up.service.as_deref(),
+        dst_addr: dst,
+        target: up.address,
+        mtls: true,
+    };
+    let tunnel = match ctx.pool.connect(&key, &req).await {
+        Ok(t) => t,
+        // Closing the pod's connection is the only answer TCP has; the reason is logged.
+        Err(e) => return info!(%peer, %dst, target = %up.address, "HBONE connect failed: {e}"),
+    };
+    let mut guard = ctx.connections.open(record.info(), record.labels());
+    match relay(guard.count(stream), tunnel).await {
+        Ok(_) => guard.set_outcome("ok"),
+        Err(e) => guard.set_outcome(format!("error: {e}")),
+    }
+}
+
+/// Both pods on this node: no network trip, but the same checks as a tunnel — both
+/// workloads must have their certificates (fail closed as HBONE would) and the
+/// destination's policies must allow the source's identity.
+async fn same_node(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, src: &Workload, up: &Upstream) {
+    let src_id = src.identity();
+    let dst_id = up.workload.identity();
+    for id in [&src_id, &dst_id] {
+        if let Err(e) = ctx.certs.fetch(id).await {
+            return warn!(%peer, %dst, identity = %id, "no certificate, refusing: {e}");
+        }
+    }
+    if !authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload) {
+        return;
+    }
+    let record = Record {
+        direction: Direction::Outbound,
+        src: End { addr: Some(peer), workload: Some(src), identity: Some(&src_id) },
+        dst: End { addr: Some(up.address), workload: Some(&up.workload), identity: Some(&dst_id) },
+        service: up.service.as_deref(),
+        dst_addr: dst,
+        target: up.address,
+        mtls: true,
+    };
+    deliver(ctx, stream, peer, record).await
+}
+
+/// Connects to the target with the pod's address as source and relays.
+async fn deliver(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, record: Record<'_>) {
+    let target = record.target;
     let up = match ctx.dialer.connect(Some(peer.ip()), target).await {
         Ok(s) => s,
         Err(e) => return info!(%peer, %target, "upstream connect failed: {e}"),
     };
-    match relay(stream, up).await {
-        Ok((tx, rx)) => debug!(%peer, %target, tx, rx, "outbound connection closed"),
-        Err(e) => debug!(%peer, %target, "outbound connection failed: {e}"),
+    let mut guard = ctx.connections.open(record.info(), record.labels());
+    match relay(guard.count(stream), up).await {
+        Ok(_) => guard.set_outcome("ok"),
+        Err(e) => guard.set_outcome(format!("error: {e}")),
     }
 }
 

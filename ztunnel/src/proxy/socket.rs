@@ -109,3 +109,11 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 pub fn set_nodelay(s: &TcpStream) {
     let _ = SockRef::from(s).set_nodelay(true);
 }
+
+#[async_trait::async_trait]
+impl crate::pool::Dialer for Dialer {
+    /// Tunnels to other nodes leave from the node's own address, marked.
+    async fn dial(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.connect(None, dst).await
+    }
+}

@@ -1,0 +1,83 @@
+//! The JSON documents the admin endpoint serves. Field names follow upstream ztunnel's
+//! `config_dump` (camelCase workloads/services/policies/certificates) so Istio's tooling
+//! can read them; our additions (`enrolled`, `capture`) sit beside them.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::AdminState;
+use crate::identity::manager::CertState;
+
+pub async fn config_dump(s: &AdminState) -> Value {
+    let state = s.store.snapshot();
+    let mut workloads: Vec<_> = state.workloads().cloned().collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<_> = state.services().cloned().collect();
+    services.sort_by_key(|s| s.key());
+    let mut policies: Vec<_> = state.policies.iter().cloned().collect();
+    policies.sort_by_key(|p| p.key());
+    let enrollment = s.enroller.status();
+    json!({
+        "config": {"nodeName": s.node},
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+        "certificates": s.certs.snapshot(),
+        "enrolled": enrollment.enrolled,
+        "pendingEnrollment": enrollment.pending,
+    })
+}
+
+pub fn certs(s: &AdminState) -> Value {
+    json!(s.certs.snapshot())
+}
+
+pub async fn capture(s: &AdminState) -> Value {
+    let cap = s.capture.lock().await;
+    let counters: BTreeMap<String, _> = cap.counters().into_iter().map(|(ip, c)| (ip.to_string(), c)).collect();
+    let cfg = cap.config();
+    json!({
+        "program": ztunnel_ebpf_common::CAPTURE_PROGRAM,
+        "attach": "tcx ingress",
+        "pinDir": cap.pin_dir().display().to_string(),
+        "interfaces": cap.interfaces().into_iter().map(|(n, i)| json!({"name": n, "ifindex": i})).collect::<Vec<_>>(),
+        "settings": {
+            "captureMark": format!("{:#x}", cfg.routing.mark),
+            "proxyMark": format!("{:#x}", cfg.proxy_mark),
+            "routeTable": cfg.routing.table,
+            "rulePriority": cfg.routing.priority,
+            "outboundPort": cfg.outbound_port,
+            "inboundPlaintextPort": cfg.inbound_plain_port,
+            "inboundHbonePort": cfg.inbound_hbone_port,
+            "excludedPorts": cfg.excluded_ports,
+        },
+        "enrolled": cap.enrolled(),
+        "counters": counters,
+    })
+}
+
+/// Why this ztunnel is not ready; empty when it is.
+pub fn not_ready(s: &AdminState) -> Vec<String> {
+    let mut reasons = vec![];
+    if s.config_expected && *s.store.subscribe().borrow() == 0 {
+        reasons.push("workload configuration not loaded yet".to_string());
+    }
+    let status = s.enroller.status();
+    for (uid, why) in &status.pending {
+        reasons.push(format!("workload {uid} not enrolled: {why}"));
+    }
+    let certs: BTreeMap<String, CertState> =
+        s.certs.snapshot().into_iter().map(|c| (c.identity, c.state)).collect();
+    let state = s.store.snapshot();
+    for uid in status.enrolled.keys() {
+        let Some(w) = state.workload_by_uid(uid) else { continue };
+        let id = w.identity().to_string();
+        match certs.get(&id) {
+            Some(CertState::Ready) | Some(CertState::Renewing) => {}
+            Some(other) => reasons.push(format!("certificate for {id} is {other:?}")),
+            None => reasons.push(format!("no certificate for {id} yet")),
+        }
+    }
+    reasons
+}

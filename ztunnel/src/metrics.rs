@@ -1,0 +1,148 @@
+//! Prometheus metrics: Istio's standard TCP metrics with Istio's label names, plus
+//! ztunnel's own (pool, CA, capture).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Istio's labels for `istio_tcp_*` (the names dashboards and Kiali query by).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub pod_ip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// HTTP/2 connections the pool opened to other nodes.
+    pub pool_connections_opened: Counter,
+    pub pool_connections_active: Gauge,
+    /// CA requests by result (ok / error).
+    pub ca_requests: Family<ResultLabels, Counter>,
+    /// Authorization decisions (allow / deny).
+    pub authz_decisions: Family<ResultLabels, Counter>,
+    /// The eBPF counters, copied from the per-CPU maps at scrape time.
+    pub capture_outbound_flows: Family<PodLabels, Gauge>,
+    pub capture_inbound_flows: Family<PodLabels, Gauge>,
+    pub capture_packets: Family<PodLabels, Gauge>,
+    pub capture_bytes: Family<PodLabels, Gauge>,
+    pub capture_dropped: Family<PodLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            pool_connections_opened: Counter::default(),
+            pool_connections_active: Gauge::default(),
+            ca_requests: Family::default(),
+            authz_decisions: Family::default(),
+            capture_outbound_flows: Family::default(),
+            capture_inbound_flows: Family::default(),
+            capture_packets: Family::default(),
+            capture_bytes: Family::default(),
+            capture_dropped: Family::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("tcp_connections_opened", "TCP connections opened", m.tcp_opened.clone());
+        istio.register("tcp_connections_closed", "TCP connections closed", m.tcp_closed.clone());
+        istio.register("tcp_sent_bytes", "Bytes sent to the destination", m.tcp_sent.clone());
+        istio.register("tcp_received_bytes", "Bytes received from the destination", m.tcp_received.clone());
+        let zt = registry.sub_registry_with_prefix("ztunnel");
+        zt.register("pool_connections_opened", "HBONE connections opened by the pool", m.pool_connections_opened.clone());
+        zt.register("pool_connections_active", "HBONE connections in the pool", m.pool_connections_active.clone());
+        zt.register("ca_requests", "Certificate requests to the CA", m.ca_requests.clone());
+        zt.register("authorization_decisions", "L4 authorization decisions", m.authz_decisions.clone());
+        zt.register("capture_outbound_flows", "Outbound connections captured per pod address", m.capture_outbound_flows.clone());
+        zt.register("capture_inbound_flows", "Inbound connections captured per pod address", m.capture_inbound_flows.clone());
+        zt.register("capture_packets", "Packets of enrolled pods seen by the capture program", m.capture_packets.clone());
+        zt.register("capture_bytes", "Bytes of enrolled pods seen by the capture program", m.capture_bytes.clone());
+        zt.register("capture_dropped_no_proxy", "SYNs dropped because ztunnel was not listening (fail closed)", m.capture_dropped.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn set_capture(&self, counters: &std::collections::BTreeMap<std::net::IpAddr, crate::capture::Counters>) {
+        for (ip, c) in counters {
+            let l = PodLabels { pod_ip: ip.to_string() };
+            self.capture_outbound_flows.get_or_create(&l).set(c.outbound_flows as i64);
+            self.capture_inbound_flows.get_or_create(&l).set(c.inbound_flows as i64);
+            self.capture_packets.get_or_create(&l).set(c.packets as i64);
+            self.capture_bytes.get_or_create(&l).set(c.bytes as i64);
+            self.capture_dropped.get_or_create(&l).set(c.dropped_no_proxy as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_names_and_labels() {
+        let m = Metrics::new();
+        let l = TcpLabels { reporter: "source".into(), source_workload: "sleep".into(), ..Default::default() };
+        m.tcp_opened.get_or_create(&l).inc();
+        m.tcp_sent.get_or_create(&l).inc_by(42);
+        let text = m.encode();
+        assert!(text.contains("istio_tcp_connections_opened_total{"), "{text}");
+        assert!(text.contains("reporter=\"source\""));
+        assert!(text.contains("source_workload=\"sleep\""));
+        assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"));
+    }
+}
