@@ -10,6 +10,8 @@
 mod cleanup;
 mod netns;
 mod testbed;
+pub mod http;
+pub mod sniffer;
 pub mod traffic;
 pub mod ztunnel;
 
