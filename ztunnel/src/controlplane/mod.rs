@@ -5,6 +5,7 @@
 
 pub mod ca_server;
 pub mod tokens;
+pub mod xds_server;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,226 @@
+//! The xDS server seen by a raw ADS client over loopback gRPC: what each response carries.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::channel::mpsc as fmpsc;
+use tokio::net::TcpListener;
+use tonic::codec::Streaming;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use super::*;
+use crate::controlplane::tokens::watch_tokens;
+use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+const FILE: &str = "\
+workloads:
+- {uid: c//Pod/default/a, name: a, namespace: default, workloadIps: [10.0.0.1]}
+- {uid: c//Pod/default/b, name: b, namespace: default, workloadIps: [10.0.0.2]}
+services:
+- {name: s, namespace: default, hostname: s.default.svc.cluster.local, vips: [/10.96.0.1]}
+policies:
+- {name: p, namespace: default, scope: Namespace}
+";
+
+struct Fixture {
+    dir: PathBuf,
+    addr: std::net::SocketAddr,
+}
+
+impl Fixture {
+    async fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!(
+            "ztunnel-xdss-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.yaml"), FILE).unwrap();
+        std::fs::write(dir.join("tokens"), "tok-a node-a\n").unwrap();
+        let interval = Duration::from_millis(20);
+        let config = crate::xds::watch_every(dir.join("w.yaml"), interval).unwrap();
+        let tokens = watch_tokens(&dir.join("tokens"), interval).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = XdsService::new(tokens, config).into_server();
+        tokio::spawn(async move {
+            Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        Fixture { dir, addr }
+    }
+
+    /// Opens a stream with `token`, subscribing to Address with `known` versions.
+    async fn subscribe(
+        &self,
+        token: Option<&str>,
+        known: HashMap<String, String>,
+    ) -> Result<
+        (
+            fmpsc::UnboundedSender<DeltaDiscoveryRequest>,
+            Streaming<DeltaDiscoveryResponse>,
+        ),
+        Status,
+    > {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap();
+        let (tx, rx) = fmpsc::unbounded();
+        tx.unbounded_send(DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            initial_resource_versions: known,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut req = Request::new(rx);
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let stream = client.delta_aggregated_resources(req).await?.into_inner();
+        Ok((tx, stream))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+async fn next(
+    stream: &mut Streaming<DeltaDiscoveryResponse>,
+) -> Result<DeltaDiscoveryResponse, Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a response within 10 s")
+        .map(|r| r.expect("stream open"))
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut v: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+    v.sort();
+    v
+}
+
+fn versions_of(r: &DeltaDiscoveryResponse) -> HashMap<String, String> {
+    r.resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn initial_push_then_only_changes_and_removals() {
+    let f = Fixture::new("diff").await;
+    let (_tx, mut stream) = f.subscribe(Some("tok-a"), HashMap::new()).await.unwrap();
+    let first = next(&mut stream).await.unwrap();
+    assert_eq!(first.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(
+        names(&first),
+        [
+            "c//Pod/default/a",
+            "c//Pod/default/b",
+            "default/s.default.svc.cluster.local"
+        ]
+    );
+    assert!(first.removed_resources.is_empty() && !first.nonce.is_empty());
+    let v1 = versions_of(&first);
+
+    // Edit: a changes, b goes, c arrives; s and the policy are untouched.
+    // Renamed into place: the watcher must not see a half-written file.
+    std::fs::write(
+        f.dir.join("w.tmp"),
+        FILE.replace("10.0.0.1", "10.0.0.9").replace(
+            "- {uid: c//Pod/default/b, name: b",
+            "- {uid: c//Pod/default/c, name: c",
+        ),
+    )
+    .unwrap();
+    std::fs::rename(f.dir.join("w.tmp"), f.dir.join("w.yaml")).unwrap();
+    let push = next(&mut stream).await.unwrap();
+    assert_eq!(names(&push), ["c//Pod/default/a", "c//Pod/default/c"]);
+    assert_eq!(push.removed_resources, ["c//Pod/default/b"]);
+    assert_ne!(push.nonce, first.nonce);
+    assert_ne!(
+        versions_of(&push)["c//Pod/default/a"],
+        v1["c//Pod/default/a"]
+    );
+
+    // A reconnecting client that has all but a stale a and a gone name gets just those.
+    let mut known = v1.clone();
+    known.insert("c//Pod/default/gone".into(), "x".into());
+    known.remove("c//Pod/default/b");
+    known.insert(
+        "c//Pod/default/c".into(),
+        versions_of(&push)["c//Pod/default/c"].clone(),
+    );
+    let (_tx2, mut stream2) = f.subscribe(Some("tok-a"), known).await.unwrap();
+    let resync = next(&mut stream2).await.unwrap();
+    assert_eq!(names(&resync), ["c//Pod/default/a"]);
+    assert_eq!(resync.removed_resources, ["c//Pod/default/gone"]);
+
+    // Up to date: still answered (so the client knows it is in sync), with nothing in it.
+    let current: HashMap<String, String> = versions_of(&first)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("default/"))
+        .chain(versions_of(&push))
+        .collect();
+    let (_tx3, mut stream3) = f.subscribe(Some("tok-a"), current).await.unwrap();
+    let empty = next(&mut stream3).await.unwrap();
+    assert!(
+        empty.resources.is_empty() && empty.removed_resources.is_empty(),
+        "{empty:?}"
+    );
+}
+
+#[tokio::test]
+async fn callers_need_a_known_token_and_lose_the_stream_when_it_is_revoked() {
+    let f = Fixture::new("auth").await;
+    let e = f.subscribe(None, HashMap::new()).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = f
+        .subscribe(Some("wrong"), HashMap::new())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    let (_tx, mut stream) = f.subscribe(Some("tok-a"), HashMap::new()).await.unwrap();
+    next(&mut stream).await.unwrap();
+    std::fs::write(f.dir.join("tokens.tmp"), "tok-b node-a\n").unwrap();
+    std::fs::rename(f.dir.join("tokens.tmp"), f.dir.join("tokens")).unwrap();
+    let e = next(&mut stream).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("revoked"), "{e:?}");
+}
+
+#[test]
+fn snapshot_names_and_versions_are_content_based() {
+    let cfg = LocalConfig::from_yaml(FILE).unwrap();
+    let a = Snapshot::of(&cfg);
+    let b = Snapshot::of(&cfg);
+    let names: Vec<_> = a
+        .resources(AUTHORIZATION_TYPE_URL)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(names, ["default/p"]);
+    assert_eq!(
+        a.type_version(ADDRESS_TYPE_URL),
+        b.type_version(ADDRESS_TYPE_URL)
+    );
+    let changed = LocalConfig::from_yaml(&FILE.replace("10.0.0.2", "10.0.0.3")).unwrap();
+    let c = Snapshot::of(&changed);
+    assert_ne!(
+        a.type_version(ADDRESS_TYPE_URL),
+        c.type_version(ADDRESS_TYPE_URL)
+    );
+    assert_eq!(
+        a.type_version(AUTHORIZATION_TYPE_URL),
+        c.type_version(AUTHORIZATION_TYPE_URL)
+    );
+}
