@@ -74,10 +74,16 @@ impl Ztunnel {
 
     /// Waits until the log contains `needle`; fails early if the process died.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_line(&[needle], timeout).map(|_| ())
+    }
+
+    /// Waits for a log line containing every one of `needles`, and returns it.
+    pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
+        let needle = needles.join(" + ");
         while Instant::now() < deadline {
-            if self.log_text().contains(needle) {
-                return Ok(());
+            if let Some(l) = self.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Ok(l.to_string());
             }
             if !Path::new(&format!("/proc/{}", self.pid)).exists() || is_zombie(self.pid) {
                 bail!("ztunnel on {} exited; log:\n{}", self.node.name, self.log_text());

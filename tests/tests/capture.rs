@@ -27,8 +27,8 @@ fn config(ns: &Netns) -> CaptureConfig {
 }
 
 enum Cmd {
-    Enroll(Vec<IpAddr>, String),
-    Unenroll(Vec<IpAddr>),
+    Enroll(Vec<IpAddr>, String, mpsc::Sender<()>),
+    Unenroll(Vec<IpAddr>, mpsc::Sender<()>),
     Counters(mpsc::Sender<std::collections::BTreeMap<IpAddr, ztunnel::capture::Counters>>),
     /// Start a listener on 15001 (v4 and v6) that reports (peer, local) of accepted
     /// connections and closes them.
@@ -59,8 +59,14 @@ impl NodeCapture {
                 let mut listeners: Vec<tokio::task::JoinHandle<()>> = vec![];
                 while let Some(cmd) = rx.recv().await {
                     match cmd {
-                        Cmd::Enroll(ips, ifname) => cap.enroll(&ips, &ifname).await.unwrap(),
-                        Cmd::Unenroll(ips) => cap.unenroll(&ips).unwrap(),
+                        Cmd::Enroll(ips, ifname, done) => {
+                            cap.enroll(&ips, &ifname).await.unwrap();
+                            done.send(()).unwrap();
+                        }
+                        Cmd::Unenroll(ips, done) => {
+                            cap.unenroll(&ips).unwrap();
+                            done.send(()).unwrap();
+                        }
                         Cmd::Counters(reply) => reply.send(cap.counters()).unwrap(),
                         Cmd::Listen(report) => {
                             for addr in ["0.0.0.0:15001", "[::]:15001"] {
@@ -96,8 +102,17 @@ impl NodeCapture {
         self.tx.send(c).unwrap();
     }
 
+    /// Enrolls and waits until the maps are written.
     fn enroll(&self, pod: &Pod) {
-        self.send(Cmd::Enroll(vec![pod.ip.into(), pod.ip6.into()], pod.host_if.clone()));
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Enroll(vec![pod.ip.into(), pod.ip6.into()], pod.host_if.clone(), tx));
+        rx.recv_timeout(T).unwrap();
+    }
+
+    fn unenroll(&self, pod: &Pod) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Unenroll(vec![pod.ip.into(), pod.ip6.into()], tx));
+        rx.recv_timeout(T).unwrap();
     }
 
     fn listen(&self) -> mpsc::Receiver<(SocketAddr, SocketAddr)> {
@@ -210,15 +225,13 @@ fn enrolling_keeps_established_connections_and_unenrolling_restores_direct_path(
     let mut before = connect(&b.client.netns, dst, T).unwrap();
     b.echo.next_accepted(T).unwrap();
     cap.enroll(&b.client);
-    std::thread::sleep(Duration::from_millis(100));
     // The connection opened before enrollment still works, directly.
     assert_eq!(echo_round_trip(&mut before, b"still here").unwrap(), b"still here");
     // New connections are captured.
     let _s = connect(&b.client.netns, dst, T).unwrap();
     assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
     // After unenrolling, new connections go direct again.
-    cap.send(Cmd::Unenroll(vec![b.client.ip.into(), b.client.ip6.into()]));
-    std::thread::sleep(Duration::from_millis(100));
+    cap.unenroll(&b.client);
     let mut s = connect(&b.client.netns, dst, T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"direct").unwrap(), b"direct");
     assert_eq!(b.echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(b.client.ip));

@@ -128,10 +128,15 @@ fn same_node_and_plaintext_inbound_are_delivered_with_identities() {
     assert_eq!(round_trip(&m.legacy, dst, b"plain").unwrap(), b"plain");
     assert_eq!(m.server_echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(m.legacy.ip));
     m.zb.wait_for_log("to listener 15006", T).unwrap();
-    let log = m.zb.log_text();
-    assert!(log.lines().any(|l| l.contains("connection complete")
-        && l.contains("src.identity=spiffe://cluster.local/ns/other/sa/neighbour")
-        && l.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server")));
+    m.zb.wait_for_line(
+        &[
+            "connection complete",
+            "src.identity=spiffe://cluster.local/ns/other/sa/neighbour",
+            "dst.identity=spiffe://cluster.local/ns/default/sa/server",
+        ],
+        T,
+    )
+    .unwrap();
 }
 
 #[test]

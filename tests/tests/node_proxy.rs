@@ -60,11 +60,7 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     zb.wait_for_log("to listener 15008", T).unwrap();
     // Each side logged the connection with both identities, over HBONE.
     for (z, dir) in [(&za, "Outbound"), (&zb, "Inbound")] {
-        let log = z.log_text();
-        let line = log
-            .lines()
-            .find(|l| l.contains("connection complete") && l.contains(dir))
-            .unwrap_or_else(|| panic!("no {dir} access log line:\n{log}"));
+        let line = z.wait_for_line(&["connection complete", dir], T).unwrap();
         assert!(line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"), "{line}");
         assert!(line.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server"), "{line}");
         assert!(line.contains("protocol=\"HBONE\""), "{line}");
