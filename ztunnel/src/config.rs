@@ -76,6 +76,18 @@ pub struct RunArgs {
     #[arg(long, env = "LOCAL_XDS_PATH")]
     pub local_xds_path: Option<PathBuf>,
 
+    /// Control plane to get workloads, services and policies from over Istio delta xDS, as
+    /// a URL: `https://HOST:PORT` (istiod: https://istiod.istio-system.svc:15012, or a
+    /// `ztunnel controlplane`). Its certificate must chain to `--xds-root-cert`; the bearer
+    /// token is the one in `--ca-token-file`. Instead of `--local-xds-path`.
+    #[arg(long, env = "XDS_ADDRESS", value_name = "URL", conflicts_with = "local_xds_path")]
+    pub xds_address: Option<String>,
+
+    /// PEM root certificate(s) the xDS server's certificate must chain to; defaults to
+    /// `--ca-root-cert` (istiod serves xDS and the CA with one certificate).
+    #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE")]
+    pub xds_root_cert: Option<PathBuf>,
+
     /// Names this ztunnel's pinned eBPF state (`<bpffs>/ztunnel/<instance>`); a restart
     /// with the same instance adopts it. Defaults to the node name.
     #[arg(long, env = "ZTUNNEL_INSTANCE")]
@@ -230,6 +242,20 @@ mod tests {
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.instance(), "n1");
         assert!(parse_u32("0xzz").is_err());
+    }
+
+    #[test]
+    fn parses_xds_args() {
+        let cli = Cli::try_parse_from([
+            "ztunnel", "run", "--node-name", "n1", "--xds-address", "https://istiod.istio-system.svc:15012",
+            "--xds-root-cert", "/r.pem",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert_eq!(args.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(args.xds_root_cert, Some(PathBuf::from("/r.pem")));
+        let both = ["ztunnel", "run", "--node-name", "n1", "--xds-address", "https://x:1", "--local-xds-path", "f"];
+        assert!(Cli::try_parse_from(both).is_err(), "one source of state");
     }
 
     #[test]

@@ -218,12 +218,24 @@ pub fn serve(
     listener: TcpListener,
     cert: &ServerCertPem,
 ) -> anyhow::Result<RunningCaServer> {
+    serve_with_xds(service, None, listener, cert)
+}
+
+/// [`serve`], plus delta xDS on the same port when given (istiod serves both on 15012).
+pub fn serve_with_xds(
+    service: CaService,
+    xds: Option<super::xds_server::XdsService>,
+    listener: TcpListener,
+    cert: &ServerCertPem,
+) -> anyhow::Result<RunningCaServer> {
     let local_addr = listener.local_addr()?;
     let identity = tonic::transport::Identity::from_pem(cert.chain.concat(), &cert.key);
     let mut builder = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(identity))
         .context("CA server TLS settings")?;
-    let router = builder.add_service(IstioCertificateServiceServer::new(service));
+    let router = builder
+        .add_service(IstioCertificateServiceServer::new(service))
+        .add_optional_service(xds.map(super::xds_server::XdsService::into_server));
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         router

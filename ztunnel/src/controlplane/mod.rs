@@ -1,7 +1,7 @@
-//! `ztunnel controlplane`: a minimal stand-in for istiod for clusters without one. Today it
+//! `ztunnel controlplane`: a minimal stand-in for istiod for clusters without one. It
 //! serves Istio's CA API (what node proxies use to get their workloads' certificates) from
-//! the built-in CA; the workloads and which node they are on come from the same local YAML
-//! file the node proxies read.
+//! the built-in CA, and Istio's delta xDS (workloads, services, policies) on the same port;
+//! both come from the same local YAML file the node proxies can read standalone.
 
 pub mod ca_server;
 pub mod tokens;
@@ -14,7 +14,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::info;
 
-pub use ca_server::{serve, serving_ips, CaService, RunningCaServer};
+pub use ca_server::{serve, serve_with_xds, serving_ips, CaService, RunningCaServer};
 pub use tokens::Tokens;
 
 use crate::config::ControlplaneArgs;
@@ -50,8 +50,10 @@ pub async fn run(args: ControlplaneArgs) -> anyhow::Result<()> {
         &[ISTIOD_DNS_NAME.to_string(), "localhost".to_string()],
         SERVING_CERT_TTL,
     )?;
-    let server = serve(CaService::new(ca, tokens, workloads), listener, &cert)?;
-    info!(addr = %server.local_addr(), max_cert_ttl = ?args.max_cert_ttl, "CA serving istio.v1.auth.IstioCertificateService");
+    let xds = xds_server::XdsService::new(tokens.clone(), workloads.clone());
+    let ca_service = CaService::new(ca, tokens, workloads);
+    let server = serve_with_xds(ca_service, Some(xds), listener, &cert)?;
+    info!(addr = %server.local_addr(), max_cert_ttl = ?args.max_cert_ttl, "serving istio.v1.auth.IstioCertificateService and delta xDS (AggregatedDiscoveryService)");
 
     wait_for_signal().await?;
     info!("shutting down");

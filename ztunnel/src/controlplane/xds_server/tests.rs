@@ -224,3 +224,45 @@ fn snapshot_names_and_versions_are_content_based() {
         c.type_version(AUTHORIZATION_TYPE_URL)
     );
 }
+
+/// What `ztunnel controlplane` runs: CA and xDS on one TLS port; a node proxy's xDS client
+/// syncs from it with the CA root and its token.
+#[tokio::test]
+async fn served_next_to_the_ca_over_tls() {
+    use crate::identity::ca::{CaOptions, CertificateAuthority};
+    use crate::xds::client::{XdsClient, XdsConfig};
+
+    let f = Fixture::new("tls").await;
+    let ca = Arc::new(CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cert = ca
+        .issue_server_cert(&[addr.ip()], &[], Duration::from_secs(3600))
+        .unwrap();
+    let interval = Duration::from_millis(20);
+    let config = crate::xds::watch_every(f.dir.join("w.yaml"), interval).unwrap();
+    let tokens = watch_tokens(&f.dir.join("tokens"), interval).unwrap();
+    let xds = XdsService::new(tokens.clone(), config.clone());
+    let ca_service = super::super::CaService::new(ca.clone(), tokens, config);
+    let server = super::super::serve_with_xds(ca_service, Some(xds), listener, &cert).unwrap();
+
+    std::fs::write(f.dir.join("root.pem"), ca.root_cert_pem()).unwrap();
+    std::fs::write(f.dir.join("token"), "tok-a\n").unwrap();
+    let mut cfg = XdsConfig::new(format!("https://{addr}"), "node-a");
+    cfg.root_cert = Some(f.dir.join("root.pem"));
+    cfg.token_file = Some(f.dir.join("token"));
+    let client = XdsClient::new(cfg).unwrap();
+    let mut status = client.status();
+    let store = Arc::new(crate::state::StateStore::default());
+    let task = tokio::spawn(client.run(store.clone()));
+    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.synced))
+        .await
+        .expect("synced within 10 s")
+        .unwrap();
+    let snap = store.snapshot();
+    assert_eq!(snap.workloads().count(), 2);
+    assert_eq!(snap.services().count(), 1);
+    assert!(snap.policies.get("default/p").is_some());
+    task.abort();
+    server.shutdown().await.unwrap();
+}
