@@ -41,6 +41,9 @@ use crate::state::StateStore;
 /// gRPC code sent in NACKs (`google.rpc.Code.INVALID_ARGUMENT`).
 const INVALID_ARGUMENT: i32 = 3;
 
+/// How long the server may take to accept a new stream (istiod answers at once).
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Who this proxy is and where its control plane is.
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
@@ -340,10 +343,17 @@ impl XdsClient {
                 request.metadata_mut().insert("clusterid", v);
             }
         }
-        let mut stream = AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .delta_aggregated_resources(request)
+        let mut ads =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let open = ads.delta_aggregated_resources(request);
+        // A server that accepts but never answers must not park the client forever.
+        let mut stream = tokio::time::timeout(STREAM_OPEN_TIMEOUT, open)
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the server did not answer the xDS stream within {STREAM_OPEN_TIMEOUT:?}"
+                )
+            })?
             .map_err(|s| anyhow::anyhow!("opening the xDS stream: {}", describe(&s)))?
             .into_inner();
         info!(address = %self.config.address, node = %node.id, "xDS stream open");
@@ -419,6 +429,29 @@ impl XdsClient {
             }
         });
     }
+}
+
+/// `ztunnel run`'s xDS source, from `--xds-address`, `--xds-root-cert` (default
+/// `--ca-root-cert`), `--ca-token-file` and `--node-name`, plus the pod facts upstream's
+/// DaemonSet passes in the environment (see [`XdsConfig::from_env`]). Spawns the client on
+/// the current runtime; `None` without `--xds-address`. Abort the task to stop it.
+pub fn spawn_for_run(
+    args: &crate::config::RunArgs,
+    store: Arc<StateStore>,
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, watch::Receiver<XdsStatus>)>> {
+    let Some(address) = &args.xds_address else {
+        return Ok(None);
+    };
+    let mut config = XdsConfig::from_env(address.clone(), args.node_name.clone());
+    config.root_cert = args
+        .xds_root_cert
+        .clone()
+        .or_else(|| args.ca_root_cert.clone());
+    config.token_file = args.ca_token_file.clone();
+    let client = XdsClient::new(config).context("--xds-address (XDS_ADDRESS)")?;
+    let status = client.status();
+    info!(%address, node = %args.node_name, "getting workloads, services and policies over xDS");
+    Ok(Some((tokio::spawn(client.run(store)), status)))
 }
 
 /// The ACK (no error) or NACK for a response.

@@ -418,3 +418,40 @@ fn node_identifies_as_ztunnel_with_istiod_metadata() {
     assert!(XdsClient::new(XdsConfig::new("istiod:15012", "n")).is_err());
     assert!(XdsClient::new(XdsConfig::new("http://127.0.0.1:1", "n")).is_ok());
 }
+
+#[tokio::test]
+async fn spawn_for_run_reads_the_run_flags() {
+    use clap::Parser;
+    let run = |extra: &[&str]| {
+        let mut argv = vec!["ztunnel", "run", "--node-name", "node-a"];
+        argv.extend(extra);
+        match crate::config::Cli::try_parse_from(argv).unwrap().command {
+            crate::config::Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    };
+    let store = Arc::new(StateStore::default());
+    assert!(spawn_for_run(&run(&[]), store.clone()).unwrap().is_none());
+    let err = spawn_for_run(
+        &run(&["--xds-address", "https://istiod:15012"]),
+        store.clone(),
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:#}").contains("root certificate"), "{err:#}");
+    // The CA's root is the default root for xDS.
+    let args = run(&[
+        "--xds-address",
+        "https://istiod:15012",
+        "--ca-root-cert",
+        "/nonexistent/root.pem",
+    ]);
+    let (task, status) = spawn_for_run(&args, store).unwrap().unwrap();
+    eventually("first attempt reported", || {
+        status.borrow().last_error.is_some()
+    })
+    .await;
+    let e = status.borrow().last_error.clone().unwrap();
+    assert!(e.contains("/nonexistent/root.pem"), "{e}");
+    task.abort();
+}
