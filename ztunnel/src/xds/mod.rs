@@ -1,5 +1,6 @@
-//! Configuration sources for the proxy's state: the standalone local file today; Istio
-//! delta xDS (ADS) later, converting into the same `state` and `policy` types.
+//! Configuration sources for the proxy's state: the standalone local file (`local`,
+//! `watch`) or Istio delta xDS (`client`), both converting into the same `state` and
+//! `policy` types (`convert` maps the protos both ways).
 
 pub mod client;
 pub mod convert;
