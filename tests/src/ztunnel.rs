@@ -115,15 +115,22 @@ impl Testbed {
         Ok(p)
     }
 
-    /// Starts ztunnel on `node` with `config` and waits until it reports ready.
+    /// Starts ztunnel on `node` with the workload file `config` (standalone) and waits
+    /// until it reports ready.
     pub fn start_ztunnel(&self, node: &Node, config: &Path, extra: &[&str]) -> anyhow::Result<Ztunnel> {
+        let config = config.display().to_string();
+        let mut args = vec!["--local-xds-path", config.as_str()];
+        args.extend_from_slice(extra);
+        self.start_ztunnel_with(node, &args)
+    }
+
+    /// Starts ztunnel on `node` with exactly these extra flags (e.g. `--xds-address`).
+    pub fn start_ztunnel_with(&self, node: &Node, extra: &[&str]) -> anyhow::Result<Ztunnel> {
         let log = self.dir().join(format!("ztunnel-{}.log", node.name));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let mut cmd = node.netns.command(binary())?;
         cmd.arg("run")
             .args(["--node-name", &node.name, "--instance", node.netns.name()])
-            .arg("--local-xds-path")
-            .arg(config)
             .args(["--rescan-interval-ms", "200"])
             // One built-in CA root for the whole testbed, so nodes trust each other.
             .arg("--local-ca-dir")
@@ -148,5 +155,70 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A running `ztunnel controlplane` (the built-in CA over gRPC).
+pub struct ControlPlane {
+    pub pid: u32,
+    pub url: String,
+    pub ca_dir: PathBuf,
+    pub log: PathBuf,
+    dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// `run` flags that make a node's ztunnel use this CA with its own token.
+    pub fn node_args(&self, node: &Node) -> Vec<String> {
+        let token = self.dir.join(format!("token-{}", node.name));
+        let _ = std::fs::write(&token, format!("token-{}", node.name));
+        vec![
+            "--ca-address".into(),
+            self.url.clone(),
+            "--ca-root-cert".into(),
+            self.ca_dir.join("root-cert.pem").display().to_string(),
+            "--ca-token-file".into(),
+            token.display().to_string(),
+        ]
+    }
+}
+
+impl Testbed {
+    /// Starts the control plane on `node` (port 15012), trusting a token per testbed node
+    /// (`token-<node>`), and waits until it serves.
+    pub fn start_controlplane(&self, node: &Node, config: &Path, extra: &[&str]) -> anyhow::Result<ControlPlane> {
+        let dir = self.dir();
+        let tokens: String = self.nodes().iter().map(|n| format!("token-{0} {0}\n", n.name)).collect();
+        let tokens_file = self.write_config("tokens", &tokens)?;
+        let ca_dir = dir.join("controlplane-ca");
+        let log = dir.join("controlplane.log");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+        let mut cmd = node.netns.command(binary())?;
+        cmd.arg("controlplane")
+            .arg("--config")
+            .arg(config)
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .arg("--tokens-file")
+            .arg(&tokens_file)
+            .args(["--listen", &format!("{}:15012", node.ip)])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let pid = self.spawn(cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.get(start..).is_some_and(|t| t.contains("serving")) {
+                break;
+            }
+            if is_zombie(pid) || Instant::now() > deadline {
+                bail!("control plane did not start; log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(ControlPlane { pid, url: format!("https://{}:15012", node.ip), ca_dir, log, dir })
     }
 }

@@ -34,11 +34,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             crate::xds::watch::follow(path.clone(), store.clone())
                 .with_context(|| format!("loading {}", path.display()))?,
         ),
-        None => {
-            warn!("no LOCAL_XDS_PATH: no workloads are known; nothing will be enrolled");
-            None
-        }
+        None => None,
     };
+    let xds = crate::xds::client::spawn_for_run(&args, store.clone())?;
+    if args.local_xds_path.is_none() && xds.is_none() {
+        warn!("neither LOCAL_XDS_PATH nor XDS_ADDRESS: no workloads are known; nothing will be enrolled");
+    }
+    let (xds_task, xds_status) = xds.map(|(t, s)| (Some(t), Some(s))).unwrap_or((None, None));
     let certs = Arc::new(SecretManager::new(
         ca_client(&args)?,
         SecretManagerOptions { requested_ttl: args.workload_cert_ttl, ..Default::default() },
@@ -58,7 +60,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("starting capture")?;
     let capture = Arc::new(Mutex::new(capture));
 
-    let result = serve(&args, store, certs, capture.clone()).await;
+    let result = serve(&args, store, certs, capture.clone(), xds_status).await;
+    if let Some(t) = xds_task {
+        t.abort();
+    }
 
     let capture = Arc::into_inner(capture).map(Mutex::into_inner).context("capture still in use at exit")?;
     if args.retain_capture_on_exit {
@@ -93,6 +98,7 @@ async fn serve(
     store: Arc<StateStore>,
     certs: Arc<SecretManager>,
     capture: Arc<Mutex<Capture>>,
+    xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTracker::new(metrics.clone());
@@ -143,6 +149,7 @@ async fn serve(
         connections: connections.clone(),
         certs,
         config_expected: args.local_xds_path.is_some(),
+        xds,
         quit: quit.clone(),
     });
     serve_http(&mut tasks, args.admin_addr, admin_state.clone(), admin::admin).await?;

@@ -26,6 +26,42 @@ pub enum Command {
     /// Run a minimal control plane: Istio's CA API (gRPC over TLS) for the node proxies,
     /// signing the identities of the workloads the workload file places on each node.
     Controlplane(ControlplaneArgs),
+    /// Show what a running ztunnel on this node knows, as tables (or JSON), from its admin
+    /// endpoint.
+    Debug(DebugArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DebugArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    pub what: DebugView,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: DebugOutput,
+    /// The ztunnel's admin endpoint.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DebugView {
+    /// Workloads known to this node (all nodes'), with protocol and enrollment.
+    Workloads,
+    /// Workload certificates held by this node.
+    Certs,
+    /// eBPF capture: interfaces, enrolled addresses, per-pod counters.
+    Capture,
+    /// Live connections with identities and bytes.
+    Connections,
+    /// The whole config dump.
+    Config,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DebugOutput {
+    Table,
+    Json,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -65,6 +101,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the pods to enroll come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EnrollmentSource {
+    /// `kubernetes` when running in a pod (`KUBERNETES_SERVICE_HOST` set) without
+    /// `--local-xds-path`, else `state`.
+    Auto,
+    /// The API server: pods of this node in namespaces labelled
+    /// `istio.io/dataplane-mode=ambient` (pod opt-out `istio.io/dataplane-mode=none`).
+    Kubernetes,
+    /// The workloads the state (workload file or xDS) places on this node, in the mesh.
+    State,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Name of this node: the workloads whose `node` is this name are served here.
@@ -87,6 +136,17 @@ pub struct RunArgs {
     /// `--ca-root-cert` (istiod serves xDS and the CA with one certificate).
     #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE")]
     pub xds_root_cert: Option<PathBuf>,
+
+    /// Which pods to enroll: from the Kubernetes API server (namespace label
+    /// `istio.io/dataplane-mode=ambient`; needs NODE_NAME to be the Kubernetes node name),
+    /// or from the state's workloads of this node.
+    #[arg(long, env = "ENROLLMENT_SOURCE", value_enum, default_value = "auto")]
+    pub enrollment_source: EnrollmentSource,
+
+    /// Istio cluster id: Kubernetes pods are named `<cluster-id>//Pod/<ns>/<name>`, as by
+    /// istiod.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
 
     /// Names this ztunnel's pinned eBPF state (`<bpffs>/ztunnel/<instance>`); a restart
     /// with the same instance adopts it. Defaults to the node name.
@@ -192,6 +252,28 @@ impl RunArgs {
         self.instance.clone().unwrap_or_else(|| self.node_name.clone())
     }
 
+    /// Whether pods are enrolled from the Kubernetes API server.
+    pub fn kubernetes_enrollment(&self) -> bool {
+        match self.enrollment_source {
+            EnrollmentSource::Kubernetes => true,
+            EnrollmentSource::State => false,
+            EnrollmentSource::Auto => crate::k8s::in_cluster() && self.local_xds_path.is_none(),
+        }
+    }
+
+    /// In Kubernetes, what is not given defaults to upstream ztunnel's setup: istiod for
+    /// the CA and xDS, the projected `istio-ca` token and Istio's root certificate
+    /// (unless a workload file is the state source).
+    pub fn apply_kubernetes_defaults(&mut self) {
+        use crate::k8s::{ISTIOD_ADDRESS, ISTIO_ROOT_CERT_PATH, ISTIO_TOKEN_PATH};
+        self.ca_address.get_or_insert_with(|| ISTIOD_ADDRESS.into());
+        self.ca_root_cert.get_or_insert_with(|| ISTIO_ROOT_CERT_PATH.into());
+        self.ca_token_file.get_or_insert_with(|| ISTIO_TOKEN_PATH.into());
+        if self.local_xds_path.is_none() {
+            self.xds_address.get_or_insert_with(|| ISTIOD_ADDRESS.into());
+        }
+    }
+
     pub fn listen_addrs(&self, port: u16) -> [SocketAddr; 2] {
         [SocketAddr::from(([0, 0, 0, 0], port)), SocketAddr::from(([0u16; 8], port))]
     }
@@ -272,6 +354,22 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn k8s_enrollment_flags_and_defaults() {
+        let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--enrollment-source", "kubernetes"]).unwrap();
+        let Command::Run(mut args) = cli.command else { panic!("not run") };
+        assert!(args.kubernetes_enrollment());
+        assert_eq!(args.cluster_id, "Kubernetes");
+        args.apply_kubernetes_defaults();
+        assert_eq!(args.ca_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(args.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(args.ca_token_file, Some(PathBuf::from("/var/run/secrets/tokens/istio-token")));
+        assert_eq!(args.ca_root_cert, Some(PathBuf::from("/var/run/secrets/istio/root-cert.pem")));
+        let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--enrollment-source", "state"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert!(!args.kubernetes_enrollment());
     }
 
     #[test]

@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
             ztunnel::logging::init(LogFormat::Text);
             block_on(ztunnel::controlplane::run(args))
         }
+        Command::Debug(args) => ztunnel::debug_cli::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

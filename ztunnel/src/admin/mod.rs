@@ -28,6 +28,8 @@ pub struct AdminState {
     pub certs: Arc<SecretManager>,
     /// Set when a local config is expected; readiness waits for it.
     pub config_expected: bool,
+    /// The xDS client's status, when config comes over xDS.
+    pub xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
     /// `/quitquitquit` notifies this.
     pub quit: Arc<tokio::sync::Notify>,
 }

@@ -26,6 +26,7 @@ pub async fn config_dump(s: &AdminState) -> Value {
         "certificates": s.certs.snapshot(),
         "enrolled": enrollment.enrolled,
         "pendingEnrollment": enrollment.pending,
+        "xds": s.xds.as_ref().map(|x| x.borrow().clone()),
     })
 }
 
@@ -62,6 +63,11 @@ pub fn not_ready(s: &AdminState) -> Vec<String> {
     let mut reasons = vec![];
     if s.config_expected && *s.store.subscribe().borrow() == 0 {
         reasons.push("workload configuration not loaded yet".to_string());
+    }
+    if let Some(x) = &s.xds {
+        if !x.borrow().synced {
+            reasons.push("xDS not synced yet".to_string());
+        }
     }
     let status = s.enroller.status();
     for (uid, why) in &status.pending {

@@ -1,0 +1,164 @@
+//! `ztunnel debug …`: the admin endpoint's JSON as tables a person can read at 3 a.m.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::config::{DebugArgs, DebugOutput, DebugView};
+
+pub fn run(args: DebugArgs) -> anyhow::Result<()> {
+    let path = match args.what {
+        DebugView::Workloads | DebugView::Config => "/config_dump",
+        DebugView::Certs => "/certs",
+        DebugView::Capture => "/debug/capture",
+        DebugView::Connections => "/debug/connections",
+    };
+    let body = get(args.admin_addr, path)?;
+    let v: Value = serde_json::from_str(&body).with_context(|| format!("{path} did not return JSON"))?;
+    let out = match (args.output, args.what) {
+        (DebugOutput::Json, DebugView::Workloads) => serde_json::to_string_pretty(&v["workloads"])?,
+        (DebugOutput::Json, _) | (DebugOutput::Table, DebugView::Config) => serde_json::to_string_pretty(&v)?,
+        (DebugOutput::Table, DebugView::Workloads) => workloads(&v),
+        (DebugOutput::Table, DebugView::Certs) => certs(&v),
+        (DebugOutput::Table, DebugView::Capture) => capture(&v),
+        (DebugOutput::Table, DebugView::Connections) => connections(&v),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the admin endpoint at {addr}: is ztunnel running on this node?"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{path}: {}", head.lines().next().unwrap_or(head));
+    }
+    Ok(body.to_string())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn workloads(v: &Value) -> String {
+    let enrolled = &v["enrolled"];
+    let rows: Vec<Vec<String>> = v["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let uid = s(&w["uid"]);
+            let ips: Vec<String> = w["workloadIps"].as_array().into_iter().flatten().map(s).collect();
+            let state = if enrolled.get(&uid).is_some() {
+                "enrolled"
+            } else if v["pendingEnrollment"].get(&uid).is_some() {
+                "pending"
+            } else {
+                "-"
+            };
+            vec![
+                format!("{}/{}", s(&w["namespace"]), s(&w["name"])),
+                ips.join(","),
+                s(&w["node"]),
+                s(&w["protocol"]),
+                format!("spiffe://{}/ns/{}/sa/{}", s(&w["trustDomain"]), s(&w["namespace"]), s(&w["serviceAccount"])),
+                state.into(),
+            ]
+        })
+        .collect();
+    table(&["WORKLOAD", "IPS", "NODE", "PROTOCOL", "IDENTITY", "CAPTURE"], &rows)
+}
+
+fn certs(v: &Value) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let rel = |t: &Value| t.as_u64().map(|t| format!("{}s", t as i64 - now as i64)).unwrap_or("-".into());
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| vec![s(&c["identity"]), s(&c["state"]), rel(&c["not_after_unix"]), rel(&c["next_rotation_unix"]), s(&c["last_error"])])
+        .collect();
+    table(&["IDENTITY", "STATE", "EXPIRES IN", "ROTATES IN", "LAST ERROR"], &rows)
+}
+
+fn capture(v: &Value) -> String {
+    let ifs: Vec<String> = v["interfaces"].as_array().into_iter().flatten().map(|i| s(&i["name"])).collect();
+    let enrolled: Vec<String> = v["enrolled"].as_array().into_iter().flatten().map(|p| s(&p["address"])).collect();
+    let mut out = format!(
+        "program {} ({}), pinned at {}\nattached to: {}\nenrolled: {}\n\n",
+        s(&v["program"]),
+        s(&v["attach"]),
+        s(&v["pinDir"]),
+        ifs.join(", "),
+        enrolled.join(", ")
+    );
+    let rows: Vec<Vec<String>> = v["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(ip, c)| {
+            vec![ip.clone(), s(&c["outbound_flows"]), s(&c["inbound_flows"]), s(&c["packets"]), s(&c["bytes"]), s(&c["dropped_no_proxy"])]
+        })
+        .collect();
+    out.push_str(&table(&["POD ADDRESS", "OUT FLOWS", "IN FLOWS", "PACKETS", "BYTES", "DROPPED"], &rows));
+    out
+}
+
+fn connections(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                s(&c["direction"]),
+                s(&c["src"]),
+                s(&c["target"]),
+                s(&c["src_identity"]),
+                s(&c["dst_identity"]),
+                s(&c["protocol"]),
+                s(&c["bytes_sent"]),
+                s(&c["bytes_received"]),
+                format!("{}ms", s(&c["age_ms"])),
+            ]
+        })
+        .collect();
+    table(&["DIR", "SOURCE", "DESTINATION", "SRC IDENTITY", "DST IDENTITY", "PROTO", "SENT", "RECEIVED", "AGE"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn aligns_columns() {
+        let t = super::table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y");
+    }
+}
