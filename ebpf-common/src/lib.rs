@@ -103,6 +103,9 @@ pub struct PodCounters {
     pub bytes: u64,
     /// SYNs dropped because no ztunnel listener was there (fail closed).
     pub dropped_no_proxy: u64,
+    /// Packets carrying this pod's address that arrived on another interface than its
+    /// own veth (another pod spoofing it): dropped.
+    pub dropped_spoofed: u64,
 }
 
 #[cfg(feature = "user")]

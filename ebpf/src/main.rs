@@ -75,8 +75,20 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     };
     let src = PodKey { addr: pkt.saddr };
     let dst = PodKey { addr: pkt.daddr };
-    let src_out = pod_flags(&src) & POD_FLAG_OUTBOUND != 0;
-    let dst_in = pod_flags(&dst) & POD_FLAG_INBOUND != 0;
+    let src_info = pod_info(&src);
+    let src_out = src_info.flags & POD_FLAG_OUTBOUND != 0;
+    let dst_in = pod_info(&dst).flags & POD_FLAG_INBOUND != 0;
+    // Anti-spoofing: an enrolled pod's address is only believed on its own veth. A pod
+    // sending with a neighbour's address would otherwise be proxied with the neighbour's
+    // identity and policy rights.
+    // SAFETY: reading a field of the context's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if src_info.flags != 0 && src_info.ifindex != 0 && src_info.ifindex != ifindex {
+        if let Some(c) = counters(&src) {
+            c.dropped_spoofed += 1;
+        }
+        return Ok(TC_ACT_SHOT as i32);
+    }
     let flow = FlowKey { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
 
     if !src_out && !dst_in {
@@ -204,11 +216,12 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
     Ok(Some(Packet { v6, saddr, daddr, sport, dport, flags, len: ctx.len() }))
 }
 
-fn pod_flags(key: &PodKey) -> u32 {
+/// The enrolled pod owning `key`, or an all-zero info (not enrolled).
+fn pod_info(key: &PodKey) -> PodInfo {
     match PODS.get_ptr(key) {
         // SAFETY: the pointer comes from a successful map lookup.
-        Some(info) => unsafe { (*info).flags },
-        None => 0,
+        Some(info) => unsafe { *info },
+        None => PodInfo { ifindex: 0, flags: 0 },
     }
 }
 

@@ -294,3 +294,30 @@ fn inbound_connections_to_enrolled_pod_go_to_inbound_listeners() {
     assert!(b.echo.drain().is_empty());
     cap.shutdown();
 }
+
+#[test]
+fn a_pod_spoofing_an_enrolled_neighbours_address_is_dropped() {
+    require_root!();
+    let b = bed();
+    let cap = NodeCapture::start(node_a(&b));
+    cap.enroll(&b.client);
+    let seen = cap.listen();
+    // `other` (same node, not enrolled) claims the client's address and uses it.
+    b.other.netns.ip(&["addr", "add", &format!("{}/32", b.client.ip), "dev", "eth0"]).unwrap();
+    let client_ip = b.client.ip;
+    let dst = SocketAddr::new(b.server.ip.into(), 8080);
+    let r = b.other.netns.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::new(client_ip.into(), 0).into())?;
+        s.connect_timeout(&dst.into(), Duration::from_millis(1500))
+    });
+    assert!(r.is_err(), "a spoofed connection must not get through");
+    assert!(seen.try_recv().is_err(), "ztunnel must not accept it as the client");
+    assert!(b.echo.drain().is_empty(), "nor may it reach the server directly");
+    let c = cap.counters()[&IpAddr::from(b.client.ip)];
+    assert!(c.dropped_spoofed >= 1, "{c:?}");
+    // The real client still works.
+    let _s = connect(&b.client.netns, dst, T).unwrap();
+    assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
+    cap.shutdown();
+}

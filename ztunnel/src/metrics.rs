@@ -64,6 +64,7 @@ pub struct Metrics {
     pub capture_packets: Family<PodLabels, Gauge>,
     pub capture_bytes: Family<PodLabels, Gauge>,
     pub capture_dropped: Family<PodLabels, Gauge>,
+    pub capture_spoofed: Family<PodLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -89,6 +90,7 @@ impl Metrics {
             capture_packets: Family::default(),
             capture_bytes: Family::default(),
             capture_dropped: Family::default(),
+            capture_spoofed: Family::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -107,6 +109,7 @@ impl Metrics {
         zt.register("capture_packets", "Packets of enrolled pods seen by the capture program", m.capture_packets.clone());
         zt.register("capture_bytes", "Bytes of enrolled pods seen by the capture program", m.capture_bytes.clone());
         zt.register("capture_dropped_no_proxy", "SYNs dropped because ztunnel was not listening (fail closed)", m.capture_dropped.clone());
+        zt.register("capture_dropped_spoofed", "Packets with an enrolled pod's address from another interface (spoofing), dropped", m.capture_spoofed.clone());
         Metrics { registry, ..m }
     }
 
@@ -125,6 +128,7 @@ impl Metrics {
             self.capture_packets.get_or_create(&l).set(c.packets as i64);
             self.capture_bytes.get_or_create(&l).set(c.bytes as i64);
             self.capture_dropped.get_or_create(&l).set(c.dropped_no_proxy as i64);
+            self.capture_spoofed.get_or_create(&l).set(c.dropped_spoofed as i64);
         }
     }
 }

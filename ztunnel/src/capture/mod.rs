@@ -54,6 +54,7 @@ pub struct Counters {
     pub packets: u64,
     pub bytes: u64,
     pub dropped_no_proxy: u64,
+    pub dropped_spoofed: u64,
 }
 
 /// An enrolled pod address, as read back from the kernel map.
@@ -199,7 +200,7 @@ impl Capture {
         for a in addresses {
             let info = PodInfo { ifindex, flags: POD_FLAG_OUTBOUND | POD_FLAG_INBOUND };
             self.pods.insert(key(*a), info, 0).with_context(|| format!("enrolling {a}"))?;
-            info!(address = %a, interface, "pod enrolled");
+            debug!(address = %a, interface, ifindex, "pod address enrolled");
         }
         Ok(())
     }
@@ -245,6 +246,7 @@ impl Capture {
                 c.packets += v.packets;
                 c.bytes += v.bytes;
                 c.dropped_no_proxy += v.dropped_no_proxy;
+                c.dropped_spoofed += v.dropped_spoofed;
             }
             out.insert(addr(k), c);
         }
