@@ -249,13 +249,11 @@ fn tuple(pkt: &Packet, dport: u16) -> (bpf_sock_tuple, u32) {
     } else {
         let s = [pkt.saddr[12], pkt.saddr[13], pkt.saddr[14], pkt.saddr[15]];
         let d = [pkt.daddr[12], pkt.daddr[13], pkt.daddr[14], pkt.daddr[15]];
-        // SAFETY: writing the ipv4 member of the union.
-        unsafe {
-            t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(s);
-            t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(d);
-            t.__bindgen_anon_1.ipv4.sport = pkt.sport;
-            t.__bindgen_anon_1.ipv4.dport = dport;
-        }
+        // Writing a Copy member of a union is safe; only reads need `unsafe`.
+        t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(s);
+        t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(d);
+        t.__bindgen_anon_1.ipv4.sport = pkt.sport;
+        t.__bindgen_anon_1.ipv4.dport = dport;
         (t, 12)
     }
 }

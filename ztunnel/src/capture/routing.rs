@@ -84,8 +84,8 @@ async fn remove_rules(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()>
     for version in [IpVersion::V4, IpVersion::V6] {
         let rules: Vec<_> = handle.rule().get(version).execute().try_collect().await?;
         for rule in rules {
-            let ours = rule.attributes.iter().any(|a| *a == RuleAttribute::FwMark(cfg.mark))
-                && rule.attributes.iter().any(|a| *a == RuleAttribute::Priority(cfg.priority));
+            let ours = rule.attributes.contains(&RuleAttribute::FwMark(cfg.mark))
+                && rule.attributes.contains(&RuleAttribute::Priority(cfg.priority));
             if ours {
                 handle.rule().del(rule).execute().await.context("deleting capture rule")?;
             }
