@@ -1,5 +1,11 @@
-//! Standalone enrollment: the workloads the state places on this node, in the mesh
-//! (HBONE), are enrolled with the capture programs; ones that leave are unenrolled.
+//! Enrollment: brings the kernel's set of captured pods in line with the pods this node
+//! should capture.
+//!
+//! *Which* pods is the job of a [`WorkloadSource`]: in standalone mode the workloads the
+//! state (workload file or xDS) places on this node in the mesh ([`StoreSource`]); on
+//! Kubernetes the pods of this node in namespaces labelled for ambient
+//! (`crate::k8s::KubeSource`). *How* is the job of an [`EnrollTarget`]: the eBPF capture
+//! in production, an in-memory fake in tests (so this logic is tested without root).
 //!
 //! A pod's host-side interface is found from the route to its address. A pod whose
 //! interface is not there yet (the CNI has not finished) is retried on every pass and
@@ -9,10 +15,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use tokio::sync::Mutex;
+use async_trait::async_trait;
+use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
 use crate::capture::{routing, Capture};
+use crate::identity::Identity;
 use crate::state::StateStore;
 
 /// What enrollment looks like right now, for the admin endpoint and readiness.
@@ -22,78 +30,224 @@ pub struct EnrollmentStatus {
     pub enrolled: BTreeMap<String, (Vec<IpAddr>, String)>,
     /// uid → why it is not enrolled yet.
     pub pending: BTreeMap<String, String>,
+    /// uid → SPIFFE identity of the enrolled workloads (readiness checks their
+    /// certificates without a state lookup, which k8s-mode uids may not match).
+    pub identities: BTreeMap<String, String>,
+}
+
+/// A pod this node should capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// Stable key: the state's workload uid, or the Kubernetes pod uid.
+    pub uid: String,
+    /// Every address of the pod (IPv4 and IPv6); the first finds its interface.
+    pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+}
+
+/// Where the wanted set comes from.
+pub trait WorkloadSource: Send + Sync {
+    /// The pods to capture now, or `None` while the source has not synced yet: a
+    /// half-known set must not unenroll pods a previous ztunnel left enrolled.
+    fn wanted(&self) -> Option<Vec<Wanted>>;
+
+    /// Ticks whenever `wanted` may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Told the outcome of every pass (Kubernetes annotates enrolled pods).
+    fn report(&self, _status: &EnrollmentStatus) {}
+}
+
+/// Standalone: the state's in-mesh workloads of this node.
+pub struct StoreSource {
+    node: String,
+    store: Arc<StateStore>,
+}
+
+impl StoreSource {
+    pub fn new(node: String, store: Arc<StateStore>) -> Self {
+        StoreSource { node, store }
+    }
+}
+
+impl WorkloadSource for StoreSource {
+    fn wanted(&self) -> Option<Vec<Wanted>> {
+        let state = self.store.snapshot();
+        let wanted = state
+            .workloads_on_node(&self.node)
+            .into_iter()
+            .filter(|w| w.in_mesh() && !w.workload_ips.is_empty())
+            .map(|w| Wanted {
+                uid: w.uid.clone(),
+                ips: w.workload_ips.clone(),
+                identity: w.identity(),
+            })
+            .collect();
+        Some(wanted)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.store.subscribe()
+    }
+}
+
+/// The capture side of enrollment.
+#[async_trait]
+pub trait EnrollTarget: Send + Sync {
+    /// The host-side interface traffic to `ip` is routed through, if there is one yet.
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>>;
+    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()>;
+    async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()>;
+    /// Addresses enrolled in the kernel (also by an earlier ztunnel: pinned map).
+    async fn enrolled(&self) -> Vec<IpAddr>;
+}
+
+/// The eBPF capture; each call takes the lock briefly so the admin endpoint and the
+/// periodic refresh are not held up by netlink round trips of a whole pass.
+#[async_trait]
+impl EnrollTarget for Mutex<Capture> {
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>> {
+        let netlink = self.lock().await.netlink().clone();
+        routing::interface_for(&netlink, ip).await
+    }
+    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()> {
+        self.lock().await.enroll(ips, interface).await
+    }
+    async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+        self.lock().await.unenroll(ips)
+    }
+    async fn enrolled(&self) -> Vec<IpAddr> {
+        self.lock()
+            .await
+            .enrolled()
+            .into_iter()
+            .map(|p| p.address)
+            .collect()
+    }
 }
 
 pub struct Enroller {
-    node: String,
-    store: Arc<StateStore>,
-    capture: Arc<Mutex<Capture>>,
+    source: Arc<dyn WorkloadSource>,
+    target: Arc<dyn EnrollTarget>,
     status: std::sync::Mutex<EnrollmentStatus>,
+    /// One pass at a time: a pass reads the previous status and writes the next.
+    pass: Mutex<()>,
 }
 
 impl Enroller {
+    /// Standalone: the state's workloads of `node`, enrolled with the eBPF capture.
     pub fn new(node: String, store: Arc<StateStore>, capture: Arc<Mutex<Capture>>) -> Self {
-        Enroller { node, store, capture, status: Default::default() }
+        Enroller::with_source(Arc::new(StoreSource::new(node, store)), capture)
+    }
+
+    pub fn with_source(source: Arc<dyn WorkloadSource>, target: Arc<dyn EnrollTarget>) -> Self {
+        Enroller {
+            source,
+            target,
+            status: Default::default(),
+            pass: Mutex::new(()),
+        }
     }
 
     pub fn status(&self) -> EnrollmentStatus {
         self.status.lock().unwrap().clone()
     }
 
-    /// Brings the kernel's enrolled set in line with the state. Idempotent.
+    /// Ticks when the wanted set may have changed: reconcile then.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.source.changes()
+    }
+
+    /// Identities of the pods this node should capture (enrolled or about to be): the
+    /// certificates the node's Citadel Agent should hold. `None` until the source synced.
+    pub fn identities(&self) -> Option<BTreeSet<Identity>> {
+        Some(
+            self.source
+                .wanted()?
+                .into_iter()
+                .map(|w| w.identity)
+                .collect(),
+        )
+    }
+
+    /// Brings the kernel's enrolled set in line with the source. Idempotent.
     pub async fn reconcile(&self) {
-        let state = self.store.snapshot();
-        let wanted: Vec<_> = state
-            .workloads_on_node(&self.node)
-            .into_iter()
-            .filter(|w| w.in_mesh() && !w.workload_ips.is_empty())
-            .collect();
-        let mut cap = self.capture.lock().await;
-        let mut next = EnrollmentStatus::default();
+        let _pass = self.pass.lock().await;
+        let Some(wanted) = self.source.wanted() else {
+            return; // not synced: keep what is enrolled, decide nothing yet
+        };
         let previous = self.status();
+        let mut next = EnrollmentStatus::default();
         for w in &wanted {
-            let first = w.workload_ips[0];
-            let iface = match routing_interface(&cap, first).await {
-                Ok(Some(i)) => i,
-                Ok(None) => {
-                    let why = format!("no interface routes {first} yet");
-                    if !previous.pending.contains_key(&w.uid) {
-                        warn!(workload = %w.uid, "not enrolled: {why}; will retry");
-                    }
-                    next.pending.insert(w.uid.clone(), why);
-                    continue;
-                }
-                Err(e) => {
-                    next.pending.insert(w.uid.clone(), format!("route lookup failed: {e:#}"));
-                    continue;
-                }
-            };
-            let already = previous.enrolled.get(&w.uid) == Some(&(w.workload_ips.clone(), iface.clone()));
-            if !already {
-                if let Err(e) = cap.enroll(&w.workload_ips, &iface).await {
-                    warn!(workload = %w.uid, "enrollment failed: {e:#}; will retry");
-                    next.pending.insert(w.uid.clone(), format!("{e:#}"));
-                    continue;
-                }
-                info!(workload = %w.uid, interface = %iface, "workload enrolled");
+            if let Some(iface) = self.enroll_one(w, &previous, &mut next).await {
+                next.enrolled.insert(w.uid.clone(), (w.ips.clone(), iface));
+                next.identities
+                    .insert(w.uid.clone(), w.identity.to_string());
             }
-            next.enrolled.insert(w.uid.clone(), (w.workload_ips.clone(), iface));
         }
         // Addresses enrolled before (also by an earlier ztunnel, found in the pinned
-        // map) that no wanted workload has any more.
-        let keep: BTreeSet<IpAddr> = next.enrolled.values().flat_map(|(ips, _)| ips.clone()).collect();
-        let stale: Vec<IpAddr> =
-            cap.enrolled().into_iter().map(|p| p.address).filter(|a| !keep.contains(a)).collect();
+        // map) that no wanted workload has any more. A pending pod's addresses go too:
+        // its interface vanished or never was, and a stale entry would capture the next
+        // pod given the address.
+        let keep: BTreeSet<IpAddr> = next
+            .enrolled
+            .values()
+            .flat_map(|(ips, _)| ips.clone())
+            .collect();
+        let stale: Vec<IpAddr> = self
+            .target
+            .enrolled()
+            .await
+            .into_iter()
+            .filter(|a| !keep.contains(a))
+            .collect();
         if !stale.is_empty() {
             info!(addresses = ?stale, "unenrolling addresses no workload of this node has");
-            if let Err(e) = cap.unenroll(&stale) {
+            if let Err(e) = self.target.unenroll(&stale).await {
                 warn!("unenroll failed: {e:#}");
             }
         }
+        self.source.report(&next);
         *self.status.lock().unwrap() = next;
+    }
+
+    /// Enrolls one pod unless it already is; its interface, or `None` (recorded as
+    /// pending, retried next pass).
+    async fn enroll_one(
+        &self,
+        w: &Wanted,
+        previous: &EnrollmentStatus,
+        next: &mut EnrollmentStatus,
+    ) -> Option<String> {
+        let first = *w.ips.first()?;
+        let iface = match self.target.interface_for(first).await {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                let why = format!("no interface routes {first} yet");
+                if !previous.pending.contains_key(&w.uid) {
+                    warn!(workload = %w.uid, "not enrolled: {why}; will retry");
+                }
+                next.pending.insert(w.uid.clone(), why);
+                return None;
+            }
+            Err(e) => {
+                next.pending
+                    .insert(w.uid.clone(), format!("route lookup failed: {e:#}"));
+                return None;
+            }
+        };
+        let already = previous.enrolled.get(&w.uid) == Some(&(w.ips.clone(), iface.clone()));
+        if !already {
+            if let Err(e) = self.target.enroll(&w.ips, &iface).await {
+                warn!(workload = %w.uid, "enrollment failed: {e:#}; will retry");
+                next.pending.insert(w.uid.clone(), format!("{e:#}"));
+                return None;
+            }
+            info!(workload = %w.uid, interface = %iface, "workload enrolled");
+        }
+        Some(iface)
     }
 }
 
-async fn routing_interface(cap: &Capture, ip: IpAddr) -> anyhow::Result<Option<String>> {
-    routing::interface_for(cap.netlink(), ip).await
-}
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,133 @@
+//! The Enroller against an in-memory capture: no root, no kernel.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::*;
+
+/// Stands in for the eBPF capture: a routing table (address → interface) the test edits,
+/// and the enrolled map.
+#[derive(Default)]
+pub(crate) struct FakeTarget {
+    pub routes: Mutex<BTreeMap<IpAddr, String>>,
+    pub enrolled: Mutex<BTreeMap<IpAddr, String>>,
+}
+
+impl FakeTarget {
+    pub fn route(&self, ip: IpAddr, iface: &str) {
+        self.routes.lock().unwrap().insert(ip, iface.to_string());
+    }
+    pub fn enrolled_ips(&self) -> Vec<IpAddr> {
+        self.enrolled.lock().unwrap().keys().copied().collect()
+    }
+}
+
+#[async_trait]
+impl EnrollTarget for FakeTarget {
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>> {
+        Ok(self.routes.lock().unwrap().get(&ip).cloned())
+    }
+    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()> {
+        let mut e = self.enrolled.lock().unwrap();
+        for ip in ips {
+            e.insert(*ip, interface.to_string());
+        }
+        Ok(())
+    }
+    async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+        let mut e = self.enrolled.lock().unwrap();
+        for ip in ips {
+            e.remove(ip);
+        }
+        Ok(())
+    }
+    async fn enrolled(&self) -> Vec<IpAddr> {
+        self.enrolled_ips()
+    }
+}
+
+/// A source the test sets directly.
+struct ListSource {
+    wanted: Mutex<Option<Vec<Wanted>>>,
+    tx: watch::Sender<u64>,
+    reported: Mutex<Vec<EnrollmentStatus>>,
+}
+
+impl WorkloadSource for ListSource {
+    fn wanted(&self) -> Option<Vec<Wanted>> {
+        self.wanted.lock().unwrap().clone()
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+    fn report(&self, status: &EnrollmentStatus) {
+        self.reported.lock().unwrap().push(status.clone());
+    }
+}
+
+fn pod(uid: &str, ips: &[&str]) -> Wanted {
+    Wanted {
+        uid: uid.into(),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        identity: Identity::new("cluster.local", "ns1", uid),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn enrolls_wanted_retries_missing_interface_and_unenrolls_leavers() {
+    let target = Arc::new(FakeTarget::default());
+    // Left by an earlier ztunnel (pinned map), wanted by nobody now.
+    target
+        .enrolled
+        .lock()
+        .unwrap()
+        .insert(ip("10.0.0.99"), "old".into());
+    let source = Arc::new(ListSource {
+        wanted: Mutex::new(None),
+        tx: watch::channel(0).0,
+        reported: Default::default(),
+    });
+    let enroller = Enroller::with_source(source.clone(), target.clone());
+
+    // Not synced: nothing is decided, the pinned entry survives.
+    enroller.reconcile().await;
+    assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.99")]);
+    assert!(enroller.identities().is_none());
+
+    *source.wanted.lock().unwrap() = Some(vec![
+        pod("a", &["10.0.0.1", "fd00::1"]),
+        pod("b", &["10.0.0.2"]),
+    ]);
+    target.route(ip("10.0.0.1"), "veth-a");
+    enroller.reconcile().await;
+    assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.1"), ip("fd00::1")]);
+    let st = enroller.status();
+    assert!(st.pending["b"].contains("no interface"), "{st:?}");
+    assert_eq!(st.identities["a"], "spiffe://cluster.local/ns/ns1/sa/a");
+    assert_eq!(
+        enroller.identities().unwrap().len(),
+        2,
+        "certificates for enrolled and pending pods"
+    );
+
+    // The interface appears: the next pass enrolls it.
+    target.route(ip("10.0.0.2"), "veth-b");
+    enroller.reconcile().await;
+    assert_eq!(target.enrolled_ips().len(), 3);
+    assert!(enroller.status().pending.is_empty());
+
+    // a leaves.
+    *source.wanted.lock().unwrap() = Some(vec![pod("b", &["10.0.0.2"])]);
+    enroller.reconcile().await;
+    assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.2")]);
+    let last = source.reported.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.enrolled.keys().collect::<Vec<_>>(), vec!["b"]);
+}
