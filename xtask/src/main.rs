@@ -26,6 +26,9 @@ enum Cmd {
     },
     /// Two nodes, pods on each, ztunnel on both: shows traffic crossing the mesh.
     Demo,
+    /// Release build, then direct vs mesh on the testbed (throughput, latency, connection
+    /// rate, ztunnel CPU and memory) into target/bench/results.{json,md}. Not part of `test`.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Bench => bench(),
     }
 }
 
@@ -58,6 +62,19 @@ fn demo() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
     run(Command::new(workspace_root().join("target/debug/demo"))
         .env("ZTUNNEL_BIN", workspace_root().join("target/debug/ztunnel")))
+}
+
+fn bench() -> anyhow::Result<()> {
+    setup::setup()?;
+    if !is_root() {
+        bail!("the benchmark needs root (network namespaces, eBPF): run `sudo -E cargo xtask bench`");
+    }
+    run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
+    // Honour CARGO_TARGET_DIR, as cargo itself did for the build above.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| workspace_root().join(d))
+        .unwrap_or_else(|| workspace_root().join("target"));
+    run(Command::new(target.join("release/bench")).env("ZTUNNEL_BIN", target.join("release/ztunnel")))
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -68,6 +68,8 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     eprintln!("bench: starting the cluster");
     let cluster = Cluster::start()?;
+    // For profilers: `perf record -p <pids>`.
+    eprintln!("bench: ztunnel pids {:?}", cluster.pids());
     let mut results = Results::new(report::machine());
     warm_up(&cluster)?;
     std::thread::sleep(Duration::from_secs(1));
