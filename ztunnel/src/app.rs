@@ -27,7 +27,13 @@ use crate::pool::{Pool, PoolOptions};
 use crate::proxy::{self, socket, ProxyContext};
 use crate::state::StateStore;
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    // On Kubernetes: enrollment by namespace label, istiod for xDS and certificates.
+    let kubernetes = args.kubernetes_enrollment();
+    if kubernetes {
+        args.apply_kubernetes_defaults();
+        info!("Kubernetes mode: pods are enrolled by the istio.io/dataplane-mode label");
+    }
     let store = Arc::new(StateStore::default());
     let _config_task = match &args.local_xds_path {
         Some(path) => Some(
@@ -132,10 +138,23 @@ async fn serve(
     }
 
     // ...enrollment and certificates...
-    let enroller = Arc::new(Enroller::new(args.node_name.clone(), store.clone(), capture.clone()));
+    let enroller = if args.kubernetes_enrollment() {
+        let client = crate::k8s::client().await.context("Kubernetes API client")?;
+        let source = crate::k8s::KubeSource::start(
+            client,
+            crate::k8s::KubeOptions {
+                node_name: args.node_name.clone(),
+                trust_domain: args.trust_domain.clone(),
+                cluster_id: args.cluster_id.clone(),
+            },
+        );
+        Arc::new(Enroller::with_source(source, capture.clone()))
+    } else {
+        Arc::new(Enroller::new(args.node_name.clone(), store.clone(), capture.clone()))
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let interval = Duration::from_millis(args.rescan_interval_ms.max(50));
-    tasks.spawn(reconcile_loop(args.node_name.clone(), store.clone(), capture.clone(), enroller.clone(), certs.clone(), interval));
+    tasks.spawn(reconcile_loop(args.node_name.clone(), store.clone(), capture.clone(), enroller.clone(), certs.clone(), interval, args.kubernetes_enrollment()));
     enroller.reconcile().await;
 
     // ...and what people look at.
@@ -189,21 +208,34 @@ async fn reconcile_loop(
     enroller: Arc<Enroller>,
     certs: Arc<SecretManager>,
     interval: Duration,
+    kubernetes: bool,
 ) {
-    let mut changes = store.subscribe();
+    let mut changes = enroller.changes();
+    let mut state_changes = store.subscribe();
     loop {
         if let Err(e) = capture.lock().await.refresh().await {
             warn!("capture refresh failed: {e:#}");
         }
         enroller.reconcile().await;
-        // The Citadel Agent role: hold certificates for exactly this node's workloads.
-        let wanted: BTreeSet<_> = store
-            .snapshot()
-            .workloads_on_node(&node)
-            .iter()
-            .filter(|w| w.in_mesh())
-            .map(|w| w.identity())
-            .collect();
+        // The Citadel Agent role: hold certificates for exactly this node's workloads —
+        // the enrolled pods (Kubernetes), or the mesh workloads the state places here.
+        let wanted: BTreeSet<_> = if kubernetes {
+            match enroller.identities() {
+                Some(ids) => ids,
+                None => {
+                    let _ = tokio::time::timeout(interval, changes.changed()).await;
+                    continue;
+                }
+            }
+        } else {
+            store
+                .snapshot()
+                .workloads_on_node(&node)
+                .iter()
+                .filter(|w| w.in_mesh())
+                .map(|w| w.identity())
+                .collect()
+        };
         for id in &wanted {
             certs.prefetch(id);
         }
@@ -213,7 +245,11 @@ async fn reconcile_loop(
                 certs.forget(&id);
             }
         }
-        let _ = tokio::time::timeout(interval, changes.changed()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = changes.changed() => {}
+            _ = state_changes.changed() => {}
+        }
     }
 }
 
