@@ -11,7 +11,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use ztunnel::identity::Identity;
 use ztunnel::policy::{Action, Authorization, Clause, Connection, Match, Rule, Scope, StringMatch};
-use ztunnel::state::{NamespacedHostname, NetworkAddress, ProxyState, Protocol, Service, StateStore, Workload};
+use ztunnel::state::{
+    NamespacedHostname, NetworkAddress, Protocol, ProxyState, Service, StateStore, Workload,
+};
 
 const WORKLOADS: u32 = 5_000;
 const SERVICES: u32 = 500;
@@ -65,11 +67,19 @@ fn allow(ns: &str, name: &str, principals: &[String]) -> Authorization {
             clauses: vec![
                 Clause {
                     matches: vec![Match {
-                        principals: principals.iter().map(|p| StringMatch::from_wildcard(p)).collect(),
+                        principals: principals
+                            .iter()
+                            .map(|p| StringMatch::from_wildcard(p))
+                            .collect(),
                         ..Default::default()
                     }],
                 },
-                Clause { matches: vec![Match { destination_ports: vec![8080], ..Default::default() }] },
+                Clause {
+                    matches: vec![Match {
+                        destination_ports: vec![8080],
+                        ..Default::default()
+                    }],
+                },
             ],
         }],
         dry_run: false,
@@ -84,7 +94,10 @@ fn deny_global(name: &str, cidr: &str) -> Authorization {
         action: Action::Deny,
         rules: vec![Rule {
             clauses: vec![Clause {
-                matches: vec![Match { source_ips: vec![cidr.parse().unwrap()], ..Default::default() }],
+                matches: vec![Match {
+                    source_ips: vec![cidr.parse().unwrap()],
+                    ..Default::default()
+                }],
             }],
         }],
         dry_run: false,
@@ -103,13 +116,21 @@ fn state_lookups(c: &mut Criterion) {
     let mut g = c.benchmark_group("state");
     g.bench_function("snapshot", |b| b.iter(|| store.snapshot()));
     let ip = pod_ip(4321);
-    g.bench_function("workload_by_ip", |b| b.iter(|| snap.workload_by_ip(std::hint::black_box(ip)).unwrap()));
+    g.bench_function("workload_by_ip", |b| {
+        b.iter(|| snap.workload_by_ip(std::hint::black_box(ip)).unwrap())
+    });
     let to_pod = SocketAddr::new(pod_ip(1234), 8080);
-    g.bench_function("resolve_workload", |b| b.iter(|| snap.resolve(std::hint::black_box(to_pod)).unwrap().unwrap()));
+    g.bench_function("resolve_workload", |b| {
+        b.iter(|| snap.resolve(std::hint::black_box(to_pod)).unwrap().unwrap())
+    });
     let to_vip = SocketAddr::new(vip(123), 80);
-    g.bench_function("resolve_service_vip", |b| b.iter(|| snap.resolve(std::hint::black_box(to_vip)).unwrap().unwrap()));
+    g.bench_function("resolve_service_vip", |b| {
+        b.iter(|| snap.resolve(std::hint::black_box(to_vip)).unwrap().unwrap())
+    });
     let miss = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 443);
-    g.bench_function("resolve_outside_mesh", |b| b.iter(|| snap.resolve(std::hint::black_box(miss)).unwrap()));
+    g.bench_function("resolve_outside_mesh", |b| {
+        b.iter(|| snap.resolve(std::hint::black_box(miss)).unwrap())
+    });
     g.finish();
 }
 
@@ -122,18 +143,26 @@ fn policy_evaluation(c: &mut Criterion) {
     for n in [0usize, 1, 10, 100] {
         let mut s = ProxyState::default();
         s.upsert_workload(dst.clone());
-        s.policies.insert(deny_global("deny-blocked", "192.0.2.0/24"));
+        s.policies
+            .insert(deny_global("deny-blocked", "192.0.2.0/24"));
         // n ALLOW policies on the destination's namespace; only the last one matches, so
         // every one of them is evaluated.
         for k in 0..n {
-            let principal = if k + 1 == n { "cluster.local/ns/ns3/sa/*".to_string() } else { format!("cluster.local/ns/other/sa/p{k}") };
-            s.policies.insert(allow(&dst.namespace, &format!("allow-{k}"), &[principal]));
+            let principal = if k + 1 == n {
+                "cluster.local/ns/ns3/sa/*".to_string()
+            } else {
+                format!("cluster.local/ns/other/sa/p{k}")
+            };
+            s.policies
+                .insert(allow(&dst.namespace, &format!("allow-{k}"), &[principal]));
         }
         let decision = s.policies.evaluate(&conn, &dst);
         assert!(decision.allowed, "{decision}");
-        g.bench_with_input(BenchmarkId::new("evaluate_allow_policies", n), &s, |b, s| {
-            b.iter(|| s.policies.evaluate(std::hint::black_box(&conn), &dst))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("evaluate_allow_policies", n),
+            &s,
+            |b, s| b.iter(|| s.policies.evaluate(std::hint::black_box(&conn), &dst)),
+        );
     }
     g.finish();
 }

@@ -113,7 +113,10 @@ impl Fixture {
             Arc::new(Certs(self.ca.clone())),
             PoolOptions::default(),
         );
-        (pool, PoolKey::new(id("client"), vec![id("server")], self.addr))
+        (
+            pool,
+            PoolKey::new(id("client"), vec![id("server")], self.addr),
+        )
     }
 }
 
@@ -147,10 +150,9 @@ fn stream_setup(c: &mut Criterion) {
 /// HTTP/2 handshake, CONNECT, one byte round trip — what a cold pool pays.
 fn connection_setup(c: &mut Criterion) {
     let f = fixture();
-    let cert = f
-        .ca
-        .issue_workload_cert(&id("client"), Duration::from_secs(3600))
-        .unwrap();
+    let cert =
+        f.ca.issue_workload_cert(&id("client"), Duration::from_secs(3600))
+            .unwrap();
     let req = target(ECHO);
     c.bench_function("hbone/connection_setup", |b| {
         b.iter(|| {

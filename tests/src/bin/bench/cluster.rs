@@ -83,8 +83,22 @@ impl Cluster {
             }
             Servers::start(&remote.netns)?;
             Servers::start(&local.netns)?;
-            pairs.push((mode, Path::CrossNode, Pair { client: client.clone(), server: remote }));
-            pairs.push((mode, Path::SameNode, Pair { client, server: local }));
+            pairs.push((
+                mode,
+                Path::CrossNode,
+                Pair {
+                    client: client.clone(),
+                    server: remote,
+                },
+            ));
+            pairs.push((
+                mode,
+                Path::SameNode,
+                Pair {
+                    client,
+                    server: local,
+                },
+            ));
         }
         let config = tb.write_config("workloads.yaml", &local_config(&specs, ""))?;
         let mut ztunnels = Vec::new();
@@ -93,11 +107,20 @@ impl Cluster {
             wait_ready(&z)?;
             ztunnels.push(z);
         }
-        Ok(Cluster { _tb: tb, ztunnels, pairs })
+        Ok(Cluster {
+            _tb: tb,
+            ztunnels,
+            pairs,
+        })
     }
 
     pub fn pair(&self, mode: Mode, path: Path) -> &Pair {
-        &self.pairs.iter().find(|(m, p, _)| *m == mode && *p == path).expect("every pair exists").2
+        &self
+            .pairs
+            .iter()
+            .find(|(m, p, _)| *m == mode && *p == path)
+            .expect("every pair exists")
+            .2
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -108,7 +131,11 @@ impl Cluster {
     pub fn check_alive(&self) -> anyhow::Result<()> {
         for z in &self.ztunnels {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", z.pid)).unwrap_or_default();
-            if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+            if stat.is_empty()
+                || stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            {
                 bail!("ztunnel on {} died; log: {}", z.node.name, z.log.display());
             }
         }
@@ -119,18 +146,23 @@ impl Cluster {
 /// Clients churn through ephemeral ports; give them the whole range and let them reuse
 /// their own TIME_WAIT ports (the pod's choice; ztunnel's sockets are untouched).
 fn tune_pod(pod: &Pod) -> anyhow::Result<()> {
-    pod.netns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    pod.netns
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     pod.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
 fn wait_ready(z: &Ztunnel) -> anyhow::Result<()> {
     let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
     for _ in 0..200 {
-        if matches!(http::get(&z.node.netns, ready, "/healthz/ready"), Ok((200, _))) {
+        if matches!(
+            http::get(&z.node.netns, ready, "/healthz/ready"),
+            Ok((200, _))
+        ) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let last = http::get(&z.node.netns, ready, "/healthz/ready");
-    Err(anyhow::anyhow!("{last:?}")).with_context(|| format!("ztunnel on {} never ready", z.node.name))
+    Err(anyhow::anyhow!("{last:?}"))
+        .with_context(|| format!("ztunnel on {} never ready", z.node.name))
 }

@@ -27,7 +27,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVER_STACK: usize = 128 * 1024;
 
 /// Spawns a thread inside `ns`: sockets it creates belong to that namespace.
-pub fn spawn_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let path = ns.path();
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("open netns");
@@ -62,13 +65,15 @@ fn accept_loop(l: TcpListener, sink: bool) {
         let _ = conn.set_read_timeout(Some(IO_TIMEOUT * 3));
         let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
         let _ = conn.set_nodelay(true);
-        let spawned = std::thread::Builder::new().stack_size(SERVER_STACK).spawn(move || {
-            if sink {
-                let _ = serve_sink(conn);
-            } else {
-                let _ = serve_echo(conn);
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .stack_size(SERVER_STACK)
+            .spawn(move || {
+                if sink {
+                    let _ = serve_sink(conn);
+                } else {
+                    let _ = serve_echo(conn);
+                }
+            });
         if spawned.is_err() {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -127,7 +132,11 @@ pub fn throughput(ns: &Netns, dst: SocketAddr, streams: usize, dur: Duration) ->
     let workers: Vec<_> = (0..streams)
         .map(|_| spawn_in(ns, move || one_stream(dst, deadline)))
         .collect();
-    let mut t = Transfer { bytes: 0, secs: 0.0, errors: 0 };
+    let mut t = Transfer {
+        bytes: 0,
+        secs: 0.0,
+        errors: 0,
+    };
     for w in workers {
         match w.join() {
             Ok(Ok(b)) => t.bytes += b,
@@ -231,7 +240,10 @@ pub fn hold(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
         for _ in 0..n {
             let Ok(mut s) = connect(dst) else { break };
             let mut b = [0u8; 1];
-            if s.write_all(b"h").and_then(|_| s.read_exact(&mut b)).is_err() {
+            if s.write_all(b"h")
+                .and_then(|_| s.read_exact(&mut b))
+                .is_err()
+            {
                 break;
             }
             held.push(s);

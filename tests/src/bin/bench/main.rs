@@ -37,19 +37,28 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Plan {
-        let num = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let num = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         Plan {
             rounds: num("BENCH_ROUNDS", 3) as usize,
             tput: Duration::from_secs(num("BENCH_TPUT_SECS", 10)),
             conn: Duration::from_secs(num("BENCH_CONN_SECS", 4)),
             rtt: num("BENCH_RTT", 20_000) as usize,
             hold: num("BENCH_HOLD", 1000) as usize,
-            only: std::env::var("BENCH_ONLY").ok().map(|v| v.split(',').map(str::to_string).collect()),
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .map(|v| v.split(',').map(str::to_string).collect()),
         }
     }
 
     fn wants(&self, item: &str) -> bool {
-        self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == item))
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == item))
     }
 }
 
@@ -58,7 +67,12 @@ fn main() -> anyhow::Result<()> {
         bail!("the benchmark needs root (network namespaces, eBPF)");
     }
     let plan = Plan::from_env();
-    let budget = Duration::from_secs(std::env::var("BENCH_DEADLINE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(570));
+    let budget = Duration::from_secs(
+        std::env::var("BENCH_DEADLINE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(570),
+    );
     watchdog(budget);
     raise_fd_limit();
     // Per-connection debug logs are not what a production node runs.
@@ -75,6 +89,11 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let mut res = Resources::default();
     res.rss_idle = cluster.pids().iter().map(|p| procstat::rss(*p)).collect();
+    res.rss_idle_anon = cluster
+        .pids()
+        .iter()
+        .map(|p| procstat::rss_anon(*p))
+        .collect();
 
     run_all(&cluster, &plan, &mut results, &mut res)?;
     if plan.wants("hold") {
@@ -86,7 +105,11 @@ fn main() -> anyhow::Result<()> {
     results.elapsed_secs = started.elapsed().as_secs_f64();
     let out = report::write(&results)?;
     println!("{}", std::fs::read_to_string(out.join("results.md"))?);
-    eprintln!("bench: wrote {} ({:.0} s)", out.display(), results.elapsed_secs);
+    eprintln!(
+        "bench: wrote {} ({:.0} s)",
+        out.display(),
+        results.elapsed_secs
+    );
     Ok(())
 }
 
@@ -112,12 +135,21 @@ fn warm_up(c: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_all(c: &Cluster, plan: &Plan, results: &mut Results, res: &mut Resources) -> anyhow::Result<()> {
+fn run_all(
+    c: &Cluster,
+    plan: &Plan,
+    results: &mut Results,
+    res: &mut Resources,
+) -> anyhow::Result<()> {
     let mut conn_port = CONN_PORT_BASE;
     let pids = c.pids();
     for round in 0..plan.rounds {
         // Flip the order every round so neither mode always runs first.
-        let modes = if round % 2 == 0 { [Mode::Direct, Mode::Mesh] } else { [Mode::Mesh, Mode::Direct] };
+        let modes = if round % 2 == 0 {
+            [Mode::Direct, Mode::Mesh]
+        } else {
+            [Mode::Mesh, Mode::Direct]
+        };
         eprintln!("bench: round {}/{}", round + 1, plan.rounds);
         for mode in modes {
             let cross = c.pair(mode, Path::CrossNode);
@@ -127,14 +159,26 @@ fn run_all(c: &Cluster, plan: &Plan, results: &mut Results, res: &mut Resources)
                 }
                 let cpu0: Vec<_> = pids.iter().map(|p| procstat::cpu_time(*p)).collect();
                 let sampler = procstat::RssSampler::start(pids.clone());
-                let t = load::throughput(&cross.client.netns, cross.dst(SINK_PORT), streams, plan.tput);
+                let t = load::throughput(
+                    &cross.client.netns,
+                    cross.dst(SINK_PORT),
+                    streams,
+                    plan.tput,
+                );
                 let peak = sampler.finish();
                 c.check_alive()?;
-                let key = if streams == 1 { Metric::Tput1 } else { Metric::Tput4 };
+                let key = if streams == 1 {
+                    Metric::Tput1
+                } else {
+                    Metric::Tput4
+                };
                 results.add(Path::CrossNode, key, mode, t.gbit_per_sec(), t.errors);
                 if mode == Mode::Mesh {
-                    let cpu: Vec<f64> =
-                        pids.iter().zip(&cpu0).map(|(p, c0)| (procstat::cpu_time(*p) - *c0).as_secs_f64()).collect();
+                    let cpu: Vec<f64> = pids
+                        .iter()
+                        .zip(&cpu0)
+                        .map(|(p, c0)| (procstat::cpu_time(*p) - *c0).as_secs_f64())
+                        .collect();
                     res.add_cpu(streams, &cpu, t.bytes);
                     res.add_peak(&peak);
                 }
@@ -154,7 +198,11 @@ fn run_all(c: &Cluster, plan: &Plan, results: &mut Results, res: &mut Resources)
                 conn_port = CONN_PORT_BASE + (conn_port + 1 - CONN_PORT_BASE) % CONN_PORTS;
                 let ch = load::conn_rate(&cross.client.netns, cross.dst(port), conc, plan.conn);
                 c.check_alive()?;
-                let key = if conc == 1 { Metric::Conn1 } else { Metric::Conn4 };
+                let key = if conc == 1 {
+                    Metric::Conn1
+                } else {
+                    Metric::Conn4
+                };
                 results.add(Path::CrossNode, key, mode, ch.per_sec(), ch.errors);
                 pause();
             }
@@ -167,10 +215,22 @@ fn run_all(c: &Cluster, plan: &Plan, results: &mut Results, res: &mut Resources)
 }
 
 /// The same-node path: 1-stream throughput, latency and connection rate.
-fn same_node(c: &Cluster, plan: &Plan, mode: Mode, conn_port: &mut u16, results: &mut Results) -> anyhow::Result<()> {
+fn same_node(
+    c: &Cluster,
+    plan: &Plan,
+    mode: Mode,
+    conn_port: &mut u16,
+    results: &mut Results,
+) -> anyhow::Result<()> {
     let p = c.pair(mode, Path::SameNode);
     let t = load::throughput(&p.client.netns, p.dst(SINK_PORT), 1, plan.tput);
-    results.add(Path::SameNode, Metric::Tput1, mode, t.gbit_per_sec(), t.errors);
+    results.add(
+        Path::SameNode,
+        Metric::Tput1,
+        mode,
+        t.gbit_per_sec(),
+        t.errors,
+    );
     pause();
     let rtts = load::latency(&p.client.netns, p.dst(ECHO_PORT), plan.rtt)?;
     results.add_rtts(Path::SameNode, mode, rtts);
@@ -204,7 +264,10 @@ fn pause() {
 fn watchdog(budget: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(budget);
-        eprintln!("bench: exceeded its {} s budget, stopping", budget.as_secs());
+        eprintln!(
+            "bench: exceeded its {} s budget, stopping",
+            budget.as_secs()
+        );
         // SAFETY: raise(2) delivers SIGINT to ourselves; the testbed's handler cleans up.
         unsafe { libc::raise(libc::SIGINT) };
         std::thread::sleep(Duration::from_secs(10));
@@ -214,7 +277,10 @@ fn watchdog(budget: Duration) {
 
 /// Held connections need two descriptors each here (client and server ends).
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

@@ -13,7 +13,9 @@ pub fn cpu_time(pid: u32) -> Duration {
         return Duration::ZERO;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
     Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
 }
 
@@ -30,6 +32,12 @@ fn clock_ticks_per_sec() -> f64 {
 /// Resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:") * 1024
+}
+
+/// Anonymous resident memory in bytes (`RssAnon`): RSS without the binary's own
+/// (shared, file-backed) code pages.
+pub fn rss_anon(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:") * 1024
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {

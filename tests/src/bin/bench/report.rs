@@ -72,11 +72,29 @@ pub fn machine() -> Machine {
         date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         cpu: cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown CPU".into()),
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
-        commit: cmd("git", &["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"]),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        commit: cmd(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        ),
     }
 }
 
@@ -84,6 +102,7 @@ pub fn machine() -> Machine {
 #[derive(Default)]
 pub struct Resources {
     pub rss_idle: Vec<u64>,
+    pub rss_idle_anon: Vec<u64>,
     pub rss_after: Vec<u64>,
     pub rss_load: Vec<u64>,
     pub rss_held: Vec<u64>,
@@ -109,7 +128,9 @@ impl Resources {
         let runs: Vec<_> = self.cpu.iter().filter(|(s, _, _)| *s == streams).collect();
         let gb: f64 = runs.iter().map(|(_, _, b)| *b as f64 / 1e9).sum();
         let n = runs.first().map_or(0, |r| r.1.len());
-        (0..n).map(|i| runs.iter().map(|r| r.1[i]).sum::<f64>() / gb).collect()
+        (0..n)
+            .map(|i| runs.iter().map(|r| r.1[i]).sum::<f64>() / gb)
+            .collect()
     }
 }
 
@@ -123,16 +144,36 @@ pub struct Results {
 
 impl Results {
     pub fn new(machine: Machine) -> Results {
-        Results { machine, series: vec![], rtts: vec![], resources: Resources::default(), elapsed_secs: 0.0 }
+        Results {
+            machine,
+            series: vec![],
+            rtts: vec![],
+            resources: Resources::default(),
+            elapsed_secs: 0.0,
+        }
     }
 
     pub fn add(&mut self, path: Path, metric: Metric, mode: Mode, value: f64, errors: u64) {
-        eprintln!("bench:   {} {} {}: {value:.2} ({errors} errors)", path.name(), metric.key(), mode.name());
-        let pos = self.series.iter().position(|s| s.path == path && s.metric == metric);
+        eprintln!(
+            "bench:   {} {} {}: {value:.2} ({errors} errors)",
+            path.name(),
+            metric.key(),
+            mode.name()
+        );
+        let pos = self
+            .series
+            .iter()
+            .position(|s| s.path == path && s.metric == metric);
         let s = match pos {
             Some(i) => &mut self.series[i],
             None => {
-                self.series.push(Series { path, metric, direct: vec![], mesh: vec![], errors: 0 });
+                self.series.push(Series {
+                    path,
+                    metric,
+                    direct: vec![],
+                    mesh: vec![],
+                    errors: 0,
+                });
                 self.series.last_mut().expect("just pushed")
             }
         };
@@ -147,8 +188,17 @@ impl Results {
     pub fn add_rtts(&mut self, path: Path, mode: Mode, rtts: Vec<u64>) {
         let mut sorted = rtts.clone();
         sorted.sort_unstable();
-        eprintln!("bench:   {} rtt {}: p50 {} µs", path.name(), mode.name(), quantile(&sorted, 0.5) / 1000);
-        match self.rtts.iter_mut().find(|(p, m, _)| *p == path && *m == mode) {
+        eprintln!(
+            "bench:   {} rtt {}: p50 {} µs",
+            path.name(),
+            mode.name(),
+            quantile(&sorted, 0.5) / 1000
+        );
+        match self
+            .rtts
+            .iter_mut()
+            .find(|(p, m, _)| *p == path && *m == mode)
+        {
             Some(e) => e.2.extend(rtts),
             None => self.rtts.push((path, mode, rtts)),
         }
@@ -156,7 +206,10 @@ impl Results {
 
     /// Latency percentiles (µs) of one path and mode, and the sample count.
     fn latency(&self, path: Path, mode: Mode) -> Option<([f64; 3], usize)> {
-        let (_, _, v) = self.rtts.iter().find(|(p, m, _)| *p == path && *m == mode)?;
+        let (_, _, v) = self
+            .rtts
+            .iter()
+            .find(|(p, m, _)| *p == path && *m == mode)?;
         let mut s = v.clone();
         s.sort_unstable();
         let us = |q| quantile(&s, q) as f64 / 1000.0;
@@ -164,7 +217,9 @@ impl Results {
     }
 
     fn series(&self, path: Path, metric: Metric) -> Option<&Series> {
-        self.series.iter().find(|s| s.path == path && s.metric == metric)
+        self.series
+            .iter()
+            .find(|s| s.path == path && s.metric == metric)
     }
 }
 
@@ -180,18 +235,51 @@ struct Target {
 
 fn targets(r: &Results) -> Vec<Target> {
     let ratio = |m| r.series(Path::CrossNode, m).map(Series::ratio);
-    let p50 = match (r.latency(Path::CrossNode, Mode::Mesh), r.latency(Path::CrossNode, Mode::Direct)) {
+    let p50 = match (
+        r.latency(Path::CrossNode, Mode::Mesh),
+        r.latency(Path::CrossNode, Mode::Direct),
+    ) {
         (Some((m, _)), Some((d, _))) => Some(m[0] - d[0]),
         _ => None,
     };
     let max_mib = |v: &[u64]| v.iter().max().map(|m| *m as f64 / MIB);
-    let t = |what, value: Option<f64>, unit, ok: fn(f64) -> bool| Target { what, value, unit, met: value.is_some_and(ok) };
+    let t = |what, value: Option<f64>, unit, ok: fn(f64) -> bool| Target {
+        what,
+        value,
+        unit,
+        met: value.is_some_and(ok),
+    };
     vec![
-        t("throughput 1 stream, mesh/direct ≥ 0.45", ratio(Metric::Tput1), "×", |v| v >= 0.45),
-        t("req/resp p50, mesh − direct ≤ 50 µs", p50, "µs", |v| v <= 50.0),
-        t("new conn/s concurrency 1, mesh/direct ≥ 0.40", ratio(Metric::Conn1), "×", |v| v >= 0.40),
-        t("RSS idle ≤ 12 MiB (max of both ztunnels)", max_mib(&r.resources.rss_idle), "MiB", |v| v <= 12.0),
-        t("RSS with 1,000 open connections ≤ 64 MiB", max_mib(&r.resources.rss_held), "MiB", |v| v <= 64.0),
+        t(
+            "throughput 1 stream, mesh/direct ≥ 0.45",
+            ratio(Metric::Tput1),
+            "×",
+            |v| v >= 0.45,
+        ),
+        t(
+            "req/resp p50, mesh − direct ≤ 50 µs",
+            p50,
+            "µs",
+            |v| v <= 50.0,
+        ),
+        t(
+            "new conn/s concurrency 1, mesh/direct ≥ 0.40",
+            ratio(Metric::Conn1),
+            "×",
+            |v| v >= 0.40,
+        ),
+        t(
+            "RSS idle ≤ 12 MiB (max of both ztunnels)",
+            max_mib(&r.resources.rss_idle),
+            "MiB",
+            |v| v <= 12.0,
+        ),
+        t(
+            "RSS with 1,000 open connections ≤ 64 MiB",
+            max_mib(&r.resources.rss_held),
+            "MiB",
+            |v| v <= 64.0,
+        ),
     ]
 }
 
@@ -227,6 +315,7 @@ fn to_json(r: &Results) -> Value {
             "cpu_seconds_per_gb_1_stream": res.cpu_per_gb(1),
             "cpu_seconds_per_gb_4_streams": res.cpu_per_gb(4),
             "rss_idle_bytes": res.rss_idle,
+            "rss_idle_anonymous_bytes": res.rss_idle_anon,
             "rss_peak_under_load_bytes": res.rss_load,
             "rss_held_connections_bytes": res.rss_held,
             "held_connections": res.held,
@@ -258,15 +347,28 @@ fn to_markdown(r: &Results) -> String {
         m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs
     );
     for path in [Path::CrossNode, Path::SameNode] {
-        let _ = writeln!(md, "| {} | direct | mesh | mesh/direct |\n|---|---:|---:|---:|", path.name());
+        let _ = writeln!(
+            md,
+            "| {} | direct | mesh | mesh/direct |\n|---|---:|---:|---:|",
+            path.name()
+        );
         for metric in [Metric::Tput1, Metric::Tput4] {
             if let Some(s) = r.series(path, metric) {
-                row(&mut md, metric.label(), median(&s.direct), median(&s.mesh), s.errors);
+                row(
+                    &mut md,
+                    metric.label(),
+                    median(&s.direct),
+                    median(&s.mesh),
+                    s.errors,
+                );
             }
         }
-        if let (Some((d, n)), Some((me, _))) = (r.latency(path, Mode::Direct), r.latency(path, Mode::Mesh)) {
+        if let (Some((d, n)), Some((me, _))) =
+            (r.latency(path, Mode::Direct), r.latency(path, Mode::Mesh))
+        {
             for (i, q) in ["p50", "p99", "p99.9"].iter().enumerate() {
-                let _ = writeln!(
+                let _ =
+                    writeln!(
                     md,
                     "| req/resp latency {q} (µs, {n} round trips) | {} | {} | {:.2}× (+{:.0} µs) |",
                     fmt(d[i]), fmt(me[i]), me[i] / d[i], me[i] - d[i]
@@ -275,37 +377,81 @@ fn to_markdown(r: &Results) -> String {
         }
         for metric in [Metric::Conn1, Metric::Conn4] {
             if let Some(s) = r.series(path, metric) {
-                row(&mut md, metric.label(), median(&s.direct), median(&s.mesh), s.errors);
+                row(
+                    &mut md,
+                    metric.label(),
+                    median(&s.direct),
+                    median(&s.mesh),
+                    s.errors,
+                );
             }
         }
         md.push('\n');
     }
     let res = &r.resources;
-    let mib = |v: &[u64], i: usize| v.get(i).map_or("—".into(), |b| format!("{:.1}", *b as f64 / MIB));
-    let _ = writeln!(md, "| ztunnel | node-a (client side) | node-b (server side) |\n|---|---:|---:|");
-    for (label, v) in [("CPU s per GB carried, 1 stream", res.cpu_per_gb(1)), ("CPU s per GB carried, 4 streams", res.cpu_per_gb(4))] {
-        let _ = writeln!(md, "| {label} | {} | {} |", v.first().map_or("—".into(), |x| fmt(*x)), v.get(1).map_or("—".into(), |x| fmt(*x)));
+    let mib = |v: &[u64], i: usize| {
+        v.get(i)
+            .map_or("—".into(), |b| format!("{:.1}", *b as f64 / MIB))
+    };
+    let _ = writeln!(
+        md,
+        "| ztunnel | node-a (client side) | node-b (server side) |\n|---|---:|---:|"
+    );
+    for (label, v) in [
+        ("CPU s per GB carried, 1 stream", res.cpu_per_gb(1)),
+        ("CPU s per GB carried, 4 streams", res.cpu_per_gb(4)),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} |",
+            v.first().map_or("—".into(), |x| fmt(*x)),
+            v.get(1).map_or("—".into(), |x| fmt(*x))
+        );
     }
     let held = format!("RSS with {} open connections (MiB)", res.held);
     for (label, v) in [
         ("RSS idle (MiB)", &res.rss_idle),
+        (
+            "of which anonymous (not the binary's code pages)",
+            &res.rss_idle_anon,
+        ),
         ("RSS peak under throughput load (MiB)", &res.rss_load),
         (held.as_str(), &res.rss_held),
         ("RSS idle after the run (MiB)", &res.rss_after),
     ] {
         let _ = writeln!(md, "| {label} | {} | {} |", mib(v, 0), mib(v, 1));
     }
-    let _ = writeln!(md, "\n| target (cross-node) | measured | met |\n|---|---:|:---:|");
+    let _ = writeln!(
+        md,
+        "\n| target (cross-node) | measured | met |\n|---|---:|:---:|"
+    );
     for t in targets(r) {
-        let v = t.value.map_or("not measured".into(), |v| format!("{} {}", fmt(v), t.unit));
-        let _ = writeln!(md, "| {} | {v} | {} |", t.what, if t.met { "yes" } else { "**no**" });
+        let v = t
+            .value
+            .map_or("not measured".into(), |v| format!("{} {}", fmt(v), t.unit));
+        let _ = writeln!(
+            md,
+            "| {} | {v} | {} |",
+            t.what,
+            if t.met { "yes" } else { "**no**" }
+        );
     }
     md
 }
 
 fn row(md: &mut String, label: &str, d: f64, m: f64, errors: u64) {
-    let err = if errors > 0 { format!(" ({errors} failed)") } else { String::new() };
-    let _ = writeln!(md, "| {label}{err} | {} | {} | {:.2}× |", fmt(d), fmt(m), m / d);
+    let err = if errors > 0 {
+        format!(" ({errors} failed)")
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        md,
+        "| {label}{err} | {} | {} | {:.2}× |",
+        fmt(d),
+        fmt(m),
+        m / d
+    );
 }
 
 /// Writes both files under `$BENCH_OUT` (default: the workspace's `target/bench`).
@@ -314,7 +460,10 @@ pub fn write(r: &Results) -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&to_json(r))?)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&to_json(r))?,
+    )?;
     std::fs::write(dir.join("results.md"), to_markdown(r))?;
     Ok(dir)
 }
