@@ -1,5 +1,6 @@
 //! Developer and CI commands. `cargo xtask --help` lists them.
 
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -29,6 +30,8 @@ enum Cmd {
     /// Release build, then direct vs mesh on the testbed (throughput, latency, connection
     /// rate, ztunnel CPU and memory) into target/bench/results.{json,md}. Not part of `test`.
     Bench,
+    /// Runs each fuzz target (fuzz/) for a bounded time; fails on any crash. Not part of `test`.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Bench => bench(),
+        Cmd::Fuzz(args) => fuzz::fuzz(&args),
     }
 }
 

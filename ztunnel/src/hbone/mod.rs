@@ -33,6 +33,10 @@ pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Streams a server accepts at once on one connection; the pool opens more connections
 /// well before this.
 pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest request header block the server decodes. A CONNECT carries a handful of short
+/// headers (baggage, the largest, is capped at 8 KiB by W3C); h2's default of 16 MiB would
+/// let each peer connection make the server buffer that much.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 pub const HEADER_FORWARDED: &str = "forwarded";
 pub const HEADER_BAGGAGE: &str = "baggage";
@@ -95,7 +99,8 @@ fn server_builder() -> h2::server::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }
 
@@ -110,6 +115,9 @@ fn client_builder() -> h2::client::Builder {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+#[cfg(test)]
+mod bad_input_tests;
 
 #[cfg(test)]
 mod header_tests {

@@ -11,3 +11,6 @@ pub use ca_client::GrpcCaClient;
 pub use cert::WorkloadCertificate;
 pub use manager::{CaClient, SecretManager};
 pub use spiffe::Identity;
+
+#[cfg(test)]
+mod ca_corpus_tests;

@@ -10,3 +10,6 @@ pub(crate) mod yaml;
 
 pub use local::{ConfigError, LocalConfig};
 pub use watch::{follow, watch, watch_every};
+
+#[cfg(test)]
+mod corpus_tests;
