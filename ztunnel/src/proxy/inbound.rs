@@ -25,6 +25,9 @@ fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
     ctx.store.snapshot().workload_by_ip(ip).filter(|w| w.node == ctx.node)
 }
 
+/// Bound on the TLS handshake of an inbound HBONE connection.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dialed = match socket::original_dst(&stream) {
         Ok(d) => d,
@@ -44,10 +47,18 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         Ok(c) => c,
         Err(e) => return warn!(%identity, "TLS server config: {e}"),
     };
-    let (tls, client) = match crate::tls::accept(config, stream).await {
-        Ok(t) => t,
-        Err(e) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
+    // A client that connects and sends nothing must not hold a task and a socket forever.
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(config, stream)).await;
+    let (tls, client) = match accepted {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
+        Err(_) => return info!(%peer, %identity, "mTLS handshake timed out"),
     };
+    // A certificate chained to a shared root but naming another trust domain is not one of
+    // ours: refuse it before any policy (namespace-only rules would otherwise match it).
+    if client.trust_domain != identity.trust_domain {
+        return info!(%peer, %client, "client identity from a foreign trust domain: refused");
+    }
     debug!(%peer, client = %client, server = %identity, "HBONE connection");
     let handler_ctx = ctx.clone();
     let result = serve_connection(tls, client, move |req| {
