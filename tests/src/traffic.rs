@@ -87,3 +87,23 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
         v4 => v4,
     }
 }
+
+/// Whether a connection from `ns` to `dst` carries a `ping` and gets it echoed (2 s bound).
+pub fn echoes(ns: &Netns, dst: SocketAddr) -> bool {
+    connect(ns, dst, Duration::from_secs(2))
+        .and_then(|mut s| echo_round_trip(&mut s, b"ping"))
+        .map(|v| v == b"ping")
+        .unwrap_or(false)
+}
+
+/// Polls `f` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out: {what}");
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ztunnel_tests::sniffer::Sniffer;
-use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::traffic::{connect, echoes, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Node, Pod, Testbed};
 
@@ -43,10 +43,7 @@ fn dst(p: &Pair) -> SocketAddr {
 }
 
 fn works(p: &Pair) -> bool {
-    connect(&p.client.netns, dst(p), Duration::from_secs(2))
-        .and_then(|mut s| echo_round_trip(&mut s, b"ping"))
-        .map(|v| v == b"ping")
-        .unwrap_or(false)
+    echoes(&p.client.netns, dst(p))
 }
 
 fn fds(z: &Ztunnel) -> usize {

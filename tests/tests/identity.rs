@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ztunnel_tests::http;
-use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::traffic::{connect, echo_round_trip, eventually, EchoServer};
 use ztunnel_tests::ztunnel::{binary, local_config, WorkloadSpec};
 use ztunnel_tests::{require_root, Node, Testbed};
 
@@ -15,17 +15,6 @@ const READY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Add
 
 fn readiness(node: &Node) -> (u16, String) {
     http::get(&node.netns, READY, "/healthz/ready").unwrap_or((0, String::new()))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out: {what}");
 }
 
 #[test]
@@ -66,8 +55,8 @@ fn ca_down_means_not_ready_and_fail_closed_then_recovers() {
 
     // The CA comes back: certificates arrive, readiness flips, traffic flows.
     let _cp = tb.start_controlplane(&cp_node, &config, &[]).unwrap();
-    wait_until("node-a ready after the CA is back", Duration::from_secs(30), || readiness(&a).0 == 200);
-    wait_until("node-b ready after the CA is back", Duration::from_secs(30), || readiness(&b).0 == 200);
+    eventually("node-a ready after the CA is back", Duration::from_secs(30), || readiness(&a).0 == 200);
+    eventually("node-b ready after the CA is back", Duration::from_secs(30), || readiness(&b).0 == 200);
     let mut s = connect(&client.netns, dst, T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"back").unwrap(), b"back");
 }
@@ -95,7 +84,7 @@ fn certificates_rotate_under_traffic_without_dropping_connections() {
         args.extend(["--workload-cert-ttl".into(), "4s".into()]);
         zs.push(tb.start_ztunnel(n, &config, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap());
     }
-    wait_until("ready", Duration::from_secs(20), || readiness(&a).0 == 200 && readiness(&b).0 == 200);
+    eventually("ready", Duration::from_secs(20), || readiness(&a).0 == 200 && readiness(&b).0 == 200);
 
     let dst = SocketAddr::new(server.ip.into(), 8080);
     let mut long = connect(&client.netns, dst, T).unwrap();
@@ -134,7 +123,7 @@ fn debug_command_prints_tables() {
         .write_config("workloads.yaml", &local_config(&[WorkloadSpec::mesh(&client, "default", "client")], ""))
         .unwrap();
     tb.start_ztunnel(&a, &config, &[]).unwrap();
-    wait_until("ready", Duration::from_secs(20), || readiness(&a).0 == 200);
+    eventually("ready", Duration::from_secs(20), || readiness(&a).0 == 200);
     let run = |what: &str, json: bool| {
         let mut cmd = a.netns.command(binary()).unwrap();
         cmd.args(["debug", what]);

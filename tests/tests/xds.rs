@@ -2,31 +2,14 @@
 //! from its workload file; node ztunnels get workloads and policies from it, live.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec};
-use ztunnel_tests::{require_root, Pod, Testbed};
+use ztunnel_tests::{require_root, Testbed};
 
 const T: Duration = Duration::from_secs(5);
-
-fn works(from: &Pod, dst: SocketAddr) -> bool {
-    connect(&from.netns, dst, Duration::from_secs(2))
-        .and_then(|mut s| echo_round_trip(&mut s, b"ping"))
-        .map(|v| v == b"ping")
-        .unwrap_or(false)
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out: {what}");
-}
+const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn nodes_follow_the_control_plane_over_xds() {
@@ -51,17 +34,17 @@ fn nodes_follow_the_control_plane_over_xds() {
         z.wait_for_log("workload enrolled", Duration::from_secs(15)).unwrap();
     }
     let dst = SocketAddr::new(server.ip.into(), 8080);
-    eventually("traffic through the mesh", || works(&client, dst));
+    eventually("traffic through the mesh", WAIT, || echoes(&client.netns, dst));
 
     // A DENY policy added to the control plane's file reaches node-b and is enforced.
     let deny = "policies:\n- name: deny-client\n  namespace: default\n  scope: Namespace\n  action: Deny\n  \
                 rules:\n  - - - principals: [\"cluster.local/ns/default/sa/client\"]\n";
     std::fs::write(&config, local_config(&workloads, deny)).unwrap();
-    eventually("deny policy enforced", || !works(&client, dst));
+    eventually("deny policy enforced", WAIT, || !echoes(&client.netns, dst));
     zs[1].wait_for_log("connection denied by policy", T).unwrap();
     // Removing it is honoured too.
     std::fs::write(&config, local_config(&workloads, "")).unwrap();
-    eventually("policy removal honoured", || works(&client, dst));
+    eventually("policy removal honoured", WAIT, || echoes(&client.netns, dst));
 
     // A new pod appears in the file: node-a learns it over xDS and enrolls it.
     let late = tb.add_pod(&a, "late").unwrap();
@@ -69,6 +52,6 @@ fn nodes_follow_the_control_plane_over_xds() {
     more.push(WorkloadSpec::mesh(&late, "default", "late"));
     std::fs::write(&config, local_config(&more, "")).unwrap();
     zs[0].wait_for_log("workload=cluster1//Pod/default/late", Duration::from_secs(15)).unwrap();
-    eventually("the new pod's traffic goes through the mesh", || works(&late, dst));
+    eventually("the new pod's traffic goes through the mesh", WAIT, || echoes(&late.netns, dst));
     zs[0].wait_for_line(&["connection complete", "sa/late"], T).unwrap();
 }
