@@ -19,7 +19,11 @@ fn main() -> anyhow::Result<()> {
     // cargo from there.
     std::env::set_current_dir(ebpf_dir)?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "ztunnel-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "ztunnel-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("/usr"),
     )
     .map_err(|e| {

@@ -89,7 +89,12 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         }
         return Ok(TC_ACT_SHOT as i32);
     }
-    let flow = FlowKey { saddr: pkt.saddr, daddr: pkt.daddr, sport: pkt.sport, dport: pkt.dport };
+    let flow = FlowKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
 
     if !src_out && !dst_in {
         // Not an enrolled pod's traffic, but it may still belong to a flow we captured
@@ -196,7 +201,12 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
             if ihl < 20 {
                 return Ok(None);
             }
-            (false, PodKey::v4(s).addr, PodKey::v4(d).addr, ETH_HDR_LEN + ihl)
+            (
+                false,
+                PodKey::v4(s).addr,
+                PodKey::v4(d).addr,
+                ETH_HDR_LEN + ihl,
+            )
         }
         ETH_P_IPV6 => {
             let next: u8 = ctx.load(ETH_HDR_LEN + 6).map_err(|_| ())?;
@@ -213,7 +223,15 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
     let sport: u16 = ctx.load(l4).map_err(|_| ())?;
     let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
     let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
-    Ok(Some(Packet { v6, saddr, daddr, sport, dport, flags, len: ctx.len() }))
+    Ok(Some(Packet {
+        v6,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        flags,
+        len: ctx.len(),
+    }))
 }
 
 /// The enrolled pod owning `key`, or an all-zero info (not enrolled).
@@ -221,7 +239,10 @@ fn pod_info(key: &PodKey) -> PodInfo {
     match PODS.get_ptr(key) {
         // SAFETY: the pointer comes from a successful map lookup.
         Some(info) => unsafe { *info },
-        None => PodInfo { ifindex: 0, flags: 0 },
+        None => PodInfo {
+            ifindex: 0,
+            flags: 0,
+        },
     }
 }
 
@@ -230,7 +251,12 @@ fn is_captured(flow: &FlowKey) -> bool {
 }
 
 fn reversed(flow: &FlowKey) -> FlowKey {
-    FlowKey { saddr: flow.daddr, daddr: flow.saddr, sport: flow.dport, dport: flow.sport }
+    FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+    }
 }
 
 /// Builds the lookup tuple for `pkt`, with the destination port replaced by `dport`.
@@ -263,7 +289,13 @@ fn assign_existing(ctx: &TcContext, pkt: &Packet, mark: u32) -> bool {
     let (mut t, size) = tuple(pkt, pkt.dport);
     // SAFETY: helper call with a valid context and a stack tuple of the given size.
     let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.skb.skb as *mut _, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut t,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return false;
@@ -282,7 +314,13 @@ fn assign_listener(ctx: &TcContext, pkt: &Packet, port: u16, mark: u32) -> bool 
     let (mut t, size) = tuple(pkt, port.to_be());
     // SAFETY: as in assign_existing.
     let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.skb.skb as *mut _, &mut t, size, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut t,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return false;

@@ -49,10 +49,14 @@ pub(crate) fn unregister_child(pid: u32) {
 /// Deletes namespaces (and their bpffs pins) created by testbed processes that no
 /// longer exist.
 pub fn remove_stale() {
-    let Ok(rd) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(rd) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = owner_pid(&name) else { continue };
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }

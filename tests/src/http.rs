@@ -10,7 +10,12 @@ use anyhow::Context;
 use crate::netns::Netns;
 
 /// Sends `method path` to `addr` from inside `ns`; returns (status, body).
-pub fn request(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub fn request(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
     let raw = ns.run(move || -> anyhow::Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -33,4 +38,5 @@ pub fn get(ns: &Netns, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
     request(ns, addr, "GET", path)
 }
 
-pub const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
+pub const ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);

@@ -8,10 +8,10 @@
 //! next run.
 
 mod cleanup;
-mod netns;
-mod testbed;
 pub mod http;
+mod netns;
 pub mod sniffer;
+mod testbed;
 pub mod traffic;
 pub mod ztunnel;
 

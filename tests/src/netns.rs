@@ -22,7 +22,9 @@ impl Netns {
     pub(crate) fn create(name: &str) -> anyhow::Result<Netns> {
         run_ip(&["netns", "add", name]).with_context(|| format!("creating netns {name}"))?;
         crate::cleanup::register_netns(name);
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -64,7 +66,8 @@ impl Netns {
 
     /// A command that runs inside this namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
-        let file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        let file =
+            File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         let mut cmd = Command::new(program);
         // SAFETY: setns is async-signal-safe; the fd stays open until the child execs.
         unsafe {
@@ -93,7 +96,11 @@ pub(crate) fn run_ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .context("running ip (is iproute2 installed?)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

@@ -36,11 +36,25 @@ impl Sniffer {
                 sll.sll_family = libc::AF_PACKET as u16;
                 sll.sll_protocol = proto as u16;
                 sll.sll_ifindex = idx as i32;
-                if libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) != 0 {
+                if libc::bind(
+                    fd,
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                ) != 0
+                {
                     anyhow::bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
                 }
-                let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
                 Ok(fd)
             }
         })?;
@@ -51,7 +65,8 @@ impl Sniffer {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
                 // SAFETY: reading into a buffer we own.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                let n =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
                 if n > 0 {
                     f.lock().unwrap().push(buf[..n as usize].to_vec());
                 }
@@ -59,7 +74,11 @@ impl Sniffer {
             // SAFETY: closing our own fd once.
             unsafe { libc::close(fd) };
         });
-        Ok(Sniffer { stop, frames, thread: Some(thread) })
+        Ok(Sniffer {
+            stop,
+            frames,
+            thread: Some(thread),
+        })
     }
 
     pub fn finish(mut self) -> Capture {
@@ -67,7 +86,9 @@ impl Sniffer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        Capture { frames: std::mem::take(&mut self.frames.lock().unwrap()) }
+        Capture {
+            frames: std::mem::take(&mut self.frames.lock().unwrap()),
+        }
     }
 }
 
@@ -79,12 +100,18 @@ impl Capture {
 
     /// Whether `needle` appears in any TCP payload.
     pub fn contains_plaintext(&self, needle: &[u8]) -> bool {
-        self.tcp().iter().any(|(_, _, p)| p.windows(needle.len()).any(|w| w == needle))
+        self.tcp()
+            .iter()
+            .any(|(_, _, p)| p.windows(needle.len()).any(|w| w == needle))
     }
 
     /// Distinct TCP ports carrying payload.
     pub fn ports_with_payload(&self) -> std::collections::BTreeSet<u16> {
-        self.tcp().iter().filter(|(_, _, p)| !p.is_empty()).flat_map(|(s, d, _)| [*s, *d]).collect()
+        self.tcp()
+            .iter()
+            .filter(|(_, _, p)| !p.is_empty())
+            .flat_map(|(s, d, _)| [*s, *d])
+            .collect()
     }
 }
 

@@ -59,7 +59,13 @@ impl Testbed {
         let switch = Arc::new(Netns::create(&format!("{prefix}-switch"))?);
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
-        Ok(Testbed { prefix, switch, nodes: vec![], pods: vec![], processes: Mutex::new(vec![]) })
+        Ok(Testbed {
+            prefix,
+            switch,
+            nodes: vec![],
+            pods: vec![],
+            processes: Mutex::new(vec![]),
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -72,8 +78,20 @@ impl Testbed {
         let ip = Ipv4Addr::new(192, 168, 0, index);
         let ip6: Ipv6Addr = format!("fd00:ff::{index}").parse()?;
         let sw = format!("n{index}");
-        self.switch.ip(&["link", "add", &sw, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
-        self.switch.ip(&["link", "set", &sw, "master", "br0", "up"])?;
+        self.switch.ip(&[
+            "link",
+            "add",
+            &sw,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        self.switch
+            .ip(&["link", "set", &sw, "master", "br0", "up"])?;
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -86,36 +104,86 @@ impl Testbed {
             route_pods(&netns, other.index, other.ip, other.ip6)?;
             route_pods(&other.netns, index, ip, ip6)?;
         }
-        let node = Node { name: name.to_string(), index, netns, ip, ip6, pods: Arc::new(AtomicU32::new(1)) };
+        let node = Node {
+            name: name.to_string(),
+            index,
+            netns,
+            ip,
+            ip6,
+            pods: Arc::new(AtomicU32::new(1)),
+        };
         self.nodes.push(node.clone());
         Ok(node)
     }
 
     pub fn add_pod(&mut self, node: &Node, name: &str) -> anyhow::Result<Pod> {
         let k = node.pods.fetch_add(1, Ordering::SeqCst) + 1;
-        let netns = Arc::new(Netns::create(&format!("{}-{}-{name}", self.prefix, node.name))?);
+        let netns = Arc::new(Netns::create(&format!(
+            "{}-{}-{name}",
+            self.prefix, node.name
+        ))?);
         let ip = Ipv4Addr::new(10, node.index, 0, k as u8);
         let ip6: Ipv6Addr = format!("fd00:{}::{k}", node.index).parse()?;
         let host_if = format!("p{k}");
-        node.netns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
-        node.netns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
-        node.netns.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+        node.netns.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        node.netns
+            .sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+        node.netns
+            .sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
         // The pod's gateway lives on every host-side veth (as Calico does with
         // 169.254.1.1): the node answers for it, then routes by destination.
-        node.netns.ip(&["addr", "add", "169.254.1.1/32", "dev", &host_if, "noprefixroute"])?;
-        node.netns.ip(&["addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
+        node.netns.ip(&[
+            "addr",
+            "add",
+            "169.254.1.1/32",
+            "dev",
+            &host_if,
+            "noprefixroute",
+        ])?;
+        node.netns
+            .ip(&["addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
         node.netns.ip(&["link", "set", &host_if, "up"])?;
-        node.netns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
-        node.netns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+        node.netns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        node.netns
+            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
-        netns.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-        netns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
-        let pod = Pod { name: name.to_string(), node: node.name.clone(), netns, ip, ip6, host_if };
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        netns.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
+        let pod = Pod {
+            name: name.to_string(),
+            node: node.name.clone(),
+            netns,
+            ip,
+            ip6,
+            host_if,
+        };
         self.pods.push(pod.clone());
         Ok(pod)
     }
@@ -190,8 +258,21 @@ fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitSt
 
 /// Routes node `index`'s pod ranges over the wire to its address.
 fn route_pods(on: &Netns, index: u8, ip: Ipv4Addr, ip6: Ipv6Addr) -> anyhow::Result<()> {
-    on.ip(&["route", "add", &format!("10.{index}.0.0/16"), "via", &ip.to_string()])?;
-    on.ip(&["-6", "route", "add", &format!("fd00:{index}::/64"), "via", &ip6.to_string()])
+    on.ip(&[
+        "route",
+        "add",
+        &format!("10.{index}.0.0/16"),
+        "via",
+        &ip.to_string(),
+    ])?;
+    on.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("fd00:{index}::/64"),
+        "via",
+        &ip6.to_string(),
+    ])
 }
 
 impl Pod {

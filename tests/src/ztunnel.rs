@@ -30,10 +30,20 @@ pub struct WorkloadSpec {
 
 impl WorkloadSpec {
     pub fn mesh(pod: &Pod, namespace: &str, sa: &str) -> Self {
-        WorkloadSpec { pod: pod.clone(), namespace: namespace.into(), service_account: sa.into(), hbone: true }
+        WorkloadSpec {
+            pod: pod.clone(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            hbone: true,
+        }
     }
     pub fn plain(pod: &Pod, namespace: &str) -> Self {
-        WorkloadSpec { pod: pod.clone(), namespace: namespace.into(), service_account: "default".into(), hbone: false }
+        WorkloadSpec {
+            pod: pod.clone(),
+            namespace: namespace.into(),
+            service_account: "default".into(),
+            hbone: false,
+        }
     }
 }
 
@@ -82,15 +92,27 @@ impl Ztunnel {
         let deadline = Instant::now() + timeout;
         let needle = needles.join(" + ");
         while Instant::now() < deadline {
-            if let Some(l) = self.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            if let Some(l) = self
+                .log_text()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return Ok(l.to_string());
             }
             if !Path::new(&format!("/proc/{}", self.pid)).exists() || is_zombie(self.pid) {
-                bail!("ztunnel on {} exited; log:\n{}", self.node.name, self.log_text());
+                bail!(
+                    "ztunnel on {} exited; log:\n{}",
+                    self.node.name,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("timed out waiting for {needle:?} from ztunnel on {}; log:\n{}", self.node.name, self.log_text())
+        bail!(
+            "timed out waiting for {needle:?} from ztunnel on {}; log:\n{}",
+            self.node.name,
+            self.log_text()
+        )
     }
 }
 
@@ -117,7 +139,12 @@ impl Testbed {
 
     /// Starts ztunnel on `node` with the workload file `config` (standalone) and waits
     /// until it reports ready.
-    pub fn start_ztunnel(&self, node: &Node, config: &Path, extra: &[&str]) -> anyhow::Result<Ztunnel> {
+    pub fn start_ztunnel(
+        &self,
+        node: &Node,
+        config: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Ztunnel> {
         let config = config.display().to_string();
         let mut args = vec!["--local-xds-path", config.as_str()];
         args.extend_from_slice(extra);
@@ -127,7 +154,10 @@ impl Testbed {
     /// Starts ztunnel on `node` with exactly these extra flags (e.g. `--xds-address`).
     pub fn start_ztunnel_with(&self, node: &Node, extra: &[&str]) -> anyhow::Result<Ztunnel> {
         let log = self.dir().join(format!("ztunnel-{}.log", node.name));
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = node.netns.command(binary())?;
         cmd.arg("run")
             .args(["--node-name", &node.name, "--instance", node.netns.name()])
@@ -136,22 +166,37 @@ impl Testbed {
             .arg("--local-ca-dir")
             .arg(self.dir().join("ca"))
             .args(extra)
-            .env("RUST_LOG", std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG")
+                    .unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
         let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let pid = self.spawn(cmd)?;
-        let z = Ztunnel { pid, node: node.clone(), log };
+        let z = Ztunnel {
+            pid,
+            node: node.clone(),
+            log,
+        };
         // Only a "ready" written by this run counts.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = z.log_text();
-            if text.get(start as usize..).is_some_and(|t| t.contains("ztunnel ready")) {
+            if text
+                .get(start as usize..)
+                .is_some_and(|t| t.contains("ztunnel ready"))
+            {
                 return Ok(z);
             }
             if is_zombie(pid) || Instant::now() > deadline {
-                bail!("ztunnel on {} did not become ready; log:\n{}", node.name, text);
+                bail!(
+                    "ztunnel on {} did not become ready; log:\n{}",
+                    node.name,
+                    text
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -186,13 +231,25 @@ impl ControlPlane {
 impl Testbed {
     /// Starts the control plane on `node` (port 15012), trusting a token per testbed node
     /// (`token-<node>`), and waits until it serves.
-    pub fn start_controlplane(&self, node: &Node, config: &Path, extra: &[&str]) -> anyhow::Result<ControlPlane> {
+    pub fn start_controlplane(
+        &self,
+        node: &Node,
+        config: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<ControlPlane> {
         let dir = self.dir();
-        let tokens: String = self.nodes().iter().map(|n| format!("token-{0} {0}\n", n.name)).collect();
+        let tokens: String = self
+            .nodes()
+            .iter()
+            .map(|n| format!("token-{0} {0}\n", n.name))
+            .collect();
         let tokens_file = self.write_config("tokens", &tokens)?;
         let ca_dir = dir.join("controlplane-ca");
         let log = dir.join("controlplane.log");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
         let mut cmd = node.netns.command(binary())?;
         cmd.arg("controlplane")
@@ -219,6 +276,12 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(ControlPlane { pid, url: format!("https://{}:15012", node.ip), ca_dir, log, dir })
+        Ok(ControlPlane {
+            pid,
+            url: format!("https://{}:15012", node.ip),
+            ca_dir,
+            log,
+            dir,
+        })
     }
 }

@@ -17,7 +17,11 @@ fn config(ns: &Netns) -> CaptureConfig {
     CaptureConfig {
         instance: ns.name().to_string(),
         bpffs_root: "/sys/fs/bpf".into(),
-        routing: RoutingConfig { mark: 0x4000, table: 15010, priority: 100 },
+        routing: RoutingConfig {
+            mark: 0x4000,
+            table: 15010,
+            priority: 100,
+        },
         proxy_mark: 0x539,
         outbound_port: 15001,
         inbound_plain_port: 15006,
@@ -52,7 +56,10 @@ impl NodeCapture {
         std::thread::spawn(move || {
             let f = std::fs::File::open(path).unwrap();
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let mut cap = Capture::start(cfg).await.expect("capture start");
                 ready_tx.send(()).unwrap();
@@ -70,7 +77,8 @@ impl NodeCapture {
                         Cmd::Counters(reply) => reply.send(cap.counters()).unwrap(),
                         Cmd::Listen(report) => {
                             for addr in ["0.0.0.0:15001", "[::]:15001"] {
-                                let l: TcpListener = transparent_listener(addr.parse().unwrap()).unwrap();
+                                let l: TcpListener =
+                                    transparent_listener(addr.parse().unwrap()).unwrap();
                                 let report = report.clone();
                                 listeners.push(tokio::spawn(async move {
                                     while let Ok((s, peer)) = l.accept().await {
@@ -94,7 +102,9 @@ impl NodeCapture {
                 }
             });
         });
-        ready_rx.recv_timeout(Duration::from_secs(30)).expect("capture did not start");
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("capture did not start");
         NodeCapture { tx }
     }
 
@@ -105,7 +115,11 @@ impl NodeCapture {
     /// Enrolls and waits until the maps are written.
     fn enroll(&self, pod: &Pod) {
         let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Enroll(vec![pod.ip.into(), pod.ip6.into()], pod.host_if.clone(), tx));
+        self.send(Cmd::Enroll(
+            vec![pod.ip.into(), pod.ip6.into()],
+            pod.host_if.clone(),
+            tx,
+        ));
         rx.recv_timeout(T).unwrap();
     }
 
@@ -159,7 +173,13 @@ fn bed() -> Bed {
     let other = tb.add_pod(&a, "other").unwrap();
     let server = tb.add_pod(&b, "server").unwrap();
     let echo = EchoServer::start(&server.netns, 8080).unwrap();
-    Bed { tb, client, other, server, echo }
+    Bed {
+        tb,
+        client,
+        other,
+        server,
+        echo,
+    }
 }
 
 fn node_a(b: &Bed) -> &Netns {
@@ -178,14 +198,29 @@ fn outbound_connection_reaches_listener_with_original_destination() {
         let s = connect(&b.client.netns, dst, T).expect("connect through capture");
         let (peer, local) = seen.recv_timeout(T).expect("listener saw the connection");
         assert_eq!(local, dst, "local address must be the original destination");
-        assert_eq!(peer, canonical(s.local_addr().unwrap()), "peer must be the pod");
-        assert!(b.echo.drain().is_empty(), "the server must not have been reached directly");
+        assert_eq!(
+            peer,
+            canonical(s.local_addr().unwrap()),
+            "peer must be the pod"
+        );
+        assert!(
+            b.echo.drain().is_empty(),
+            "the server must not have been reached directly"
+        );
     }
     let counters = cap.counters();
-    let c = counters.get(&IpAddr::from(b.client.ip)).expect("client counters");
+    let c = counters
+        .get(&IpAddr::from(b.client.ip))
+        .expect("client counters");
     assert_eq!(c.outbound_flows, 1);
     assert!(c.packets >= 1 && c.bytes > 0);
-    assert_eq!(counters.get(&IpAddr::from(b.client.ip6)).unwrap().outbound_flows, 1);
+    assert_eq!(
+        counters
+            .get(&IpAddr::from(b.client.ip6))
+            .unwrap()
+            .outbound_flows,
+        1
+    );
     cap.shutdown();
 }
 
@@ -203,7 +238,11 @@ fn unenrolled_pod_excluded_port_and_own_node_are_not_captured() {
     assert_eq!(peer.ip(), IpAddr::from(b.other.ip));
 
     // An excluded destination port is not captured (nobody listens: refused, not captured).
-    let r = connect(&b.client.netns, SocketAddr::new(b.server.ip.into(), 9999), T);
+    let r = connect(
+        &b.client.netns,
+        SocketAddr::new(b.server.ip.into(), 9999),
+        T,
+    );
     assert!(r.is_err());
     // The pod's own node (kubelet-style traffic) is not captured.
     let node = &b.tb.nodes()[0];
@@ -211,7 +250,10 @@ fn unenrolled_pod_excluded_port_and_own_node_are_not_captured() {
     let mut s = connect(&b.client.netns, SocketAddr::new(node.ip.into(), 10250), T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"probe").unwrap(), b"probe");
     assert!(node_srv.next_accepted(T).is_some());
-    assert!(seen.try_recv().is_err(), "nothing may have reached the capture listener");
+    assert!(
+        seen.try_recv().is_err(),
+        "nothing may have reached the capture listener"
+    );
     cap.shutdown();
 }
 
@@ -226,7 +268,10 @@ fn enrolling_keeps_established_connections_and_unenrolling_restores_direct_path(
     b.echo.next_accepted(T).unwrap();
     cap.enroll(&b.client);
     // The connection opened before enrollment still works, directly.
-    assert_eq!(echo_round_trip(&mut before, b"still here").unwrap(), b"still here");
+    assert_eq!(
+        echo_round_trip(&mut before, b"still here").unwrap(),
+        b"still here"
+    );
     // New connections are captured.
     let _s = connect(&b.client.netns, dst, T).unwrap();
     assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
@@ -234,7 +279,10 @@ fn enrolling_keeps_established_connections_and_unenrolling_restores_direct_path(
     cap.unenroll(&b.client);
     let mut s = connect(&b.client.netns, dst, T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"direct").unwrap(), b"direct");
-    assert_eq!(b.echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(b.client.ip));
+    assert_eq!(
+        b.echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(b.client.ip)
+    );
     cap.shutdown();
 }
 
@@ -252,7 +300,10 @@ fn fails_closed_without_listener_and_after_crash_then_recovers_on_restart() {
     // Crash: pinned programs stay, still closed.
     cap.crash();
     assert!(connect(&b.client.netns, dst, short).is_err());
-    assert!(b.echo.drain().is_empty(), "plaintext reached the server after a crash");
+    assert!(
+        b.echo.drain().is_empty(),
+        "plaintext reached the server after a crash"
+    );
     // A new instance adopts the pinned state (the pod is still enrolled) and captures.
     let cap = NodeCapture::start(node_a(&b));
     let seen = cap.listen();
@@ -303,7 +354,10 @@ fn a_pod_spoofing_an_enrolled_neighbours_address_is_dropped() {
     cap.enroll(&b.client);
     let seen = cap.listen();
     // `other` (same node, not enrolled) claims the client's address and uses it.
-    b.other.netns.ip(&["addr", "add", &format!("{}/32", b.client.ip), "dev", "eth0"]).unwrap();
+    b.other
+        .netns
+        .ip(&["addr", "add", &format!("{}/32", b.client.ip), "dev", "eth0"])
+        .unwrap();
     let client_ip = b.client.ip;
     let dst = SocketAddr::new(b.server.ip.into(), 8080);
     let r = b.other.netns.run(move || {
@@ -312,8 +366,14 @@ fn a_pod_spoofing_an_enrolled_neighbours_address_is_dropped() {
         s.connect_timeout(&dst.into(), Duration::from_millis(1500))
     });
     assert!(r.is_err(), "a spoofed connection must not get through");
-    assert!(seen.try_recv().is_err(), "ztunnel must not accept it as the client");
-    assert!(b.echo.drain().is_empty(), "nor may it reach the server directly");
+    assert!(
+        seen.try_recv().is_err(),
+        "ztunnel must not accept it as the client"
+    );
+    assert!(
+        b.echo.drain().is_empty(),
+        "nor may it reach the server directly"
+    );
     let c = cap.counters()[&IpAddr::from(b.client.ip)];
     assert!(c.dropped_spoofed >= 1, "{c:?}");
     // The real client still works.

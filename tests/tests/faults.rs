@@ -32,10 +32,24 @@ fn pair() -> Pair {
     let config = tb
         .write_config(
             "workloads.yaml",
-            &local_config(&[WorkloadSpec::mesh(&client, "default", "client"), WorkloadSpec::mesh(&server, "default", "server")], ""),
+            &local_config(
+                &[
+                    WorkloadSpec::mesh(&client, "default", "client"),
+                    WorkloadSpec::mesh(&server, "default", "server"),
+                ],
+                "",
+            ),
         )
         .unwrap();
-    Pair { tb, a, b, client, server, config, _echo: echo }
+    Pair {
+        tb,
+        a,
+        b,
+        client,
+        server,
+        config,
+        _echo: echo,
+    }
 }
 
 fn dst(p: &Pair) -> SocketAddr {
@@ -47,7 +61,9 @@ fn works(p: &Pair) -> bool {
 }
 
 fn fds(z: &Ztunnel) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", z.pid)).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{}/fd", z.pid))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -75,15 +91,24 @@ fn killed_mid_transfer_resets_leaks_nothing_and_restart_captures_at_once() {
     }
     let mut rest = Vec::new();
     let read = s.read_to_end(&mut rest);
-    assert!(failed || read.is_err() || rest.is_empty(), "the connection must end, not carry on");
+    assert!(
+        failed || read.is_err() || rest.is_empty(),
+        "the connection must end, not carry on"
+    );
     let cap = sniff.finish();
-    assert!(!cap.contains_plaintext(marker), "plaintext left the node after ztunnel died");
+    assert!(
+        !cap.contains_plaintext(marker),
+        "plaintext left the node after ztunnel died"
+    );
 
     // A new process captures again at once.
     let started = Instant::now();
     let _za = p.tb.start_ztunnel(&p.a, &p.config, &[]).unwrap();
     assert!(works(&p), "first connection after restart");
-    eprintln!("restart to first proxied connection: {:?}", started.elapsed());
+    eprintln!(
+        "restart to first proxied connection: {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -104,8 +129,14 @@ fn peer_restart_recovers_within_a_second() {
             break;
         }
     }
-    assert!(ok, "no new connection succeeded within 1 s of the peer being back");
-    eprintln!("peer restart: first new connection after {:?}", started.elapsed());
+    assert!(
+        ok,
+        "no new connection succeeded within 1 s of the peer being back"
+    );
+    eprintln!(
+        "peer restart: first new connection after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -117,8 +148,11 @@ fn control_plane_down_traffic_flows_on_cached_state() {
     for n in [p.a.clone(), p.b.clone()] {
         let mut args = cp.node_args(&n);
         args.extend(["--xds-address".to_string(), cp.url.clone()]);
-        let z = p.tb.start_ztunnel_with(&n, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
-        z.wait_for_log("workload enrolled", Duration::from_secs(15)).unwrap();
+        let z =
+            p.tb.start_ztunnel_with(&n, &args.iter().map(String::as_str).collect::<Vec<_>>())
+                .unwrap();
+        z.wait_for_log("workload enrolled", Duration::from_secs(15))
+            .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     while !works(&p) {
@@ -127,7 +161,10 @@ fn control_plane_down_traffic_flows_on_cached_state() {
     }
     p.tb.stop(cp.pid, T);
     for i in 0..10 {
-        assert!(works(&p), "connection {i} failed with the control plane down");
+        assert!(
+            works(&p),
+            "connection {i} failed with the control plane down"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -145,16 +182,21 @@ fn a_thousand_concurrent_connections_and_no_fd_leak() {
     let d = dst(&p);
     let mut conns = Vec::with_capacity(N);
     for i in 0..N {
-        let mut s = connect(&p.client.netns, d, T).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let mut s =
+            connect(&p.client.netns, d, T).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         s.write_all(b"x").unwrap();
         conns.push(s);
     }
     for (i, s) in conns.iter_mut().enumerate() {
         let mut b = [0u8; 1];
-        s.read_exact(&mut b).unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
+        s.read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("echo on connection {i}: {e}"));
     }
     let open = (fds(&za), fds(&zb));
-    assert!(open.0 >= base.0 + N, "node-a ztunnel holds the client side of each: {open:?}");
+    assert!(
+        open.0 >= base.0 + N,
+        "node-a ztunnel holds the client side of each: {open:?}"
+    );
     drop(conns);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -165,7 +207,10 @@ fn a_thousand_concurrent_connections_and_no_fd_leak() {
         if now.0 <= base.0 + pooled && now.1 <= base.1 + pooled {
             break;
         }
-        assert!(Instant::now() < deadline, "fds not back to baseline: base {base:?}, now {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "fds not back to baseline: base {base:?}, now {now:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

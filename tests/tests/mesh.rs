@@ -53,18 +53,37 @@ fn mesh(policies: &str) -> Mesh {
     for z in [&za, &zb] {
         wait_ready(z);
     }
-    Mesh { tb, a, b, client, server, neighbour, legacy, server_echo, legacy_echo, za, zb }
+    Mesh {
+        tb,
+        a,
+        b,
+        client,
+        server,
+        neighbour,
+        legacy,
+        server_echo,
+        legacy_echo,
+        za,
+        zb,
+    }
 }
 
 fn wait_ready(z: &Ztunnel) {
     let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
     for _ in 0..100 {
-        if matches!(http::get(&z.node.netns, ready, "/healthz/ready"), Ok((200, _))) {
+        if matches!(
+            http::get(&z.node.netns, ready, "/healthz/ready"),
+            Ok((200, _))
+        ) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("ztunnel on {} never ready: {:?}", z.node.name, http::get(&z.node.netns, ready, "/healthz/ready"));
+    panic!(
+        "ztunnel on {} never ready: {:?}",
+        z.node.name,
+        http::get(&z.node.netns, ready, "/healthz/ready")
+    );
 }
 
 fn round_trip(from: &Pod, to: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -78,18 +97,39 @@ fn mesh_traffic_is_tls_on_the_wire_and_passthrough_is_not() {
     let m = mesh("");
     let sniff = Sniffer::start(&m.a.netns, "eth0").unwrap();
     let secret = b"mesh-secret-payload-0123456789";
-    assert_eq!(round_trip(&m.client, SocketAddr::new(m.server.ip.into(), 8080), secret).unwrap(), secret);
+    assert_eq!(
+        round_trip(&m.client, SocketAddr::new(m.server.ip.into(), 8080), secret).unwrap(),
+        secret
+    );
     let open = b"legacy-plaintext-payload-987654";
-    assert_eq!(round_trip(&m.client, SocketAddr::new(m.legacy.ip.into(), 8080), open).unwrap(), open);
+    assert_eq!(
+        round_trip(&m.client, SocketAddr::new(m.legacy.ip.into(), 8080), open).unwrap(),
+        open
+    );
     std::thread::sleep(Duration::from_millis(200));
     let cap = sniff.finish();
-    assert!(!cap.contains_plaintext(secret), "mesh payload crossed the wire in plaintext");
-    assert!(cap.contains_plaintext(open), "passthrough to a non-mesh pod is plaintext (as expected)");
+    assert!(
+        !cap.contains_plaintext(secret),
+        "mesh payload crossed the wire in plaintext"
+    );
+    assert!(
+        cap.contains_plaintext(open),
+        "passthrough to a non-mesh pod is plaintext (as expected)"
+    );
     let ports = cap.ports_with_payload();
-    assert!(ports.contains(&15008), "mesh traffic rides HBONE on 15008: {ports:?}");
+    assert!(
+        ports.contains(&15008),
+        "mesh traffic rides HBONE on 15008: {ports:?}"
+    );
     // The server saw the client pod's own address; the legacy pod too (passthrough).
-    assert_eq!(m.server_echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(m.client.ip));
-    assert_eq!(m.legacy_echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(m.client.ip));
+    assert_eq!(
+        m.server_echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(m.client.ip)
+    );
+    assert_eq!(
+        m.legacy_echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(m.client.ip)
+    );
 }
 
 #[test]
@@ -103,11 +143,20 @@ fn authorization_policy_denies_and_allows_by_identity() {
     // From another node, identity `client`: denied (the tunnel stream is refused, the pod
     // sees its connection closed without data).
     let r = round_trip(&m.client, dst, b"let me in");
-    assert!(r.map(|v| v.is_empty()).unwrap_or(true), "denied connection must carry no data");
-    assert!(m.server_echo.drain().is_empty(), "the server must never see a denied connection");
+    assert!(
+        r.map(|v| v.is_empty()).unwrap_or(true),
+        "denied connection must carry no data"
+    );
+    assert!(
+        m.server_echo.drain().is_empty(),
+        "the server must never see a denied connection"
+    );
     m.zb.wait_for_log("connection denied by policy", T).unwrap();
     // Same node, identity `neighbour`: allowed.
-    assert_eq!(round_trip(&m.neighbour, dst, b"neighbour").unwrap(), b"neighbour");
+    assert_eq!(
+        round_trip(&m.neighbour, dst, b"neighbour").unwrap(),
+        b"neighbour"
+    );
     // Plaintext from outside the mesh has no identity: denied as well.
     let r = round_trip(&m.legacy, dst, b"plain");
     assert!(r.map(|v| v.is_empty()).unwrap_or(true));
@@ -122,11 +171,20 @@ fn same_node_and_plaintext_inbound_are_delivered_with_identities() {
     let m = mesh("");
     let dst = SocketAddr::new(m.server.ip.into(), 8080);
     // Same node, both in the mesh.
-    assert_eq!(round_trip(&m.neighbour, dst, b"same node").unwrap(), b"same node");
-    assert_eq!(m.server_echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(m.neighbour.ip));
+    assert_eq!(
+        round_trip(&m.neighbour, dst, b"same node").unwrap(),
+        b"same node"
+    );
+    assert_eq!(
+        m.server_echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(m.neighbour.ip)
+    );
     // Permissive by default: plaintext from a non-mesh pod is delivered (via 15006).
     assert_eq!(round_trip(&m.legacy, dst, b"plain").unwrap(), b"plain");
-    assert_eq!(m.server_echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(m.legacy.ip));
+    assert_eq!(
+        m.server_echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(m.legacy.ip)
+    );
     m.zb.wait_for_log("to listener 15006", T).unwrap();
     m.zb.wait_for_line(
         &[
@@ -146,7 +204,14 @@ fn admin_metrics_and_readiness() {
     let ns = &m.a.netns;
     let (status, index) = http::get(ns, ADMIN, "/").unwrap();
     assert_eq!(status, 200);
-    for p in ["/config_dump", "/certs", "/logging", "/debug/capture", "/debug/connections", "/quitquitquit"] {
+    for p in [
+        "/config_dump",
+        "/certs",
+        "/logging",
+        "/debug/capture",
+        "/debug/connections",
+        "/quitquitquit",
+    ] {
         assert!(index.contains(p), "index lists {p}");
     }
     // A connection held open shows in /debug/connections with both identities.
@@ -158,32 +223,62 @@ fn admin_metrics_and_readiness() {
     let (_, conns) = http::get(ns, ADMIN, "/debug/connections").unwrap();
     let conns: serde_json::Value = serde_json::from_str(&conns).unwrap();
     let c = &conns.as_array().unwrap()[0];
-    assert_eq!(c["src_identity"], "spiffe://cluster.local/ns/default/sa/client");
-    assert_eq!(c["dst_identity"], "spiffe://cluster.local/ns/default/sa/server");
+    assert_eq!(
+        c["src_identity"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    assert_eq!(
+        c["dst_identity"],
+        "spiffe://cluster.local/ns/default/sa/server"
+    );
     assert_eq!(c["protocol"], "HBONE");
     assert_eq!(c["bytes_sent"], 4);
     drop(held);
 
     let (_, dump) = http::get(ns, ADMIN, "/config_dump").unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
-    let uids: Vec<&str> = dump["workloads"].as_array().unwrap().iter().map(|w| w["uid"].as_str().unwrap()).collect();
+    let uids: Vec<&str> = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["uid"].as_str().unwrap())
+        .collect();
     assert!(uids.contains(&"cluster1//Pod/default/client"));
-    assert!(dump["workloads"][0]["workloadIps"].is_array(), "upstream field names");
+    assert!(
+        dump["workloads"][0]["workloadIps"].is_array(),
+        "upstream field names"
+    );
     let certs = dump["certificates"].as_array().unwrap();
-    assert!(certs.iter().any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/client" && c["state"] == "ready"));
+    assert!(certs.iter().any(
+        |c| c["identity"] == "spiffe://cluster.local/ns/default/sa/client" && c["state"] == "ready"
+    ));
     // Only this node's workloads have certificates here.
-    assert!(!certs.iter().any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/server"));
+    assert!(!certs
+        .iter()
+        .any(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/server"));
 
     let (_, cap) = http::get(ns, ADMIN, "/debug/capture").unwrap();
     let cap: serde_json::Value = serde_json::from_str(&cap).unwrap();
-    assert!(cap["enrolled"].as_array().unwrap().iter().any(|p| p["address"] == m.client.ip.to_string()));
-    assert!(cap["counters"][m.client.ip.to_string()]["outbound_flows"].as_u64().unwrap() >= 1);
+    assert!(cap["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["address"] == m.client.ip.to_string()));
+    assert!(
+        cap["counters"][m.client.ip.to_string()]["outbound_flows"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
 
     // Metrics move with traffic.
     let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
     let count = |text: &str| {
         text.lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains("reporter=\"source\""))
+            .filter(|l| {
+                l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"source\"")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>()
     };
@@ -195,9 +290,18 @@ fn admin_metrics_and_readiness() {
     assert!(after.contains("ztunnel_capture_outbound_flows{"));
 
     // Runtime log level change.
-    let (s, _) = http::request(ns, ADMIN, "POST", "/logging?level=info,ztunnel::proxy=trace").unwrap();
+    let (s, _) = http::request(
+        ns,
+        ADMIN,
+        "POST",
+        "/logging?level=info,ztunnel::proxy=trace",
+    )
+    .unwrap();
     assert_eq!(s, 200);
-    assert_eq!(http::get(ns, ADMIN, "/logging").unwrap().1.trim(), "info,ztunnel::proxy=trace");
+    assert_eq!(
+        http::get(ns, ADMIN, "/logging").unwrap().1.trim(),
+        "info,ztunnel::proxy=trace"
+    );
     let (s, _) = http::request(ns, ADMIN, "POST", "/logging?level=%5Bbad").unwrap();
     assert_eq!(s, 400);
 

@@ -27,15 +27,27 @@ fn cluster() -> Cluster {
     let server = tb.add_pod(&b, "server").unwrap();
     let echo = EchoServer::start(&server.netns, 8080).unwrap();
     let yaml = local_config(
-        &[WorkloadSpec::mesh(&client, "default", "client"), WorkloadSpec::mesh(&server, "default", "server")],
+        &[
+            WorkloadSpec::mesh(&client, "default", "client"),
+            WorkloadSpec::mesh(&server, "default", "server"),
+        ],
         "",
     );
     let config = tb.write_config("workloads.yaml", &yaml).unwrap();
-    Cluster { tb, client, server, echo, config }
+    Cluster {
+        tb,
+        client,
+        server,
+        echo,
+        config,
+    }
 }
 
 fn ip_rules(ns: &ztunnel_tests::Netns) -> String {
-    let out = Command::new("ip").args(["-n", ns.name(), "rule"]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["-n", ns.name(), "rule"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -51,9 +63,16 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     for v6 in [false, true] {
         let dst = SocketAddr::new(c.server.addr(v6), 8080);
         let mut s = connect(&c.client.netns, dst, T).unwrap();
-        assert_eq!(echo_round_trip(&mut s, b"hello mesh").unwrap(), b"hello mesh");
+        assert_eq!(
+            echo_round_trip(&mut s, b"hello mesh").unwrap(),
+            b"hello mesh"
+        );
         let (peer, _) = c.echo.next_accepted(T).unwrap();
-        assert_eq!(peer.ip(), c.client.addr(v6), "server sees the client pod's address");
+        assert_eq!(
+            peer.ip(),
+            c.client.addr(v6),
+            "server sees the client pod's address"
+        );
     }
     // Both ztunnels handled it: the eBPF log (aya-log) and the proxy's own.
     za.wait_for_log("outbound flow", T).unwrap();
@@ -61,15 +80,25 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     // Each side logged the connection with both identities, over HBONE.
     for (z, dir) in [(&za, "Outbound"), (&zb, "Inbound")] {
         let line = z.wait_for_line(&["connection complete", dir], T).unwrap();
-        assert!(line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"), "{line}");
-        assert!(line.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server"), "{line}");
+        assert!(
+            line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"),
+            "{line}"
+        );
+        assert!(
+            line.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server"),
+            "{line}"
+        );
         assert!(line.contains("protocol=\"HBONE\""), "{line}");
     }
     assert!(ip_rules(&a.netns).contains("lookup 15010"));
 
     // SIGTERM: clean exit that removes programs, pins and rules.
     let status = c.tb.stop(za.pid, Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "ztunnel exit status {status}; log:\n{}", za.log_text());
+    assert!(
+        status.success(),
+        "ztunnel exit status {status}; log:\n{}",
+        za.log_text()
+    );
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/ztunnel/{}", a.netns.name())).exists());
     assert!(!ip_rules(&a.netns).contains("lookup 15010"));
 }
@@ -89,14 +118,23 @@ fn killed_ztunnel_fails_closed_and_restart_recovers() {
 
     c.tb.kill(za.pid);
     let r = connect(&c.client.netns, dst, Duration::from_millis(1500));
-    assert!(r.is_err(), "a connection left the pod while ztunnel was dead");
-    assert!(c.echo.drain().is_empty(), "plaintext reached the server while ztunnel was dead");
+    assert!(
+        r.is_err(),
+        "a connection left the pod while ztunnel was dead"
+    );
+    assert!(
+        c.echo.drain().is_empty(),
+        "plaintext reached the server while ztunnel was dead"
+    );
 
     let za = c.tb.start_ztunnel(&a, &c.config, &[]).unwrap();
     za.wait_for_log("adopted pinned capture link", T).unwrap();
     let mut s = connect(&c.client.netns, dst, T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"two").unwrap(), b"two");
-    assert_eq!(c.echo.next_accepted(T).unwrap().0.ip(), IpAddr::from(c.client.ip));
+    assert_eq!(
+        c.echo.next_accepted(T).unwrap().0.ip(),
+        IpAddr::from(c.client.ip)
+    );
 }
 
 #[test]
@@ -117,7 +155,8 @@ fn pod_whose_interface_appears_later_is_enrolled_then() {
     za.wait_for_log("will retry", T).unwrap();
     let late = c.tb.add_pod(&a, "late").unwrap();
     assert_eq!(late.ip.to_string(), late_ip);
-    za.wait_for_log("workload=cluster1//Pod/default/late interface=p3", T).unwrap();
+    za.wait_for_log("workload=cluster1//Pod/default/late interface=p3", T)
+        .unwrap();
     let mut s = connect(&late.netns, SocketAddr::new(c.server.ip.into(), 8080), T).unwrap();
     assert_eq!(echo_round_trip(&mut s, b"late").unwrap(), b"late");
 }
@@ -127,9 +166,20 @@ fn broken_config_is_refused_with_its_location() {
     require_root!();
     let c = cluster();
     let a = c.tb.nodes()[0].clone();
-    let bad = c.tb.write_config("bad.yaml", "workloads:\n- uid: x\n  workloadIps: [\"10.0.0.x\"]\n").unwrap();
-    let err = c.tb.start_ztunnel(&a, &bad, &[]).err().expect("must not start");
+    let bad =
+        c.tb.write_config(
+            "bad.yaml",
+            "workloads:\n- uid: x\n  workloadIps: [\"10.0.0.x\"]\n",
+        )
+        .unwrap();
+    let err =
+        c.tb.start_ztunnel(&a, &bad, &[])
+            .err()
+            .expect("must not start");
     let msg = format!("{err:#}");
     assert!(msg.contains("line 3"), "error should name the line: {msg}");
-    assert!(msg.contains("workloadIps"), "error should name the field: {msg}");
+    assert!(
+        msg.contains("workloadIps"),
+        "error should name the field: {msg}"
+    );
 }

@@ -21,37 +21,61 @@ fn nodes_follow_the_control_plane_over_xds() {
     let client = tb.add_pod(&a, "client").unwrap();
     let server = tb.add_pod(&b, "server").unwrap();
     let _echo = EchoServer::start(&server.netns, 8080).unwrap();
-    let workloads = [WorkloadSpec::mesh(&client, "default", "client"), WorkloadSpec::mesh(&server, "default", "server")];
-    let config = tb.write_config("workloads.yaml", &local_config(&workloads, "")).unwrap();
+    let workloads = [
+        WorkloadSpec::mesh(&client, "default", "client"),
+        WorkloadSpec::mesh(&server, "default", "server"),
+    ];
+    let config = tb
+        .write_config("workloads.yaml", &local_config(&workloads, ""))
+        .unwrap();
     let cp = tb.start_controlplane(&cp_node, &config, &[]).unwrap();
     let mut zs = vec![];
     for n in [&a, &b] {
         let mut args = cp.node_args(n);
         args.extend(["--xds-address".to_string(), cp.url.clone()]);
-        zs.push(tb.start_ztunnel_with(n, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap());
+        zs.push(
+            tb.start_ztunnel_with(n, &args.iter().map(String::as_str).collect::<Vec<_>>())
+                .unwrap(),
+        );
     }
     for z in &zs {
-        z.wait_for_log("workload enrolled", Duration::from_secs(15)).unwrap();
+        z.wait_for_log("workload enrolled", Duration::from_secs(15))
+            .unwrap();
     }
     let dst = SocketAddr::new(server.ip.into(), 8080);
-    eventually("traffic through the mesh", WAIT, || echoes(&client.netns, dst));
+    eventually("traffic through the mesh", WAIT, || {
+        echoes(&client.netns, dst)
+    });
 
     // A DENY policy added to the control plane's file reaches node-b and is enforced.
     let deny = "policies:\n- name: deny-client\n  namespace: default\n  scope: Namespace\n  action: Deny\n  \
                 rules:\n  - - - principals: [\"cluster.local/ns/default/sa/client\"]\n";
     std::fs::write(&config, local_config(&workloads, deny)).unwrap();
     eventually("deny policy enforced", WAIT, || !echoes(&client.netns, dst));
-    zs[1].wait_for_log("connection denied by policy", T).unwrap();
+    zs[1]
+        .wait_for_log("connection denied by policy", T)
+        .unwrap();
     // Removing it is honoured too.
     std::fs::write(&config, local_config(&workloads, "")).unwrap();
-    eventually("policy removal honoured", WAIT, || echoes(&client.netns, dst));
+    eventually("policy removal honoured", WAIT, || {
+        echoes(&client.netns, dst)
+    });
 
     // A new pod appears in the file: node-a learns it over xDS and enrolls it.
     let late = tb.add_pod(&a, "late").unwrap();
     let mut more = workloads.to_vec();
     more.push(WorkloadSpec::mesh(&late, "default", "late"));
     std::fs::write(&config, local_config(&more, "")).unwrap();
-    zs[0].wait_for_log("workload=cluster1//Pod/default/late", Duration::from_secs(15)).unwrap();
-    eventually("the new pod's traffic goes through the mesh", WAIT, || echoes(&late.netns, dst));
-    zs[0].wait_for_line(&["connection complete", "sa/late"], T).unwrap();
+    zs[0]
+        .wait_for_log(
+            "workload=cluster1//Pod/default/late",
+            Duration::from_secs(15),
+        )
+        .unwrap();
+    eventually("the new pod's traffic goes through the mesh", WAIT, || {
+        echoes(&late.netns, dst)
+    });
+    zs[0]
+        .wait_for_line(&["connection complete", "sa/late"], T)
+        .unwrap();
 }

@@ -71,14 +71,17 @@ fn demo() -> anyhow::Result<()> {
 fn bench() -> anyhow::Result<()> {
     setup::setup()?;
     if !is_root() {
-        bail!("the benchmark needs root (network namespaces, eBPF): run `sudo -E cargo xtask bench`");
+        bail!(
+            "the benchmark needs root (network namespaces, eBPF): run `sudo -E cargo xtask bench`"
+        );
     }
     run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
     // Honour CARGO_TARGET_DIR, as cargo itself did for the build above.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(|d| workspace_root().join(d))
         .unwrap_or_else(|| workspace_root().join("target"));
-    run(Command::new(target.join("release/bench")).env("ZTUNNEL_BIN", target.join("release/ztunnel")))
+    run(Command::new(target.join("release/bench"))
+        .env("ZTUNNEL_BIN", target.join("release/ztunnel")))
 }
 
 pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -90,7 +93,10 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub(crate) fn is_root() -> bool {

@@ -11,8 +11,14 @@ use anyhow::{bail, Context};
 use crate::run;
 
 /// Debian packages: the eBPF toolchain, and iproute2 for the testbed.
-const PACKAGES: &[&str] =
-    &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev", "iproute2", "procps"];
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "iproute2",
+    "procps",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 
@@ -59,17 +65,30 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (a few minutes)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (a few minutes)"
+    );
     run(Command::new("cargo")
-        .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
-        .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+        .args([
+            "install",
+            "--locked",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))
 }
 
 /// rustc emits LLVM bitcode that bpf-linker's LLVM must read: their majors must match.
 /// A Debian update can move one without the other.
 fn check_llvm_match() -> anyhow::Result<()> {
-    let out = Command::new("/usr/bin/rustc").arg("-vV").output().context("running /usr/bin/rustc -vV")?;
+    let out = Command::new("/usr/bin/rustc")
+        .arg("-vV")
+        .output()
+        .context("running /usr/bin/rustc -vV")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let rustc_llvm = text
         .lines()
@@ -77,12 +96,19 @@ fn check_llvm_match() -> anyhow::Result<()> {
         .and_then(|v| v.split('.').next())
         .context("no LLVM version in `/usr/bin/rustc -vV`")?
         .to_string();
-    let linker = which("bpf-linker").context("bpf-linker not on PATH (is ~/.cargo/bin in PATH?)")?;
-    let ldd = Command::new("ldd").arg(&linker).output().context("running ldd on bpf-linker")?;
+    let linker =
+        which("bpf-linker").context("bpf-linker not on PATH (is ~/.cargo/bin in PATH?)")?;
+    let ldd = Command::new("ldd")
+        .arg(&linker)
+        .output()
+        .context("running ldd on bpf-linker")?;
     let ldd = String::from_utf8_lossy(&ldd.stdout);
     let linker_llvm = ldd
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("libLLVM.so.").or_else(|| w.strip_prefix("libLLVM-")))
+        .find_map(|w| {
+            w.strip_prefix("libLLVM.so.")
+                .or_else(|| w.strip_prefix("libLLVM-"))
+        })
         .and_then(|v| v.split(['.', '-']).next())
         .map(str::to_string);
     match linker_llvm {
@@ -104,4 +130,3 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|d| std::path::Path::new(d).join(program))
         .find(|p| p.is_file())
 }
-

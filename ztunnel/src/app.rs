@@ -49,13 +49,20 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     let (xds_task, xds_status) = xds.map(|(t, s)| (Some(t), Some(s))).unwrap_or((None, None));
     let certs = Arc::new(SecretManager::new(
         ca_client(&args)?,
-        SecretManagerOptions { requested_ttl: args.workload_cert_ttl, ..Default::default() },
+        SecretManagerOptions {
+            requested_ttl: args.workload_cert_ttl,
+            ..Default::default()
+        },
     ));
 
     let capture = Capture::start(CaptureConfig {
         instance: args.instance(),
         bpffs_root: args.bpffs_root.clone(),
-        routing: RoutingConfig { mark: args.capture_mark, table: args.route_table, priority: args.rule_priority },
+        routing: RoutingConfig {
+            mark: args.capture_mark,
+            table: args.route_table,
+            priority: args.rule_priority,
+        },
         proxy_mark: args.proxy_mark,
         outbound_port: args.outbound_port,
         inbound_plain_port: args.inbound_plaintext_port,
@@ -71,7 +78,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         t.abort();
     }
 
-    let capture = Arc::into_inner(capture).map(Mutex::into_inner).context("capture still in use at exit")?;
+    let capture = Arc::into_inner(capture)
+        .map(Mutex::into_inner)
+        .context("capture still in use at exit")?;
     if args.retain_capture_on_exit {
         capture.retain();
     } else if let Err(e) = capture.shutdown().await {
@@ -84,7 +93,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
 /// The CA: Istio's gRPC API when an address is given, else the built-in one.
 fn ca_client(args: &RunArgs) -> anyhow::Result<Arc<dyn CaClient>> {
     if let Some(addr) = &args.ca_address {
-        let root = args.ca_root_cert.as_ref().context("--ca-address needs --ca-root-cert (CA_ROOT_CA)")?;
+        let root = args
+            .ca_root_cert
+            .as_ref()
+            .context("--ca-address needs --ca-root-cert (CA_ROOT_CA)")?;
         let client = GrpcCaClient::new(addr, root, args.ca_token_file.as_ref())
             .with_context(|| format!("CA client for {addr}"))?;
         info!(ca = %addr, "workload certificates from the CA");
@@ -108,7 +120,9 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTracker::new(metrics.clone());
-    let dialer = socket::Dialer { mark: args.proxy_mark };
+    let dialer = socket::Dialer {
+        mark: args.proxy_mark,
+    };
     let pool = Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default());
     let ctx = Arc::new(ProxyContext {
         node: args.node_name.clone(),
@@ -118,28 +132,45 @@ async fn serve(
         pool,
         connections: connections.clone(),
         metrics: metrics.clone(),
-        listen_ports: vec![args.outbound_port, args.inbound_plaintext_port, args.inbound_hbone_port],
+        listen_ports: vec![
+            args.outbound_port,
+            args.inbound_plaintext_port,
+            args.inbound_hbone_port,
+        ],
         hbone_port: args.inbound_hbone_port,
     });
 
     // Listeners: the data path...
     let mut proxy_tasks = tokio::task::JoinSet::new();
     for addr in args.listen_addrs(args.outbound_port) {
-        let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
+        let l =
+            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
         proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
     }
     for addr in args.listen_addrs(args.inbound_plaintext_port) {
-        let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::inbound::handle_plaintext));
+        let l =
+            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
+        proxy_tasks.spawn(proxy::accept_loop(
+            l,
+            ctx.clone(),
+            proxy::inbound::handle_plaintext,
+        ));
     }
     for addr in args.listen_addrs(args.inbound_hbone_port) {
-        let l = socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::inbound::handle_hbone));
+        let l =
+            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
+        proxy_tasks.spawn(proxy::accept_loop(
+            l,
+            ctx.clone(),
+            proxy::inbound::handle_hbone,
+        ));
     }
 
     // ...enrollment and certificates...
     let enroller = if args.kubernetes_enrollment() {
-        let client = crate::k8s::client().await.context("Kubernetes API client")?;
+        let client = crate::k8s::client()
+            .await
+            .context("Kubernetes API client")?;
         let source = crate::k8s::KubeSource::start(
             client,
             crate::k8s::KubeOptions {
@@ -150,11 +181,23 @@ async fn serve(
         );
         Arc::new(Enroller::with_source(source, capture.clone()))
     } else {
-        Arc::new(Enroller::new(args.node_name.clone(), store.clone(), capture.clone()))
+        Arc::new(Enroller::new(
+            args.node_name.clone(),
+            store.clone(),
+            capture.clone(),
+        ))
     };
     let mut tasks = tokio::task::JoinSet::new();
     let interval = Duration::from_millis(args.rescan_interval_ms.max(50));
-    tasks.spawn(reconcile_loop(args.node_name.clone(), store.clone(), capture.clone(), enroller.clone(), certs.clone(), interval, args.kubernetes_enrollment()));
+    tasks.spawn(reconcile_loop(
+        args.node_name.clone(),
+        store.clone(),
+        capture.clone(),
+        enroller.clone(),
+        certs.clone(),
+        interval,
+        args.kubernetes_enrollment(),
+    ));
     enroller.reconcile().await;
 
     // ...and what people look at.
@@ -171,9 +214,27 @@ async fn serve(
         xds,
         quit: quit.clone(),
     });
-    serve_http(&mut tasks, args.admin_addr, admin_state.clone(), admin::admin).await?;
-    serve_http(&mut tasks, args.metrics_addr, admin_state.clone(), admin::metrics).await?;
-    serve_http(&mut tasks, args.readiness_addr, admin_state.clone(), admin::readiness).await?;
+    serve_http(
+        &mut tasks,
+        args.admin_addr,
+        admin_state.clone(),
+        admin::admin,
+    )
+    .await?;
+    serve_http(
+        &mut tasks,
+        args.metrics_addr,
+        admin_state.clone(),
+        admin::metrics,
+    )
+    .await?;
+    serve_http(
+        &mut tasks,
+        args.readiness_addr,
+        admin_state.clone(),
+        admin::readiness,
+    )
+    .await?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -190,7 +251,10 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if connections.count() > 0 {
-        warn!(open = connections.count(), "drain timeout: closing remaining connections");
+        warn!(
+            open = connections.count(),
+            "drain timeout: closing remaining connections"
+        );
     }
     tasks.shutdown().await;
     drop(admin_state);
@@ -263,7 +327,9 @@ where
     F: Fn(Arc<AdminState>, admin::http::Req) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = hyper::Response<admin::http::Body>> + Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
     let handler = Arc::new(move |req| handler(state.clone(), req));
     tasks.spawn(admin::http::serve(listener, handler));
     Ok(())

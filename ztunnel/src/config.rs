@@ -78,7 +78,12 @@ pub struct ControlplaneArgs {
     pub ca_dir: PathBuf,
 
     /// Address of the gRPC endpoint (istiod serves xDS and the CA on 15012).
-    #[arg(long, env = "CONTROLPLANE_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:15012")]
+    #[arg(
+        long,
+        env = "CONTROLPLANE_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15012"
+    )]
     pub listen: SocketAddr,
 
     /// Callers' bearer tokens: one `<token> <node-name>` pair per line; `#` comments and
@@ -129,7 +134,12 @@ pub struct RunArgs {
     /// a URL: `https://HOST:PORT` (istiod: https://istiod.istio-system.svc:15012, or a
     /// `ztunnel controlplane`). Its certificate must chain to `--xds-root-cert`; the bearer
     /// token is the one in `--ca-token-file`. Instead of `--local-xds-path`.
-    #[arg(long, env = "XDS_ADDRESS", value_name = "URL", conflicts_with = "local_xds_path")]
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        value_name = "URL",
+        conflicts_with = "local_xds_path"
+    )]
     pub xds_address: Option<String>,
 
     /// PEM root certificate(s) the xDS server's certificate must chain to; defaults to
@@ -249,7 +259,9 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn instance(&self) -> String {
-        self.instance.clone().unwrap_or_else(|| self.node_name.clone())
+        self.instance
+            .clone()
+            .unwrap_or_else(|| self.node_name.clone())
     }
 
     /// Whether pods are enrolled from the Kubernetes API server.
@@ -267,22 +279,30 @@ impl RunArgs {
     pub fn apply_kubernetes_defaults(&mut self) {
         use crate::k8s::{ISTIOD_ADDRESS, ISTIO_ROOT_CERT_PATH, ISTIO_TOKEN_PATH};
         self.ca_address.get_or_insert_with(|| ISTIOD_ADDRESS.into());
-        self.ca_root_cert.get_or_insert_with(|| ISTIO_ROOT_CERT_PATH.into());
-        self.ca_token_file.get_or_insert_with(|| ISTIO_TOKEN_PATH.into());
+        self.ca_root_cert
+            .get_or_insert_with(|| ISTIO_ROOT_CERT_PATH.into());
+        self.ca_token_file
+            .get_or_insert_with(|| ISTIO_TOKEN_PATH.into());
         if self.local_xds_path.is_none() {
-            self.xds_address.get_or_insert_with(|| ISTIOD_ADDRESS.into());
+            self.xds_address
+                .get_or_insert_with(|| ISTIOD_ADDRESS.into());
         }
     }
 
     pub fn listen_addrs(&self, port: u16) -> [SocketAddr; 2] {
-        [SocketAddr::from(([0, 0, 0, 0], port)), SocketAddr::from(([0u16; 8], port))]
+        [
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::from(([0u16; 8], port)),
+        ]
     }
 }
 
 fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     let a: SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     if !a.ip().is_loopback() {
-        return Err(format!("{a} is not a loopback address: the admin endpoint is node-local only"));
+        return Err(format!(
+            "{a} is not a loopback address: the admin endpoint is node-local only"
+        ));
     }
     Ok(a)
 }
@@ -292,7 +312,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 24h, 90m, 30s"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 90m, 30s"))?;
     let secs = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -317,8 +339,18 @@ mod tests {
 
     #[test]
     fn parses_marks_and_env_defaults() {
-        let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--capture-mark", "0x100"]).unwrap();
-        let Command::Run(args) = cli.command else { panic!("not run") };
+        let cli = Cli::try_parse_from([
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--capture-mark",
+            "0x100",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(args.capture_mark, 0x100);
         assert_eq!(args.proxy_mark, 0x539);
         assert_eq!(args.outbound_port, 15001);
@@ -329,25 +361,55 @@ mod tests {
     #[test]
     fn parses_xds_args() {
         let cli = Cli::try_parse_from([
-            "ztunnel", "run", "--node-name", "n1", "--xds-address", "https://istiod.istio-system.svc:15012",
-            "--xds-root-cert", "/r.pem",
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--xds-address",
+            "https://istiod.istio-system.svc:15012",
+            "--xds-root-cert",
+            "/r.pem",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command else { panic!("not run") };
-        assert_eq!(args.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            args.xds_address.as_deref(),
+            Some("https://istiod.istio-system.svc:15012")
+        );
         assert_eq!(args.xds_root_cert, Some(PathBuf::from("/r.pem")));
-        let both = ["ztunnel", "run", "--node-name", "n1", "--xds-address", "https://x:1", "--local-xds-path", "f"];
+        let both = [
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--xds-address",
+            "https://x:1",
+            "--local-xds-path",
+            "f",
+        ];
         assert!(Cli::try_parse_from(both).is_err(), "one source of state");
     }
 
     #[test]
     fn parses_controlplane_args() {
         let cli = Cli::try_parse_from([
-            "ztunnel", "controlplane", "--config", "w.yaml", "--ca-dir", "/ca", "--tokens-file", "t",
-            "--max-cert-ttl", "2h",
+            "ztunnel",
+            "controlplane",
+            "--config",
+            "w.yaml",
+            "--ca-dir",
+            "/ca",
+            "--tokens-file",
+            "t",
+            "--max-cert-ttl",
+            "2h",
         ])
         .unwrap();
-        let Command::Controlplane(args) = cli.command else { panic!("not controlplane") };
+        let Command::Controlplane(args) = cli.command else {
+            panic!("not controlplane")
+        };
         assert_eq!(args.listen, "0.0.0.0:15012".parse().unwrap());
         assert_eq!(args.trust_domain, "cluster.local");
         assert_eq!(args.max_cert_ttl, Duration::from_secs(7200));
@@ -358,17 +420,49 @@ mod tests {
 
     #[test]
     fn k8s_enrollment_flags_and_defaults() {
-        let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--enrollment-source", "kubernetes"]).unwrap();
-        let Command::Run(mut args) = cli.command else { panic!("not run") };
+        let cli = Cli::try_parse_from([
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--enrollment-source",
+            "kubernetes",
+        ])
+        .unwrap();
+        let Command::Run(mut args) = cli.command else {
+            panic!("not run")
+        };
         assert!(args.kubernetes_enrollment());
         assert_eq!(args.cluster_id, "Kubernetes");
         args.apply_kubernetes_defaults();
-        assert_eq!(args.ca_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
-        assert_eq!(args.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
-        assert_eq!(args.ca_token_file, Some(PathBuf::from("/var/run/secrets/tokens/istio-token")));
-        assert_eq!(args.ca_root_cert, Some(PathBuf::from("/var/run/secrets/istio/root-cert.pem")));
-        let cli = Cli::try_parse_from(["ztunnel", "run", "--node-name", "n1", "--enrollment-source", "state"]).unwrap();
-        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert_eq!(
+            args.ca_address.as_deref(),
+            Some("https://istiod.istio-system.svc:15012")
+        );
+        assert_eq!(
+            args.xds_address.as_deref(),
+            Some("https://istiod.istio-system.svc:15012")
+        );
+        assert_eq!(
+            args.ca_token_file,
+            Some(PathBuf::from("/var/run/secrets/tokens/istio-token"))
+        );
+        assert_eq!(
+            args.ca_root_cert,
+            Some(PathBuf::from("/var/run/secrets/istio/root-cert.pem"))
+        );
+        let cli = Cli::try_parse_from([
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--enrollment-source",
+            "state",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert!(!args.kubernetes_enrollment());
     }
 

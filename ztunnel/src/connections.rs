@@ -65,7 +65,11 @@ pub struct ConnectionTracker {
 
 impl ConnectionTracker {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(ConnectionTracker { next: AtomicU64::new(1), live: Mutex::default(), metrics })
+        Arc::new(ConnectionTracker {
+            next: AtomicU64::new(1),
+            live: Mutex::default(),
+            metrics,
+        })
     }
 
     /// Registers a connection; it is reported when the guard is finished or dropped.
@@ -79,7 +83,13 @@ impl ConnectionTracker {
             received: Arc::default(),
         });
         self.live.lock().unwrap().insert(id, live.clone());
-        ConnectionGuard { id, live, labels, tracker: self.clone(), outcome: None }
+        ConnectionGuard {
+            id,
+            live,
+            labels,
+            tracker: self.clone(),
+            outcome: None,
+        }
     }
 
     pub fn list(&self) -> Vec<ConnectionView> {
@@ -116,7 +126,11 @@ impl ConnectionGuard {
     /// Counts bytes read from `s` as sent (client → destination) and bytes written to it
     /// as received.
     pub fn count<S>(&self, s: S) -> Counted<S> {
-        Counted { inner: s, read: self.live.sent.clone(), written: self.live.received.clone() }
+        Counted {
+            inner: s,
+            read: self.live.sent.clone(),
+            written: self.live.received.clone(),
+        }
     }
 
     /// Records how the connection ended (`ok`, or the error); logged on drop.
@@ -168,7 +182,11 @@ pub struct Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -178,7 +196,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
             self.written.fetch_add(n as u64, Ordering::Relaxed);
@@ -192,4 +214,3 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-

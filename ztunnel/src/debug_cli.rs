@@ -17,10 +17,13 @@ pub fn run(args: DebugArgs) -> anyhow::Result<()> {
         DebugView::Connections => "/debug/connections",
     };
     let body = get(args.admin_addr, path)?;
-    let v: Value = serde_json::from_str(&body).with_context(|| format!("{path} did not return JSON"))?;
+    let v: Value =
+        serde_json::from_str(&body).with_context(|| format!("{path} did not return JSON"))?;
     let out = match (args.output, args.what) {
         (DebugOutput::Json, DebugView::Workloads) => serde_json::to_string_pretty(&v["workloads"])?,
-        (DebugOutput::Json, _) | (DebugOutput::Table, DebugView::Config) => serde_json::to_string_pretty(&v)?,
+        (DebugOutput::Json, _) | (DebugOutput::Table, DebugView::Config) => {
+            serde_json::to_string_pretty(&v)?
+        }
         (DebugOutput::Table, DebugView::Workloads) => workloads(&v),
         (DebugOutput::Table, DebugView::Certs) => certs(&v),
         (DebugOutput::Table, DebugView::Capture) => capture(&v),
@@ -31,13 +34,16 @@ pub fn run(args: DebugArgs) -> anyhow::Result<()> {
 }
 
 fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("cannot reach the admin endpoint at {addr}: is ztunnel running on this node?"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| {
+        format!("cannot reach the admin endpoint at {addr}: is ztunnel running on this node?")
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         bail!("{path}: {}", head.lines().next().unwrap_or(head));
     }
@@ -61,7 +67,14 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
     out.extend(rows.iter().map(|r| line(r.clone())));
@@ -76,7 +89,12 @@ fn workloads(v: &Value) -> String {
         .flatten()
         .map(|w| {
             let uid = s(&w["uid"]);
-            let ips: Vec<String> = w["workloadIps"].as_array().into_iter().flatten().map(s).collect();
+            let ips: Vec<String> = w["workloadIps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
             let state = if enrolled.get(&uid).is_some() {
                 "enrolled"
             } else if v["pendingEnrollment"].get(&uid).is_some() {
@@ -89,29 +107,71 @@ fn workloads(v: &Value) -> String {
                 ips.join(","),
                 s(&w["node"]),
                 s(&w["protocol"]),
-                format!("spiffe://{}/ns/{}/sa/{}", s(&w["trustDomain"]), s(&w["namespace"]), s(&w["serviceAccount"])),
+                format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    s(&w["trustDomain"]),
+                    s(&w["namespace"]),
+                    s(&w["serviceAccount"])
+                ),
                 state.into(),
             ]
         })
         .collect();
-    table(&["WORKLOAD", "IPS", "NODE", "PROTOCOL", "IDENTITY", "CAPTURE"], &rows)
+    table(
+        &["WORKLOAD", "IPS", "NODE", "PROTOCOL", "IDENTITY", "CAPTURE"],
+        &rows,
+    )
 }
 
 fn certs(v: &Value) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let rel = |t: &Value| t.as_u64().map(|t| format!("{}s", t as i64 - now as i64)).unwrap_or("-".into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let rel = |t: &Value| {
+        t.as_u64()
+            .map(|t| format!("{}s", t as i64 - now as i64))
+            .unwrap_or("-".into())
+    };
     let rows: Vec<Vec<String>> = v
         .as_array()
         .into_iter()
         .flatten()
-        .map(|c| vec![s(&c["identity"]), s(&c["state"]), rel(&c["not_after_unix"]), rel(&c["next_rotation_unix"]), s(&c["last_error"])])
+        .map(|c| {
+            vec![
+                s(&c["identity"]),
+                s(&c["state"]),
+                rel(&c["not_after_unix"]),
+                rel(&c["next_rotation_unix"]),
+                s(&c["last_error"]),
+            ]
+        })
         .collect();
-    table(&["IDENTITY", "STATE", "EXPIRES IN", "ROTATES IN", "LAST ERROR"], &rows)
+    table(
+        &[
+            "IDENTITY",
+            "STATE",
+            "EXPIRES IN",
+            "ROTATES IN",
+            "LAST ERROR",
+        ],
+        &rows,
+    )
 }
 
 fn capture(v: &Value) -> String {
-    let ifs: Vec<String> = v["interfaces"].as_array().into_iter().flatten().map(|i| s(&i["name"])).collect();
-    let enrolled: Vec<String> = v["enrolled"].as_array().into_iter().flatten().map(|p| s(&p["address"])).collect();
+    let ifs: Vec<String> = v["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| s(&i["name"]))
+        .collect();
+    let enrolled: Vec<String> = v["enrolled"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| s(&p["address"]))
+        .collect();
     let mut out = format!(
         "program {} ({}), pinned at {}\nattached to: {}\nenrolled: {}\n\n",
         s(&v["program"]),
@@ -125,10 +185,27 @@ fn capture(v: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|(ip, c)| {
-            vec![ip.clone(), s(&c["outbound_flows"]), s(&c["inbound_flows"]), s(&c["packets"]), s(&c["bytes"]), s(&c["dropped_no_proxy"])]
+            vec![
+                ip.clone(),
+                s(&c["outbound_flows"]),
+                s(&c["inbound_flows"]),
+                s(&c["packets"]),
+                s(&c["bytes"]),
+                s(&c["dropped_no_proxy"]),
+            ]
         })
         .collect();
-    out.push_str(&table(&["POD ADDRESS", "OUT FLOWS", "IN FLOWS", "PACKETS", "BYTES", "DROPPED"], &rows));
+    out.push_str(&table(
+        &[
+            "POD ADDRESS",
+            "OUT FLOWS",
+            "IN FLOWS",
+            "PACKETS",
+            "BYTES",
+            "DROPPED",
+        ],
+        &rows,
+    ));
     out
 }
 
@@ -151,7 +228,20 @@ fn connections(v: &Value) -> String {
             ]
         })
         .collect();
-    table(&["DIR", "SOURCE", "DESTINATION", "SRC IDENTITY", "DST IDENTITY", "PROTO", "SENT", "RECEIVED", "AGE"], &rows)
+    table(
+        &[
+            "DIR",
+            "SOURCE",
+            "DESTINATION",
+            "SRC IDENTITY",
+            "DST IDENTITY",
+            "PROTO",
+            "SENT",
+            "RECEIVED",
+            "AGE",
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]

@@ -42,7 +42,8 @@ pub fn current() -> String {
 /// Replaces the filter, e.g. `info,ztunnel::proxy=debug`. Invalid specs are refused and
 /// the old filter stays.
 pub fn set(spec: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(spec).map_err(|e| format!("invalid log filter {spec:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(spec).map_err(|e| format!("invalid log filter {spec:?}: {e}"))?;
     let handle = HANDLE.get().ok_or("logging not initialised")?;
     handle.reload(filter).map_err(|e| e.to_string())?;
     *CURRENT.lock().unwrap() = spec.to_string();

@@ -3,7 +3,10 @@ use ztunnel::config::{Cli, Command, LogFormat};
 
 /// Runs `fut` on a multi-threaded runtime.
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fut)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
 }
 
 fn main() -> std::process::ExitCode {

@@ -95,21 +95,77 @@ impl Metrics {
         };
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
-        istio.register("tcp_connections_opened", "TCP connections opened", m.tcp_opened.clone());
-        istio.register("tcp_connections_closed", "TCP connections closed", m.tcp_closed.clone());
-        istio.register("tcp_sent_bytes", "Bytes sent to the destination", m.tcp_sent.clone());
-        istio.register("tcp_received_bytes", "Bytes received from the destination", m.tcp_received.clone());
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent to the destination",
+            m.tcp_sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received from the destination",
+            m.tcp_received.clone(),
+        );
         let zt = registry.sub_registry_with_prefix("ztunnel");
-        zt.register("pool_connections_opened", "HBONE connections opened by the pool", m.pool_connections_opened.clone());
-        zt.register("pool_connections_active", "HBONE connections in the pool", m.pool_connections_active.clone());
-        zt.register("ca_requests", "Certificate requests to the CA", m.ca_requests.clone());
-        zt.register("authorization_decisions", "L4 authorization decisions", m.authz_decisions.clone());
-        zt.register("capture_outbound_flows", "Outbound connections captured per pod address", m.capture_outbound_flows.clone());
-        zt.register("capture_inbound_flows", "Inbound connections captured per pod address", m.capture_inbound_flows.clone());
-        zt.register("capture_packets", "Packets of enrolled pods seen by the capture program", m.capture_packets.clone());
-        zt.register("capture_bytes", "Bytes of enrolled pods seen by the capture program", m.capture_bytes.clone());
-        zt.register("capture_dropped_no_proxy", "SYNs dropped because ztunnel was not listening (fail closed)", m.capture_dropped.clone());
-        zt.register("capture_dropped_spoofed", "Packets with an enrolled pod's address from another interface (spoofing), dropped", m.capture_spoofed.clone());
+        zt.register(
+            "pool_connections_opened",
+            "HBONE connections opened by the pool",
+            m.pool_connections_opened.clone(),
+        );
+        zt.register(
+            "pool_connections_active",
+            "HBONE connections in the pool",
+            m.pool_connections_active.clone(),
+        );
+        zt.register(
+            "ca_requests",
+            "Certificate requests to the CA",
+            m.ca_requests.clone(),
+        );
+        zt.register(
+            "authorization_decisions",
+            "L4 authorization decisions",
+            m.authz_decisions.clone(),
+        );
+        zt.register(
+            "capture_outbound_flows",
+            "Outbound connections captured per pod address",
+            m.capture_outbound_flows.clone(),
+        );
+        zt.register(
+            "capture_inbound_flows",
+            "Inbound connections captured per pod address",
+            m.capture_inbound_flows.clone(),
+        );
+        zt.register(
+            "capture_packets",
+            "Packets of enrolled pods seen by the capture program",
+            m.capture_packets.clone(),
+        );
+        zt.register(
+            "capture_bytes",
+            "Bytes of enrolled pods seen by the capture program",
+            m.capture_bytes.clone(),
+        );
+        zt.register(
+            "capture_dropped_no_proxy",
+            "SYNs dropped because ztunnel was not listening (fail closed)",
+            m.capture_dropped.clone(),
+        );
+        zt.register(
+            "capture_dropped_spoofed",
+            "Packets with an enrolled pod's address from another interface (spoofing), dropped",
+            m.capture_spoofed.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -120,15 +176,28 @@ impl Metrics {
         out
     }
 
-    pub fn set_capture(&self, counters: &std::collections::BTreeMap<std::net::IpAddr, crate::capture::Counters>) {
+    pub fn set_capture(
+        &self,
+        counters: &std::collections::BTreeMap<std::net::IpAddr, crate::capture::Counters>,
+    ) {
         for (ip, c) in counters {
-            let l = PodLabels { pod_ip: ip.to_string() };
-            self.capture_outbound_flows.get_or_create(&l).set(c.outbound_flows as i64);
-            self.capture_inbound_flows.get_or_create(&l).set(c.inbound_flows as i64);
+            let l = PodLabels {
+                pod_ip: ip.to_string(),
+            };
+            self.capture_outbound_flows
+                .get_or_create(&l)
+                .set(c.outbound_flows as i64);
+            self.capture_inbound_flows
+                .get_or_create(&l)
+                .set(c.inbound_flows as i64);
             self.capture_packets.get_or_create(&l).set(c.packets as i64);
             self.capture_bytes.get_or_create(&l).set(c.bytes as i64);
-            self.capture_dropped.get_or_create(&l).set(c.dropped_no_proxy as i64);
-            self.capture_spoofed.get_or_create(&l).set(c.dropped_spoofed as i64);
+            self.capture_dropped
+                .get_or_create(&l)
+                .set(c.dropped_no_proxy as i64);
+            self.capture_spoofed
+                .get_or_create(&l)
+                .set(c.dropped_spoofed as i64);
         }
     }
 }
@@ -140,11 +209,18 @@ mod tests {
     #[test]
     fn istio_names_and_labels() {
         let m = Metrics::new();
-        let l = TcpLabels { reporter: "source".into(), source_workload: "sleep".into(), ..Default::default() };
+        let l = TcpLabels {
+            reporter: "source".into(),
+            source_workload: "sleep".into(),
+            ..Default::default()
+        };
         m.tcp_opened.get_or_create(&l).inc();
         m.tcp_sent.get_or_create(&l).inc_by(42);
         let text = m.encode();
-        assert!(text.contains("istio_tcp_connections_opened_total{"), "{text}");
+        assert!(
+            text.contains("istio_tcp_connections_opened_total{"),
+            "{text}"
+        );
         assert!(text.contains("reporter=\"source\""));
         assert!(text.contains("source_workload=\"sleep\""));
         assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"));

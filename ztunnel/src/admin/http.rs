@@ -24,7 +24,10 @@ pub struct Req {
 
 impl Req {
     pub fn param(&self, k: &str) -> Option<&str> {
-        self.query.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -37,7 +40,8 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
 }
 
 pub fn json(value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let body = serde_json::to_vec_pretty(value)
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
@@ -51,14 +55,20 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let query = parts
                         .uri
                         .query()
@@ -72,7 +82,12 @@ where
                                 .collect()
                         })
                         .unwrap_or_default();
-                    let req = Req { method: parts.method, path: parts.uri.path().to_string(), query, body };
+                    let req = Req {
+                        method: parts.method,
+                        path: parts.uri.path().to_string(),
+                        query,
+                        body,
+                    };
                     Ok::<_, Infallible>(handler(req).await)
                 }
             });

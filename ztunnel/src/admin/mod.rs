@@ -36,11 +36,23 @@ pub struct AdminState {
 
 const INDEX: &[(&str, &str)] = &[
     ("/", "this index"),
-    ("/config_dump", "workloads, services, policies, certificates, enrolled pods (JSON)"),
+    (
+        "/config_dump",
+        "workloads, services, policies, certificates, enrolled pods (JSON)",
+    ),
     ("/certs", "workload certificates held by this node"),
-    ("/logging", "GET: current log filter; POST ?level=<RUST_LOG spec>: change it"),
-    ("/debug/capture", "eBPF programs, interfaces, enrolled pods, per-pod counters"),
-    ("/debug/connections", "live connections: source, destination, identities, bytes, age"),
+    (
+        "/logging",
+        "GET: current log filter; POST ?level=<RUST_LOG spec>: change it",
+    ),
+    (
+        "/debug/capture",
+        "eBPF programs, interfaces, enrolled pods, per-pod counters",
+    ),
+    (
+        "/debug/connections",
+        "live connections: source, destination, identities, bytes, age",
+    ),
     ("/quitquitquit", "POST: drain and exit"),
 ];
 
@@ -57,11 +69,19 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/certs") => json(&views::certs(&state)),
         (Method::GET, "/debug/capture") => json(&views::capture(&state).await),
         (Method::GET, "/debug/connections") => json(&state.connections.list()),
-        (Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", crate::logging::current())),
+        (Method::GET, "/logging") => {
+            text(StatusCode::OK, format!("{}\n", crate::logging::current()))
+        }
         (Method::POST, "/logging") => {
-            let Some(spec) = req.param("level").map(|s| s.replace("%3D", "=").replace("%2C", ",").replace("%3A", ":"))
-            else {
-                return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<RUST_LOG filter>\n");
+            let Some(spec) = req.param("level").map(|s| {
+                s.replace("%3D", "=")
+                    .replace("%2C", ",")
+                    .replace("%3A", ":")
+            }) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: POST /logging?level=<RUST_LOG filter>\n",
+                );
             };
             match crate::logging::set(&spec) {
                 Ok(()) => text(StatusCode::OK, format!("{spec}\n")),
@@ -72,8 +92,13 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
             state.quit.notify_one();
             text(StatusCode::OK, "draining, then exiting\n")
         }
-        (_, p) if INDEX.iter().any(|(i, _)| *i == p) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the endpoints\n"),
+        (_, p) if INDEX.iter().any(|(i, _)| *i == p) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; GET / lists the endpoints\n",
+        ),
     }
 }
 
@@ -83,8 +108,13 @@ pub async fn metrics(state: Arc<AdminState>, req: Req) -> Response<Body> {
             let counters = state.capture.lock().await.counters();
             state.metrics.set_capture(&counters);
             Response::builder()
-                .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                .body(http_body_util::Full::new(bytes::Bytes::from(state.metrics.encode())))
+                .header(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    state.metrics.encode(),
+                )))
                 .expect("valid response")
         }
         _ => text(StatusCode::NOT_FOUND, "try /metrics or /stats/prometheus\n"),
@@ -97,6 +127,9 @@ pub async fn readiness(state: Arc<AdminState>, req: Req) -> Response<Body> {
     }
     match views::not_ready(&state) {
         reasons if reasons.is_empty() => text(StatusCode::OK, "ready\n"),
-        reasons => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", reasons.join("\n"))),
+        reasons => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", reasons.join("\n")),
+        ),
     }
 }

@@ -36,7 +36,11 @@ pub fn certs(s: &AdminState) -> Value {
 
 pub async fn capture(s: &AdminState) -> Value {
     let cap = s.capture.lock().await;
-    let counters: BTreeMap<String, _> = cap.counters().into_iter().map(|(ip, c)| (ip.to_string(), c)).collect();
+    let counters: BTreeMap<String, _> = cap
+        .counters()
+        .into_iter()
+        .map(|(ip, c)| (ip.to_string(), c))
+        .collect();
     let cfg = cap.config();
     json!({
         "program": ztunnel_ebpf_common::CAPTURE_PROGRAM,
@@ -73,11 +77,17 @@ pub fn not_ready(s: &AdminState) -> Vec<String> {
     for (uid, why) in &status.pending {
         reasons.push(format!("workload {uid} not enrolled: {why}"));
     }
-    let certs: BTreeMap<String, CertState> =
-        s.certs.snapshot().into_iter().map(|c| (c.identity, c.state)).collect();
+    let certs: BTreeMap<String, CertState> = s
+        .certs
+        .snapshot()
+        .into_iter()
+        .map(|c| (c.identity, c.state))
+        .collect();
     let state = s.store.snapshot();
     for uid in status.enrolled.keys() {
-        let Some(w) = state.workload_by_uid(uid) else { continue };
+        let Some(w) = state.workload_by_uid(uid) else {
+            continue;
+        };
         let id = w.identity().to_string();
         match certs.get(&id) {
             Some(CertState::Ready) | Some(CertState::Renewing) => {}

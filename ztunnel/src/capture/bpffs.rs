@@ -15,6 +15,17 @@ pub fn ensure_mounted(root: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    mount(Some("bpffs"), root, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting bpffs at {} (needs root / CAP_SYS_ADMIN)", root.display()))
+    mount(
+        Some("bpffs"),
+        root,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| {
+        format!(
+            "mounting bpffs at {} (needs root / CAP_SYS_ADMIN)",
+            root.display()
+        )
+    })
 }

@@ -40,7 +40,10 @@ pub enum AttachOutcome {
 impl Links {
     pub fn new(dir: PathBuf) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Links { dir, attached: HashMap::new() })
+        Ok(Links {
+            dir,
+            attached: HashMap::new(),
+        })
     }
 
     pub fn attach(
@@ -61,11 +64,15 @@ impl Links {
             match adopt(prog, &pin) {
                 Ok(link) => {
                     info!(interface = ifname, "adopted pinned capture link");
-                    self.attached.insert(ifname.to_string(), Attached { link, pin, ifindex });
+                    self.attached
+                        .insert(ifname.to_string(), Attached { link, pin, ifindex });
                     return Ok(AttachOutcome::Adopted);
                 }
                 Err(e) => {
-                    warn!(interface = ifname, "pinned capture link unusable, replacing it: {e:#}");
+                    warn!(
+                        interface = ifname,
+                        "pinned capture link unusable, replacing it: {e:#}"
+                    );
                     let _ = std::fs::remove_file(&pin);
                 }
             }
@@ -79,9 +86,17 @@ impl Links {
             .with_context(|| format!("attaching the capture program to {ifname}"))?;
         let link = prog.take_link(id)?;
         let link = FdLink::try_from(link).context("capture link is not a TCX link")?;
-        let pinned = link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
-        self.attached
-            .insert(ifname.to_string(), Attached { link: pinned.into(), pin, ifindex });
+        let pinned = link
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        self.attached.insert(
+            ifname.to_string(),
+            Attached {
+                link: pinned.into(),
+                pin,
+                ifindex,
+            },
+        );
         Ok(AttachOutcome::Attached)
     }
 
@@ -107,14 +122,20 @@ impl Links {
     }
 
     pub fn interfaces(&self) -> Vec<(String, u32)> {
-        let mut v: Vec<_> = self.attached.iter().map(|(n, a)| (n.clone(), a.ifindex)).collect();
+        let mut v: Vec<_> = self
+            .attached
+            .iter()
+            .map(|(n, a)| (n.clone(), a.ifindex))
+            .collect();
         v.sort();
         v
     }
 
     /// Pins left from an earlier run whose interface no longer exists.
     pub fn stale_pins(&self, existing: &[(String, u32)]) -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else { return vec![] };
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return vec![];
+        };
         rd.filter_map(|e| e.ok())
             .filter(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -128,7 +149,9 @@ impl Links {
 fn adopt(prog: &mut SchedClassifier, pin: &Path) -> anyhow::Result<FdLink> {
     let pinned = PinnedLink::from_pin(pin)?;
     let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
-    let id = prog.attach_to_link(link).context("replacing the program of a pinned link")?;
+    let id = prog
+        .attach_to_link(link)
+        .context("replacing the program of a pinned link")?;
     let link = prog.take_link(id)?;
     Ok(FdLink::try_from(link)?)
 }

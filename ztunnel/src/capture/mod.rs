@@ -27,7 +27,8 @@ pub use links::AttachOutcome;
 pub use routing::RoutingConfig;
 
 /// The compiled capture program, built by `build.rs`.
-static CAPTURE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
+static CAPTURE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
 
 /// Everything the loader needs to know.
 #[derive(Clone, Debug)]
@@ -114,16 +115,21 @@ impl Capture {
             .program_mut(CAPTURE_PROGRAM)
             .context("capture program missing from the object")?
             .try_into()?;
-        prog.load().context("loading the capture program (verifier)")?;
+        prog.load()
+            .context("loading the capture program (verifier)")?;
 
         let pods = take_hash(&mut ebpf, maps::PODS)?;
         let node_addrs = take_hash(&mut ebpf, maps::NODE_ADDRS)?;
         let counters = PerCpuHashMap::try_from(
-            ebpf.take_map(maps::COUNTERS).context("counters map missing")?,
+            ebpf.take_map(maps::COUNTERS)
+                .context("counters map missing")?,
         )?;
-        let mut excluded: BpfHashMap<MapData, u16, u8> = take_hash(&mut ebpf, maps::EXCLUDED_PORTS)?;
-        let mut settings: Array<MapData, Settings> =
-            Array::try_from(ebpf.take_map(maps::SETTINGS).context("settings map missing")?)?;
+        let mut excluded: BpfHashMap<MapData, u16, u8> =
+            take_hash(&mut ebpf, maps::EXCLUDED_PORTS)?;
+        let mut settings: Array<MapData, Settings> = Array::try_from(
+            ebpf.take_map(maps::SETTINGS)
+                .context("settings map missing")?,
+        )?;
 
         let old: Vec<u16> = excluded.keys().filter_map(Result::ok).collect();
         for p in old {
@@ -148,8 +154,16 @@ impl Capture {
         let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
         let links = links::Links::new(dir.join("links"))?;
-        let mut capture =
-            Capture { cfg, dir, ebpf, links, pods, node_addrs, counters, netlink };
+        let mut capture = Capture {
+            cfg,
+            dir,
+            ebpf,
+            links,
+            pods,
+            node_addrs,
+            counters,
+            netlink,
+        };
         capture.refresh().await?;
         info!(dir = %capture.dir.display(), "capture programs loaded");
         Ok(capture)
@@ -196,10 +210,16 @@ impl Capture {
         let ifindex = routing::link_index(&self.netlink, interface)
             .await?
             .with_context(|| format!("interface {interface} not found"))?;
-        self.links.attach(program(&mut self.ebpf)?, interface, ifindex)?;
+        self.links
+            .attach(program(&mut self.ebpf)?, interface, ifindex)?;
         for a in addresses {
-            let info = PodInfo { ifindex, flags: POD_FLAG_OUTBOUND | POD_FLAG_INBOUND };
-            self.pods.insert(key(*a), info, 0).with_context(|| format!("enrolling {a}"))?;
+            let info = PodInfo {
+                ifindex,
+                flags: POD_FLAG_OUTBOUND | POD_FLAG_INBOUND,
+            };
+            self.pods
+                .insert(key(*a), info, 0)
+                .with_context(|| format!("enrolling {a}"))?;
             debug!(address = %a, interface, ifindex, "pod address enrolled");
         }
         Ok(())
@@ -287,7 +307,10 @@ impl Capture {
 }
 
 fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
-    Ok(ebpf.program_mut(CAPTURE_PROGRAM).context("capture program")?.try_into()?)
+    Ok(ebpf
+        .program_mut(CAPTURE_PROGRAM)
+        .context("capture program")?
+        .try_into()?)
 }
 
 fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
@@ -301,7 +324,9 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
 ) -> anyhow::Result<BpfHashMap<MapData, K, V>> {
-    let map = ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing"))?;
     Ok(BpfHashMap::try_from(map)?)
 }
 
@@ -309,7 +334,8 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
 fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     use tokio::io::unix::AsyncFd;
     // SAFETY: the logger owns its ring-buffer fd and keeps it open while registered.
-    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -319,7 +345,9 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     };
     tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

@@ -35,7 +35,9 @@ pub fn connect() -> anyhow::Result<Handle> {
 /// Installs the rules and routes; idempotent (a restart finds them already there).
 pub async fn install(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> {
     remove_rules(handle, cfg).await?;
-    let lo = link_index(handle, "lo").await?.context("no loopback interface")?;
+    let lo = link_index(handle, "lo")
+        .await?
+        .context("no loopback interface")?;
     for v6 in [false, true] {
         let mut rule = handle
             .rule()
@@ -44,8 +46,14 @@ pub async fn install(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> 
             .action(RuleAction::ToTable)
             .priority(cfg.priority)
             .fw_mark(cfg.mark);
-        rule.message_mut().attributes.push(RuleAttribute::FwMask(cfg.mark));
-        let res = if v6 { rule.v6().execute().await } else { rule.v4().execute().await };
+        rule.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(cfg.mark));
+        let res = if v6 {
+            rule.v6().execute().await
+        } else {
+            rule.v4().execute().await
+        };
         res.with_context(|| format!("adding the capture rule (ipv6={v6})"))?;
 
         let route = handle
@@ -56,9 +64,19 @@ pub async fn install(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> 
             .scope(RouteScope::Host)
             .output_interface(lo);
         let res = if v6 {
-            route.v6().destination_prefix(Ipv6Addr::UNSPECIFIED, 0).replace().execute().await
+            route
+                .v6()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .replace()
+                .execute()
+                .await
         } else {
-            route.v4().destination_prefix(Ipv4Addr::UNSPECIFIED, 0).replace().execute().await
+            route
+                .v4()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .replace()
+                .execute()
+                .await
         };
         res.with_context(|| format!("adding the local route to table {} (ipv6={v6})", cfg.table))?;
     }
@@ -73,7 +91,12 @@ pub async fn uninstall(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()
         let routes: Vec<_> = handle.route().get(version).execute().try_collect().await?;
         for route in routes {
             if route_table(&route) == cfg.table {
-                handle.route().del(route).execute().await.context("deleting capture route")?;
+                handle
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .context("deleting capture route")?;
             }
         }
     }
@@ -85,9 +108,16 @@ async fn remove_rules(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()>
         let rules: Vec<_> = handle.rule().get(version).execute().try_collect().await?;
         for rule in rules {
             let ours = rule.attributes.contains(&RuleAttribute::FwMark(cfg.mark))
-                && rule.attributes.contains(&RuleAttribute::Priority(cfg.priority));
+                && rule
+                    .attributes
+                    .contains(&RuleAttribute::Priority(cfg.priority));
             if ours {
-                handle.rule().del(rule).execute().await.context("deleting capture rule")?;
+                handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .context("deleting capture rule")?;
             }
         }
     }
@@ -133,13 +163,21 @@ pub async fn links(handle: &Handle) -> anyhow::Result<Vec<(String, u32)>> {
 }
 
 pub async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u32>> {
-    Ok(links(handle).await?.into_iter().find(|(n, _)| n == name).map(|(_, i)| i))
+    Ok(links(handle)
+        .await?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, i)| i))
 }
 
 /// The interface the main table routes `ip` through (longest prefix wins): for a pod
 /// on this node, the host side of its veth.
 pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option<String>> {
-    let version = if ip.is_ipv4() { IpVersion::V4 } else { IpVersion::V6 };
+    let version = if ip.is_ipv4() {
+        IpVersion::V4
+    } else {
+        IpVersion::V6
+    };
     let routes: Vec<_> = handle.route().get(version).execute().try_collect().await?;
     let mut best: Option<(u8, u32)> = None;
     for r in &routes {
@@ -167,18 +205,32 @@ pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option
             best = Some((len, oif));
         }
     }
-    let Some((_, oif)) = best else { return Ok(None) };
-    Ok(links(handle).await?.into_iter().find(|(_, i)| *i == oif).map(|(n, _)| n))
+    let Some((_, oif)) = best else {
+        return Ok(None);
+    };
+    Ok(links(handle)
+        .await?
+        .into_iter()
+        .find(|(_, i)| *i == oif)
+        .map(|(n, _)| n))
 }
 
 fn prefix_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(i)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len.min(32)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len.min(32))
+            };
             u32::from(n) & mask == u32::from(i) & mask
         }
         (IpAddr::V6(n), IpAddr::V6(i)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len.min(128)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len.min(128))
+            };
             u128::from(n) & mask == u128::from(i) & mask
         }
         _ => false,

@@ -25,10 +25,7 @@ pub enum CertError {
     NoSpiffeSan,
     #[error("certificate is for {actual}, expected {expected}")]
     // Strings, not `Identity`s: keeps this error (returned on hot paths) small.
-    WrongIdentity {
-        expected: String,
-        actual: String,
-    },
+    WrongIdentity { expected: String, actual: String },
     #[error("unusable private key: {0}")]
     Key(String),
 }

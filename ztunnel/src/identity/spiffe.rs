@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The identity of a workload, as carried in the URI SAN of its certificate.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Identity {
     pub trust_domain: String,
@@ -31,7 +33,11 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -39,14 +45,21 @@ impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| IdentityError { input: s.to_string(), reason };
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| err("missing spiffe:// scheme"))?;
+        let err = |reason| IdentityError {
+            input: s.to_string(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("missing spiffe:// scheme"))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
                 Ok(Identity::new(td, ns, sa))
             }
-            _ => Err(err("expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")),
+            _ => Err(err(
+                "expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>",
+            )),
         }
     }
 }
@@ -70,7 +83,9 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(id, Identity::new("cluster.local", "default", "sleep"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/sleep");
     }

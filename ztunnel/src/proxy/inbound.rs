@@ -22,7 +22,10 @@ use crate::state::Workload;
 
 /// The local, in-mesh workload owning `ip`, if it is one of this node's.
 fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
-    ctx.store.snapshot().workload_by_ip(ip).filter(|w| w.node == ctx.node)
+    ctx.store
+        .snapshot()
+        .workload_by_ip(ip)
+        .filter(|w| w.node == ctx.node)
 }
 
 /// Bound on the TLS handshake of an inbound HBONE connection.
@@ -48,7 +51,8 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         Err(e) => return warn!(%identity, "TLS server config: {e}"),
     };
     // A client that connects and sends nothing must not hold a task and a socket forever.
-    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(config, stream)).await;
+    let accepted =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(config, stream)).await;
     let (tls, client) = match accepted {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
@@ -70,7 +74,12 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
     }
 }
 
-async fn deliver(ctx: Arc<ProxyContext>, dialed: Arc<Workload>, tunnel: SocketAddr, req: InboundRequest) {
+async fn deliver(
+    ctx: Arc<ProxyContext>,
+    dialed: Arc<Workload>,
+    tunnel: SocketAddr,
+    req: InboundRequest,
+) {
     let target = req.target;
     // The tunnel was authenticated as this pod: it may only carry traffic to this pod.
     if !dialed.workload_ips.contains(&target.ip().to_canonical()) {
@@ -87,8 +96,16 @@ async fn deliver(ctx: Arc<ProxyContext>, dialed: Arc<Workload>, tunnel: SocketAd
     let server_id = dialed.identity();
     let record = Record {
         direction: Direction::Inbound,
-        src: End { addr: Some(SocketAddr::new(src_ip, 0)), workload: source.as_deref(), identity: Some(&client) },
-        dst: End { addr: Some(target), workload: Some(&dialed), identity: Some(&server_id) },
+        src: End {
+            addr: Some(SocketAddr::new(src_ip, 0)),
+            workload: source.as_deref(),
+            identity: Some(&client),
+        },
+        dst: End {
+            addr: Some(target),
+            workload: Some(&dialed),
+            identity: Some(&server_id),
+        },
         service: None,
         dst_addr: target,
         target,
@@ -127,8 +144,16 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
     let dst_id = workload.identity();
     let record = Record {
         direction: Direction::Inbound,
-        src: End { addr: Some(peer), workload: source.as_deref(), identity: None },
-        dst: End { addr: Some(dst), workload: Some(&workload), identity: Some(&dst_id) },
+        src: End {
+            addr: Some(peer),
+            workload: source.as_deref(),
+            identity: None,
+        },
+        dst: End {
+            addr: Some(dst),
+            workload: Some(&workload),
+            identity: Some(&dst_id),
+        },
         service: None,
         dst_addr: dst,
         target: dst,

@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::connections::ConnectionTracker;
-use crate::pool::Pool;
 use crate::identity::manager::SecretManager;
 use crate::identity::Identity;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::pool::Pool;
 use crate::state::{StateStore, Workload};
 
 /// What every connection handler needs.
@@ -60,11 +60,22 @@ where
 }
 
 /// L4 authorization of a connection to `dst` on workload `w`; logs denials.
-pub fn authorize(ctx: &ProxyContext, src_id: Option<&Identity>, src_ip: IpAddr, dst: SocketAddr, w: &Workload) -> bool {
+pub fn authorize(
+    ctx: &ProxyContext,
+    src_id: Option<&Identity>,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+    w: &Workload,
+) -> bool {
     let conn = crate::policy::Connection::new(src_id.cloned(), src_ip, dst.ip(), dst.port());
     let decision = ctx.store.snapshot().policies.evaluate(&conn, w);
     let result = if decision.allowed { "allow" } else { "deny" };
-    ctx.metrics.authz_decisions.get_or_create(&ResultLabels { result: result.into() }).inc();
+    ctx.metrics
+        .authz_decisions
+        .get_or_create(&ResultLabels {
+            result: result.into(),
+        })
+        .inc();
     if !decision.allowed {
         info!(%conn, workload = %w.uid, %decision, "connection denied by policy");
     }

@@ -31,7 +31,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
     }
     // Identify.
     let state = ctx.store.snapshot();
-    let source = state.workload_by_ip(peer.ip()).filter(|w| w.node == ctx.node && w.in_mesh());
+    let source = state
+        .workload_by_ip(peer.ip())
+        .filter(|w| w.node == ctx.node && w.in_mesh());
     let upstream = match state.resolve(dst) {
         Ok(u) => u,
         Err(e) => return info!(%peer, %dst, "refused: {e}"),
@@ -48,8 +50,16 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             let target = up.as_ref().map(|u| u.address).unwrap_or(dst);
             let record = Record {
                 direction: Direction::Outbound,
-                src: End { addr: Some(peer), workload: src.as_deref(), identity: None },
-                dst: End { addr: Some(target), workload: up.as_ref().map(|u| &*u.workload), identity: None },
+                src: End {
+                    addr: Some(peer),
+                    workload: src.as_deref(),
+                    identity: None,
+                },
+                dst: End {
+                    addr: Some(target),
+                    workload: up.as_ref().map(|u| &*u.workload),
+                    identity: None,
+                },
                 service: up.as_ref().and_then(|u| u.service.as_deref()),
                 dst_addr: dst,
                 target,
@@ -70,17 +80,36 @@ fn expected_identities(up: &Upstream) -> Vec<Identity> {
     ids
 }
 
-async fn hbone(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, src: &Workload, up: &Upstream) {
+async fn hbone(
+    ctx: &ProxyContext,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &Workload,
+    up: &Upstream,
+) {
     let src_id = src.identity();
     let dst_ids = expected_identities(up);
-    let key = PoolKey::new(src_id.clone(), dst_ids, SocketAddr::new(up.address.ip(), ctx.hbone_port));
+    let key = PoolKey::new(
+        src_id.clone(),
+        dst_ids,
+        SocketAddr::new(up.address.ip(), ctx.hbone_port),
+    );
     let mut req = ConnectRequest::new(up.address);
     req.source = Some(peer.ip());
     let dst_id = up.workload.identity();
     let record = Record {
         direction: Direction::Outbound,
-        src: End { addr: Some(peer), workload: Some(src), identity: Some(&src_id) },
-        dst: End { addr: Some(up.address), workload: Some(&up.workload), identity: Some(&dst_id) },
+        src: End {
+            addr: Some(peer),
+            workload: Some(src),
+            identity: Some(&src_id),
+        },
+        dst: End {
+            addr: Some(up.address),
+            workload: Some(&up.workload),
+            identity: Some(&dst_id),
+        },
         service: up.service.as_deref(),
         dst_addr: dst,
         target: up.address,
@@ -101,7 +130,14 @@ async fn hbone(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst: Soc
 /// Both pods on this node: no network trip, but the same checks as a tunnel — both
 /// workloads must have their certificates (fail closed as HBONE would) and the
 /// destination's policies must allow the source's identity.
-async fn same_node(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr, src: &Workload, up: &Upstream) {
+async fn same_node(
+    ctx: &ProxyContext,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &Workload,
+    up: &Upstream,
+) {
     let src_id = src.identity();
     let dst_id = up.workload.identity();
     for id in [&src_id, &dst_id] {
@@ -114,8 +150,16 @@ async fn same_node(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, dst:
     }
     let record = Record {
         direction: Direction::Outbound,
-        src: End { addr: Some(peer), workload: Some(src), identity: Some(&src_id) },
-        dst: End { addr: Some(up.address), workload: Some(&up.workload), identity: Some(&dst_id) },
+        src: End {
+            addr: Some(peer),
+            workload: Some(src),
+            identity: Some(&src_id),
+        },
+        dst: End {
+            addr: Some(up.address),
+            workload: Some(&up.workload),
+            identity: Some(&dst_id),
+        },
         service: up.service.as_deref(),
         dst_addr: dst,
         target: up.address,

@@ -14,7 +14,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// sockets share ephemeral ports per destination instead of exhausting them.
 const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
 
-fn setsockopt_int(fd: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt with a pointer to a live c_int and its size.
     let rc = unsafe {
         libc::setsockopt(
