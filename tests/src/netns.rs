@@ -54,14 +54,22 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace; sockets it creates live here
     /// and may be used from any thread afterwards.
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        self.spawn(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Starts `f` on a new thread inside this namespace (for long-running loads).
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
         let path = self.path();
         std::thread::spawn(move || {
             let file = File::open(&path).expect("open netns");
             setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// A command that runs inside this namespace.

@@ -107,3 +107,105 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out: {what}");
 }
+
+/// Steady load: `workers` threads in `ns`, each opening a connection to `dst`, echoing a
+/// few bytes and closing it, over and over, until stopped. Every failure is counted by
+/// kind, so a test can say exactly what was lost.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<LoadReport>>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub refused: u64,
+    pub reset: u64,
+    pub timed_out: u64,
+    /// Wrong or short echo, or any other error.
+    pub other: u64,
+    /// The longest successful connect + echo + close (a dropped SYN shows as ≥ 1 s).
+    pub slowest: Duration,
+    /// The first few failures, for the assertion message.
+    pub samples: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn failed(&self) -> u64 {
+        self.refused + self.reset + self.timed_out + self.other
+    }
+
+    fn merge(&mut self, o: LoadReport) {
+        self.ok += o.ok;
+        self.refused += o.refused;
+        self.reset += o.reset;
+        self.timed_out += o.timed_out;
+        self.other += o.other;
+        self.slowest = self.slowest.max(o.slowest);
+        self.samples.extend(o.samples);
+        self.samples.truncate(10);
+    }
+
+    fn record(&mut self, r: std::io::Result<Vec<u8>>, msg: &[u8], took: Duration) {
+        use std::io::ErrorKind::*;
+        let e = match r {
+            Ok(v) if v == msg => {
+                self.ok += 1;
+                self.slowest = self.slowest.max(took);
+                return;
+            }
+            Ok(v) => {
+                self.other += 1;
+                format!("echo of {} bytes, expected {}", v.len(), msg.len())
+            }
+            Err(e) => {
+                match e.kind() {
+                    ConnectionRefused => self.refused += 1,
+                    ConnectionReset | ConnectionAborted | BrokenPipe => self.reset += 1,
+                    TimedOut | WouldBlock => self.timed_out += 1,
+                    _ => self.other += 1,
+                }
+                e.to_string()
+            }
+        };
+        if self.samples.len() < 10 {
+            self.samples.push(e);
+        }
+    }
+}
+
+impl Load {
+    pub fn start(ns: &Netns, dst: SocketAddr, workers: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|i| {
+                let stop = stop.clone();
+                ns.spawn(move || {
+                    let mut report = LoadReport::default();
+                    let msg = format!("load-{i}").into_bytes();
+                    let t = Duration::from_secs(5);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = std::time::Instant::now();
+                        let r = TcpStream::connect_timeout(&dst, t).and_then(|mut s| {
+                            s.set_read_timeout(Some(t))?;
+                            echo_round_trip(&mut s, &msg)
+                        });
+                        report.record(r, &msg, started.elapsed());
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, workers }
+    }
+
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for w in self.workers {
+            total.merge(w.join().expect("load worker"));
+        }
+        total
+    }
+}

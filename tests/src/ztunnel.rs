@@ -91,15 +91,21 @@ impl Ztunnel {
     pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         let needle = needles.join(" + ");
-        while Instant::now() < deadline {
-            if let Some(l) = self
-                .log_text()
+        let find = || {
+            self.log_text()
                 .lines()
                 .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(l.to_string());
+                .map(str::to_string)
+        };
+        while Instant::now() < deadline {
+            if let Some(l) = find() {
+                return Ok(l);
             }
             if !Path::new(&format!("/proc/{}", self.pid)).exists() || is_zombie(self.pid) {
+                // Its last words may have landed between the read and the exit.
+                if let Some(l) = find() {
+                    return Ok(l);
+                }
                 bail!(
                     "ztunnel on {} exited; log:\n{}",
                     self.node.name,

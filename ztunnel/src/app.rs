@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
@@ -19,6 +20,7 @@ use crate::capture::{Capture, CaptureConfig, RoutingConfig};
 use crate::config::RunArgs;
 use crate::connections::ConnectionTracker;
 use crate::enroll::Enroller;
+use crate::handover;
 use crate::identity::ca::{CaOptions, CertificateAuthority};
 use crate::identity::manager::{LocalCaClient, SecretManagerOptions};
 use crate::identity::{CaClient, GrpcCaClient, SecretManager};
@@ -33,6 +35,14 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     if kubernetes {
         args.apply_kubernetes_defaults();
         info!("Kubernetes mode: pods are enrolled by the istio.io/dataplane-mode label");
+    }
+    // Before touching capture: a running ztunnel of this instance owns it.
+    let predecessor = handover::is_running(&args.instance());
+    if predecessor && !args.takeover {
+        anyhow::bail!(
+            "a ztunnel of instance {:?} is already running in this network namespace: stop it, or start with --takeover true to take over from it",
+            args.instance()
+        );
     }
     let store = Arc::new(StateStore::default());
     let _config_task = match &args.local_xds_path {
@@ -78,16 +88,29 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         t.abort();
     }
 
-    let capture = Arc::into_inner(capture)
-        .map(Mutex::into_inner)
-        .context("capture still in use at exit")?;
-    if args.retain_capture_on_exit {
-        capture.retain();
-    } else if let Err(e) = capture.shutdown().await {
-        error!("removing capture failed: {e:#}");
+    // Aborted tasks may hold the capture a moment longer.
+    for _ in 0..100 {
+        if Arc::strong_count(&capture) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Keep capture for whoever serves next: after a handover, on request, and when we
+    // failed while a predecessor still runs (removing it would expose its pods).
+    let keep = args.retain_capture_on_exit
+        || matches!(result, Ok(Exit::HandedOver))
+        || (predecessor && result.is_err());
+    match Arc::into_inner(capture).map(Mutex::into_inner) {
+        Some(capture) if keep => capture.retain(),
+        Some(capture) => {
+            if let Err(e) = capture.shutdown().await {
+                error!("removing capture failed: {e:#}");
+            }
+        }
+        None => error!("capture still in use at exit: left in place"),
     }
     info!("ztunnel stopped");
-    result
+    result.map(|_| ())
 }
 
 /// The CA: Istio's gRPC API when an address is given, else the built-in one.
@@ -117,13 +140,14 @@ async fn serve(
     certs: Arc<SecretManager>,
     capture: Arc<Mutex<Capture>>,
     xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTracker::new(metrics.clone());
     let dialer = socket::Dialer {
         mark: args.proxy_mark,
     };
     let pool = Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default());
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(ProxyContext {
         node: args.node_name.clone(),
         store: store.clone(),
@@ -138,35 +162,10 @@ async fn serve(
             args.inbound_hbone_port,
         ],
         hbone_port: args.inbound_hbone_port,
+        draining: drain_rx,
     });
 
-    // Listeners: the data path...
-    let mut proxy_tasks = tokio::task::JoinSet::new();
-    for addr in args.listen_addrs(args.outbound_port) {
-        let l =
-            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
-    }
-    for addr in args.listen_addrs(args.inbound_plaintext_port) {
-        let l =
-            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        proxy_tasks.spawn(proxy::accept_loop(
-            l,
-            ctx.clone(),
-            proxy::inbound::handle_plaintext,
-        ));
-    }
-    for addr in args.listen_addrs(args.inbound_hbone_port) {
-        let l =
-            socket::transparent_listener(addr).with_context(|| format!("listening on {addr}"))?;
-        proxy_tasks.spawn(proxy::accept_loop(
-            l,
-            ctx.clone(),
-            proxy::inbound::handle_hbone,
-        ));
-    }
-
-    // ...enrollment and certificates...
+    // Enrollment and certificates...
     let enroller = if args.kubernetes_enrollment() {
         let client = crate::k8s::client()
             .await
@@ -200,7 +199,6 @@ async fn serve(
     ));
     enroller.reconcile().await;
 
-    // ...and what people look at.
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin_state = Arc::new(AdminState {
         node: args.node_name.clone(),
@@ -214,38 +212,82 @@ async fn serve(
         xds,
         quit: quit.clone(),
     });
-    serve_http(
-        &mut tasks,
-        args.admin_addr,
-        admin_state.clone(),
-        admin::admin,
-    )
-    .await?;
-    serve_http(
-        &mut tasks,
-        args.metrics_addr,
-        admin_state.clone(),
-        admin::metrics,
-    )
-    .await?;
-    serve_http(
-        &mut tasks,
-        args.readiness_addr,
-        admin_state.clone(),
-        admin::readiness,
-    )
-    .await?;
+
+    // ...the listening sockets, inherited from a running ztunnel when upgrading...
+    let mut inherited = take_over(args, &admin_state).await?;
+    let registry = handover::Registry::default();
+    let mut bind = |addr| -> anyhow::Result<std::net::TcpListener> {
+        let l = inherited
+            .take_or_bind(addr, socket::transparent_std_listener)
+            .with_context(|| {
+                format!("listening on {addr} (is another ztunnel running with --takeover false?)")
+            })?;
+        registry.add(&l)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+
+    // ...the data path...
+    let mut proxy_tasks = tokio::task::JoinSet::new();
+    for addr in args.listen_addrs(args.outbound_port) {
+        let l = TcpListener::from_std(bind(addr)?)?;
+        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
+    }
+    for addr in args.listen_addrs(args.inbound_plaintext_port) {
+        let l = TcpListener::from_std(bind(addr)?)?;
+        proxy_tasks.spawn(proxy::accept_loop(
+            l,
+            ctx.clone(),
+            proxy::inbound::handle_plaintext,
+        ));
+    }
+    for addr in args.listen_addrs(args.inbound_hbone_port) {
+        let l = TcpListener::from_std(bind(addr)?)?;
+        proxy_tasks.spawn(proxy::accept_loop(
+            l,
+            ctx.clone(),
+            proxy::inbound::handle_hbone,
+        ));
+    }
+
+    // ...and what people look at.
+    for (addr, handler) in [
+        (args.admin_addr, Endpoint::Admin),
+        (args.metrics_addr, Endpoint::Metrics),
+        (args.readiness_addr, Endpoint::Readiness),
+    ] {
+        let l = inherited
+            .take_or_bind(addr, std::net::TcpListener::bind)
+            .with_context(|| format!("listening on {addr}"))?;
+        registry.add(&l)?;
+        l.set_nonblocking(true)?;
+        let state = admin_state.clone();
+        let handler = Arc::new(move |req| handler.handle(state.clone(), req));
+        tasks.spawn(admin::http::serve(TcpListener::from_std(l)?, handler));
+    }
+    if !inherited.is_empty() {
+        warn!(addresses = ?inherited.unused(), "inherited listeners this configuration does not use: closed");
+    }
+    drop(inherited);
+    let mut handed = handover::serve(&args.instance(), registry.clone())?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = int.recv() => info!("SIGINT: draining"),
-        _ = quit.notified() => info!("/quitquitquit: draining"),
-    }
+    let exit = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: draining"); Exit::Stopped }
+        _ = int.recv() => { info!("SIGINT: draining"); Exit::Stopped }
+        _ = quit.notified() => { info!("/quitquitquit: draining"); Exit::Stopped }
+        Ok(()) = &mut handed => { info!("a new ztunnel took over: draining"); Exit::HandedOver }
+    };
     // Drain: stop accepting, give live connections time to finish.
     proxy_tasks.shutdown().await;
+    drain_tx.send_replace(true);
+    registry.clear();
+    if exit == Exit::HandedOver {
+        // The successor owns enrollment, the maps and the admin sockets from now on.
+        tasks.shutdown().await;
+    }
     let deadline = tokio::time::Instant::now() + args.drain_timeout;
     while connections.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -260,7 +302,16 @@ async fn serve(
     drop(admin_state);
     drop(enroller);
     drop(ctx);
-    Ok(())
+    Ok(exit)
+}
+
+/// Why `serve` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// Asked to stop: capture is removed unless `--retain-capture-on-exit`.
+    Stopped,
+    /// A new ztunnel took over: capture is its now and stays.
+    HandedOver,
 }
 
 /// Keeps capture, enrollment and certificates in line with the state: on every change,
@@ -317,20 +368,59 @@ async fn reconcile_loop(
     }
 }
 
-async fn serve_http<F, Fut>(
-    tasks: &mut tokio::task::JoinSet<()>,
-    addr: std::net::SocketAddr,
-    state: Arc<AdminState>,
-    handler: F,
-) -> anyhow::Result<()>
-where
-    F: Fn(Arc<AdminState>, admin::http::Req) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = hyper::Response<admin::http::Body>> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
-    let handler = Arc::new(move |req| handler(state.clone(), req));
-    tasks.spawn(admin::http::serve(listener, handler));
-    Ok(())
+/// The three HTTP endpoints, served alike.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+impl Endpoint {
+    async fn handle(
+        self,
+        state: Arc<AdminState>,
+        req: admin::http::Req,
+    ) -> hyper::Response<admin::http::Body> {
+        match self {
+            Endpoint::Admin => admin::admin(state, req).await,
+            Endpoint::Metrics => admin::metrics(state, req).await,
+            Endpoint::Readiness => admin::readiness(state, req).await,
+        }
+    }
+}
+
+/// Upgrades: when a ztunnel of this instance is running, wait (bounded) until this one
+/// could serve as well as it does, then take its listening sockets.
+async fn take_over(args: &RunArgs, state: &AdminState) -> anyhow::Result<handover::Inherited> {
+    if !args.takeover {
+        return Ok(handover::Inherited::default());
+    }
+    let Some(predecessor) = handover::Predecessor::find(&args.instance()) else {
+        return Ok(handover::Inherited::default());
+    };
+    info!("a ztunnel of this instance is running: taking over once ready");
+    let deadline = tokio::time::Instant::now() + args.takeover_ready_timeout;
+    loop {
+        let reasons = admin::not_ready(state);
+        if reasons.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                ?reasons,
+                "not ready after --takeover-ready-timeout: taking over anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inherited = tokio::task::spawn_blocking(move || predecessor.take_listeners())
+        .await?
+        .context("taking over from the running ztunnel")?;
+    info!(
+        sockets = inherited.len(),
+        "took over the running ztunnel's listeners"
+    );
+    Ok(inherited)
 }

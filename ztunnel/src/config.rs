@@ -252,9 +252,21 @@ pub struct RunArgs {
     #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
-    /// On SIGTERM or /quitquitquit, how long live connections get to finish.
+    /// On SIGTERM, /quitquitquit or a handover to a new ztunnel, how long live
+    /// connections get to finish.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Upgrades: if a ztunnel of this instance is running, take its listening sockets
+    /// (no connection is refused or reset) once ready, and let it drain. `false` makes a
+    /// running ztunnel an error (its ports are taken).
+    #[arg(long, env = "TAKEOVER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub takeover: bool,
+
+    /// How long a new ztunnel waits to be ready (configuration, certificates) before
+    /// taking over from the running one anyway.
+    #[arg(long, env = "TAKEOVER_READY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub takeover_ready_timeout: Duration,
 }
 
 impl RunArgs {

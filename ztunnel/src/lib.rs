@@ -12,6 +12,7 @@ pub mod connections;
 pub mod controlplane;
 pub mod debug_cli;
 pub mod enroll;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod k8s;

@@ -3,6 +3,7 @@
 
 pub mod http;
 mod views;
+pub use views::not_ready;
 
 use std::sync::Arc;
 

@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderValue};
 
 pub use client::{connect_stream, handshake, ConnectRequest};
 pub use copy::copy_bidirectional;
-pub use server::{serve_connection, InboundRequest};
+pub use server::{serve_connection, serve_connection_until, InboundRequest};
 pub use stream::H2Stream;
 
 /// The inbound HBONE port.

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, Method, Response, StatusCode};
@@ -95,9 +96,37 @@ where
     H: Fn(InboundRequest) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_until(io, peer, handler, std::future::pending()).await
+}
+
+/// [`serve_connection`] that, once `drain` completes, shuts down gracefully: GOAWAY tells
+/// the client to open new streams elsewhere (a new ztunnel after an upgrade) while the
+/// streams already running finish.
+pub async fn serve_connection_until<IO, H, F>(
+    io: IO,
+    peer: Identity,
+    handler: H,
+    drain: impl Future<Output = ()>,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(InboundRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let handler = Arc::new(handler);
     let mut conn = server_builder().handshake::<_, Bytes>(io).await?;
-    while let Some(next) = conn.accept().await {
+    let drain = std::pin::pin!(drain);
+    let mut drain = drain.fuse();
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = &mut drain => {
+                tracing::debug!(%peer, "draining: GOAWAY sent");
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) = match next {
             Ok(r) => r,
             Err(e) if e.is_reset() => continue, // one stream failed; the connection is fine

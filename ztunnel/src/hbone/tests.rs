@@ -39,6 +39,21 @@ pub(crate) enum Report {
 pub(crate) async fn start_server(
     ca: &CertificateAuthority,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<Report>) {
+    let (addr, rx, drain) = start_drainable_server(ca).await;
+    std::mem::forget(drain); // never drains
+    (addr, rx)
+}
+
+/// [`start_server`] whose connections open at the time of a `drain.send(())` shut down
+/// gracefully (as an old ztunnel's after a handover); later connections are served as usual.
+pub(crate) async fn start_drainable_server(
+    ca: &CertificateAuthority,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Report>,
+    tokio::sync::watch::Sender<()>,
+) {
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(());
     let config = tls::server_config(&cert(ca, "httpbin")).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -48,18 +63,28 @@ pub(crate) async fn start_server(
             let (tcp, _) = listener.accept().await.unwrap();
             let config = config.clone();
             let tx = tx.clone();
+            let mut drain = drain_rx.clone();
+            drain.borrow_and_update(); // only drains sent from now on count
             tokio::spawn(async move {
                 let Ok((tls, peer)) = tls::accept(config, tcp).await else {
                     return;
                 };
                 let handler_tx = tx.clone();
-                let _ =
-                    serve_connection(tls, peer, move |req| handle(req, handler_tx.clone())).await;
+                let drained = async move {
+                    let _ = drain.changed().await;
+                };
+                let _ = serve_connection_until(
+                    tls,
+                    peer,
+                    move |req| handle(req, handler_tx.clone()),
+                    drained,
+                )
+                .await;
                 let _ = tx.send(Report::ConnectionClosed);
             });
         }
     });
-    (addr, rx)
+    (addr, rx, drain_tx)
 }
 
 async fn handle(req: InboundRequest, tx: mpsc::UnboundedSender<Report>) {

@@ -4,7 +4,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::hbone::tests::{start_server, Report, ECHO, FORBIDDEN};
+use crate::hbone::tests::{start_drainable_server, start_server, Report, ECHO, FORBIDDEN};
 use crate::identity::ca::CertificateAuthority;
 use crate::tls::tests::{cert, id, test_ca};
 
@@ -223,4 +223,49 @@ async fn wrong_destination_identity_fails_every_waiter() {
     // Failures are not cached: the next attempt dials again.
     assert!(f.pool.connect(&key, &echo()).await.is_err());
     assert_eq!(f.dialer.count.load(Ordering::SeqCst), 2);
+}
+
+/// A peer ztunnel handing over to a new process drains its HTTP/2 connections with
+/// GOAWAY: streams already open finish on it, new ones go over a fresh connection.
+#[tokio::test]
+async fn draining_peer_keeps_open_streams_and_new_ones_redial() {
+    let ca = test_ca();
+    let (addr, mut reports, drain) = start_drainable_server(&ca).await;
+    let dialer = Arc::new(TestDialer::default());
+    let pool = Pool::new(
+        dialer.clone(),
+        Arc::new(TestCerts(ca)),
+        PoolOptions::default(),
+    );
+    let key = PoolKey::new(id("sleep"), vec![id("httpbin")], addr);
+    let mut open = pool.connect(&key, &echo()).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
+    drain.send(()).unwrap();
+    // The GOAWAY reaches the client; every new stream must still succeed.
+    for i in 0..20u8 {
+        round_trip(&pool, &key, &[i; 3]).await;
+    }
+    assert_eq!(
+        dialer.count.load(Ordering::SeqCst),
+        2,
+        "one redial, then reuse"
+    );
+    // The stream opened before the drain still works, then its connection closes.
+    open.write_all(b"after!").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    drop(open);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), reports.recv()).await {
+            Ok(Some(Report::ConnectionClosed)) => break,
+            Ok(Some(_)) => continue,
+            other => panic!("drained connection never closed: {other:?}"),
+        }
+    }
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::labels::{End, Record};
 use super::{authorize, relay, socket, ProxyContext};
 use crate::connections::Direction;
-use crate::hbone::{serve_connection, InboundRequest};
+use crate::hbone::{serve_connection_until, InboundRequest};
 use crate::identity::Identity;
 use crate::state::Workload;
 
@@ -65,9 +65,13 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
     }
     debug!(%peer, client = %client, server = %identity, "HBONE connection");
     let handler_ctx = ctx.clone();
-    let result = serve_connection(tls, client, move |req| {
-        deliver(handler_ctx.clone(), workload.clone(), peer, req)
-    })
+    let drained = ctx.drained();
+    let result = serve_connection_until(
+        tls,
+        client,
+        move |req| deliver(handler_ctx.clone(), workload.clone(), peer, req),
+        drained,
+    )
     .await;
     if let Err(e) = result {
         debug!(%peer, "HBONE connection ended: {e}");

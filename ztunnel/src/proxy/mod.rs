@@ -36,6 +36,18 @@ pub struct ProxyContext {
     pub listen_ports: Vec<u16>,
     /// The inbound HBONE port of remote ztunnels.
     pub hbone_port: u16,
+    /// Turns true when this process drains (stop, or a new ztunnel took over).
+    pub draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ProxyContext {
+    /// Completes once this process starts draining.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.clone();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
 }
 
 /// Accepts on `listener` forever, handing each connection to `handle`.

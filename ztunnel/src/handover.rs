@@ -1,0 +1,301 @@
+//! Upgrades without refusing a connection: a new ztunnel takes the listening sockets of
+//! the running one instead of binding its own.
+//!
+//! Closing a listener resets every connection waiting in its accept queue, and between
+//! one process closing and the next binding, capture has no listener to steer SYNs to.
+//! So the sockets themselves move: the running process passes duplicates of its
+//! listening sockets (data path and admin) over a Unix socket with `SCM_RIGHTS`; the
+//! queue is shared, nothing is closed, and the old process then stops accepting and
+//! drains the connections it already has. The eBPF side needs nothing: its links and
+//! maps are pinned and the new process adopts them (`capture`).
+//!
+//! The Unix socket is in the abstract namespace, which belongs to the network
+//! namespace: exactly one per node (a DaemonSet pod on the host network, or a testbed
+//! node), no file to clean up, and gone when its process dies.
+//!
+//! Exchange (the old process serves, the new one asks):
+//! new → `take\n`; old → JSON list of local addresses + one fd per address;
+//! new → `ack\n`; old closes its Unix listener (freeing the name), answers `bye\n`, and
+//! stops accepting. Without the ack (the new process died) the old one keeps serving.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use tracing::{info, warn};
+
+/// How long either side waits for the other's next message.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_SOCKETS: usize = 32;
+
+fn abstract_name(instance: &str) -> std::io::Result<UnixAddr> {
+    UnixAddr::from_abstract_name(format!("ztunnel/{instance}/handover"))
+}
+
+/// The listening sockets this process serves, for handing to its successor.
+#[derive(Clone, Default)]
+pub struct Registry(Arc<Mutex<Vec<(SocketAddr, OwnedFd)>>>);
+
+impl Registry {
+    /// Records `l` (a duplicate of its fd: the listener itself stays with its owner).
+    pub fn add(&self, l: &std::net::TcpListener) -> std::io::Result<()> {
+        let addr = l.local_addr()?;
+        let fd = l.try_clone()?.into();
+        self.0.lock().expect("registry").push((addr, fd));
+        Ok(())
+    }
+
+    fn entries(&self) -> Vec<(SocketAddr, RawFd)> {
+        let g = self.0.lock().expect("registry");
+        g.iter().map(|(a, fd)| (*a, fd.as_raw_fd())).collect()
+    }
+
+    /// Closes this process's duplicates (after a handover they are the successor's).
+    pub fn clear(&self) {
+        self.0.lock().expect("registry").clear();
+    }
+}
+
+/// Listening sockets received from the previous ztunnel, by local address.
+#[derive(Default)]
+pub struct Inherited(HashMap<SocketAddr, std::net::TcpListener>);
+
+impl Inherited {
+    /// The inherited listener for `addr`, else a new one from `bind`.
+    pub fn take_or_bind(
+        &mut self,
+        addr: SocketAddr,
+        bind: impl FnOnce(SocketAddr) -> std::io::Result<std::net::TcpListener>,
+    ) -> std::io::Result<std::net::TcpListener> {
+        match self.0.remove(&addr) {
+            Some(l) => Ok(l),
+            None => bind(addr),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Addresses received but not used (the new configuration dropped them).
+    pub fn unused(&self) -> Vec<SocketAddr> {
+        self.0.keys().copied().collect()
+    }
+}
+
+/// Whether a ztunnel of `instance` runs in this network namespace.
+pub fn is_running(instance: &str) -> bool {
+    abstract_name(instance)
+        .and_then(|a| UnixStream::connect_addr(&a))
+        .is_ok()
+}
+
+/// A running ztunnel of this instance that answered.
+pub struct Predecessor(UnixStream);
+
+impl Predecessor {
+    /// Connects to the running ztunnel of `instance`, if there is one.
+    pub fn find(instance: &str) -> Option<Predecessor> {
+        let addr = abstract_name(instance).ok()?;
+        let s = UnixStream::connect_addr(&addr).ok()?;
+        s.set_read_timeout(Some(EXCHANGE_TIMEOUT)).ok()?;
+        Some(Predecessor(s))
+    }
+
+    /// Takes its listening sockets. When this returns, the predecessor has stopped
+    /// accepting and its handover name is free for us.
+    pub fn take_listeners(mut self) -> anyhow::Result<Inherited> {
+        self.0
+            .write_all(b"take\n")
+            .context("asking for the listeners")?;
+        let (addrs, fds) = receive(&self.0)?;
+        if addrs.len() != fds.len() {
+            anyhow::bail!(
+                "predecessor sent {} addresses but {} sockets",
+                addrs.len(),
+                fds.len()
+            );
+        }
+        let mut inherited = Inherited::default();
+        for (addr, fd) in addrs.into_iter().zip(fds) {
+            let l = std::net::TcpListener::from(fd);
+            let actual = l.local_addr().context("inherited socket")?;
+            if actual != addr {
+                anyhow::bail!("inherited socket for {addr} is bound to {actual}");
+            }
+            inherited.0.insert(addr, l);
+        }
+        self.0.write_all(b"ack\n").context("acknowledging")?;
+        let mut bye = String::new();
+        BufReader::new(&self.0)
+            .read_line(&mut bye)
+            .context("waiting for the predecessor to let go")?;
+        if bye.trim() != "bye" {
+            anyhow::bail!("unexpected answer from the predecessor: {bye:?}");
+        }
+        Ok(inherited)
+    }
+}
+
+fn receive(s: &UnixStream) -> anyhow::Result<(Vec<SocketAddr>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("receiving the listeners")?;
+    let mut fds = vec![];
+    for c in msg.cmsgs().context("control messages")? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: SCM_RIGHTS installed these fds in this process; nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let len = msg.bytes;
+    let addrs: Vec<SocketAddr> =
+        serde_json::from_slice(&buf[..len]).context("listener list from the predecessor")?;
+    Ok((addrs, fds))
+}
+
+/// Serves the handover name until a successor has taken the listeners; then `handed`
+/// fires. Runs on its own thread (blocking I/O, rare). Fails if another process of
+/// this instance holds the name.
+pub fn serve(
+    instance: &str,
+    registry: Registry,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    let addr = abstract_name(instance)?;
+    let listener = bind_name(&addr)
+        .with_context(|| format!("binding the handover socket of instance {instance}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                match hand_over(&conn, &registry) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        drop(listener);
+                        let _ = (&conn).write_all(b"bye\n");
+                        info!("listeners handed to a new ztunnel");
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Err(e) => warn!("handover to a new ztunnel failed, still serving: {e:#}"),
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+/// Binds the name; our predecessor may still be releasing it, so retry briefly.
+fn bind_name(addr: &UnixAddr) -> std::io::Result<UnixListener> {
+    let mut tries = 0;
+    loop {
+        match UnixListener::bind_addr(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// One successor's request; `Ok(true)` once it holds the listeners.
+fn hand_over(conn: &UnixStream, registry: &Registry) -> anyhow::Result<bool> {
+    conn.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(false); // closed without asking: an `is_running` probe
+    }
+    if line.trim() != "take" {
+        anyhow::bail!("unknown request {line:?}");
+    }
+    let entries = registry.entries();
+    let addrs: Vec<SocketAddr> = entries.iter().map(|(a, _)| *a).collect();
+    let fds: Vec<RawFd> = entries.iter().map(|(_, fd)| *fd).collect();
+    let payload = serde_json::to_vec(&addrs)?;
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        conn.as_raw_fd(),
+        &[IoSlice::new(&payload)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .context("sending the listeners")?;
+    let mut ack = [0u8; 4];
+    reader
+        .read_exact(&mut ack)
+        .context("no acknowledgement from the new ztunnel")?;
+    if &ack != b"ack\n" {
+        anyhow::bail!("unexpected acknowledgement {ack:?}");
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_move_with_their_queue() {
+        let instance = format!("unit-{}", std::process::id());
+        let registry = Registry::default();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        registry.add(&l).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handed = serve(&instance, registry.clone()).unwrap();
+        assert!(is_running(&instance));
+
+        // A connection queued before the handover is accepted by the successor.
+        let mut early = std::net::TcpStream::connect(addr).unwrap();
+        let inherited = Predecessor::find(&instance)
+            .expect("predecessor answers")
+            .take_listeners()
+            .unwrap();
+        rt.block_on(handed).expect("old side told");
+        drop(l);
+        registry.clear();
+        let mut inherited = inherited;
+        let l2 = inherited
+            .take_or_bind(addr, |_| panic!("must be inherited"))
+            .unwrap();
+        early.write_all(b"x").unwrap();
+        let (mut s, _) = l2.accept().unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        // And the name is free for the successor's own server.
+        let _again = serve(&instance, Registry::default()).unwrap();
+    }
+
+    #[test]
+    fn no_predecessor_is_none() {
+        assert!(Predecessor::find("nobody-runs-this-instance").is_none());
+    }
+}
