@@ -124,6 +124,32 @@ async fn oversized_header_block_is_refused() {
     assert_still_serves(&ca, addr).await;
 }
 
+/// The client side too: a peer answering with an oversized header block fails that stream
+/// instead of making us buffer it (h2's default limit is 16 MiB).
+#[tokio::test]
+async fn oversized_response_headers_are_refused_by_the_client() {
+    let (c, s) = tokio::io::duplex(1024 * 1024);
+    tokio::spawn(async move {
+        let mut conn = h2::server::handshake(s).await.unwrap();
+        while let Some(Ok((_, mut respond))) = conn.accept().await {
+            let mut r = http::Response::new(());
+            let big = "v".repeat(4 * MAX_HEADER_LIST_SIZE as usize);
+            r.headers_mut()
+                .insert("x-big", http::HeaderValue::from_str(&big).unwrap());
+            let _ = respond.send_response(r, false);
+        }
+    });
+    let (send, _driver) = handshake(c).await.unwrap();
+    let req = ConnectRequest::new(SocketAddr::from(([127, 0, 0, 1], ECHO)));
+    match within(connect_stream(&send, &req)).await {
+        Err(HboneError::H2(_)) => {}
+        other => panic!(
+            "oversized response headers accepted: {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
+
 #[tokio::test]
 async fn non_connect_method_is_refused() {
     let ca = test_ca();
@@ -218,6 +244,28 @@ async fn client_cert_of_another_trust_domain_is_refused() {
         err.contains("UnknownIssuer") || err.contains("BadSignature"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn client_cert_of_another_trust_domain_under_a_shared_root_is_refused() {
+    // Two CAs of different trust domains over one root (its key in a shared directory).
+    let dir = std::env::temp_dir().join(format!("ztunnel-shared-root-{}", rand::random::<u64>()));
+    let ca_in = |td: &str| {
+        let mut opts = CaOptions::new(td);
+        opts.dir = Some(dir.clone());
+        CertificateAuthority::new(opts).unwrap()
+    };
+    let (ours, theirs) = (ca_in("cluster.local"), ca_in("evil.example"));
+    assert_eq!(ours.root_cert_der(), theirs.root_cert_der());
+    let foreign = theirs
+        .issue_workload_cert(
+            &Identity::new("evil.example", "default", "sleep"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let err = server_refusal(&ours, foreign).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("NotValidForName"), "{err}");
 }
 
 #[tokio::test]

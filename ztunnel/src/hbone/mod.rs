@@ -109,6 +109,8 @@ fn client_builder() -> h2::client::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        // A peer's response headers are as bounded as its requests are (h2 allows 16 MiB).
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .enable_push(false);
     b
 }

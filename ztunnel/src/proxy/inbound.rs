@@ -58,11 +58,7 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         Ok(Err(e)) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
         Err(_) => return info!(%peer, %identity, "mTLS handshake timed out"),
     };
-    // A certificate chained to a shared root but naming another trust domain is not one of
-    // ours: refuse it before any policy (namespace-only rules would otherwise match it).
-    if client.trust_domain != identity.trust_domain {
-        return info!(%peer, %client, "client identity from a foreign trust domain: refused");
-    }
+    // (A client of a foreign trust domain was refused by the handshake: tls::verifier.)
     debug!(%peer, client = %client, server = %identity, "HBONE connection");
     let handler_ctx = ctx.clone();
     let drained = ctx.drained();

@@ -88,13 +88,17 @@ pub fn client_config(
 }
 
 /// A server config presenting `cert` and requiring a client certificate chained to the mesh
-/// roots. Which client identities are *allowed* is policy's business, not TLS's.
+/// roots, naming an identity of `cert`'s trust domain. Which client identities are *allowed*
+/// is policy's business, not TLS's.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(root_store(cert)?, provider.clone())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let chain = WebPkiClientVerifier::builder_with_provider(root_store(cert)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let client_verifier = Arc::new(verifier::MeshClientVerifier::new(
+        chain,
+        cert.identity.trust_domain.clone(),
+    ));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

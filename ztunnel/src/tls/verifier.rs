@@ -1,14 +1,19 @@
-//! Server certificate verification for mesh mTLS: the chain must lead to a mesh root and the
-//! leaf's SPIFFE URI SAN must be one of the identities the destination is expected to have.
-//! DNS names play no part: workloads are addressed by IP and known by SPIFFE identity.
+//! Certificate verification for mesh mTLS. Servers: the chain must lead to a mesh root and
+//! the leaf's SPIFFE URI SAN must be one of the identities the destination is expected to
+//! have. Clients: the chain must lead to a mesh root and the identity be of our trust
+//! domain. DNS names play no part: workloads are addressed by IP and known by SPIFFE identity.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::ParsedCertificate;
-use rustls::{CertificateError, DigitallySignedStruct, Error, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::identity::cert::identity_from_cert;
@@ -86,5 +91,72 @@ impl ServerCertVerifier for MeshServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+/// Client certificate verification: webpki's chain check to the mesh roots, then the leaf's
+/// SPIFFE identity must belong to our trust domain. A certificate that chains to a root we
+/// share with another mesh but names that mesh's trust domain is not one of our workloads
+/// (namespace-only policies would otherwise match it).
+#[derive(Debug)]
+pub(super) struct MeshClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl MeshClientVerifier {
+    pub(super) fn new(chain: Arc<dyn ClientCertVerifier>, trust_domain: String) -> Self {
+        MeshClientVerifier {
+            chain,
+            trust_domain,
+        }
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let client = identity_from_cert(end_entity).map_err(|e| {
+            tracing::info!(error = %e, "client certificate has no SPIFFE identity: refused");
+            Error::InvalidCertificate(CertificateError::NotValidForName)
+        })?;
+        if client.trust_domain != self.trust_domain {
+            tracing::info!(%client, trust_domain = %self.trust_domain,
+                "client identity from a foreign trust domain: refused");
+            return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
