@@ -303,3 +303,22 @@ fn second_ztunnel_without_takeover_is_refused_and_harms_nothing() {
     );
     assert!(works(&p), "the running ztunnel lost its capture");
 }
+
+/// A client that opens a connection to a pod's HBONE port and never speaks is cut off
+/// after the handshake timeout; the node keeps serving.
+#[test]
+fn silent_hbone_client_is_cut_off() {
+    require_root!();
+    let p = pair();
+    let timeout = ["--tls-handshake-timeout", "1s"];
+    let _za = p.tb.start_ztunnel(&p.a, &p.config, &timeout).unwrap();
+    let zb = p.tb.start_ztunnel(&p.b, &p.config, &timeout).unwrap();
+    // From node-a itself (not captured), straight to the server pod's 15008 on node-b.
+    let hbone = SocketAddr::new(p.server.ip.into(), 15008);
+    let mut silent = connect(&p.a.netns, hbone, T).unwrap();
+    zb.wait_for_log("mTLS handshake timed out", T).unwrap();
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the server spoke first: {rest:?}");
+    assert!(works(&p));
+}

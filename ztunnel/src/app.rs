@@ -162,6 +162,7 @@ async fn serve(
             args.inbound_hbone_port,
         ],
         hbone_port: args.inbound_hbone_port,
+        handshake_timeout: args.tls_handshake_timeout,
         draining: drain_rx,
     });
 

@@ -257,6 +257,10 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How long an inbound HBONE client gets to complete its mTLS handshake.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
     /// Upgrades: if a ztunnel of this instance is running, take its listening sockets
     /// (no connection is refused or reset) once ready, and let it drain. `false` makes a
     /// running ztunnel an error (its ports are taken).

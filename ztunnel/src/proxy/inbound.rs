@@ -28,9 +28,6 @@ fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
         .filter(|w| w.node == ctx.node)
 }
 
-/// Bound on the TLS handshake of an inbound HBONE connection.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dialed = match socket::original_dst(&stream) {
         Ok(d) => d,
@@ -52,7 +49,7 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
     };
     // A client that connects and sends nothing must not hold a task and a socket forever.
     let accepted =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::tls::accept(config, stream)).await;
+        tokio::time::timeout(ctx.handshake_timeout, crate::tls::accept(config, stream)).await;
     let (tls, client) = match accepted {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),

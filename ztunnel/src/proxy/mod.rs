@@ -36,6 +36,9 @@ pub struct ProxyContext {
     pub listen_ports: Vec<u16>,
     /// The inbound HBONE port of remote ztunnels.
     pub hbone_port: u16,
+    /// Bound on an inbound mTLS handshake: a client that connects and sends nothing
+    /// must not hold a task and a socket forever.
+    pub handshake_timeout: std::time::Duration,
     /// Turns true when this process drains (stop, or a new ztunnel took over).
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
