@@ -10,6 +10,7 @@
 mod cleanup;
 pub mod http;
 mod netns;
+pub mod procstat;
 pub mod sniffer;
 mod testbed;
 pub mod traffic;
@@ -33,4 +34,20 @@ macro_rules! require_root {
             return;
         }
     };
+}
+
+/// Tears the testbed down (through its Ctrl-C handler) if a long run (bench, soak)
+/// overstays its budget, so nothing is left behind.
+pub fn watchdog(what: &'static str, budget: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(budget);
+        eprintln!(
+            "{what}: exceeded its {} s budget, stopping",
+            budget.as_secs()
+        );
+        // SAFETY: raise(2) delivers SIGINT to ourselves; the testbed's handler cleans up.
+        unsafe { libc::raise(libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        std::process::exit(2);
+    });
 }

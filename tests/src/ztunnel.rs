@@ -291,3 +291,15 @@ impl Testbed {
         })
     }
 }
+
+/// A per-pod capture counter (`/debug/capture`, e.g. `dropped_no_proxy`: SYNs dropped for
+/// want of a listener) as the ztunnel on `node` reports it. The counters live in pinned
+/// maps, so they outlive ztunnel processes (restarts, handovers).
+pub fn capture_counter(node: &Node, pod: &Pod, field: &str) -> anyhow::Result<u64> {
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 15000));
+    let (_, body) = crate::http::get(&node.netns, admin, "/debug/capture")?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["counters"][pod.ip.to_string()][field]
+        .as_u64()
+        .unwrap_or(0))
+}

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ztunnel_tests::sniffer::Sniffer;
 use ztunnel_tests::traffic::{connect, echo_round_trip, echoes, EchoServer, Load};
-use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
-use ztunnel_tests::{http, require_root, Node, Pod, Testbed};
+use ztunnel_tests::ztunnel::{capture_counter, local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::{require_root, Node, Pod, Testbed};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -62,9 +62,7 @@ fn works(p: &Pair) -> bool {
 }
 
 fn fds(z: &Ztunnel) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", z.pid))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    ztunnel_tests::procstat::fds(z.pid)
 }
 
 #[test]
@@ -271,18 +269,11 @@ fn handover_under_load_refuses_and_resets_nothing() {
 }
 
 /// SYNs capture dropped for want of a listener: the client pod's outbound ones on node-a
-/// plus the server pod's inbound ones on node-b (the pinned counters outlive processes).
+/// plus the server pod's inbound ones on node-b.
 fn syns_dropped(p: &Pair) -> u64 {
-    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
     [(&p.a, &p.client), (&p.b, &p.server)]
         .iter()
-        .map(|(node, pod)| {
-            let (_, body) = http::get(&node.netns, admin, "/debug/capture").unwrap();
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            v["counters"][pod.ip.to_string()]["dropped_no_proxy"]
-                .as_u64()
-                .unwrap_or(0)
-        })
+        .map(|(node, pod)| capture_counter(node, pod, "dropped_no_proxy").unwrap())
         .sum()
 }
 

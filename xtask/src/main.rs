@@ -30,6 +30,10 @@ enum Cmd {
     /// Release build, then direct vs mesh on the testbed (throughput, latency, connection
     /// rate, ztunnel CPU and memory) into target/bench/results.{json,md}. Not part of `test`.
     Bench,
+    /// Release build, then the long reliability runs on the testbed: 10,000 concurrent
+    /// connections, a 5-minute soak with RSS sampled, upgrades under load; into
+    /// target/soak/results.{json,md}; fails if anything was lost or leaked. Not part of `test`.
+    Soak,
     /// Runs each fuzz target (fuzz/) for a bounded time; fails on any crash. Not part of `test`.
     Fuzz(fuzz::FuzzArgs),
 }
@@ -41,7 +45,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
-        Cmd::Bench => bench(),
+        Cmd::Bench => release_run("bench", "the benchmark"),
+        Cmd::Soak => release_run("soak", "the soak"),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
     }
 }
@@ -68,19 +73,18 @@ fn demo() -> anyhow::Result<()> {
         .env("ZTUNNEL_BIN", workspace_root().join("target/debug/ztunnel")))
 }
 
-fn bench() -> anyhow::Result<()> {
+/// Builds in release and runs the testbed binary `bin` against the release ztunnel.
+fn release_run(bin: &str, what: &str) -> anyhow::Result<()> {
     setup::setup()?;
     if !is_root() {
-        bail!(
-            "the benchmark needs root (network namespaces, eBPF): run `sudo -E cargo xtask bench`"
-        );
+        bail!("{what} needs root (network namespaces, eBPF): run `sudo -E cargo xtask {bin}`");
     }
     run(Command::new("cargo").args(["build", "--release", "--workspace", "--bins"]))?;
     // Honour CARGO_TARGET_DIR, as cargo itself did for the build above.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(|d| workspace_root().join(d))
         .unwrap_or_else(|| workspace_root().join("target"));
-    run(Command::new(target.join("release/bench"))
+    run(Command::new(target.join("release").join(bin))
         .env("ZTUNNEL_BIN", target.join("release/ztunnel")))
 }
 

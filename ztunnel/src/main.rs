@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             ztunnel::logging::init(args.log_format);
+            raise_fd_limit();
             block_on(ztunnel::app::run(*args))
         }
         Command::Controlplane(args) => {
@@ -28,5 +29,19 @@ fn main() -> std::process::ExitCode {
             eprintln!("ztunnel: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Every proxied connection holds two descriptors and the usual soft limit is 1024: raise it
+/// to the hard limit the node allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!("cannot raise the open files limit ({soft}): {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
     }
 }

@@ -13,13 +13,13 @@
 
 mod cluster;
 mod load;
-mod procstat;
 mod report;
 mod stats;
 
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use ztunnel_tests::procstat;
 
 use cluster::{Cluster, Mode, Path};
 use load::{CONN_PORTS, CONN_PORT_BASE, ECHO_PORT, SINK_PORT};
@@ -73,8 +73,8 @@ fn main() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(570),
     );
-    watchdog(budget);
-    raise_fd_limit();
+    ztunnel_tests::watchdog("bench", budget);
+    procstat::raise_fd_limit();
     // Per-connection debug logs are not what a production node runs.
     if std::env::var_os("ZTUNNEL_LOG").is_none() {
         std::env::set_var("ZTUNNEL_LOG", "info");
@@ -258,34 +258,4 @@ fn hold(c: &Cluster, n: usize, res: &mut Resources) -> anyhow::Result<()> {
 
 fn pause() {
     std::thread::sleep(Duration::from_millis(300));
-}
-
-/// Tears the testbed down (through its Ctrl-C handler) if the run overstays its budget.
-fn watchdog(budget: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(budget);
-        eprintln!(
-            "bench: exceeded its {} s budget, stopping",
-            budget.as_secs()
-        );
-        // SAFETY: raise(2) delivers SIGINT to ourselves; the testbed's handler cleans up.
-        unsafe { libc::raise(libc::SIGINT) };
-        std::thread::sleep(Duration::from_secs(10));
-        std::process::exit(2);
-    });
-}
-
-/// Held connections need two descriptors each here (client and server ends).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max.min(1 << 20);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

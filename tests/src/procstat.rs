@@ -29,6 +29,29 @@ fn clock_ticks_per_sec() -> f64 {
     }
 }
 
+/// Open file descriptors of a process (0 once it is gone).
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Raises this process's soft open-files limit to its hard limit (children inherit it):
+/// held connections need descriptors.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:") * 1024
