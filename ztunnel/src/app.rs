@@ -289,17 +289,29 @@ async fn serve(
         // The successor owns enrollment, the maps and the admin sockets from now on.
         tasks.shutdown().await;
     }
+    // Wait for every accepted socket, also those still in their handshake or dial.
     let deadline = tokio::time::Instant::now() + args.drain_timeout;
-    while connections.count() > 0 && tokio::time::Instant::now() < deadline {
+    let busy = || connections.count() > 0 || connections.in_flight() > 0;
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if connections.count() > 0 {
+    if busy() {
         warn!(
             open = connections.count(),
+            handling = connections.in_flight(),
             "drain timeout: closing remaining connections"
         );
     }
     tasks.shutdown().await;
+    if exit == Exit::HandedOver && args.kubernetes_enrollment() {
+        // Exiting now would make the kubelet restart this container, and the restarted
+        // process would take over from the new pod: wait for the pod's deletion instead.
+        info!("handed over and drained: idle until this pod is deleted");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
     drop(admin_state);
     drop(enroller);
     drop(ctx);

@@ -257,6 +257,11 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Threads of the proxy's runtime (0: one per core). Every connection is served by
+    /// whichever is free; see ARCHITECTURE.md for the measured trade-off.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
     /// How long an inbound HBONE client gets to complete its mTLS handshake.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,

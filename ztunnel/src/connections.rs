@@ -60,7 +60,19 @@ struct Live {
 pub struct ConnectionTracker {
     next: AtomicU64,
     live: Mutex<BTreeMap<u64, Arc<Live>>>,
+    /// Accepted sockets whose handler still runs: also those not registered yet (in
+    /// their handshake, policy check or upstream dial), which a drain must wait for too.
+    handling: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
+}
+
+/// Held by a connection handler from accept to its end.
+pub struct Handling(Arc<AtomicU64>);
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ConnectionTracker {
@@ -68,6 +80,7 @@ impl ConnectionTracker {
         Arc::new(ConnectionTracker {
             next: AtomicU64::new(1),
             live: Mutex::default(),
+            handling: Arc::default(),
             metrics,
         })
     }
@@ -110,6 +123,17 @@ impl ConnectionTracker {
     pub fn count(&self) -> usize {
         self.live.lock().unwrap().len()
     }
+
+    /// Marks an accepted socket as being handled until the returned value is dropped.
+    pub fn handling(&self) -> Handling {
+        self.handling.fetch_add(1, Ordering::AcqRel);
+        Handling(self.handling.clone())
+    }
+
+    /// Accepted sockets still being handled (registered or not).
+    pub fn in_flight(&self) -> u64 {
+        self.handling.load(Ordering::Acquire)
+    }
 }
 
 /// One live connection. Wrap its client-side stream with [`ConnectionGuard::count`] so
@@ -130,6 +154,16 @@ impl ConnectionGuard {
             inner: s,
             read: self.live.sent.clone(),
             written: self.live.received.clone(),
+        }
+    }
+
+    /// The same for the destination side's stream: bytes written to it are sent, bytes
+    /// read from it received.
+    pub fn count_upstream<S>(&self, s: S) -> Counted<S> {
+        Counted {
+            inner: s,
+            read: self.live.received.clone(),
+            written: self.live.sent.clone(),
         }
     }
 

@@ -1,12 +1,16 @@
 use clap::Parser;
 use ztunnel::config::{Cli, Command, LogFormat};
 
-/// Runs `fut` on a multi-threaded runtime.
-fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(fut)
+/// Runs `fut` on a multi-threaded runtime of `workers` threads (0: one per core).
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+    workers: usize,
+    fut: F,
+) -> anyhow::Result<()> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()?.block_on(fut)
 }
 
 fn main() -> std::process::ExitCode {
@@ -15,11 +19,11 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => {
             ztunnel::logging::init(args.log_format);
             raise_fd_limit();
-            block_on(ztunnel::app::run(*args))
+            block_on(args.worker_threads, ztunnel::app::run(*args))
         }
         Command::Controlplane(args) => {
             ztunnel::logging::init(LogFormat::Text);
-            block_on(ztunnel::controlplane::run(args))
+            block_on(0, ztunnel::controlplane::run(args))
         }
         Command::Debug(args) => ztunnel::debug_cli::run(args),
     };

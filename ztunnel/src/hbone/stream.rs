@@ -110,32 +110,7 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(buf.len().min(WRITE_CHUNK));
-        loop {
-            if this.send.capacity() > 0 {
-                // Capacity may be granted yet the peer may have reset us meanwhile.
-                if let Poll::Ready(r) = this.send.poll_reset(cx) {
-                    return Poll::Ready(Err(match r {
-                        Ok(reason) => io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            format!("stream reset by peer: {reason}"),
-                        ),
-                        Err(e) => h2_to_io(e),
-                    }));
-                }
-                break;
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "stream closed",
-                    )))
-                }
-            }
-        }
+        ready!(poll_send_capacity(&mut this.send, cx, buf.len()))?;
         let n = this.send.capacity().min(buf.len());
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
@@ -157,5 +132,108 @@ impl AsyncWrite for H2Stream {
             this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Waits until `send` may carry at least one byte of a `want`-byte write (asking for up to
+/// [`WRITE_CHUNK`]), failing if the peer reset the stream meanwhile.
+fn poll_send_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    send.reserve_capacity(want.min(WRITE_CHUNK));
+    loop {
+        if send.capacity() > 0 {
+            // Capacity may be granted yet the peer may have reset us meanwhile.
+            if let Poll::Ready(r) = send.poll_reset(cx) {
+                return Poll::Ready(Err(match r {
+                    Ok(reason) => io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("stream reset by peer: {reason}"),
+                    ),
+                    Err(e) => h2_to_io(e),
+                }));
+            }
+            return Poll::Ready(Ok(send.capacity()));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            None => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "stream closed",
+                )))
+            }
+        }
+    }
+}
+
+/// The sending half of a tunnel, for relays that hand over whole buffers (no copy).
+pub struct SendHalf {
+    send: SendStream<Bytes>,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+/// The receiving half of a tunnel, yielding the received buffers themselves.
+pub struct RecvHalf {
+    recv: RecvStream,
+}
+
+impl H2Stream {
+    /// Splits the stream so each direction can be driven on its own with whole buffers.
+    /// Data already buffered by `poll_read` must have been consumed.
+    pub fn into_halves(self) -> (SendHalf, RecvHalf) {
+        debug_assert!(self.pending.is_empty());
+        (
+            SendHalf {
+                send: self.send,
+                _guard: self._guard,
+            },
+            RecvHalf { recv: self.recv },
+        )
+    }
+}
+
+impl SendHalf {
+    /// Sends all of `data` as DATA frames, waiting for flow-control capacity.
+    pub async fn send_all(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            let want = data.len();
+            let cap =
+                std::future::poll_fn(|cx| poll_send_capacity(&mut self.send, cx, want)).await?;
+            let chunk = data.split_to(cap.min(data.len()));
+            self.send.send_data(chunk, false).map_err(h2_to_io)?;
+        }
+        Ok(())
+    }
+
+    /// Half-close: END_STREAM.
+    pub fn finish(&mut self) -> io::Result<()> {
+        self.send.reserve_capacity(0);
+        self.send.send_data(Bytes::new(), true).map_err(h2_to_io)
+    }
+}
+
+impl RecvHalf {
+    /// The next received buffer; `None` at the end of the stream. Its flow-control
+    /// capacity stays taken until [`release`](Self::release).
+    pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => return Ok(Some(data)),
+                // A reset with NO_ERROR after the peer finished is a normal close.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Ok(None),
+                Some(Err(e)) => return Err(h2_to_io(e)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Returns `n` consumed bytes to the peer's send window.
+    pub fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
     }
 }

@@ -117,10 +117,11 @@ async fn handle(req: InboundRequest, tx: mpsc::UnboundedSender<Report>) {
             }
         }
         _ => match TcpStream::connect(req.target).await {
-            Ok(mut upstream) => {
-                let mut s = req.accept().unwrap();
-                let (a, b) = copy_bidirectional(&mut s, &mut upstream).await.unwrap();
-                let _ = tx.send(Report::Copied(a, b));
+            Ok(upstream) => {
+                // As the inbound proxy does: the zero-copy relay.
+                let s = req.accept().unwrap();
+                let (from_upstream, to_upstream) = relay_tunnel(upstream, s).await.unwrap();
+                let _ = tx.send(Report::Copied(to_upstream, from_upstream));
             }
             Err(_) => req.reject(http::StatusCode::SERVICE_UNAVAILABLE),
         },

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::labels::{End, Record};
-use super::{authorize, relay, socket, ProxyContext};
+use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
 use crate::connections::Direction;
 use crate::hbone::{serve_connection_until, InboundRequest};
 use crate::identity::Identity;
@@ -120,7 +120,7 @@ async fn deliver(
         Ok(s) => s,
         Err(e) => return guard.set_outcome(format!("answering CONNECT failed: {e}")),
     };
-    match relay(guard.count(tunnel_stream), up).await {
+    match relay_tunnel(guard.count_upstream(up), tunnel_stream).await {
         Ok(_) => guard.set_outcome("ok"),
         Err(e) => guard.set_outcome(format!("error: {e}")),
     }

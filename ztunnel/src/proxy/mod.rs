@@ -63,7 +63,12 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 socket::set_nodelay(&stream);
-                tokio::spawn(handle(ctx.clone(), stream, socket::canonical(peer)));
+                let handling = ctx.connections.handling();
+                let fut = handle(ctx.clone(), stream, socket::canonical(peer));
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(handling);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -95,6 +100,18 @@ pub fn authorize(
         info!(%conn, workload = %w.uid, %decision, "connection denied by policy");
     }
     decision.allowed
+}
+
+/// [`relay`] for a TCP connection and an HBONE tunnel (no intermediate copy).
+pub async fn relay_tunnel<T>(tcp: T, tunnel: crate::hbone::H2Stream) -> std::io::Result<(u64, u64)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let r = crate::hbone::relay_tunnel(tcp, tunnel).await;
+    if let Err(e) = &r {
+        debug!("relay ended with error: {e}");
+    }
+    r
 }
 
 /// Copies both ways until both sides are done, half-closing each direction as its

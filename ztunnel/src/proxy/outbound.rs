@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::labels::{End, Record};
-use super::{authorize, relay, socket, ProxyContext};
+use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
 use crate::connections::Direction;
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
@@ -121,7 +121,7 @@ async fn hbone(
         Err(e) => return info!(%peer, %dst, target = %up.address, "HBONE connect failed: {e}"),
     };
     let mut guard = ctx.connections.open(record.info(), record.labels());
-    match relay(guard.count(stream), tunnel).await {
+    match relay_tunnel(guard.count(stream), tunnel).await {
         Ok(_) => guard.set_outcome("ok"),
         Err(e) => guard.set_outcome(format!("error: {e}")),
     }
