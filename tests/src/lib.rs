@@ -51,3 +51,11 @@ pub fn watchdog(what: &'static str, budget: std::time::Duration) {
         std::process::exit(2);
     });
 }
+
+/// A numeric knob of a long run from the environment (`BENCH_*`, `SOAK_*`), else `default`.
+pub fn env_num(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

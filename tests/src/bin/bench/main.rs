@@ -37,12 +37,7 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Plan {
-        let num = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
+        let num = ztunnel_tests::env_num;
         Plan {
             rounds: num("BENCH_ROUNDS", 3) as usize,
             tput: Duration::from_secs(num("BENCH_TPUT_SECS", 10)),

@@ -22,12 +22,7 @@ pub struct Knobs {
 
 impl Knobs {
     pub fn from_env() -> Knobs {
-        let num = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
+        let num = ztunnel_tests::env_num;
         Knobs {
             conns: num("SOAK_CONNS", 10_000) as usize,
             secs: num("SOAK_SECS", 300),
