@@ -33,6 +33,10 @@ pub struct EnrollmentStatus {
     /// uid → SPIFFE identity of the enrolled workloads (readiness checks their
     /// certificates without a state lookup, which k8s-mode uids may not match).
     pub identities: BTreeMap<String, String>,
+    /// uid → index of the interface it was enrolled on: the anti-spoofing check in the
+    /// program compares packets' ingress interface with it.
+    #[serde(skip)]
+    ifindexes: BTreeMap<String, u32>,
 }
 
 /// A pod this node should capture.
@@ -94,8 +98,9 @@ impl WorkloadSource for StoreSource {
 /// The capture side of enrollment.
 #[async_trait]
 pub trait EnrollTarget: Send + Sync {
-    /// The host-side interface traffic to `ip` is routed through, if there is one yet.
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>>;
+    /// The host-side interface traffic to `ip` is routed through, if there is one yet:
+    /// its name and index (a pod recreated with the same interface name gets a new index).
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>>;
     async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()>;
     async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()>;
     /// Addresses enrolled in the kernel (also by an earlier ztunnel: pinned map).
@@ -106,7 +111,7 @@ pub trait EnrollTarget: Send + Sync {
 /// periodic refresh are not held up by netlink round trips of a whole pass.
 #[async_trait]
 impl EnrollTarget for Mutex<Capture> {
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>> {
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
         let netlink = self.lock().await.netlink().clone();
         routing::interface_for(&netlink, ip).await
     }
@@ -220,7 +225,7 @@ impl Enroller {
         next: &mut EnrollmentStatus,
     ) -> Option<String> {
         let first = *w.ips.first()?;
-        let iface = match self.target.interface_for(first).await {
+        let (iface, ifindex) = match self.target.interface_for(first).await {
             Ok(Some(i)) => i,
             Ok(None) => {
                 let why = format!("no interface routes {first} yet");
@@ -236,7 +241,11 @@ impl Enroller {
                 return None;
             }
         };
-        let already = previous.enrolled.get(&w.uid) == Some(&(w.ips.clone(), iface.clone()));
+        // Same addresses on the same interface — the same interface, not just its name:
+        // a pod recreated with the same veth name has a new one.
+        let already = previous.enrolled.get(&w.uid) == Some(&(w.ips.clone(), iface.clone()))
+            && previous.ifindexes.get(&w.uid) == Some(&ifindex);
+        next.ifindexes.insert(w.uid.clone(), ifindex);
         if !already {
             if let Err(e) = self.target.enroll(&w.ips, &iface).await {
                 warn!(workload = %w.uid, "enrollment failed: {e:#}; will retry");

@@ -172,7 +172,7 @@ pub async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u3
 
 /// The interface the main table routes `ip` through (longest prefix wins): for a pod
 /// on this node, the host side of its veth.
-pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option<String>> {
+pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
     let version = if ip.is_ipv4() {
         IpVersion::V4
     } else {
@@ -208,11 +208,7 @@ pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option
     let Some((_, oif)) = best else {
         return Ok(None);
     };
-    Ok(links(handle)
-        .await?
-        .into_iter()
-        .find(|(_, i)| *i == oif)
-        .map(|(n, _)| n))
+    Ok(links(handle).await?.into_iter().find(|(_, i)| *i == oif))
 }
 
 fn prefix_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {

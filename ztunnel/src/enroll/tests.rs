@@ -13,13 +13,20 @@ use super::*;
 /// and the enrolled map.
 #[derive(Default)]
 pub(crate) struct FakeTarget {
-    pub routes: Mutex<BTreeMap<IpAddr, String>>,
+    pub routes: Mutex<BTreeMap<IpAddr, (String, u32)>>,
     pub enrolled: Mutex<BTreeMap<IpAddr, String>>,
+    pub enroll_calls: Mutex<usize>,
 }
 
 impl FakeTarget {
     pub fn route(&self, ip: IpAddr, iface: &str) {
-        self.routes.lock().unwrap().insert(ip, iface.to_string());
+        self.route_index(ip, iface, 1);
+    }
+    pub fn route_index(&self, ip: IpAddr, iface: &str, index: u32) {
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(ip, (iface.to_string(), index));
     }
     pub fn enrolled_ips(&self) -> Vec<IpAddr> {
         self.enrolled.lock().unwrap().keys().copied().collect()
@@ -28,10 +35,11 @@ impl FakeTarget {
 
 #[async_trait]
 impl EnrollTarget for FakeTarget {
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<String>> {
+    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
         Ok(self.routes.lock().unwrap().get(&ip).cloned())
     }
     async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()> {
+        *self.enroll_calls.lock().unwrap() += 1;
         let mut e = self.enrolled.lock().unwrap();
         for ip in ips {
             e.insert(*ip, interface.to_string());
@@ -130,4 +138,26 @@ async fn enrolls_wanted_retries_missing_interface_and_unenrolls_leavers() {
     assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.2")]);
     let last = source.reported.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last.enrolled.keys().collect::<Vec<_>>(), vec!["b"]);
+}
+
+/// A pod recreated with the same address and the same veth name has a new interface
+/// index: it is enrolled again, so the anti-spoofing check knows its new interface.
+#[tokio::test]
+async fn same_interface_name_with_a_new_index_is_enrolled_again() {
+    let target = Arc::new(FakeTarget::default());
+    let source = Arc::new(ListSource {
+        wanted: Mutex::new(Some(vec![pod("a", &["10.0.0.1"])])),
+        tx: watch::channel(0).0,
+        reported: Default::default(),
+    });
+    let enroller = Enroller::with_source(source, target.clone());
+    target.route_index(ip("10.0.0.1"), "veth-a", 7);
+    enroller.reconcile().await;
+    enroller.reconcile().await;
+    assert_eq!(*target.enroll_calls.lock().unwrap(), 1, "unchanged: once");
+    target.route_index(ip("10.0.0.1"), "veth-a", 8);
+    enroller.reconcile().await;
+    assert_eq!(*target.enroll_calls.lock().unwrap(), 2, "new index: again");
+    enroller.reconcile().await;
+    assert_eq!(*target.enroll_calls.lock().unwrap(), 2);
 }
