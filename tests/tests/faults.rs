@@ -313,3 +313,37 @@ fn silent_hbone_client_is_cut_off() {
     assert!(rest.is_empty(), "the server spoke first: {rest:?}");
     assert!(works(&p));
 }
+
+/// SIGTERM alone: the listeners close, live connections keep working until they end, and
+/// the process exits as soon as the last one has (not at the drain deadline).
+#[test]
+fn sigterm_drains_live_connections_then_exits() {
+    require_root!();
+    let p = pair();
+    let za =
+        p.tb.start_ztunnel(&p.a, &p.config, &["--drain-timeout", "20s"])
+            .unwrap();
+    let _zb = p.tb.start_ztunnel(&p.b, &p.config, &[]).unwrap();
+    let mut long = connect(&p.client.netns, dst(&p), T).unwrap();
+    long.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    long.read_exact(&mut buf).unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(za.pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    za.wait_for_log("SIGTERM: draining", T).unwrap();
+    long.write_all(b"during").unwrap();
+    long.read_exact(&mut buf)
+        .expect("a live connection keeps working while ztunnel drains");
+    assert_eq!(&buf, b"during");
+    drop(long);
+    za.wait_for_log("ztunnel stopped", Duration::from_secs(10))
+        .expect("exits once its last connection ended, well before the 20 s deadline");
+    assert!(
+        !za.log_text().contains("drain timeout"),
+        "the drain should not have needed its deadline"
+    );
+}

@@ -258,7 +258,7 @@ pub struct RunArgs {
     pub drain_timeout: Duration,
 
     /// Threads of the proxy's runtime (0: one per core). Every connection is served by
-    /// whichever is free; see ARCHITECTURE.md for the measured trade-off.
+    /// whichever is free. Fewer threads: lower latency, less throughput (README, Performance).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
 
@@ -267,8 +267,8 @@ pub struct RunArgs {
     pub tls_handshake_timeout: Duration,
 
     /// Upgrades: if a ztunnel of this instance is running, take its listening sockets
-    /// (no connection is refused or reset) once ready, and let it drain. `false` makes a
-    /// running ztunnel an error (its ports are taken).
+    /// (no connection is refused or reset) once ready, and let it drain. `false`: refuse to
+    /// start while another ztunnel of this instance runs.
     #[arg(long, env = "TAKEOVER", default_value_t = true, action = clap::ArgAction::Set)]
     pub takeover: bool,
 
