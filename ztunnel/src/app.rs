@@ -422,9 +422,9 @@ async fn take_over(args: &RunArgs, state: &AdminState) -> anyhow::Result<handove
     if !args.takeover {
         return Ok(handover::Inherited::default());
     }
-    let Some(predecessor) = handover::Predecessor::find(&args.instance()) else {
+    if !handover::is_running(&args.instance()) {
         return Ok(handover::Inherited::default());
-    };
+    }
     info!("a ztunnel of this instance is running: taking over once ready");
     let deadline = tokio::time::Instant::now() + args.takeover_ready_timeout;
     loop {
@@ -441,6 +441,12 @@ async fn take_over(args: &RunArgs, state: &AdminState) -> anyhow::Result<handove
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Connect only now: the predecessor gives an idle request a few seconds, not our
+    // whole start-up.
+    let Some(predecessor) = handover::Predecessor::find(&args.instance()) else {
+        warn!("the running ztunnel went away before the takeover: binding afresh");
+        return Ok(handover::Inherited::default());
+    };
     let inherited = tokio::task::spawn_blocking(move || predecessor.take_listeners())
         .await?
         .context("taking over from the running ztunnel")?;

@@ -236,11 +236,13 @@ fn hand_over(conn: &UnixStream, registry: &Registry) -> anyhow::Result<bool> {
     let addrs: Vec<SocketAddr> = entries.iter().map(|(a, _)| *a).collect();
     let fds: Vec<RawFd> = entries.iter().map(|(_, fd)| *fd).collect();
     let payload = serde_json::to_vec(&addrs)?;
-    let cmsg = [ControlMessage::ScmRights(&fds)];
+    // A draining ztunnel has closed its listeners: an empty list, and no control message.
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsg: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     sendmsg::<()>(
         conn.as_raw_fd(),
         &[IoSlice::new(&payload)],
-        &cmsg,
+        cmsg,
         MsgFlags::empty(),
         None,
     )
@@ -292,6 +294,17 @@ mod tests {
         assert_eq!(&b, b"x");
         // And the name is free for the successor's own server.
         let _again = serve(&instance, Registry::default()).unwrap();
+    }
+
+    #[test]
+    fn a_draining_predecessor_hands_over_nothing() {
+        let instance = format!("unit-empty-{}", std::process::id());
+        let _handed = serve(&instance, Registry::default()).unwrap();
+        let inherited = Predecessor::find(&instance)
+            .expect("predecessor answers")
+            .take_listeners()
+            .unwrap();
+        assert!(inherited.is_empty());
     }
 
     #[test]
