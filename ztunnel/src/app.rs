@@ -221,9 +221,7 @@ async fn serve(
     let mut bind = |addr| -> anyhow::Result<std::net::TcpListener> {
         let l = inherited
             .take_or_bind(addr, socket::transparent_std_listener)
-            .with_context(|| {
-                format!("listening on {addr} (is another ztunnel running with --takeover false?)")
-            })?;
+            .with_context(|| format!("listening on {addr} (is another program using the port?)"))?;
         registry.add(&l)?;
         l.set_nonblocking(true)?;
         Ok(l)
