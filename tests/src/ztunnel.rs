@@ -171,6 +171,9 @@ impl Testbed {
             // One built-in CA root for the whole testbed, so nodes trust each other.
             .arg("--local-ca-dir")
             .arg(self.dir().join("ca"))
+            // Handover sockets with the testbed's files, not in the host's /var/run.
+            .arg("--handover-dir")
+            .arg(self.dir().join("run"))
             .args(extra)
             .env(
                 "RUST_LOG",

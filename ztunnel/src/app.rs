@@ -37,11 +37,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         info!("Kubernetes mode: pods are enrolled by the istio.io/dataplane-mode label");
     }
     // Before touching capture: a running ztunnel of this instance owns it.
-    let predecessor = handover::is_running(&args.instance());
+    let predecessor = handover::is_running(&args.handover_socket());
     if predecessor && !args.takeover {
         anyhow::bail!(
-            "a ztunnel of instance {:?} is already running in this network namespace: stop it, or start with --takeover true to take over from it",
-            args.instance()
+            "a ztunnel of instance {:?} is already running (it answers on {}): stop it, or start with --takeover true to take over from it",
+            args.instance(),
+            args.handover_socket().display()
         );
     }
     let store = Arc::new(StateStore::default());
@@ -269,7 +270,7 @@ async fn serve(
         warn!(addresses = ?inherited.unused(), "inherited listeners this configuration does not use: closed");
     }
     drop(inherited);
-    let mut handed = handover::serve(&args.instance(), registry.clone())?;
+    let mut handed = handover::serve(&args.handover_socket(), registry.clone())?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -420,7 +421,7 @@ async fn take_over(args: &RunArgs, state: &AdminState) -> anyhow::Result<handove
     if !args.takeover {
         return Ok(handover::Inherited::default());
     }
-    if !handover::is_running(&args.instance()) {
+    if !handover::is_running(&args.handover_socket()) {
         return Ok(handover::Inherited::default());
     }
     info!("a ztunnel of this instance is running: taking over once ready");
@@ -441,7 +442,7 @@ async fn take_over(args: &RunArgs, state: &AdminState) -> anyhow::Result<handove
     }
     // Connect only now: the predecessor gives an idle request a few seconds, not our
     // whole start-up.
-    let Some(predecessor) = handover::Predecessor::find(&args.instance()) else {
+    let Some(predecessor) = handover::Predecessor::find(&args.handover_socket()) else {
         warn!("the running ztunnel went away before the takeover: binding afresh");
         return Ok(handover::Inherited::default());
     };

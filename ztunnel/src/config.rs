@@ -272,6 +272,11 @@ pub struct RunArgs {
     #[arg(long, env = "TAKEOVER", default_value_t = true, action = clap::ArgAction::Set)]
     pub takeover: bool,
 
+    /// Directory of the handover socket (`<dir>/<instance>/handover.sock`) through which
+    /// a new ztunnel takes over; root-only. On Kubernetes a hostPath both pods mount.
+    #[arg(long, env = "HANDOVER_DIR", default_value = "/var/run/ztunnel")]
+    pub handover_dir: PathBuf,
+
     /// How long a new ztunnel waits to be ready (configuration, certificates) before
     /// taking over from the running one anyway.
     #[arg(long, env = "TAKEOVER_READY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -283,6 +288,10 @@ impl RunArgs {
         self.instance
             .clone()
             .unwrap_or_else(|| self.node_name.clone())
+    }
+
+    pub fn handover_socket(&self) -> PathBuf {
+        crate::handover::socket_path(&self.handover_dir, &self.instance())
     }
 
     /// Whether pods are enrolled from the Kubernetes API server.

@@ -9,34 +9,41 @@
 //! drains the connections it already has. The eBPF side needs nothing: its links and
 //! maps are pinned and the new process adopts them (`capture`).
 //!
-//! The Unix socket is in the abstract namespace, which belongs to the network
-//! namespace: exactly one per node (a DaemonSet pod on the host network, or a testbed
-//! node), no file to clean up, and gone when its process dies.
+//! The Unix socket is `<dir>/<instance>/handover.sock` (`--handover-dir`, default
+//! `/var/run/ztunnel`), in a root-only directory: it hands out the data path's listeners,
+//! so it must not be reachable by whatever else runs on the host network (an abstract
+//! socket would be). The server also checks the peer's uid (`SO_PEERCRED`) is its own.
+//! On Kubernetes the directory is a hostPath only the ztunnel pods mount.
 //!
 //! Exchange (the old process serves, the new one asks):
 //! new → `take\n`; old → JSON list of local addresses + one fd per address;
-//! new → `ack\n`; old closes its Unix listener (freeing the name), answers `bye\n`, and
+//! new → `ack\n`; old closes its Unix listener and removes the file, answers `bye\n`, and
 //! stops accepting. Without the ack (the new process died) the old one keeps serving.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt::PeerCredentials, ControlMessage, ControlMessageOwned,
+    MsgFlags,
+};
 use tracing::{info, warn};
 
 /// How long either side waits for the other's next message.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SOCKETS: usize = 32;
 
-fn abstract_name(instance: &str) -> std::io::Result<UnixAddr> {
-    UnixAddr::from_abstract_name(format!("ztunnel/{instance}/handover"))
+/// Where the running ztunnel of `instance` listens for its successor.
+pub fn socket_path(dir: &Path, instance: &str) -> PathBuf {
+    dir.join(instance).join("handover.sock")
 }
 
 /// The listening sockets this process serves, for handing to its successor.
@@ -94,27 +101,24 @@ impl Inherited {
     }
 }
 
-/// Whether a ztunnel of `instance` runs in this network namespace.
-pub fn is_running(instance: &str) -> bool {
-    abstract_name(instance)
-        .and_then(|a| UnixStream::connect_addr(&a))
-        .is_ok()
+/// Whether a ztunnel answers on `path`.
+pub fn is_running(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
 }
 
 /// A running ztunnel of this instance that answered.
 pub struct Predecessor(UnixStream);
 
 impl Predecessor {
-    /// Connects to the running ztunnel of `instance`, if there is one.
-    pub fn find(instance: &str) -> Option<Predecessor> {
-        let addr = abstract_name(instance).ok()?;
-        let s = UnixStream::connect_addr(&addr).ok()?;
+    /// Connects to the running ztunnel serving `path`, if there is one.
+    pub fn find(path: &Path) -> Option<Predecessor> {
+        let s = UnixStream::connect(path).ok()?;
         s.set_read_timeout(Some(EXCHANGE_TIMEOUT)).ok()?;
         Some(Predecessor(s))
     }
 
     /// Takes its listening sockets. When this returns, the predecessor has stopped
-    /// accepting and its handover name is free for us.
+    /// accepting and its socket path is free for ours.
     pub fn take_listeners(mut self) -> anyhow::Result<Inherited> {
         self.0
             .write_all(b"take\n")
@@ -175,16 +179,15 @@ fn receive(s: &UnixStream) -> anyhow::Result<(Vec<SocketAddr>, Vec<OwnedFd>)> {
     Ok((addrs, fds))
 }
 
-/// Serves the handover name until a successor has taken the listeners; then `handed`
-/// fires. Runs on its own thread (blocking I/O, rare). Fails if another process of
-/// this instance holds the name.
+/// Serves `path` until a successor has taken the listeners; then `handed` fires. Runs on
+/// its own thread (blocking I/O, rare). Fails if another process answers there.
 pub fn serve(
-    instance: &str,
+    path: &Path,
     registry: Registry,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
-    let addr = abstract_name(instance)?;
-    let listener = bind_name(&addr)
-        .with_context(|| format!("binding the handover socket of instance {instance}"))?;
+    let listener =
+        bind(path).with_context(|| format!("binding the handover socket {}", path.display()))?;
+    let path = path.to_path_buf();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("handover".into())
@@ -194,7 +197,9 @@ pub fn serve(
                 match hand_over(&conn, &registry) {
                     Ok(false) => {}
                     Ok(true) => {
+                        // Free the path for the successor's own server before it asks.
                         drop(listener);
+                        let _ = std::fs::remove_file(&path);
                         let _ = (&conn).write_all(b"bye\n");
                         info!("listeners handed to a new ztunnel");
                         let _ = tx.send(());
@@ -207,22 +212,46 @@ pub fn serve(
     Ok(rx)
 }
 
-/// Binds the name; our predecessor may still be releasing it, so retry briefly.
-fn bind_name(addr: &UnixAddr) -> std::io::Result<UnixListener> {
-    let mut tries = 0;
-    loop {
-        match UnixListener::bind_addr(addr) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
-                tries += 1;
+/// Binds `path` in a root-only directory. A file nobody answers on is a dead process's
+/// and is replaced; one that answers is a live ztunnel's (our predecessor may still be
+/// letting go of it: retry briefly).
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .context("handover socket path has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for _ in 0..20 {
+        if path.exists() {
+            if is_running(path) {
                 std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
-            r => return r,
+            let _ = std::fs::remove_file(path);
+        }
+        match UnixListener::bind(path) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
+    anyhow::bail!("another ztunnel answers on {}", path.display())
 }
 
 /// One successor's request; `Ok(true)` once it holds the listeners.
 fn hand_over(conn: &UnixStream, registry: &Registry) -> anyhow::Result<bool> {
+    // Only a process of our own user gets the data path's sockets.
+    let peer = getsockopt(conn, PeerCredentials).context("peer credentials")?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() != me {
+        anyhow::bail!(
+            "refused: peer pid {} runs as uid {}, not {me}",
+            peer.pid(),
+            peer.uid()
+        );
+    }
     conn.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
@@ -261,9 +290,17 @@ fn hand_over(conn: &UnixStream, registry: &Registry) -> anyhow::Result<bool> {
 mod tests {
     use super::*;
 
+    fn temp_dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("ztunnel-handover-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
     #[test]
     fn listeners_move_with_their_queue() {
-        let instance = format!("unit-{}", std::process::id());
+        let dir = temp_dir("move");
+        let path = socket_path(&dir, "node");
         let registry = Registry::default();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -271,12 +308,17 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let handed = serve(&instance, registry.clone()).unwrap();
-        assert!(is_running(&instance));
+        let handed = serve(&path, registry.clone()).unwrap();
+        assert!(is_running(&path));
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "the socket's directory is root-only");
 
         // A connection queued before the handover is accepted by the successor.
         let mut early = std::net::TcpStream::connect(addr).unwrap();
-        let inherited = Predecessor::find(&instance)
+        let inherited = Predecessor::find(&path)
             .expect("predecessor answers")
             .take_listeners()
             .unwrap();
@@ -292,23 +334,35 @@ mod tests {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"x");
-        // And the name is free for the successor's own server.
-        let _again = serve(&instance, Registry::default()).unwrap();
+        // And the path is free for the successor's own server.
+        assert!(!is_running(&path));
+        let _again = serve(&path, Registry::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_draining_predecessor_hands_over_nothing() {
-        let instance = format!("unit-empty-{}", std::process::id());
-        let _handed = serve(&instance, Registry::default()).unwrap();
-        let inherited = Predecessor::find(&instance)
+        let dir = temp_dir("empty");
+        let path = socket_path(&dir, "node");
+        let _handed = serve(&path, Registry::default()).unwrap();
+        let inherited = Predecessor::find(&path)
             .expect("predecessor answers")
             .take_listeners()
             .unwrap();
         assert!(inherited.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn no_predecessor_is_none() {
-        assert!(Predecessor::find("nobody-runs-this-instance").is_none());
+    fn a_dead_process_socket_file_is_replaced_and_no_predecessor_is_none() {
+        let dir = temp_dir("stale");
+        let path = socket_path(&dir, "node");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        drop(UnixListener::bind(&path).unwrap()); // the file stays, nobody answers
+        assert!(!is_running(&path));
+        assert!(Predecessor::find(&path).is_none());
+        let _server = serve(&path, Registry::default()).unwrap();
+        assert!(is_running(&path));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
