@@ -107,11 +107,7 @@ pub async fn relay_tunnel<T>(tcp: T, tunnel: crate::hbone::H2Stream) -> std::io:
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let r = crate::hbone::relay_tunnel(tcp, tunnel).await;
-    if let Err(e) = &r {
-        debug!("relay ended with error: {e}");
-    }
-    r
+    logged(crate::hbone::relay_tunnel(tcp, tunnel).await)
 }
 
 /// Copies both ways until both sides are done, half-closing each direction as its
@@ -121,7 +117,10 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let r = crate::hbone::copy_bidirectional(&mut a, &mut b).await;
+    logged(crate::hbone::copy_bidirectional(&mut a, &mut b).await)
+}
+
+fn logged(r: std::io::Result<(u64, u64)>) -> std::io::Result<(u64, u64)> {
     if let Err(e) = &r {
         debug!("relay ended with error: {e}");
     }

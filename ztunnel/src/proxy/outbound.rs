@@ -80,6 +80,34 @@ fn expected_identities(up: &Upstream) -> Vec<Identity> {
     ids
 }
 
+/// What a connection between two mesh workloads is recorded as (both paths alike).
+fn mesh_record<'a>(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &'a Workload,
+    src_id: &'a Identity,
+    up: &'a Upstream,
+    dst_id: &'a Identity,
+) -> Record<'a> {
+    Record {
+        direction: Direction::Outbound,
+        src: End {
+            addr: Some(peer),
+            workload: Some(src),
+            identity: Some(src_id),
+        },
+        dst: End {
+            addr: Some(up.address),
+            workload: Some(&up.workload),
+            identity: Some(dst_id),
+        },
+        service: up.service.as_deref(),
+        dst_addr: dst,
+        target: up.address,
+        mtls: true,
+    }
+}
+
 async fn hbone(
     ctx: &ProxyContext,
     stream: TcpStream,
@@ -98,23 +126,7 @@ async fn hbone(
     let mut req = ConnectRequest::new(up.address);
     req.source = Some(peer.ip());
     let dst_id = up.workload.identity();
-    let record = Record {
-        direction: Direction::Outbound,
-        src: End {
-            addr: Some(peer),
-            workload: Some(src),
-            identity: Some(&src_id),
-        },
-        dst: End {
-            addr: Some(up.address),
-            workload: Some(&up.workload),
-            identity: Some(&dst_id),
-        },
-        service: up.service.as_deref(),
-        dst_addr: dst,
-        target: up.address,
-        mtls: true,
-    };
+    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     let tunnel = match ctx.pool.connect(&key, &req).await {
         Ok(t) => t,
         // Closing the pod's connection is the only answer TCP has; the reason is logged.
@@ -148,23 +160,7 @@ async fn same_node(
     if !authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload) {
         return;
     }
-    let record = Record {
-        direction: Direction::Outbound,
-        src: End {
-            addr: Some(peer),
-            workload: Some(src),
-            identity: Some(&src_id),
-        },
-        dst: End {
-            addr: Some(up.address),
-            workload: Some(&up.workload),
-            identity: Some(&dst_id),
-        },
-        service: up.service.as_deref(),
-        dst_addr: dst,
-        target: up.address,
-        mtls: true,
-    };
+    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     deliver(ctx, stream, peer, record).await
 }
 
