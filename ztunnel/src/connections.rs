@@ -167,6 +167,11 @@ impl ConnectionGuard {
         }
     }
 
+    /// Counts `n` bytes sent that were read before the client stream was wrapped.
+    pub fn add_sent(&self, n: u64) {
+        self.live.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Records how the connection ended (`ok`, or the error); logged on drop.
     pub fn set_outcome(&mut self, outcome: impl Into<String>) {
         self.outcome = Some(outcome.into());

@@ -83,9 +83,26 @@ pub async fn connect_stream(
     send: &SendRequest<Bytes>,
     req: &ConnectRequest,
 ) -> Result<H2Stream, HboneError> {
+    connect_stream_with_data(send, req, &Bytes::new()).await
+}
+
+/// [`connect_stream`] with `early` — bytes the client already sent — goes out right behind the CONNECT instead of
+/// a round trip later: the peer buffers them (within the stream window) until its upstream
+/// is connected. Were the request refused, they are dropped with the stream, as bytes
+/// written into a connection that is then closed are; a caller retrying on another
+/// connection sends them again.
+pub async fn connect_stream_with_data(
+    send: &SendRequest<Bytes>,
+    req: &ConnectRequest,
+    early: &Bytes,
+) -> Result<H2Stream, HboneError> {
     let request = req.to_http()?;
     let mut send = send.clone().ready().await?;
-    let (response, stream) = send.send_request(request, false)?;
+    let (response, mut stream) = send.send_request(request, false)?;
+    if !early.is_empty() {
+        // Queued beyond the send window if need be; h2 sends it as the window allows.
+        stream.send_data(early.clone(), false)?;
+    }
     let response = response.await?;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Status(response.status()));

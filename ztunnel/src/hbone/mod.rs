@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue};
 
-pub use client::{connect_stream, handshake, ConnectRequest};
+pub use client::{connect_stream, connect_stream_with_data, handshake, ConnectRequest};
 pub use copy::{copy_bidirectional, relay_tunnel};
 pub use server::{serve_connection, serve_connection_until, InboundRequest};
 pub use stream::H2Stream;

@@ -233,6 +233,40 @@ async fn tunnels_to_tcp_upstream_with_half_close_both_ways() {
     }
 }
 
+/// Bytes sent with the CONNECT wait at the server until the upstream is connected, and
+/// arrive ahead of what follows; a refused request with early bytes fails cleanly.
+#[tokio::test]
+async fn early_data_arrives_first_and_refusal_still_reports_status() {
+    let ca = test_ca();
+    let (addr, _reports) = start_server(&ca).await;
+    let send = client(&ca, addr).await;
+    let early = bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n");
+    let mut s = connect_stream_with_data(&send, &target(ECHO), &early)
+        .await
+        .unwrap();
+    s.write_all(b"rest").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    with_timeout(s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"GET / HTTP/1.1\r\nrest");
+
+    let err = connect_stream_with_data(&send, &target(FORBIDDEN), &early)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, HboneError::Status(s) if s == http::StatusCode::FORBIDDEN),
+        "{err}"
+    );
+    // The connection is unharmed by the dropped early bytes.
+    let mut s = connect_stream(&send, &target(ECHO)).await.unwrap();
+    s.write_all(b"ok").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    with_timeout(s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"ok");
+}
+
 #[tokio::test]
 async fn rejections_carry_status() {
     let ca = test_ca();

@@ -202,10 +202,22 @@ impl Pool {
         key: &PoolKey,
         req: &ConnectRequest,
     ) -> Result<H2Stream, PoolError> {
+        self.connect_with_data(key, req, &Bytes::new()).await
+    }
+
+    /// [`connect`](Self::connect) sending `early` — bytes the client already wrote — right
+    /// behind the request (see [`hbone::connect_stream_with_data`]); a retry on a fresh
+    /// connection sends them again, so nothing is lost when the first one was going away.
+    pub async fn connect_with_data(
+        &self,
+        key: &PoolKey,
+        req: &ConnectRequest,
+        early: &Bytes,
+    ) -> Result<H2Stream, PoolError> {
         let mut retried = false;
         loop {
             let slot = self.checkout(key).await?;
-            match hbone::connect_stream(&slot.0.send, req).await {
+            match hbone::connect_stream_with_data(&slot.0.send, req, early).await {
                 Ok(stream) => return Ok(stream.with_guard(Box::new(slot))),
                 Err(HboneError::H2(e)) if !retried && connection_level(&e) => {
                     // E.g. the peer sent GOAWAY or the connection just died: one fresh try.

@@ -244,9 +244,20 @@ async fn draining_peer_keeps_open_streams_and_new_ones_redial() {
     open.read_exact(&mut buf).await.unwrap();
 
     drain.send(()).unwrap();
-    // The GOAWAY reaches the client; every new stream must still succeed.
+    // The GOAWAY reaches the client; every new stream must still succeed — with the bytes
+    // sent along with its CONNECT delivered even when the draining peer refused the
+    // stream and the pool redialed.
     for i in 0..20u8 {
-        round_trip(&pool, &key, &[i; 3]).await;
+        let early = bytes::Bytes::from(vec![i; 2]);
+        let mut s = pool.connect_with_data(&key, &echo(), &early).await.unwrap();
+        s.write_all(&[i; 3]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, [[i; 2].as_slice(), &[i; 3]].concat());
     }
     assert_eq!(
         dialer.count.load(Ordering::SeqCst),

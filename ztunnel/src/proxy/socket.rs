@@ -7,6 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
+use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -108,6 +109,22 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
             None => a,
         },
         v4 => v4,
+    }
+}
+
+/// What the client has already sent, taken without waiting (empty when nothing has arrived
+/// yet, or at EOF — which the next read sees again). Asks the kernel directly: tokio's
+/// readiness cache knows nothing yet about a socket just accepted.
+pub fn take_arrived(s: &TcpStream, max: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(max);
+    match SockRef::from(s).recv(buf.spare_capacity_mut()) {
+        Ok(n) => {
+            // SAFETY: recv initialized the first n bytes of the spare capacity.
+            unsafe { buf.set_len(n) };
+            Ok(buf.freeze())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 
