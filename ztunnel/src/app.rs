@@ -13,7 +13,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Mutex;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::capture::{Capture, CaptureConfig, RoutingConfig};
@@ -24,6 +24,7 @@ use crate::handover;
 use crate::identity::ca::{CaOptions, CertificateAuthority};
 use crate::identity::manager::{LocalCaClient, SecretManagerOptions};
 use crate::identity::{CaClient, GrpcCaClient, SecretManager};
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolOptions};
 use crate::proxy::{self, socket, ProxyContext};
@@ -200,7 +201,7 @@ async fn serve(
         args.kubernetes_enrollment(),
     ));
     enroller.reconcile().await;
-    tasks.spawn(return_freed_memory());
+    tasks.spawn(memory::return_freed_memory());
 
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin_state = Arc::new(AdminState {
@@ -272,6 +273,13 @@ async fn serve(
     drop(inherited);
     let mut handed = handover::serve(&args.handover_socket(), registry.clone())?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
+    tokio::task::spawn_blocking(|| match memory::release_startup_pages() {
+        Ok(n) => debug!(
+            mib = n >> 20,
+            "start-up pages of the executable handed back"
+        ),
+        Err(e) => debug!("could not hand back start-up pages: {e}"),
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -316,18 +324,6 @@ async fn serve(
     drop(enroller);
     drop(ctx);
     Ok(exit)
-}
-
-/// glibc keeps memory freed by closed connections in its arenas: after a burst of 10,000
-/// connections RSS stayed at its peak (`cargo xtask soak`). Hand free pages back to the
-/// kernel now and then; cheap when there is nothing to give back.
-async fn return_freed_memory() {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tick.tick().await;
-        // SAFETY: malloc_trim only walks the allocator's own free lists.
-        unsafe { libc::malloc_trim(0) };
-    }
 }
 
 /// Why `serve` returned.
