@@ -241,30 +241,34 @@ async fn early_data_arrives_first_and_refusal_still_reports_status() {
     let (addr, _reports) = start_server(&ca).await;
     let send = client(&ca, addr).await;
     let early = bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n");
-    let mut s = connect_stream_with_data(&send, &target(ECHO), &early)
+    let s = connect_stream_with_data(&send, &target(ECHO), &early)
         .await
         .unwrap();
-    s.write_all(b"rest").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    with_timeout(s.read_to_end(&mut got)).await.unwrap();
-    assert_eq!(got, b"GET / HTTP/1.1\r\nrest");
+    assert_eq!(send_last(s, b"rest").await, b"GET / HTTP/1.1\r\nrest");
 
-    let err = connect_stream_with_data(&send, &target(FORBIDDEN), &early)
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        matches!(err, HboneError::Status(s) if s == http::StatusCode::FORBIDDEN),
-        "{err}"
-    );
+    let refused = connect_stream_with_data(&send, &target(FORBIDDEN), &early).await;
+    assert_status(refused, http::StatusCode::FORBIDDEN);
     // The connection is unharmed by the dropped early bytes.
-    let mut s = connect_stream(&send, &target(ECHO)).await.unwrap();
-    s.write_all(b"ok").await.unwrap();
+    let s = connect_stream(&send, &target(ECHO)).await.unwrap();
+    assert_eq!(send_last(s, b"ok").await, b"ok");
+}
+
+/// The CONNECT was answered with `want`.
+fn assert_status(r: Result<H2Stream, HboneError>, want: http::StatusCode) {
+    match r {
+        Err(HboneError::Status(s)) => assert_eq!(s, want),
+        Err(e) => panic!("expected {want}, got error {e}"),
+        Ok(_) => panic!("expected {want}, got a stream"),
+    }
+}
+
+/// Writes `data`, half-closes, and returns all the peer sends back.
+async fn send_last(mut s: H2Stream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).await.unwrap();
     s.shutdown().await.unwrap();
     let mut got = Vec::new();
     with_timeout(s.read_to_end(&mut got)).await.unwrap();
-    assert_eq!(got, b"ok");
+    got
 }
 
 #[tokio::test]
@@ -272,13 +276,9 @@ async fn rejections_carry_status() {
     let ca = test_ca();
     let (addr, _reports) = start_server(&ca).await;
     let send = client(&ca, addr).await;
-    let err = connect_stream(&send, &target(FORBIDDEN))
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        matches!(err, HboneError::Status(s) if s == http::StatusCode::FORBIDDEN),
-        "{err}"
+    assert_status(
+        connect_stream(&send, &target(FORBIDDEN)).await,
+        http::StatusCode::FORBIDDEN,
     );
     // Nothing listens on this port: upstream unreachable.
     let closed = TcpListener::bind("127.0.0.1:0")

@@ -61,7 +61,13 @@ fn echo() -> ConnectRequest {
 }
 
 async fn round_trip(pool: &Pool, key: &PoolKey, data: &[u8]) {
-    let mut s = pool.connect(key, &echo()).await.unwrap();
+    round_trip_with_early(pool, key, &bytes::Bytes::new(), data).await
+}
+
+/// A stream opened with `early` sent along with its CONNECT, then `data`: the echo must
+/// return both, in order.
+async fn round_trip_with_early(pool: &Pool, key: &PoolKey, early: &bytes::Bytes, data: &[u8]) {
+    let mut s = pool.connect_with_data(key, &echo(), early).await.unwrap();
     s.write_all(data).await.unwrap();
     s.shutdown().await.unwrap();
     let mut got = Vec::new();
@@ -69,7 +75,7 @@ async fn round_trip(pool: &Pool, key: &PoolKey, data: &[u8]) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got, data);
+    assert_eq!(got, [early.as_ref(), data].concat());
 }
 
 async fn eventually<F: FnMut() -> bool>(what: &str, mut f: F) {
@@ -248,16 +254,7 @@ async fn draining_peer_keeps_open_streams_and_new_ones_redial() {
     // sent along with its CONNECT delivered even when the draining peer refused the
     // stream and the pool redialed.
     for i in 0..20u8 {
-        let early = bytes::Bytes::from(vec![i; 2]);
-        let mut s = pool.connect_with_data(&key, &echo(), &early).await.unwrap();
-        s.write_all(&[i; 3]).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, [[i; 2].as_slice(), &[i; 3]].concat());
+        round_trip_with_early(&pool, &key, &bytes::Bytes::from(vec![i; 2]), &[i; 3]).await;
     }
     assert_eq!(
         dialer.count.load(Ordering::SeqCst),
