@@ -27,6 +27,8 @@ pub struct Testbed {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     processes: Mutex<Vec<Child>>,
+    /// Per-node ztunnel binaries, when not the shared one (see `Testbed::own_binaries`).
+    pub(crate) binaries: Mutex<std::collections::HashMap<String, std::path::PathBuf>>,
 }
 
 #[derive(Clone, Debug)]
@@ -65,6 +67,7 @@ impl Testbed {
             nodes: vec![],
             pods: vec![],
             processes: Mutex::new(vec![]),
+            binaries: Mutex::default(),
         })
     }
 
@@ -227,6 +230,9 @@ impl Drop for Testbed {
         for mut child in self.processes.lock().unwrap().drain(..) {
             crate::cleanup::unregister_child(child.id());
             stop_child(&mut child, Duration::from_secs(5));
+        }
+        if !self.binaries.lock().unwrap().is_empty() {
+            self.remove_binaries();
         }
         // Pins of ztunnels that were killed: removing them detaches their programs.
         for node in &self.nodes {

@@ -137,6 +137,34 @@ impl Testbed {
         d
     }
 
+    /// Gives every node its own copy of the ztunnel binary, as real nodes have: two
+    /// processes of one file share its page-cache pages, so each one's resident memory
+    /// would depend on what the other has touched (and the kernel will not page out a page
+    /// another process maps). Copies live under `dir()/bin` until the testbed is dropped.
+    pub fn own_binaries(&self) -> anyhow::Result<()> {
+        let mut map = self.binaries.lock().unwrap();
+        for node in self.nodes() {
+            let dir = self.dir().join("bin").join(&node.name);
+            std::fs::create_dir_all(&dir)?;
+            let copy = dir.join("ztunnel");
+            std::fs::copy(binary(), &copy)
+                .with_context(|| format!("copying {} to {}", binary().display(), copy.display()))?;
+            map.insert(node.name.clone(), copy);
+        }
+        Ok(())
+    }
+
+    /// Deletes the copies made by [`Self::own_binaries`] (they are large; logs stay).
+    pub fn remove_binaries(&self) {
+        self.binaries.lock().unwrap().clear();
+        let _ = std::fs::remove_dir_all(self.dir().join("bin"));
+    }
+
+    fn binary_for(&self, node: &Node) -> PathBuf {
+        let map = self.binaries.lock().unwrap();
+        map.get(&node.name).cloned().unwrap_or_else(binary)
+    }
+
     pub fn write_config(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
         let p = self.dir().join(name);
         std::fs::write(&p, yaml).with_context(|| format!("writing {}", p.display()))?;
@@ -164,7 +192,7 @@ impl Testbed {
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut cmd = node.netns.command(binary())?;
+        let mut cmd = node.netns.command(self.binary_for(node))?;
         cmd.arg("run")
             .args(["--node-name", &node.name, "--instance", node.netns.name()])
             .args(["--rescan-interval-ms", "200"])

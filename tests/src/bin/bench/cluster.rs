@@ -101,6 +101,7 @@ impl Cluster {
             ));
         }
         let config = tb.write_config("workloads.yaml", &local_config(&specs, ""))?;
+        tb.own_binaries()?;
         let mut ztunnels = Vec::new();
         for node in [&a, &b] {
             let z = tb.start_ztunnel(node, &config, &[])?;
