@@ -149,6 +149,9 @@ impl Testbed {
             let copy = dir.join("ztunnel");
             std::fs::copy(binary(), &copy)
                 .with_context(|| format!("copying {} to {}", binary().display(), copy.display()))?;
+            // Written back, as an installed binary is: the kernel cannot page out dirty
+            // page-cache pages, so a fresh copy would keep ztunnel's start-up code resident.
+            std::fs::File::open(&copy)?.sync_all()?;
             map.insert(node.name.clone(), copy);
         }
         Ok(())
