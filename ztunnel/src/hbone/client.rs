@@ -86,9 +86,9 @@ pub async fn connect_stream(
     connect_stream_with_data(send, req, &Bytes::new()).await
 }
 
-/// [`connect_stream`] with `early` — bytes the client already sent — goes out right behind the CONNECT instead of
-/// a round trip later: the peer buffers them (within the stream window) until its upstream
-/// is connected. Were the request refused, they are dropped with the stream, as bytes
+/// [`connect_stream`], sending `early` — bytes the client already sent — right behind the
+/// CONNECT instead of a round trip later: the peer buffers them (within the stream window)
+/// until its upstream is connected. Were the request refused, they are dropped with the stream, as bytes
 /// written into a connection that is then closed are; a caller retrying on another
 /// connection sends them again.
 pub async fn connect_stream_with_data(
