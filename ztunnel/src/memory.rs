@@ -2,6 +2,7 @@
 //! it once used (a burst of connections, the start-up).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -25,19 +26,36 @@ pub async fn return_freed_memory() {
 /// out. Only clean, read-only mappings of the executable are advised (its writable data is
 /// anonymous memory that has nowhere to go). Best effort: the kernel skips pages other
 /// processes map too, and file pages of a file we may not write. Returns the bytes advised.
+///
+/// A fault maps every neighbour the page cache holds (64 KiB around it), and the start
+/// read whole windows of the file (the disk's `read_ahead_kb`, 8 MiB on some virtual
+/// disks) into the cache: much of what was handed back would come back with the first
+/// connection. So the file's cached pages nobody maps are dropped from the page cache too
+/// (the node charges them to ztunnel's cgroup anyway), and the read-only data is marked
+/// `MADV_RANDOM` (a fault there reads only its page). Code faults still read ahead:
+/// kernels since 6.16 ignore `MADV_RANDOM` on executable mappings. The cost is a read the
+/// first time a code path runs after start; the proxy's steady state does not fault.
 pub fn release_startup_pages() -> io::Result<u64> {
-    let exe = std::fs::metadata("/proc/self/exe")?;
+    let file = std::fs::File::open("/proc/self/exe")?;
+    let exe = file.metadata()?;
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut advised = 0;
     for (start, end) in executable_mappings(&maps, exe.dev(), exe.ino()) {
-        // SAFETY: the range is a mapping of this process; MADV_PAGEOUT only drops clean
-        // pages from it (they are read back on access), it never changes their contents.
-        let r =
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
+        for advice in [libc::MADV_RANDOM, libc::MADV_PAGEOUT] {
+            // SAFETY: the range is a mapping of this process; MADV_RANDOM only changes how
+            // its faults read ahead, MADV_PAGEOUT only drops clean pages (they are read back
+            // on access). Neither changes the contents.
+            let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         advised += (end - start) as u64;
+    }
+    // SAFETY: fadvise on an open file only drops clean, unmapped page-cache pages.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
     }
     Ok(advised)
 }
