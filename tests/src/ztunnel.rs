@@ -18,6 +18,10 @@ pub fn binary() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ztunnel")
 }
 
+/// What a production node logs (ztunnel's own default filter, `logging::DEFAULT_FILTER`):
+/// for runs that measure, which should not pay for debug lines or dependency noise.
+pub const PRODUCTION_LOG: &str = "info,netlink_packet_route=error";
+
 /// A workload of the standalone config.
 #[derive(Clone, Debug)]
 pub struct WorkloadSpec {
@@ -336,4 +340,12 @@ pub fn capture_counter(node: &Node, pod: &Pod, field: &str) -> anyhow::Result<u6
     Ok(v["counters"][pod.ip.to_string()][field]
         .as_u64()
         .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn production_log_is_ztunnels_default() {
+        assert_eq!(super::PRODUCTION_LOG, ztunnel::logging::DEFAULT_FILTER);
+    }
 }

@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
     procstat::raise_fd_limit();
     // What a production node logs: no per-connection debug lines, no dependency noise.
     if std::env::var_os("ZTUNNEL_LOG").is_none() {
-        std::env::set_var("ZTUNNEL_LOG", ztunnel::logging::DEFAULT_FILTER);
+        std::env::set_var("ZTUNNEL_LOG", ztunnel_tests::ztunnel::PRODUCTION_LOG);
     }
     let started = Instant::now();
     eprintln!("bench: starting the cluster");

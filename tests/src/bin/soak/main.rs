@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     ztunnel_tests::watchdog("soak", Duration::from_secs(knobs.secs + 900));
     procstat::raise_fd_limit();
     if std::env::var_os("ZTUNNEL_LOG").is_none() {
-        std::env::set_var("ZTUNNEL_LOG", ztunnel::logging::DEFAULT_FILTER);
+        std::env::set_var("ZTUNNEL_LOG", ztunnel_tests::ztunnel::PRODUCTION_LOG);
     }
     let started = Instant::now();
 
