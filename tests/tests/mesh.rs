@@ -87,8 +87,18 @@ fn wait_ready(z: &Ztunnel) {
 }
 
 fn round_trip(from: &Pod, to: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    Ok(round_trip_from(from, to, msg)?.0)
+}
+
+/// [`round_trip`], also returning the client's own address (IP and port).
+fn round_trip_from(
+    from: &Pod,
+    to: SocketAddr,
+    msg: &[u8],
+) -> std::io::Result<(Vec<u8>, SocketAddr)> {
     let mut s = connect(&from.netns, to, T)?;
-    echo_round_trip(&mut s, msg)
+    let local = s.local_addr()?;
+    Ok((echo_round_trip(&mut s, msg)?, local))
 }
 
 #[test]
@@ -97,10 +107,9 @@ fn mesh_traffic_is_tls_on_the_wire_and_passthrough_is_not() {
     let m = mesh("");
     let sniff = Sniffer::start(&m.a.netns, "eth0").unwrap();
     let secret = b"mesh-secret-payload-0123456789";
-    assert_eq!(
-        round_trip(&m.client, SocketAddr::new(m.server.ip.into(), 8080), secret).unwrap(),
-        secret
-    );
+    let (echo, client) =
+        round_trip_from(&m.client, SocketAddr::new(m.server.ip.into(), 8080), secret).unwrap();
+    assert_eq!(echo, secret);
     let open = b"legacy-plaintext-payload-987654";
     assert_eq!(
         round_trip(&m.client, SocketAddr::new(m.legacy.ip.into(), 8080), open).unwrap(),
@@ -121,11 +130,9 @@ fn mesh_traffic_is_tls_on_the_wire_and_passthrough_is_not() {
         ports.contains(&15008),
         "mesh traffic rides HBONE on 15008: {ports:?}"
     );
-    // The server saw the client pod's own address; the legacy pod too (passthrough).
-    assert_eq!(
-        m.server_echo.next_accepted(T).unwrap().0.ip(),
-        IpAddr::from(m.client.ip)
-    );
+    // The server saw the client pod's own address and port; the legacy pod the address
+    // too (passthrough).
+    assert_eq!(m.server_echo.next_accepted(T).unwrap().0, client);
     assert_eq!(
         m.legacy_echo.next_accepted(T).unwrap().0.ip(),
         IpAddr::from(m.client.ip)
@@ -170,15 +177,10 @@ fn same_node_and_plaintext_inbound_are_delivered_with_identities() {
     require_root!();
     let m = mesh("");
     let dst = SocketAddr::new(m.server.ip.into(), 8080);
-    // Same node, both in the mesh.
-    assert_eq!(
-        round_trip(&m.neighbour, dst, b"same node").unwrap(),
-        b"same node"
-    );
-    assert_eq!(
-        m.server_echo.next_accepted(T).unwrap().0.ip(),
-        IpAddr::from(m.neighbour.ip)
-    );
+    // Same node, both in the mesh: the server sees the neighbour's address and port.
+    let (echo, neighbour) = round_trip_from(&m.neighbour, dst, b"same node").unwrap();
+    assert_eq!(echo, b"same node");
+    assert_eq!(m.server_echo.next_accepted(T).unwrap().0, neighbour);
     // Permissive by default: plaintext from a non-mesh pod is delivered (via 15006).
     assert_eq!(round_trip(&m.legacy, dst, b"plain").unwrap(), b"plain");
     assert_eq!(
@@ -195,6 +197,27 @@ fn same_node_and_plaintext_inbound_are_delivered_with_identities() {
         T,
     )
     .unwrap();
+}
+
+#[test]
+fn many_short_connections_to_one_pod_outlast_the_nodes_port_range() {
+    require_root!();
+    let m = mesh("");
+    // Ten ephemeral ports on the server's node. Each delivered connection leaves a
+    // TIME_WAIT there for a minute (ztunnel closes first toward the pod after the client
+    // half-closed): had ztunnel picked node ports for them, the eleventh would fail.
+    m.b.netns
+        .sysctl("net.ipv4.ip_local_port_range", "61000 61009")
+        .unwrap();
+    let dst = SocketAddr::new(m.server.ip.into(), 8080);
+    for (from, path) in [(&m.client, "cross-node"), (&m.neighbour, "same node")] {
+        for i in 0..25 {
+            let (echo, client) = round_trip_from(from, dst, b"ping")
+                .unwrap_or_else(|e| panic!("{path} connection {i}: {e}"));
+            assert_eq!(echo, b"ping", "{path} connection {i}");
+            assert_eq!(m.server_echo.next_accepted(T).unwrap().0, client);
+        }
+    }
 }
 
 #[test]

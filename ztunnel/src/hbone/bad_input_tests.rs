@@ -339,8 +339,10 @@ async fn fuzz_corpus_replays() {
         }
         if let Ok(value) = HeaderValue::from_bytes(&data) {
             let mut headers = HeaderMap::new();
-            headers.insert(HEADER_FORWARDED, value);
+            headers.insert(HEADER_FORWARDED, value.clone());
+            headers.insert(HEADER_SOURCE_PORT, value);
             let _ = forwarded_for(&headers);
+            let _ = source_port(&headers);
         }
     }
 }
@@ -357,7 +359,7 @@ async fn write_hbone_seeds() {
     let target = SocketAddr::from(([10, 0, 0, 1], 8080));
     let full = {
         let mut r = ConnectRequest::new(target);
-        r.source = Some("10.0.0.9".parse().unwrap());
+        r.source = Some("10.0.0.9:40123".parse().unwrap());
         r.baggage = Some("k8s.namespace.name=default,k8s.pod.name=sleep".into());
         r.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         r

@@ -1,6 +1,6 @@
 //! The HBONE client side: an HTTP/2 connection over mTLS, and CONNECT streams on it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -9,14 +9,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
 use super::{authority, client_builder, forwarded_value, H2Stream, HboneError};
-use super::{HEADER_BAGGAGE, HEADER_FORWARDED, HEADER_TRACEPARENT};
+use super::{HEADER_BAGGAGE, HEADER_FORWARDED, HEADER_SOURCE_PORT, HEADER_TRACEPARENT};
 
 /// What to tunnel: the original destination and the context that travels with it.
 #[derive(Clone, Debug)]
 pub struct ConnectRequest {
     pub target: SocketAddr,
-    /// The original client's IP, sent as `forwarded: for=<ip>`.
-    pub source: Option<IpAddr>,
+    /// The original client's address: the IP sent as `forwarded: for=<ip>`, the port
+    /// (unless 0) as `ztunnel-source-port`.
+    pub source: Option<SocketAddr>,
     pub baggage: Option<String>,
     pub traceparent: Option<String>,
 }
@@ -41,7 +42,10 @@ impl ConnectRequest {
             .map_err(|e| bad(&e))?;
         let headers = req.headers_mut();
         if let Some(src) = self.source {
-            headers.insert(HEADER_FORWARDED, forwarded_value(src));
+            headers.insert(HEADER_FORWARDED, forwarded_value(src.ip()));
+            if src.port() != 0 {
+                headers.insert(HEADER_SOURCE_PORT, HeaderValue::from(src.port()));
+            }
         }
         if let Some(b) = &self.baggage {
             headers.insert(

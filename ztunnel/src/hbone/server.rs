@@ -12,7 +12,7 @@ use h2::RecvStream;
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{forwarded_for, parse_authority, server_builder, H2Stream, HboneError};
+use super::{forwarded_for, parse_authority, server_builder, source_port, H2Stream, HboneError};
 use super::{HEADER_BAGGAGE, HEADER_TRACEPARENT};
 use crate::identity::Identity;
 
@@ -33,6 +33,13 @@ impl InboundRequest {
     /// The original client's IP from `forwarded: for=`, when sent.
     pub fn forwarded_for(&self) -> Option<IpAddr> {
         forwarded_for(&self.headers)
+    }
+
+    /// The original client's address, when sent: the IP from `forwarded: for=`, the port
+    /// from `ztunnel-source-port` (0 when not sent).
+    pub fn source(&self) -> Option<SocketAddr> {
+        let ip = self.forwarded_for()?;
+        Some(SocketAddr::new(ip, source_port(&self.headers).unwrap_or(0)))
     }
 
     pub fn baggage(&self) -> Option<&str> {

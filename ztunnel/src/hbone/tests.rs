@@ -25,7 +25,7 @@ const FIREHOSE_BYTES: usize = 8 * 1024 * 1024;
 pub(crate) enum Report {
     Headers {
         peer: Identity,
-        forwarded: Option<IpAddr>,
+        source: Option<SocketAddr>,
         baggage: Option<String>,
         trace: Option<String>,
     },
@@ -90,7 +90,7 @@ pub(crate) async fn start_drainable_server(
 async fn handle(req: InboundRequest, tx: mpsc::UnboundedSender<Report>) {
     let _ = tx.send(Report::Headers {
         peer: req.peer.clone(),
-        forwarded: req.forwarded_for(),
+        source: req.source(),
         baggage: req.baggage().map(String::from),
         trace: req.traceparent().map(String::from),
     });
@@ -152,7 +152,7 @@ async fn echo_round_trip_with_client_half_close() {
     let (addr, mut reports) = start_server(&ca).await;
     let send = client(&ca, addr).await;
     let mut req = target(ECHO);
-    req.source = Some("10.0.0.9".parse().unwrap());
+    req.source = Some("10.0.0.9:40123".parse().unwrap());
     req.baggage = Some("k8s.namespace.name=default".into());
     req.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
     let mut s = connect_stream(&send, &req).await.unwrap();
@@ -164,12 +164,12 @@ async fn echo_round_trip_with_client_half_close() {
     match reports.recv().await.unwrap() {
         Report::Headers {
             peer,
-            forwarded,
+            source,
             baggage,
             trace,
         } => {
             assert_eq!(peer, id("sleep"));
-            assert_eq!(forwarded, req.source);
+            assert_eq!(source, req.source, "IP and port");
             assert_eq!(baggage, req.baggage);
             assert_eq!(trace, req.traceparent);
         }

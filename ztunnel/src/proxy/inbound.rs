@@ -83,7 +83,8 @@ async fn deliver(
         info!(%tunnel, %target, workload = %dialed.uid, "CONNECT to another address than the dialed pod: 400");
         return req.reject(StatusCode::BAD_REQUEST);
     }
-    let src_ip = req.forwarded_for().unwrap_or(tunnel.ip());
+    let src = req.source().unwrap_or(SocketAddr::new(tunnel.ip(), 0));
+    let src_ip = src.ip();
     let client = req.peer.clone();
     let state = ctx.store.snapshot();
     let source = state.workload_by_ip(src_ip);
@@ -94,7 +95,7 @@ async fn deliver(
     let record = Record {
         direction: Direction::Inbound,
         src: End {
-            addr: Some(SocketAddr::new(src_ip, 0)),
+            addr: Some(src),
             workload: source.as_deref(),
             identity: Some(&client),
         },
@@ -108,10 +109,10 @@ async fn deliver(
         target,
         mtls: true,
     };
-    let up = match ctx.dialer.connect(Some(src_ip), target).await {
+    let up = match ctx.dialer.connect(Some(src), target).await {
         Ok(s) => s,
         Err(e) => {
-            info!(%src_ip, %target, "delivery to the pod failed: {e}");
+            info!(%src, %target, "delivery to the pod failed: {e}");
             return req.reject(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -156,7 +157,7 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
         target: dst,
         mtls: false,
     };
-    let up = match ctx.dialer.connect(Some(peer.ip()), dst).await {
+    let up = match ctx.dialer.connect(Some(peer), dst).await {
         Ok(s) => s,
         Err(e) => return info!(%peer, %dst, "delivery to the pod failed: {e}"),
     };

@@ -127,7 +127,7 @@ async fn hbone(
         SocketAddr::new(up.address.ip(), ctx.hbone_port),
     );
     let mut req = ConnectRequest::new(up.address);
-    req.source = Some(peer.ip());
+    req.source = Some(peer);
     let dst_id = up.workload.identity();
     let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     // Client-speaks-first protocols (HTTP, TLS) have usually sent their first bytes by
@@ -177,7 +177,7 @@ async fn same_node(
 /// Connects to the target with the pod's address as source and relays.
 async fn deliver(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, record: Record<'_>) {
     let target = record.target;
-    let up = match ctx.dialer.connect(Some(peer.ip()), target).await {
+    let up = match ctx.dialer.connect(Some(peer), target).await {
         Ok(s) => s,
         Err(e) => return info!(%peer, %target, "upstream connect failed: {e}"),
     };

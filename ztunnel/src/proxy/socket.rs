@@ -77,23 +77,62 @@ pub struct Dialer {
 impl Dialer {
     /// Connects to `dst`, from `src` (an address that is not ours: the client pod's)
     /// when given, else from the node.
-    pub async fn connect(&self, src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    ///
+    /// With the client's port too, the connection takes the client's own 4-tuple: no
+    /// search of the node's ephemeral range, in which the TIME_WAITs of a client making
+    /// many short connections to one pod would pile up until no port is left. Should that
+    /// 4-tuple still be taken here (a TIME_WAIT of an earlier connection the client's
+    /// kernel has already reused, a listener on that port), an ephemeral port is used.
+    pub async fn connect(&self, src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+        if let Some(src) = src.filter(|s| s.port() != 0) {
+            match self.connect_from(Some(src), dst).await {
+                Err(e) if is_taken(&e) => {
+                    tracing::debug!(%src, %dst, "client's port taken on this node, using another: {e}")
+                }
+                done => return done,
+            }
+        }
+        let any_port = src.map(|s| SocketAddr::new(s.ip(), 0));
+        self.connect_from(any_port, dst).await
+    }
+
+    async fn connect_from(
+        &self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let s = Socket::new(
+            Domain::for_address(dst),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
         s.set_mark(self.mark)?;
         s.set_nodelay(true)?;
-        s.set_nonblocking(true)?;
         if let Some(src) = src {
-            let src = match (src, dst) {
+            let ip = match (src.ip(), dst) {
                 (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
-                (s, _) => s,
+                (ip, _) => ip,
             };
             set_transparent(&s, dst.is_ipv6())?;
-            setsockopt_int(&s, libc::SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)?;
-            s.bind(&SocketAddr::new(src, 0).into())?;
+            // Also lets a later connection from this address and port bind over this
+            // one's TIME_WAIT (connect still refuses the same 4-tuple).
+            s.set_reuse_address(true)?;
+            if src.port() == 0 {
+                setsockopt_int(&s, libc::SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)?;
+            }
+            s.bind(&SocketAddr::new(ip, src.port()).into())?;
         }
         let std: std::net::TcpStream = s.into();
         TcpSocket::from_std_stream(std).connect(dst).await
     }
+}
+
+/// The address or the 4-tuple is in use (bind: `EADDRINUSE`; connect: `EADDRNOTAVAIL`).
+fn is_taken(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL)
+    )
 }
 
 /// The original destination of a captured connection: its local address.
@@ -137,5 +176,57 @@ impl crate::pool::Dialer for Dialer {
     /// Tunnels to other nodes leave from the node's own address, marked.
     async fn dial(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         self.connect(None, dst).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port free on `ip` right now.
+    fn free_port(ip: IpAddr) -> u16 {
+        std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// The address the server sees for a connection dialed from `src`.
+    async fn seen_from(dialer: &Dialer, server: &TcpListener, src: SocketAddr) -> TcpStream {
+        let up = dialer.connect(Some(src), server.local_addr().unwrap());
+        let (up, accepted) = tokio::join!(up, server.accept());
+        let (_, peer) = accepted.unwrap();
+        let up = up.unwrap();
+        assert_eq!(up.local_addr().unwrap(), peer);
+        up
+    }
+
+    #[tokio::test]
+    async fn dials_from_the_clients_port_and_falls_back_when_it_is_taken() {
+        // 127.0.0.2 is local (all of 127/8 is), so this needs no transparent routing; the
+        // options set on the way (mark, IP_TRANSPARENT) need root, as ztunnel does.
+        let dialer = Dialer { mark: 0 };
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+
+        let src = SocketAddr::new(ip, free_port(ip));
+        let first = seen_from(&dialer, &server, src).await;
+        assert_eq!(first.local_addr().unwrap(), src, "the client's own port");
+
+        // The same 4-tuple is still in use: another port, not an error.
+        let second = seen_from(&dialer, &server, src).await;
+        assert_eq!(second.local_addr().unwrap().ip(), ip);
+        assert_ne!(second.local_addr().unwrap().port(), src.port());
+
+        // A listener holds the port: likewise.
+        let held = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let src = held.local_addr().unwrap();
+        let third = seen_from(&dialer, &server, src).await;
+        assert_ne!(third.local_addr().unwrap().port(), src.port());
+
+        // No port given: an ephemeral one, as before.
+        let fourth = seen_from(&dialer, &server, SocketAddr::new(ip, 0)).await;
+        assert_ne!(fourth.local_addr().unwrap().port(), 0);
     }
 }
