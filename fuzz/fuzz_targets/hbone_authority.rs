@@ -1,5 +1,6 @@
 //! The fields of an HBONE request the server parses itself: `:authority`
-//! (`hbone::parse_authority`) and `forwarded: for=` (`hbone::forwarded_for`).
+//! (`hbone::parse_authority`), `forwarded: for=` (`hbone::forwarded_for`) and
+//! `ztunnel-source-port` (`hbone::source_port`).
 //!
 //! Oracle: no panic; an accepted authority prints back (`hbone::authority`) to text that
 //! parses to the same address, as the client side sends it. Replayed by the unit test
@@ -8,7 +9,9 @@
 
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use ztunnel::hbone::{authority, forwarded_for, parse_authority, HEADER_FORWARDED};
+use ztunnel::hbone::{
+    authority, forwarded_for, parse_authority, source_port, HEADER_FORWARDED, HEADER_SOURCE_PORT,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
@@ -20,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
     // Any bytes h2 would accept as a header value.
     if let Ok(value) = HeaderValue::from_bytes(data) {
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_FORWARDED, value);
+        headers.insert(HEADER_FORWARDED, value.clone());
+        headers.insert(HEADER_SOURCE_PORT, value);
         let _ = forwarded_for(&headers);
+        let _ = source_port(&headers);
     }
 });
