@@ -108,9 +108,6 @@ fn mesh_record<'a>(
     }
 }
 
-/// The most sent along with a CONNECT (one read's worth; the rest follows in the relay).
-const EARLY_DATA_MAX: usize = 32 * 1024;
-
 async fn hbone(
     ctx: &ProxyContext,
     stream: TcpStream,
@@ -132,7 +129,8 @@ async fn hbone(
     let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     // Client-speaks-first protocols (HTTP, TLS) have usually sent their first bytes by
     // now: they travel with the CONNECT, saving the client a round trip between nodes.
-    let early = match socket::take_arrived(&stream, EARLY_DATA_MAX) {
+    // At most one read's worth (`socket::ARRIVED_MAX`); the rest follows in the relay.
+    let early = match socket::take_arrived(&stream) {
         Ok(b) => b,
         Err(e) => return debug!(%peer, %dst, "client connection failed before tunnelling: {e}"),
     };
