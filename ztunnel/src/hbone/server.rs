@@ -2,7 +2,7 @@
 //! handler that decides (policy, upstream dial) and then accepts or rejects it.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,15 +30,10 @@ pub struct InboundRequest {
 }
 
 impl InboundRequest {
-    /// The original client's IP from `forwarded: for=`, when sent.
-    pub fn forwarded_for(&self) -> Option<IpAddr> {
-        forwarded_for(&self.headers)
-    }
-
     /// The original client's address, when sent: the IP from `forwarded: for=`, the port
     /// from `ztunnel-source-port` (0 when not sent).
     pub fn source(&self) -> Option<SocketAddr> {
-        let ip = self.forwarded_for()?;
+        let ip = forwarded_for(&self.headers)?;
         Some(SocketAddr::new(ip, source_port(&self.headers).unwrap_or(0)))
     }
 
