@@ -27,7 +27,8 @@ use crate::identity::{CaClient, GrpcCaClient, SecretManager};
 use crate::memory;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolOptions};
-use crate::proxy::{self, socket, ProxyContext};
+use crate::proxy::workers::{Role, Workers};
+use crate::proxy::{socket, ProxyContext};
 use crate::state::StateStore;
 
 pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
@@ -148,25 +149,32 @@ async fn serve(
     let dialer = socket::Dialer {
         mark: args.proxy_mark,
     };
-    let pool = Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default());
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(ProxyContext {
-        node: args.node_name.clone(),
-        store: store.clone(),
-        dialer,
-        certs: certs.clone(),
-        pool,
-        connections: connections.clone(),
-        metrics: metrics.clone(),
-        listen_ports: vec![
+    // One context per data-path thread: everything shared but the pool, whose HTTP/2
+    // connections are driven by the thread that opened them.
+    let context: Arc<dyn Fn() -> ProxyContext + Send + Sync> = {
+        let (node, store, certs) = (args.node_name.clone(), store.clone(), certs.clone());
+        let (connections, metrics) = (connections.clone(), metrics.clone());
+        let listen_ports = vec![
             args.outbound_port,
             args.inbound_plaintext_port,
             args.inbound_hbone_port,
-        ],
-        hbone_port: args.inbound_hbone_port,
-        handshake_timeout: args.tls_handshake_timeout,
-        draining: drain_rx,
-    });
+        ];
+        let (hbone_port, handshake_timeout) = (args.inbound_hbone_port, args.tls_handshake_timeout);
+        Arc::new(move || ProxyContext {
+            node: node.clone(),
+            store: store.clone(),
+            dialer,
+            certs: certs.clone(),
+            pool: Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default()),
+            connections: connections.clone(),
+            metrics: metrics.clone(),
+            listen_ports: listen_ports.clone(),
+            hbone_port,
+            handshake_timeout,
+            draining: drain_rx.clone(),
+        })
+    };
 
     // Enrollment and certificates...
     let enroller = if args.kubernetes_enrollment() {
@@ -230,27 +238,21 @@ async fn serve(
     };
 
     // ...the data path...
-    let mut proxy_tasks = tokio::task::JoinSet::new();
-    for addr in args.listen_addrs(args.outbound_port) {
-        let l = TcpListener::from_std(bind(addr)?)?;
-        proxy_tasks.spawn(proxy::accept_loop(l, ctx.clone(), proxy::outbound::handle));
+    let mut listeners = Vec::new();
+    for (port, role) in [
+        (args.outbound_port, Role::Outbound),
+        (args.inbound_plaintext_port, Role::InboundPlaintext),
+        (args.inbound_hbone_port, Role::InboundHbone),
+    ] {
+        for addr in args.listen_addrs(port) {
+            listeners.push((bind(addr)?, role));
+        }
     }
-    for addr in args.listen_addrs(args.inbound_plaintext_port) {
-        let l = TcpListener::from_std(bind(addr)?)?;
-        proxy_tasks.spawn(proxy::accept_loop(
-            l,
-            ctx.clone(),
-            proxy::inbound::handle_plaintext,
-        ));
-    }
-    for addr in args.listen_addrs(args.inbound_hbone_port) {
-        let l = TcpListener::from_std(bind(addr)?)?;
-        proxy_tasks.spawn(proxy::accept_loop(
-            l,
-            ctx.clone(),
-            proxy::inbound::handle_hbone,
-        ));
-    }
+    let mut workers = Workers::start(args.worker_threads, &listeners, context)
+        .await
+        .context("starting the data-path threads")?;
+    // The workers hold their own handles; the registry holds these for a successor.
+    drop(listeners);
 
     // ...and what people look at.
     for (addr, handler) in [
@@ -290,7 +292,7 @@ async fn serve(
         Ok(()) = &mut handed => { info!("a new ztunnel took over: draining"); Exit::HandedOver }
     };
     // Drain: stop accepting, give live connections time to finish.
-    proxy_tasks.shutdown().await;
+    workers.stop_accepting().await;
     drain_tx.send_replace(true);
     registry.clear();
     if exit == Exit::HandedOver {
@@ -322,7 +324,7 @@ async fn serve(
     }
     drop(admin_state);
     drop(enroller);
-    drop(ctx);
+    drop(workers);
     Ok(exit)
 }
 

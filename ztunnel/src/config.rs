@@ -257,8 +257,9 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Threads of the proxy's runtime (0: one per core). Every connection is served by
-    /// whichever is free. Fewer threads: lower latency, less throughput (README, Performance).
+    /// Data-path threads (0: one per core). Each serves every listener with its own
+    /// single-threaded runtime and connection pool; a connection stays on the thread that
+    /// accepted it. Control-plane work runs on the main thread.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
 

@@ -1,15 +1,16 @@
 use clap::Parser;
 use ztunnel::config::{Cli, Command, LogFormat};
 
-/// Runs `fut` on a multi-threaded runtime of `workers` threads (0: one per core).
+/// Runs `fut` on a tokio runtime: one on this thread (`ztunnel run`, whose data path has
+/// threads of its own), or a multi-threaded one with a thread per core.
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
-    workers: usize,
+    multi_threaded: bool,
     fut: F,
 ) -> anyhow::Result<()> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
+    let mut b = match multi_threaded {
+        true => tokio::runtime::Builder::new_multi_thread(),
+        false => tokio::runtime::Builder::new_current_thread(),
+    };
     b.enable_all().build()?.block_on(fut)
 }
 
@@ -19,11 +20,11 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => {
             ztunnel::logging::init(args.log_format);
             raise_fd_limit();
-            block_on(args.worker_threads, ztunnel::app::run(*args))
+            block_on(false, ztunnel::app::run(*args))
         }
         Command::Controlplane(args) => {
             ztunnel::logging::init(LogFormat::Text);
-            block_on(0, ztunnel::controlplane::run(args))
+            block_on(true, ztunnel::controlplane::run(args))
         }
         Command::Debug(args) => ztunnel::debug_cli::run(args),
     };

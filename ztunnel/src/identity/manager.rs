@@ -171,6 +171,9 @@ pub struct SecretManager {
 struct Inner {
     shared: Arc<Shared>,
     entries: Mutex<HashMap<Identity, Entry>>,
+    /// Where the per-identity tasks run: the runtime that made the manager (the control
+    /// plane's), not whichever data-path thread first asks for an identity.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Drop for Inner {
@@ -187,6 +190,7 @@ impl SecretManager {
             inner: Arc::new(Inner {
                 shared: Arc::new(Shared { ca, opts }),
                 entries: Mutex::new(HashMap::new()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -302,7 +306,11 @@ impl SecretManager {
             in_flight: true,
             ..Default::default()
         });
-        let task = tokio::spawn(run(self.inner.shared.clone(), identity.clone(), tx));
+        let task = run(self.inner.shared.clone(), identity.clone(), tx);
+        let task = match &self.inner.runtime {
+            Some(rt) => rt.spawn(task),
+            None => tokio::spawn(task),
+        };
         entries.insert(
             identity.clone(),
             Entry {

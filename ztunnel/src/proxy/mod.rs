@@ -8,6 +8,7 @@ pub mod inbound;
 mod labels;
 pub mod outbound;
 pub mod socket;
+pub mod workers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
