@@ -1,7 +1,8 @@
 //! `ztunnel run`: wires state, identity, capture, enrollment, the proxy and the admin
 //! endpoints together, and takes them apart again on SIGTERM/SIGINT or `/quitquitquit`.
 //!
-//! Threads: one multi-threaded tokio runtime. The process starts in the node's network
+//! Threads: this runs on the main thread's runtime (the control plane); the data path has
+//! threads of its own (`proxy::workers`). The process starts in the node's network
 //! namespace (a DaemonSet pod on the host network, or a testbed node), so every socket
 //! and netlink call is the node's.
 
