@@ -247,8 +247,8 @@ mod tests {
         );
         drop(workers);
         drop(l);
-        // Ours are joined: what is left can only be another test's (that one starts one
-        // per core, 2 on the testbed machine), never ours on top of it.
+        // `drop` joins the threads, so returning at all shows they ended. The count is a
+        // loose check beside it: another test's threads (one per core) may still be alive.
         assert!(data_path_threads() <= 3);
     }
 
