@@ -75,9 +75,16 @@ pub struct Settings {
     pub outbound_port: u16,
     pub inbound_plain_port: u16,
     pub inbound_hbone_port: u16,
-    /// 1 once the loader has written real settings; 0 means "pass everything".
-    pub enabled: u16,
+    /// `SETTINGS_*` bits. 0 (the map's initial value) means "pass everything".
+    pub flags: u16,
 }
+
+/// `Settings::flags`: the loader has written real settings.
+pub const SETTINGS_ENABLED: u16 = 1;
+/// `Settings::flags`: log every captured flow (aya-log, debug level). Set only while
+/// ztunnel's log filter shows those records: each one is a ring-buffer write in the packet
+/// path and a wake-up of ztunnel's main thread, for a line that would be thrown away.
+pub const SETTINGS_LOG_FLOWS: u16 = 2;
 
 /// A TCP flow as seen from the packet that opened it (client → server).
 #[repr(C)]

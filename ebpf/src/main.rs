@@ -22,6 +22,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
     FlowKey, PodCounters, PodInfo, PodKey, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
+    SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
 };
 
 #[map(name = "ZT_PODS")]
@@ -61,17 +62,17 @@ struct Packet {
 pub fn zt_capture(ctx: TcContext) -> i32 {
     match capture(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_OK as i32,
+        Err(()) => TC_ACT_OK,
     }
 }
 
 fn capture(ctx: &TcContext) -> Result<i32, ()> {
     let settings = match SETTINGS.get(0) {
-        Some(s) if s.enabled != 0 => *s,
-        _ => return Ok(TC_ACT_OK as i32),
+        Some(s) if s.flags & SETTINGS_ENABLED != 0 => *s,
+        _ => return Ok(TC_ACT_OK),
     };
     let Some(pkt) = parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     let src = PodKey { addr: pkt.saddr };
     let dst = PodKey { addr: pkt.daddr };
@@ -87,7 +88,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         if let Some(c) = counters(&src) {
             c.dropped_spoofed += 1;
         }
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     let flow = FlowKey {
         saddr: pkt.saddr,
@@ -100,7 +101,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         // Not an enrolled pod's traffic, but it may still belong to a flow we captured
         // before the pod was unenrolled: that flow keeps going through ztunnel.
         if !is_captured(&flow) {
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
     }
     if src_out {
@@ -113,7 +114,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     // 1. A ztunnel socket already owns this flow (also the replies to its own
     //    original-source connections).
     if assign_existing(ctx, &pkt, settings.capture_mark) {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
 
     let is_syn = pkt.flags & TCP_SYN != 0 && pkt.flags & TCP_ACK == 0;
@@ -121,15 +122,15 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         // 3. Ours but its socket is gone: never let it out in plaintext.
         if is_captured(&flow) || is_captured(&reversed(&flow)) {
             count_drop(&src, &dst, src_out, dst_in);
-            return Ok(TC_ACT_SHOT as i32);
+            return Ok(TC_ACT_SHOT);
         }
         // 4. A flow from before enrollment: let it finish on the direct path.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
 
     // 2. A new connection.
     if EXCLUDED_PORTS.get_ptr(u16::from_be(pkt.dport)).is_some() {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     let listen_port = if src_out && NODE_ADDRS.get_ptr(dst).is_none() {
         settings.outbound_port
@@ -141,44 +142,43 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         }
     } else {
         // An enrolled pod calling its own node (kubelet, node-local agents): direct.
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
 
     if assign_listener(ctx, &pkt, listen_port, settings.capture_mark) {
-        let _ = CAPTURED_FLOWS.insert(&flow, &1, 0);
-        if listen_port == settings.outbound_port {
-            if let Some(c) = counters(&src) {
+        let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
+        let outbound = listen_port == settings.outbound_port;
+        if let Some(c) = counters(if outbound { &src } else { &dst }) {
+            if outbound {
                 c.outbound_flows += 1;
-            }
-            debug!(
-                ctx,
-                "outbound flow {:i}:{} -> {:i}:{} to listener {}",
-                pkt.saddr,
-                u16::from_be(pkt.sport),
-                pkt.daddr,
-                u16::from_be(pkt.dport),
-                listen_port
-            );
-        } else {
-            if let Some(c) = counters(&dst) {
+            } else {
                 c.inbound_flows += 1;
             }
-            debug!(
-                ctx,
-                "inbound flow {:i}:{} -> {:i}:{} to listener {}",
-                pkt.saddr,
-                u16::from_be(pkt.sport),
-                pkt.daddr,
-                u16::from_be(pkt.dport),
-                listen_port
-            );
         }
-        return Ok(TC_ACT_OK as i32);
+        if settings.flags & SETTINGS_LOG_FLOWS != 0 {
+            log_flow(ctx, &pkt, outbound, listen_port);
+        }
+        return Ok(TC_ACT_OK);
     }
     // 5. Fail closed: ztunnel is not listening (stopped, crashed, restarting). Dropping
     //    the SYN makes the client retry; it gets through once ztunnel is back.
     count_drop(&src, &dst, src_out, dst_in);
-    Ok(TC_ACT_SHOT as i32)
+    Ok(TC_ACT_SHOT)
+}
+
+/// One debug line per captured flow, for `RUST_LOG=ztunnel_capture=debug`.
+fn log_flow(ctx: &TcContext, pkt: &Packet, outbound: bool, listen_port: u16) {
+    let direction = if outbound { "outbound" } else { "inbound" };
+    debug!(
+        ctx,
+        "{} flow {:i}:{} -> {:i}:{} to listener {}",
+        direction,
+        pkt.saddr,
+        u16::from_be(pkt.sport),
+        pkt.daddr,
+        u16::from_be(pkt.dport),
+        listen_port
+    );
 }
 
 fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
@@ -349,7 +349,7 @@ fn counters(pod: &PodKey) -> Option<&'static mut PodCounters> {
     let ptr = match COUNTERS.get_ptr_mut(pod) {
         Some(p) => p,
         None => {
-            let _ = COUNTERS.insert(pod, &PodCounters::default(), 0);
+            let _ = COUNTERS.insert(pod, PodCounters::default(), 0);
             COUNTERS.get_ptr_mut(pod)?
         }
     };

@@ -328,6 +328,36 @@ fn admin_metrics_and_readiness() {
     let (s, _) = http::request(ns, ADMIN, "POST", "/logging?level=%5Bbad").unwrap();
     assert_eq!(s, 400);
 
+    // The capture program writes its per-flow records only while the filter shows them:
+    // off now (the test's filter had `ztunnel=debug`, this one has not), on again with
+    // `ztunnel_capture=debug`, both at the next rescan.
+    let flow_lines = |z: &Ztunnel| z.log_text().matches("outbound flow").count();
+    m.za.wait_for_line(&["flow log switched", "on=false"], T)
+        .unwrap();
+    let before = flow_lines(&m.za);
+    round_trip(&m.client, dst, b"x").unwrap();
+    let (s, _) = http::request(
+        ns,
+        ADMIN,
+        "POST",
+        "/logging?level=info,ztunnel_capture=debug",
+    )
+    .unwrap();
+    assert_eq!(s, 200);
+    m.za.wait_for_line(&["flow log switched", "on=true"], T)
+        .unwrap();
+    assert_eq!(
+        flow_lines(&m.za),
+        before,
+        "no flow record while filtered out"
+    );
+    round_trip(&m.client, dst, b"x").unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while flow_lines(&m.za) == before {
+        assert!(std::time::Instant::now() < deadline, "flow records back on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // The admin port is node-local: not reachable at the node's address, even from the node.
     let outside = SocketAddr::new(m.a.ip.into(), 15000);
     assert!(connect(&m.client.netns, outside, Duration::from_secs(1)).is_err());

@@ -204,7 +204,8 @@ pub struct RunArgs {
     #[arg(long, env = "RETAIN_CAPTURE_ON_EXIT")]
     pub retain_capture_on_exit: bool,
 
-    /// How often to look for new interfaces and retry pods whose interface is missing.
+    /// How often to look for new interfaces, retry pods whose interface is missing, and
+    /// apply a changed log filter to the capture program (its per-flow debug records).
     #[arg(long, env = "RESCAN_INTERVAL_MS", default_value_t = 1000)]
     pub rescan_interval_ms: u64,
 

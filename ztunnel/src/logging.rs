@@ -39,6 +39,13 @@ pub fn current() -> String {
     CURRENT.lock().unwrap().clone()
 }
 
+/// Whether a `log` record of this target and level would be printed under the filter in
+/// force (the eBPF program's records arrive through `log`).
+pub fn shows(target: &str, level: log::Level) -> bool {
+    let meta = log::Metadata::builder().target(target).level(level).build();
+    log::logger().enabled(&meta)
+}
+
 /// Replaces the filter, e.g. `info,ztunnel::proxy=debug`. Invalid specs are refused and
 /// the old filter stays.
 pub fn set(spec: &str) -> Result<(), String> {

@@ -20,7 +20,7 @@ use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use ztunnel_ebpf_common::{
     maps, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, POD_FLAG_INBOUND,
-    POD_FLAG_OUTBOUND,
+    POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
 };
 
 pub use links::AttachOutcome;
@@ -29,6 +29,9 @@ pub use routing::RoutingConfig;
 /// The compiled capture program, built by `build.rs`.
 static CAPTURE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
+
+/// The `log` target of the program's records (its crate name).
+pub const PROGRAM_LOG_TARGET: &str = "ztunnel_capture";
 
 /// Everything the loader needs to know.
 #[derive(Clone, Debug)]
@@ -76,6 +79,9 @@ pub struct Capture {
     pods: BpfHashMap<MapData, PodKey, PodInfo>,
     node_addrs: BpfHashMap<MapData, PodKey, u8>,
     counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
+    settings: Array<MapData, Settings>,
+    /// What `settings` holds.
+    written: Settings,
     netlink: rtnetlink::Handle,
 }
 
@@ -138,18 +144,15 @@ impl Capture {
         for p in &cfg.excluded_ports {
             excluded.insert(p, 1, 0)?;
         }
-        settings.set(
-            0,
-            Settings {
-                capture_mark: cfg.routing.mark,
-                proxy_mark: cfg.proxy_mark,
-                outbound_port: cfg.outbound_port,
-                inbound_plain_port: cfg.inbound_plain_port,
-                inbound_hbone_port: cfg.inbound_hbone_port,
-                enabled: 1,
-            },
-            0,
-        )?;
+        let written = Settings {
+            capture_mark: cfg.routing.mark,
+            proxy_mark: cfg.proxy_mark,
+            outbound_port: cfg.outbound_port,
+            inbound_plain_port: cfg.inbound_plain_port,
+            inbound_hbone_port: cfg.inbound_hbone_port,
+            flags: SETTINGS_ENABLED | flow_log_flag(),
+        };
+        settings.set(0, written, 0)?;
 
         let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
@@ -162,6 +165,8 @@ impl Capture {
             pods,
             node_addrs,
             counters,
+            settings,
+            written,
             netlink,
         };
         capture.refresh().await?;
@@ -200,6 +205,25 @@ impl Capture {
         }
         for k in keys.iter().filter(|k| !old.contains(k)) {
             self.node_addrs.insert(k, 1, 0)?;
+        }
+        self.follow_log_filter()
+    }
+
+    /// Turns the program's per-flow log records on or off to match the log filter, which
+    /// the admin endpoint may have changed since the last call.
+    fn follow_log_filter(&mut self) -> anyhow::Result<()> {
+        let flags = (self.written.flags & !SETTINGS_LOG_FLOWS) | flow_log_flag();
+        if flags != self.written.flags {
+            let wanted = Settings {
+                flags,
+                ..self.written
+            };
+            self.settings.set(0, wanted, 0)?;
+            self.written = wanted;
+            info!(
+                on = flags & SETTINGS_LOG_FLOWS != 0,
+                "capture program's flow log switched"
+            );
         }
         Ok(())
     }
@@ -318,6 +342,15 @@ fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
         .default_map_pin_directory(map_dir)
         .load(CAPTURE_OBJECT)
         .context("loading the capture object")
+}
+
+/// `SETTINGS_LOG_FLOWS` if the log filter shows the program's debug records.
+fn flow_log_flag() -> u16 {
+    if crate::logging::shows(PROGRAM_LOG_TARGET, log::Level::Debug) {
+        SETTINGS_LOG_FLOWS
+    } else {
+        0
+    }
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(
