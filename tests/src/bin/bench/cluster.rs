@@ -75,7 +75,7 @@ impl Cluster {
             let remote = tb.add_pod(&b, &format!("{m}-server"))?;
             let local = tb.add_pod(&a, &format!("{m}-local"))?;
             for pod in [&client, &remote, &local] {
-                tune_pod(pod)?;
+                pod.allow_fast_reconnects()?;
                 specs.push(match mode {
                     Mode::Mesh => WorkloadSpec::mesh(pod, "bench", &pod.name),
                     Mode::Direct => WorkloadSpec::plain(pod, "bench"),
@@ -142,14 +142,6 @@ impl Cluster {
         }
         Ok(())
     }
-}
-
-/// Clients churn through ephemeral ports; give them the whole range and let them reuse
-/// their own TIME_WAIT ports (the pod's choice; ztunnel's sockets are untouched).
-fn tune_pod(pod: &Pod) -> anyhow::Result<()> {
-    pod.netns
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-    pod.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
 fn wait_ready(z: &Ztunnel) -> anyhow::Result<()> {
