@@ -49,8 +49,8 @@ fn main() -> anyhow::Result<()> {
     let a = tb.add_node("node-a")?;
     let b = tb.add_node("node-b")?;
     let client = tb.add_pod(&a, "client")?;
-    // The steady load (~420 connections/s to one echo port) would otherwise run the client
-    // pod out of its own ports, with or without the mesh.
+    // The steady load (about 2,000 connections/s to one echo port on this testbed) would
+    // otherwise run the client pod out of its own ports, with or without the mesh.
     client.allow_fast_reconnects()?;
     let server = tb.add_pod(&b, "server")?;
     let config = tb.write_config(
