@@ -51,7 +51,10 @@ fn assert_handler_not_reached(reports: &mut tokio::sync::mpsc::UnboundedReceiver
 }
 
 /// An mTLS connection from `sleep` on which the test writes raw HTTP/2 bytes.
-async fn raw_tls(ca: &CertificateAuthority, addr: SocketAddr) -> tls::ClientTlsStream<TcpStream> {
+async fn raw_tls(
+    ca: &CertificateAuthority,
+    addr: SocketAddr,
+) -> tls::ClientTlsStream<tls::TlsIo<TcpStream>> {
     let config = tls::client_config(&cert(ca, "sleep"), &[id("httpbin")]).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     tls::connect(config, addr, tcp).await.unwrap()

@@ -24,8 +24,8 @@ fn dst() -> SocketAddr {
 }
 
 type Outcome = (
-    Result<ClientTlsStream<tokio::io::DuplexStream>, TlsError>,
-    Result<(ServerTlsStream<tokio::io::DuplexStream>, Identity), TlsError>,
+    Result<ClientTlsStream<TlsIo<tokio::io::DuplexStream>>, TlsError>,
+    Result<(ServerTlsStream<TlsIo<tokio::io::DuplexStream>>, Identity), TlsError>,
 );
 
 async fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outcome {
