@@ -10,12 +10,15 @@ use ztunnel_tests::http;
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{Pod, Testbed};
 
-use crate::load::Servers;
+use crate::load::{server_ports, Servers};
+use crate::relay;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Pods outside the mesh (`protocol: TCP`): ztunnel's program passes their packets.
     Direct,
+    /// The direct pods through plain TCP relays on the nodes (see `relay`).
+    Relay,
     /// Enrolled pods: capture, HBONE, mTLS.
     Mesh,
 }
@@ -24,6 +27,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
+            Mode::Relay => "relay",
             Mode::Mesh => "mesh",
         }
     }
@@ -47,13 +51,21 @@ impl Path {
 pub struct Pair {
     pub client: Pod,
     pub server: Pod,
+    /// The client's node's relay, and the offset its ports have from the server's.
+    via: Option<(IpAddr, u16)>,
 }
 
 impl Pair {
     pub fn dst(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.server.ip), port)
+        match self.via {
+            Some((relay, offset)) => SocketAddr::new(relay, port + offset),
+            None => SocketAddr::new(IpAddr::V4(self.server.ip), port),
+        }
     }
 }
+
+/// Same-node relay ports: the server's plus this, clear of ztunnel's 150xx.
+const SAME_NODE_RELAY_OFFSET: u16 = 20_000;
 
 pub struct Cluster {
     /// Dropped last: tears down namespaces and stops the ztunnels.
@@ -78,17 +90,46 @@ impl Cluster {
                 pod.allow_fast_reconnects()?;
                 specs.push(match mode {
                     Mode::Mesh => WorkloadSpec::mesh(pod, "bench", &pod.name),
-                    Mode::Direct => WorkloadSpec::plain(pod, "bench"),
+                    _ => WorkloadSpec::plain(pod, "bench"),
                 });
             }
             Servers::start(&remote.netns)?;
             Servers::start(&local.netns)?;
+            if mode == Mode::Direct {
+                // The relays carry the direct pods' connections.
+                let ports = server_ports();
+                let (a_ip, b_ip) = (IpAddr::V4(a.ip), IpAddr::V4(b.ip));
+                relay::start(&a.netns, a_ip, 0, &ports, b_ip)?;
+                relay::start(&b.netns, b_ip, 0, &ports, IpAddr::V4(remote.ip))?;
+                relay::start(
+                    &a.netns,
+                    a_ip,
+                    SAME_NODE_RELAY_OFFSET,
+                    &ports,
+                    IpAddr::V4(local.ip),
+                )?;
+                for (path, server, via) in [
+                    (Path::CrossNode, &remote, (a_ip, 0)),
+                    (Path::SameNode, &local, (a_ip, SAME_NODE_RELAY_OFFSET)),
+                ] {
+                    pairs.push((
+                        Mode::Relay,
+                        path,
+                        Pair {
+                            client: client.clone(),
+                            server: server.clone(),
+                            via: Some(via),
+                        },
+                    ));
+                }
+            }
             pairs.push((
                 mode,
                 Path::CrossNode,
                 Pair {
                     client: client.clone(),
                     server: remote,
+                    via: None,
                 },
             ));
             pairs.push((
@@ -97,6 +138,7 @@ impl Cluster {
                 Pair {
                     client,
                     server: local,
+                    via: None,
                 },
             ));
         }

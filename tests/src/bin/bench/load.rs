@@ -18,6 +18,13 @@ pub const ECHO_PORT: u16 = 5002;
 pub const CONN_PORT_BASE: u16 = 6000;
 pub const CONN_PORTS: u16 = 64;
 
+/// Every port a server pod listens on.
+pub fn server_ports() -> Vec<u16> {
+    let mut ports = vec![SINK_PORT, ECHO_PORT];
+    ports.extend((0..CONN_PORTS).map(|i| CONN_PORT_BASE + i));
+    ports
+}
+
 /// Big writes: the generator should cost little next to what it measures.
 const BUF: usize = 256 * 1024;
 /// Nothing in a healthy run waits this long; a stalled tunnel fails the item instead.
@@ -49,9 +56,8 @@ impl Servers {
     /// each (`CONN_PORT_BASE + run`), so TIME_WAIT entries of one run never limit the
     /// source ports of the next, in the pods or in ztunnel's original-source sockets.
     pub fn start(ns: &Netns) -> anyhow::Result<()> {
-        let mut ports = vec![(SINK_PORT, true), (ECHO_PORT, false)];
-        ports.extend((0..CONN_PORTS).map(|i| (CONN_PORT_BASE + i, false)));
-        for (port, sink) in ports {
+        for port in server_ports() {
+            let sink = port == SINK_PORT;
             let l = ns.run(move || TcpListener::bind(("0.0.0.0", port)))?;
             std::thread::spawn(move || accept_loop(l, sink));
         }

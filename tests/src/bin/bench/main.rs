@@ -1,18 +1,22 @@
 //! `cargo xtask bench`: what the mesh costs, on the namespace testbed.
 //!
 //! Two nodes run ztunnel. The same kinds of pod pairs exist in the mesh (enrolled: capture,
-//! HBONE, mTLS) and outside it (direct), cross-node and same-node. Each measurement runs
-//! in rounds that alternate direct and mesh (and flip which goes first), so whatever else
-//! loads the machine — on 2 cores, a compile does — hits both alike.
+//! HBONE, mTLS) and outside it (direct), cross-node and same-node; the pods outside the
+//! mesh are also measured through plain TCP relays on the nodes (`relay`: the cost of any
+//! node proxy's extra connections and hops, with nothing of ztunnel's). Each measurement
+//! runs in rounds that rotate the modes (so none always goes first), so whatever else
+//! loads the machine — on 2 cores, a compile does — hits all alike.
 //!
 //! Writes `target/bench/results.json` and `target/bench/results.md`. Bounded: every load
 //! has a deadline or a count, and a watchdog tears everything down if the whole run
 //! exceeds its budget. Knobs (environment): BENCH_ROUNDS, BENCH_TPUT_SECS,
 //! BENCH_CONN_SECS, BENCH_RTT (round trips per run), BENCH_HOLD (connections held open),
-//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold), BENCH_OUT (dir).
+//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay; without
+//! `relay` the relays are not measured), BENCH_OUT (dir).
 
 mod cluster;
 mod load;
+mod relay;
 mod report;
 mod stats;
 
@@ -111,7 +115,7 @@ fn main() -> anyhow::Result<()> {
 /// One connection per pair and mode first: certificates are fetched and HBONE
 /// connections pooled before anything is timed (steady state, not start-up).
 fn warm_up(c: &Cluster) -> anyhow::Result<()> {
-    for mode in [Mode::Direct, Mode::Mesh] {
+    for mode in [Mode::Direct, Mode::Relay, Mode::Mesh] {
         for path in [Path::CrossNode, Path::SameNode] {
             let p = c.pair(mode, path);
             let mut ok = false;
@@ -139,12 +143,13 @@ fn run_all(
     let mut conn_port = CONN_PORT_BASE;
     let pids = c.pids();
     for round in 0..plan.rounds {
-        // Flip the order every round so neither mode always runs first.
-        let modes = if round % 2 == 0 {
-            [Mode::Direct, Mode::Mesh]
-        } else {
-            [Mode::Mesh, Mode::Direct]
-        };
+        // Rotate the order every round so no mode always runs first.
+        let mut modes = vec![Mode::Direct, Mode::Mesh];
+        if plan.wants("relay") {
+            modes.push(Mode::Relay);
+        }
+        let first = round % modes.len();
+        modes.rotate_left(first);
         eprintln!("bench: round {}/{}", round + 1, plan.rounds);
         for mode in modes {
             let cross = c.pair(mode, Path::CrossNode);

@@ -40,6 +40,7 @@ struct Series {
     path: Path,
     metric: Metric,
     direct: Vec<f64>,
+    relay: Vec<f64>,
     mesh: Vec<f64>,
     errors: u64,
 }
@@ -171,6 +172,7 @@ impl Results {
                     path,
                     metric,
                     direct: vec![],
+                    relay: vec![],
                     mesh: vec![],
                     errors: 0,
                 });
@@ -180,6 +182,7 @@ impl Results {
         s.errors += errors;
         match mode {
             Mode::Direct => s.direct.push(value),
+            Mode::Relay => s.relay.push(value),
             Mode::Mesh => s.mesh.push(value),
         }
     }
@@ -292,10 +295,12 @@ fn to_json(r: &Results) -> Value {
             o.insert(
                 s.metric.key().into(),
                 json!({"direct": median(&s.direct), "mesh": median(&s.mesh), "ratio": s.ratio(),
-                       "direct_rounds": s.direct, "mesh_rounds": s.mesh, "errors": s.errors}),
+                       "relay": (!s.relay.is_empty()).then(|| median(&s.relay)),
+                       "direct_rounds": s.direct, "relay_rounds": s.relay, "mesh_rounds": s.mesh,
+                       "errors": s.errors}),
             );
         }
-        for mode in [Mode::Direct, Mode::Mesh] {
+        for mode in [Mode::Direct, Mode::Relay, Mode::Mesh] {
             if let Some((p, n)) = r.latency(path, mode) {
                 o.insert(
                     format!("latency_us_{}", mode.name()),
@@ -341,48 +346,37 @@ fn to_markdown(r: &Results) -> String {
     let _ = writeln!(
         md,
         "Measured {} on {} ({} cores), Linux {}, commit {}, by `cargo xtask bench` in {:.0} s: \
-         direct (pods outside the mesh) and mesh (capture + HBONE + mTLS) alternate round by round; \
-         throughput and connection rates are medians of the rounds, latency percentiles are over all \
-         1-byte round trips of a path and mode.\n",
+         direct (pods outside the mesh), plain relays (the same pods through a plain TCP relay on \
+         each node on the way: no capture, TLS or HTTP/2) and mesh (capture + HBONE + mTLS) take turns \
+         round by round; throughput and connection rates are medians of the rounds, latency \
+         percentiles are over all 1-byte round trips of a path and mode.\n",
         m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs
     );
     for path in [Path::CrossNode, Path::SameNode] {
         let _ = writeln!(
             md,
-            "| {} | direct | mesh | mesh/direct |\n|---|---:|---:|---:|",
+            "| {} | direct | plain relays | mesh | relays/direct | mesh/direct |\n|---|---:|---:|---:|---:|---:|",
             path.name()
         );
-        for metric in [Metric::Tput1, Metric::Tput4] {
-            if let Some(s) = r.series(path, metric) {
-                row(
-                    &mut md,
-                    metric.label(),
-                    median(&s.direct),
-                    median(&s.mesh),
-                    s.errors,
-                );
+        for metric in [Metric::Tput1, Metric::Tput4, Metric::Conn1, Metric::Conn4] {
+            if metric == Metric::Conn1 {
+                latency_rows(&mut md, r, path);
             }
-        }
-        if let (Some((d, n)), Some((me, _))) =
-            (r.latency(path, Mode::Direct), r.latency(path, Mode::Mesh))
-        {
-            for (i, q) in ["p50", "p99", "p99.9"].iter().enumerate() {
-                let _ =
-                    writeln!(
+            if let Some(s) = r.series(path, metric) {
+                let err = match s.errors {
+                    0 => String::new(),
+                    n => format!(" ({n} failed)"),
+                };
+                let (d, re, me) = (median(&s.direct), median(&s.relay), median(&s.mesh));
+                let _ = writeln!(
                     md,
-                    "| req/resp latency {q} (µs, {n} round trips) | {} | {} | {:.2}× (+{:.0} µs) |",
-                    fmt(d[i]), fmt(me[i]), me[i] / d[i], me[i] - d[i]
-                );
-            }
-        }
-        for metric in [Metric::Conn1, Metric::Conn4] {
-            if let Some(s) = r.series(path, metric) {
-                row(
-                    &mut md,
+                    "| {}{err} | {} | {} | {} | {} | {} |",
                     metric.label(),
-                    median(&s.direct),
-                    median(&s.mesh),
-                    s.errors,
+                    fmt(d),
+                    fmt(re),
+                    fmt(me),
+                    times(re / d),
+                    times(me / d)
                 );
             }
         }
@@ -439,19 +433,39 @@ fn to_markdown(r: &Results) -> String {
     md
 }
 
-fn row(md: &mut String, label: &str, d: f64, m: f64, errors: u64) {
-    let err = if errors > 0 {
-        format!(" ({errors} failed)")
+/// A ratio, or a dash when a side was not measured.
+fn times(ratio: f64) -> String {
+    if ratio.is_finite() {
+        format!("{ratio:.2}×")
     } else {
-        String::new()
+        "—".into()
+    }
+}
+
+/// p50, p99 and p99.9 of direct, relays and mesh, with the ratios and differences.
+fn latency_rows(md: &mut String, r: &Results, path: Path) {
+    let Some((d, n)) = r.latency(path, Mode::Direct) else {
+        return;
     };
-    let _ = writeln!(
-        md,
-        "| {label}{err} | {} | {} | {:.2}× |",
-        fmt(d),
-        fmt(m),
-        m / d
-    );
+    let other = |mode| r.latency(path, mode).map(|(v, _)| v);
+    let (re, me) = (other(Mode::Relay), other(Mode::Mesh));
+    for (i, q) in ["p50", "p99", "p99.9"].iter().enumerate() {
+        let value = |v: Option<[f64; 3]>| v.map_or("—".into(), |v| fmt(v[i]));
+        let versus = |v: Option<[f64; 3]>| {
+            v.map_or("—".into(), |v| {
+                format!("{:.2}× (+{:.0} µs)", v[i] / d[i], v[i] - d[i])
+            })
+        };
+        let _ = writeln!(
+            md,
+            "| req/resp latency {q} (µs, {n} round trips) | {} | {} | {} | {} | {} |",
+            fmt(d[i]),
+            value(re),
+            value(me),
+            versus(re),
+            versus(me)
+        );
+    }
 }
 
 /// Writes both files under `$BENCH_OUT` (default: the workspace's `target/bench`).
