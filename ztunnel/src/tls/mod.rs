@@ -24,9 +24,9 @@ pub use tokio_rustls::{
     client::TlsStream as ClientTlsStream, server::TlsStream as ServerTlsStream,
 };
 
-/// How much of the socket one read takes in under TLS. rustls asks for at most 4 KiB at a
-/// time (and a record is at most ~16 KiB), which made a receiving ztunnel pay a `recvfrom`
-/// per few KiB of tunnel data (10 per 256 KiB DATA frame under load, 1.2 with this). The
+/// How much of the socket one read takes in under TLS. rustls reads in 4 KiB steps, at most
+/// a record (~16 KiB) at a time, which made a receiving ztunnel pay a `recvfrom` per few KiB
+/// of tunnel data (10 per write to the pod under bulk load, 1.2 with this). The
 /// buffer is per HBONE connection, not per stream, and its pages are mostly touched only as
 /// data flows: 10,000 concurrent streams (at least 100 connections) raised the soak's
 /// peak RSS by 6 / 2 MiB.
