@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ztunnel_tests::Netns;
@@ -32,19 +31,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Server threads only need small stacks; 1,000 held connections mean 1,000 of them.
 const SERVER_STACK: usize = 128 * 1024;
-
-/// Spawns a thread inside `ns`: sockets it creates belong to that namespace.
-pub fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-}
 
 /// The servers of one pod: a sink for throughput (reads everything, then answers with
 /// the byte count it received, so the client learns what really arrived), and echo
@@ -136,7 +122,7 @@ pub fn throughput(ns: &Netns, dst: SocketAddr, streams: usize, dur: Duration) ->
     let start = Instant::now();
     let deadline = start + dur;
     let workers: Vec<_> = (0..streams)
-        .map(|_| spawn_in(ns, move || one_stream(dst, deadline)))
+        .map(|_| ns.spawn(move || one_stream(dst, deadline)))
         .collect();
     let mut t = Transfer {
         bytes: 0,
@@ -168,7 +154,7 @@ fn one_stream(dst: SocketAddr, deadline: Instant) -> std::io::Result<u64> {
 /// Round-trip times of `n` 1-byte request/responses on one connection (after a warm-up),
 /// in nanoseconds.
 pub fn latency(ns: &Netns, dst: SocketAddr, n: usize) -> std::io::Result<Vec<u64>> {
-    spawn_in(ns, move || {
+    ns.spawn(move || {
         let mut s = connect(dst)?;
         s.set_nodelay(true)?;
         let mut b = [0u8; 1];
@@ -210,7 +196,7 @@ pub fn conn_rate(ns: &Netns, dst: SocketAddr, concurrency: usize, dur: Duration)
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
             let (ok, failed) = (ok.clone(), failed.clone());
-            spawn_in(ns, move || {
+            ns.spawn(move || {
                 while Instant::now() < deadline {
                     match one_connection(dst) {
                         Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
@@ -241,7 +227,7 @@ fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
 /// Opens `n` connections, each proven end to end by a 1-byte round trip, and returns them
 /// open. Stops at the first failure (the caller reports how many it got).
 pub fn hold(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
-    spawn_in(ns, move || {
+    ns.spawn(move || {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
             let Ok(mut s) = connect(dst) else { break };

@@ -38,10 +38,7 @@ pub fn start(
             .iter()
             .map(|(l, t)| Ok((l.try_clone()?, *t)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let path = ns.path();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        ns.spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

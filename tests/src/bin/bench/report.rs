@@ -295,7 +295,7 @@ fn to_json(r: &Results) -> Value {
             o.insert(
                 s.metric.key().into(),
                 json!({"direct": median(&s.direct), "mesh": median(&s.mesh), "ratio": s.ratio(),
-                       "relay": (!s.relay.is_empty()).then(|| median(&s.relay)),
+                       "relay": median(&s.relay),
                        "direct_rounds": s.direct, "relay_rounds": s.relay, "mesh_rounds": s.mesh,
                        "errors": s.errors}),
             );
@@ -358,27 +358,12 @@ fn to_markdown(r: &Results) -> String {
             "| {} | direct | plain relays | mesh | relays/direct | mesh/direct |\n|---|---:|---:|---:|---:|---:|",
             path.name()
         );
-        for metric in [Metric::Tput1, Metric::Tput4, Metric::Conn1, Metric::Conn4] {
-            if metric == Metric::Conn1 {
-                latency_rows(&mut md, r, path);
-            }
-            if let Some(s) = r.series(path, metric) {
-                let err = match s.errors {
-                    0 => String::new(),
-                    n => format!(" ({n} failed)"),
-                };
-                let (d, re, me) = (median(&s.direct), median(&s.relay), median(&s.mesh));
-                let _ = writeln!(
-                    md,
-                    "| {}{err} | {} | {} | {} | {} | {} |",
-                    metric.label(),
-                    fmt(d),
-                    fmt(re),
-                    fmt(me),
-                    times(re / d),
-                    times(me / d)
-                );
-            }
+        for metric in [Metric::Tput1, Metric::Tput4] {
+            series_row(&mut md, r, path, metric);
+        }
+        latency_rows(&mut md, r, path);
+        for metric in [Metric::Conn1, Metric::Conn4] {
+            series_row(&mut md, r, path, metric);
         }
         md.push('\n');
     }
@@ -431,6 +416,28 @@ fn to_markdown(r: &Results) -> String {
         );
     }
     md
+}
+
+/// One metric's medians of direct, relays and mesh, with the ratios (nothing if unmeasured).
+fn series_row(md: &mut String, r: &Results, path: Path, metric: Metric) {
+    let Some(s) = r.series(path, metric) else {
+        return;
+    };
+    let err = match s.errors {
+        0 => String::new(),
+        n => format!(" ({n} failed)"),
+    };
+    let (d, re, me) = (median(&s.direct), median(&s.relay), median(&s.mesh));
+    let _ = writeln!(
+        md,
+        "| {}{err} | {} | {} | {} | {} | {} |",
+        metric.label(),
+        fmt(d),
+        fmt(re),
+        fmt(me),
+        times(re / d),
+        times(me / d)
+    );
 }
 
 /// A ratio, or a dash when a side was not measured.
