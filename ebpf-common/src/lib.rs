@@ -20,7 +20,27 @@ pub mod maps {
     pub const CAPTURED_FLOWS: &str = "ZT_FLOWS";
     /// Per-pod counters, per CPU: [`PodKey`] → [`PodCounters`].
     pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// Interfaces whose captured packets need more than a mark: ifindex → [`IfaceInfo`].
+    pub const IFACES: &str = "ZT_IFACES";
+
+    /// Every map the program defines, for the check that the built object has them all.
+    pub const ALL: [&str; 7] = [
+        PODS,
+        SETTINGS,
+        EXCLUDED_PORTS,
+        NODE_ADDRS,
+        CAPTURED_FLOWS,
+        COUNTERS,
+        IFACES,
+    ];
 }
+
+/// The program's verdict for a packet it does not take: "continue". Under TCX this is
+/// `TCX_NEXT` (the next program in the chain, then legacy tc filters, then the stack);
+/// for a legacy direct-action cls_bpf filter, `TC_ACT_UNSPEC` (the next filter). Both are
+/// -1. Any other verdict ends the chain, so the CNI's own programs would never see the
+/// packet: only packets ztunnel takes (assigned to its sockets) or must drop get one.
+pub const VERDICT_CONTINUE: i32 = -1;
 
 /// Name of the TC program in the object file.
 pub const CAPTURE_PROGRAM: &str = "zt_capture";
@@ -86,6 +106,23 @@ pub const SETTINGS_ENABLED: u16 = 1;
 /// path and a wake-up of ztunnel's main thread, for a line that would be thrown away.
 pub const SETTINGS_LOG_FLOWS: u16 = 2;
 
+/// What the program needs to know about an interface beyond its index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// MAC address of the bridge this interface is a port of (with `IFACE_BRIDGE_PORT`).
+    pub bridge_mac: [u8; 6],
+    /// `IFACE_*` bits.
+    pub flags: u16,
+}
+
+/// `IfaceInfo::flags`: the interface is a port of a Linux bridge (a bridge CNI's pod
+/// veth). A packet the program assigns there must go up the node's IP stack, but a frame
+/// addressed to another port's MAC (a pod on the same bridge) would be switched at layer 2
+/// past ztunnel: the program rewrites its destination MAC to the bridge's own, so the
+/// bridge passes it up.
+pub const IFACE_BRIDGE_PORT: u16 = 1;
+
 /// A TCP flow as seen from the packet that opened it (client → server).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -123,4 +160,5 @@ mod user {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::IfaceInfo {}
 }

@@ -9,6 +9,11 @@
 //! 4. anything else (flows opened before enrollment, other traffic) → untouched.
 //!
 //! Assigned packets get the capture mark, which policy routing turns into local delivery.
+//!
+//! Living beside the CNI: a packet the program does not take gets the neutral verdict
+//! (`VERDICT_CONTINUE`: `TCX_NEXT` / `TC_ACT_UNSPEC`), so the CNI's own programs and tc
+//! filters after ours run exactly as they would without ztunnel. Only packets assigned to
+//! a ztunnel socket (`TC_ACT_OK`) or dropped to fail closed (`TC_ACT_SHOT`) end the chain.
 #![no_std]
 #![no_main]
 
@@ -21,8 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
-    FlowKey, PodCounters, PodInfo, PodKey, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
-    SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
+    FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, IFACE_BRIDGE_PORT,
+    POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
 };
 
 #[map(name = "ZT_PODS")]
@@ -37,6 +42,8 @@ static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
 static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
 #[map(name = "ZT_COUNTERS")]
 static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
+#[map(name = "ZT_IFACES")]
+static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -62,17 +69,18 @@ struct Packet {
 pub fn zt_capture(ctx: TcContext) -> i32 {
     match capture(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_OK,
+        // A packet the program cannot parse is not one it takes.
+        Err(()) => VERDICT_CONTINUE,
     }
 }
 
 fn capture(ctx: &TcContext) -> Result<i32, ()> {
     let settings = match SETTINGS.get(0) {
         Some(s) if s.flags & SETTINGS_ENABLED != 0 => *s,
-        _ => return Ok(TC_ACT_OK),
+        _ => return Ok(VERDICT_CONTINUE),
     };
     let Some(pkt) = parse(ctx)? else {
-        return Ok(TC_ACT_OK);
+        return Ok(VERDICT_CONTINUE);
     };
     let src = PodKey { addr: pkt.saddr };
     let dst = PodKey { addr: pkt.daddr };
@@ -101,7 +109,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         // Not an enrolled pod's traffic, but it may still belong to a flow we captured
         // before the pod was unenrolled: that flow keeps going through ztunnel.
         if !is_captured(&flow) {
-            return Ok(TC_ACT_OK);
+            return Ok(VERDICT_CONTINUE);
         }
     }
     if src_out {
@@ -114,7 +122,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     // 1. A ztunnel socket already owns this flow (also the replies to its own
     //    original-source connections).
     if assign_existing(ctx, &pkt, settings.capture_mark) {
-        return Ok(TC_ACT_OK);
+        return Ok(taken(ctx, ifindex));
     }
 
     let is_syn = pkt.flags & TCP_SYN != 0 && pkt.flags & TCP_ACK == 0;
@@ -125,12 +133,12 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(TC_ACT_SHOT);
         }
         // 4. A flow from before enrollment: let it finish on the direct path.
-        return Ok(TC_ACT_OK);
+        return Ok(VERDICT_CONTINUE);
     }
 
     // 2. A new connection.
     if EXCLUDED_PORTS.get_ptr(u16::from_be(pkt.dport)).is_some() {
-        return Ok(TC_ACT_OK);
+        return Ok(VERDICT_CONTINUE);
     }
     let listen_port = if src_out && NODE_ADDRS.get_ptr(dst).is_none() {
         settings.outbound_port
@@ -142,7 +150,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         }
     } else {
         // An enrolled pod calling its own node (kubelet, node-local agents): direct.
-        return Ok(TC_ACT_OK);
+        return Ok(VERDICT_CONTINUE);
     };
 
     if assign_listener(ctx, &pkt, listen_port, settings.capture_mark) {
@@ -158,12 +166,30 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         if settings.flags & SETTINGS_LOG_FLOWS != 0 {
             log_flow(ctx, &pkt, outbound, listen_port);
         }
-        return Ok(TC_ACT_OK);
+        return Ok(taken(ctx, ifindex));
     }
     // 5. Fail closed: ztunnel is not listening (stopped, crashed, restarting). Dropping
     //    the SYN makes the client retry; it gets through once ztunnel is back.
     count_drop(&src, &dst, src_out, dst_in);
     Ok(TC_ACT_SHOT)
+}
+
+/// The verdict for a packet assigned to a ztunnel socket: it goes up the node's stack
+/// now. On a bridge port that needs the frame addressed to the bridge itself: one for
+/// another pod on the same bridge would otherwise be switched to it at layer 2, past
+/// ztunnel (and past the assignment).
+fn taken(ctx: &TcContext, ifindex: u32) -> i32 {
+    // SAFETY: a plain lookup; the value is copied out.
+    if let Some(iface) = unsafe { IFACES.get(&ifindex) } {
+        if iface.flags & IFACE_BRIDGE_PORT != 0 {
+            let dst: [u8; 6] = ctx.load(0).unwrap_or([0; 6]);
+            if dst != iface.bridge_mac && ctx.store(0, &iface.bridge_mac, 0).is_err() {
+                // Left as it was, the frame would bypass ztunnel: never let it out.
+                return TC_ACT_SHOT;
+            }
+        }
+    }
+    TC_ACT_OK
 }
 
 /// One debug line per captured flow, for `RUST_LOG=ztunnel_capture=debug`.

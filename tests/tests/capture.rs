@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use ztunnel::capture::{Capture, CaptureConfig, RoutingConfig};
+use ztunnel::capture::{Capture, CaptureConfig, RoutingConfig, TcAttach};
 use ztunnel::proxy::socket::{canonical, transparent_listener, transparent_std_listener};
 use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
 use ztunnel_tests::{require_root, Netns, Pod, Testbed};
@@ -27,6 +27,17 @@ fn config(ns: &Netns) -> CaptureConfig {
         inbound_plain_port: 15006,
         inbound_hbone_port: 15008,
         excluded_ports: vec![9999],
+        attach: tc_attach(),
+        tc_priority: 1,
+    }
+}
+
+/// The attachment under test: `TC_ATTACH` (as for the ztunnel binary), else auto.
+fn tc_attach() -> TcAttach {
+    match std::env::var("TC_ATTACH").as_deref() {
+        Ok("legacy") => TcAttach::Legacy,
+        Ok("tcx") => TcAttach::Tcx,
+        _ => TcAttach::Auto,
     }
 }
 
@@ -67,7 +78,10 @@ impl NodeCapture {
                 while let Some(cmd) = rx.recv().await {
                     match cmd {
                         Cmd::Enroll(ips, ifname, done) => {
-                            cap.enroll(&ips, &ifname).await.unwrap();
+                            let name = std::ffi::CString::new(ifname.as_str()).unwrap();
+                            // SAFETY: a valid C string; the thread is in the node's netns.
+                            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                            cap.enroll(&ips, &ifname, index).await.unwrap();
                             done.send(()).unwrap();
                         }
                         Cmd::Unenroll(ips, done) => {

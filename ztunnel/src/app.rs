@@ -82,6 +82,8 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         inbound_plain_port: args.inbound_plaintext_port,
         inbound_hbone_port: args.inbound_hbone_port,
         excluded_ports: args.exclude_ports.clone(),
+        attach: args.tc_attach,
+        tc_priority: args.tc_priority,
     })
     .await
     .context("starting capture")?;

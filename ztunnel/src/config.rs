@@ -209,6 +209,20 @@ pub struct RunArgs {
     #[arg(long, env = "RESCAN_INTERVAL_MS", default_value_t = 1000)]
     pub rescan_interval_ms: u64,
 
+    /// How the capture program is attached to interfaces: `auto` uses TCX links where the
+    /// kernel has them (Linux 6.6 and later) and legacy tc otherwise (a clsact qdisc and a
+    /// direct-action cls_bpf filter, any kernel from 5.8); `tcx` or `legacy` force one.
+    /// Either way ztunnel runs before the CNI's programs and passes on what it does not take.
+    #[arg(long, env = "TC_ATTACH", value_enum, default_value = "auto")]
+    pub tc_attach: crate::capture::TcAttach,
+
+    /// Priority of the legacy tc filter (lower numbers run first). 1 puts ztunnel before
+    /// the CNI's filters; a CNI filter at the same priority shares it, and then the kernel
+    /// runs the newest first.
+    #[arg(long, env = "TC_PRIORITY", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub tc_priority: u16,
+
     /// Log format (levels come from RUST_LOG, default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

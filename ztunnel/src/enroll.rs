@@ -7,9 +7,11 @@
 //! (`crate::k8s::KubeSource`). *How* is the job of an [`EnrollTarget`]: the eBPF capture
 //! in production, an in-memory fake in tests (so this logic is tested without root).
 //!
-//! A pod's host-side interface is found from the route to its address. A pod whose
-//! interface is not there yet (the CNI has not finished) is retried on every pass and
-//! reported, never fatal.
+//! A pod's host-side interface is found through the pod's own network namespace (the
+//! peer of its interface: `capture::interfaces`), not the route to its address, which on
+//! a bridge CNI names the bridge. A pod whose interface is not there yet (the CNI has not
+//! finished) or cannot be found is retried on every pass and reported (log, readiness,
+//! `/debug/capture`), never enrolled on a guess and never fatal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -19,7 +21,7 @@ use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
-use crate::capture::{routing, Capture};
+use crate::capture::{Capture, PodInterfaces};
 use crate::identity::Identity;
 use crate::state::StateStore;
 
@@ -98,10 +100,10 @@ impl WorkloadSource for StoreSource {
 /// The capture side of enrollment.
 #[async_trait]
 pub trait EnrollTarget: Send + Sync {
-    /// The host-side interface traffic to `ip` is routed through, if there is one yet:
-    /// its name and index (a pod recreated with the same interface name gets a new index).
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>>;
-    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()>;
+    /// The host-side interface of every pod of this node, by address: name and index (a
+    /// pod recreated with the same interface name gets a new index). One call per pass.
+    async fn pod_interfaces(&self) -> anyhow::Result<PodInterfaces>;
+    async fn enroll(&self, ips: &[IpAddr], interface: &str, ifindex: u32) -> anyhow::Result<()>;
     async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()>;
     /// Addresses enrolled in the kernel (also by an earlier ztunnel: pinned map).
     async fn enrolled(&self) -> Vec<IpAddr>;
@@ -111,12 +113,11 @@ pub trait EnrollTarget: Send + Sync {
 /// periodic refresh are not held up by netlink round trips of a whole pass.
 #[async_trait]
 impl EnrollTarget for Mutex<Capture> {
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
-        let netlink = self.lock().await.netlink().clone();
-        routing::interface_for(&netlink, ip).await
+    async fn pod_interfaces(&self) -> anyhow::Result<PodInterfaces> {
+        self.lock().await.pod_interfaces().await
     }
-    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()> {
-        self.lock().await.enroll(ips, interface).await
+    async fn enroll(&self, ips: &[IpAddr], interface: &str, ifindex: u32) -> anyhow::Result<()> {
+        self.lock().await.enroll(ips, interface, ifindex).await
     }
     async fn unenroll(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
         self.lock().await.unenroll(ips)
@@ -183,8 +184,16 @@ impl Enroller {
         };
         let previous = self.status();
         let mut next = EnrollmentStatus::default();
+        let interfaces = self
+            .target
+            .pod_interfaces()
+            .await
+            .map_err(|e| format!("reading the pods' interfaces failed: {e:#}"));
         for w in &wanted {
-            if let Some(iface) = self.enroll_one(w, &previous, &mut next).await {
+            if let Some(iface) = self
+                .enroll_one(w, &interfaces, &previous, &mut next)
+                .await
+            {
                 next.enrolled.insert(w.uid.clone(), (w.ips.clone(), iface));
                 next.identities
                     .insert(w.uid.clone(), w.identity.to_string());
@@ -221,23 +230,22 @@ impl Enroller {
     async fn enroll_one(
         &self,
         w: &Wanted,
+        interfaces: &Result<PodInterfaces, String>,
         previous: &EnrollmentStatus,
         next: &mut EnrollmentStatus,
     ) -> Option<String> {
         let first = *w.ips.first()?;
-        let (iface, ifindex) = match self.target.interface_for(first).await {
-            Ok(Some(i)) => i,
-            Ok(None) => {
-                let why = format!("no interface routes {first} yet");
-                if !previous.pending.contains_key(&w.uid) {
+        let found = match interfaces {
+            Ok(i) => i.lookup(first),
+            Err(e) => Err(e.clone()),
+        };
+        let (iface, ifindex) = match found {
+            Ok(i) => i,
+            Err(why) => {
+                if previous.pending.get(&w.uid) != Some(&why) {
                     warn!(workload = %w.uid, "not enrolled: {why}; will retry");
                 }
                 next.pending.insert(w.uid.clone(), why);
-                return None;
-            }
-            Err(e) => {
-                next.pending
-                    .insert(w.uid.clone(), format!("route lookup failed: {e:#}"));
                 return None;
             }
         };
@@ -247,7 +255,7 @@ impl Enroller {
             && previous.ifindexes.get(&w.uid) == Some(&ifindex);
         next.ifindexes.insert(w.uid.clone(), ifindex);
         if !already {
-            if let Err(e) = self.target.enroll(&w.ips, &iface).await {
+            if let Err(e) = self.target.enroll(&w.ips, &iface, ifindex).await {
                 warn!(workload = %w.uid, "enrollment failed: {e:#}; will retry");
                 next.pending.insert(w.uid.clone(), format!("{e:#}"));
                 return None;

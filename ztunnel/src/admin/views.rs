@@ -42,11 +42,22 @@ pub async fn capture(s: &AdminState) -> Value {
         .map(|(ip, c)| (ip.to_string(), c))
         .collect();
     let cfg = cap.config();
+    let attach = match cap.attach_mode() {
+        crate::capture::AttachMode::Tcx => json!({"mode": "tcx", "position": "first"}),
+        crate::capture::AttachMode::Legacy { priority } => json!({
+            "mode": "legacy",
+            "priority": priority,
+            "handle": format!("{:#x}", crate::capture::legacy_tc::FILTER_HANDLE),
+        }),
+    };
     json!({
         "program": ztunnel_ebpf_common::CAPTURE_PROGRAM,
-        "attach": "tcx ingress",
+        "attach": attach,
+        "requestedAttach": cfg.attach,
+        "kernel": cap.features(),
         "pinDir": cap.pin_dir().display().to_string(),
-        "interfaces": cap.interfaces().into_iter().map(|(n, i)| json!({"name": n, "ifindex": i})).collect::<Vec<_>>(),
+        "interfaces": cap.inventory(),
+        "pendingPods": s.enroller.status().pending,
         "settings": {
             "captureMark": format!("{:#x}", cfg.routing.mark),
             "proxyMark": format!("{:#x}", cfg.proxy_mark),

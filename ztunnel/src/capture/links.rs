@@ -1,29 +1,61 @@
-//! TC attachments of the capture program, pinned in bpffs.
+//! Attachments of the capture program to interfaces: TCX links pinned in bpffs, or
+//! legacy tc filters (kernels before 6.6, or `--tc-attach legacy`).
 //!
-//! A TCX link lives as long as a file descriptor or a pin refers to it. Pinning is what
-//! makes capture fail closed: when ztunnel is killed, the program stays attached and
-//! keeps dropping enrolled pods' new connections instead of letting them out in
-//! plaintext. A restarting ztunnel adopts each pinned link and atomically swaps in its
-//! freshly loaded program (`bpf_link_update`), so there is never a moment without one.
+//! Either way the attachment outlives ztunnel: a TCX link through its pin, a filter
+//! because it belongs to the interface. That is what makes capture fail closed: when
+//! ztunnel is killed, the program stays attached and keeps dropping enrolled pods' new
+//! connections instead of letting them out in plaintext. A restarting ztunnel adopts each
+//! attachment and atomically swaps in its freshly loaded program (`bpf_link_update`, or a
+//! filter change in place), so there is never a moment without one.
+//!
+//! Position: under TCX the program goes to the head of the chain and moves back there on
+//! adoption if something was put in front of it; its neutral verdict lets everything it
+//! does not take continue to the CNI's programs. A legacy filter runs at its priority
+//! (`--tc-priority`): filters of lower priority numbers run first.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use tracing::{info, warn};
+use ztunnel_ebpf_common::CAPTURE_PROGRAM;
+
+use super::legacy_tc::{self, FILTER_HANDLE};
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// TCX links (kernel ≥ 6.6), at the head of the chain.
+    Tcx,
+    /// A clsact qdisc and a direct-action cls_bpf filter at this priority.
+    Legacy { priority: u16 },
+}
+
+enum Attachment {
+    Tcx { _link: FdLink },
+    /// The filter is the interface's; nothing to hold.
+    Legacy,
+}
 
 struct Attached {
-    link: FdLink,
-    pin: PathBuf,
+    _attachment: Attachment,
     ifindex: u32,
 }
 
 /// The interfaces the capture program is attached to (ingress).
 pub struct Links {
-    dir: PathBuf,
+    mode: AttachMode,
+    /// TCX pins, one per interface name.
+    pins: PathBuf,
+    /// Legacy mode: a directory per interface whose clsact qdisc ztunnel added (bpffs
+    /// holds only directories and BPF objects), so that a later ztunnel knows it may
+    /// remove it.
+    qdiscs: PathBuf,
+    netlink: rtnetlink::Handle,
     attached: HashMap<String, Attached>,
 }
 
@@ -33,20 +65,31 @@ pub struct Links {
 pub enum AttachOutcome {
     AlreadyAttached,
     Attached,
-    /// A pinned link left by an earlier ztunnel now runs this process's program.
+    /// An attachment left by an earlier ztunnel now runs this process's program.
     Adopted,
 }
 
 impl Links {
-    pub fn new(dir: PathBuf) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    pub fn new(dir: &Path, mode: AttachMode, netlink: rtnetlink::Handle) -> anyhow::Result<Self> {
+        let pins = dir.join("links");
+        let qdiscs = dir.join("qdiscs");
+        for d in [&pins, &qdiscs] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
         Ok(Links {
-            dir,
+            mode,
+            pins,
+            qdiscs,
+            netlink,
             attached: HashMap::new(),
         })
     }
 
-    pub fn attach(
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub async fn attach(
         &mut self,
         prog: &mut SchedClassifier,
         ifname: &str,
@@ -56,17 +99,58 @@ impl Links {
             if a.ifindex == ifindex {
                 return Ok(AttachOutcome::AlreadyAttached);
             }
-            // Same name, new interface (a pod was replaced): the old link is defunct.
-            self.detach(ifname);
+            // Same name, new interface (a pod was replaced): the old one is gone, and its
+            // attachment with it.
+            self.attached.remove(ifname);
         }
-        let pin = self.dir.join(ifname);
+        let (attachment, outcome) = match self.mode {
+            AttachMode::Tcx => {
+                let (link, outcome) = self.attach_tcx(prog, ifname)?;
+                // Switched from legacy mode: the old filter goes once the link runs.
+                self.remove_filter(ifname, ifindex, None).await;
+                (Attachment::Tcx { _link: link }, outcome)
+            }
+            AttachMode::Legacy { priority } => {
+                let outcome = self.attach_legacy(prog, ifname, ifindex, priority).await?;
+                // Switched from TCX: the old link goes once the filter runs.
+                let _ = std::fs::remove_file(self.pins.join(ifname));
+                (Attachment::Legacy, outcome)
+            }
+        };
+        self.attached.insert(
+            ifname.to_string(),
+            Attached {
+                _attachment: attachment,
+                ifindex,
+            },
+        );
+        Ok(outcome)
+    }
+
+    fn attach_tcx(
+        &mut self,
+        prog: &mut SchedClassifier,
+        ifname: &str,
+    ) -> anyhow::Result<(FdLink, AttachOutcome)> {
+        let pin = self.pins.join(ifname);
         if pin.exists() {
             match adopt(prog, &pin) {
                 Ok(link) => {
-                    info!(interface = ifname, "adopted pinned capture link");
-                    self.attached
-                        .insert(ifname.to_string(), Attached { link, pin, ifindex });
-                    return Ok(AttachOutcome::Adopted);
+                    if is_first(prog, ifname) {
+                        info!(interface = ifname, "adopted pinned capture link");
+                        return Ok((link, AttachOutcome::Adopted));
+                    }
+                    // Something was attached ahead of ours since it was pinned. A new
+                    // link at the head first, then the old one goes: no moment without.
+                    warn!(
+                        interface = ifname,
+                        "another program runs before the capture program; moving it to the head"
+                    );
+                    let new = attach_first(prog, ifname)?;
+                    let _ = std::fs::remove_file(&pin);
+                    let pinned = pin_link(new, &pin)?;
+                    drop(link);
+                    return Ok((pinned, AttachOutcome::Adopted));
                 }
                 Err(e) => {
                     warn!(
@@ -77,45 +161,162 @@ impl Links {
                 }
             }
         }
-        let id = prog
-            .attach_with_options(
+        let link = attach_first(prog, ifname)?;
+        Ok((pin_link(link, &pin)?, AttachOutcome::Attached))
+    }
+
+    async fn attach_legacy(
+        &mut self,
+        prog: &mut SchedClassifier,
+        ifname: &str,
+        ifindex: u32,
+        priority: u16,
+    ) -> anyhow::Result<AttachOutcome> {
+        match aya::programs::tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {
+                let marker = self.qdiscs.join(ifname);
+                std::fs::create_dir_all(&marker)
+                    .with_context(|| format!("creating {}", marker.display()))?;
+            }
+            Err(aya::programs::tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context(format!("adding a clsact qdisc to {ifname}")),
+        }
+        let existing = legacy_tc::filters(&self.netlink, ifindex, false).await?;
+        let ours = existing
+            .iter()
+            .find(|f| f.priority == priority && f.handle == FILTER_HANDLE);
+        let outcome = match ours {
+            Some(f) if f.is_ours(priority, CAPTURE_PROGRAM) => {
+                let link = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    priority,
+                    TcHandle::from(FILTER_HANDLE),
+                    None,
+                )?;
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the program of the filter on {ifname}"))?;
+                keep_filter(prog, id)?;
+                info!(interface = ifname, priority, "adopted capture filter");
+                AttachOutcome::Adopted
+            }
+            Some(f) => bail!(
+                "tc priority {priority} handle {FILTER_HANDLE:#x} on {ifname} holds another \
+                 filter ({} {:?}): choose another --tc-priority",
+                f.kind,
+                f.name
+            ),
+            None => {
+                if let Some(f) = existing
+                    .iter()
+                    .find(|f| f.priority == priority && f.kind != "bpf")
+                {
+                    bail!(
+                        "tc priority {priority} on {ifname} holds a {} filter, and filters of \
+                         one priority must be of one kind: choose another --tc-priority",
+                        f.kind
+                    );
+                }
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority,
+                            handle: TcHandle::from(FILTER_HANDLE),
+                            classid: None,
+                        }),
+                    )
+                    .with_context(|| format!("attaching the capture filter to {ifname}"))?;
+                keep_filter(prog, id)?;
+                AttachOutcome::Attached
+            }
+        };
+        for f in existing.iter().filter(|f| f.priority < priority) {
+            warn!(
+                interface = ifname,
+                "tc filter {} {:?} at priority {} runs before the capture program: packets it \
+                 ends the chain for never reach ztunnel",
+                f.kind,
+                f.name,
+                f.priority
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// Removes our legacy filter from `ifname` (and the clsact qdisc if we added it and
+    /// nothing else filters there). `priority` `None`: whichever priority it was left at.
+    async fn remove_filter(&self, ifname: &str, ifindex: u32, priority: Option<u16>) {
+        let Ok(filters) = legacy_tc::filters(&self.netlink, ifindex, false).await else {
+            return;
+        };
+        for f in filters
+            .iter()
+            .filter(|f| f.is_ours(priority.unwrap_or(f.priority), CAPTURE_PROGRAM))
+        {
+            // A link value for an existing filter detaches it when dropped.
+            match SchedClassifierLink::attached(
                 ifname,
                 TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .with_context(|| format!("attaching the capture program to {ifname}"))?;
-        let link = prog.take_link(id)?;
-        let link = FdLink::try_from(link).context("capture link is not a TCX link")?;
-        let pinned = link
-            .pin(&pin)
-            .with_context(|| format!("pinning {}", pin.display()))?;
-        self.attached.insert(
-            ifname.to_string(),
-            Attached {
-                link: pinned.into(),
-                pin,
-                ifindex,
-            },
-        );
-        Ok(AttachOutcome::Attached)
-    }
-
-    /// Detaches from `ifname` (removing its pin drops the last reference).
-    pub fn detach(&mut self, ifname: &str) {
-        if let Some(a) = self.attached.remove(ifname) {
-            let _ = std::fs::remove_file(&a.pin);
-            drop(a.link);
+                f.priority,
+                TcHandle::from(f.handle),
+                None,
+            ) {
+                Ok(link) => drop(link),
+                Err(e) => warn!(interface = ifname, "removing the capture filter: {e}"),
+            }
+        }
+        let marker = self.qdiscs.join(ifname);
+        if marker.exists() {
+            match legacy_tc::remove_qdisc_if_unused(&self.netlink, ifindex).await {
+                Ok(true) | Err(_) => {
+                    let _ = std::fs::remove_dir(&marker);
+                }
+                Ok(false) => {
+                    info!(interface = ifname, "clsact qdisc kept: other filters use it")
+                }
+            }
         }
     }
 
-    pub fn detach_all(&mut self) {
+    /// Detaches from `ifname`.
+    pub async fn detach(&mut self, ifname: &str) {
+        let Some(a) = self.attached.remove(ifname) else {
+            return;
+        };
+        match a._attachment {
+            // Removing the pin drops the last reference but ours, which goes here.
+            Attachment::Tcx { _link } => {
+                let _ = std::fs::remove_file(self.pins.join(ifname));
+            }
+            Attachment::Legacy => {
+                let priority = match self.mode {
+                    AttachMode::Legacy { priority } => Some(priority),
+                    AttachMode::Tcx => None,
+                };
+                self.remove_filter(ifname, a.ifindex, priority).await;
+            }
+        }
+    }
+
+    pub async fn detach_all(&mut self) {
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for n in names {
-            self.detach(&n);
+            self.detach(&n).await;
         }
     }
 
-    /// Lets go of the links without detaching them: their pins keep capture in place
+    /// Forgets an interface that is gone (its attachment went with it).
+    pub fn forget(&mut self, ifname: &str) {
+        self.attached.remove(ifname);
+        let _ = std::fs::remove_file(self.pins.join(ifname));
+        let _ = std::fs::remove_dir(self.qdiscs.join(ifname));
+    }
+
+    /// Lets go of the attachments without detaching them: they keep capture in place
     /// (fail closed) for the next ztunnel to adopt.
     pub fn retain_all(&mut self) {
         self.attached.clear();
@@ -131,19 +332,41 @@ impl Links {
         v
     }
 
-    /// Pins left from an earlier run whose interface no longer exists.
-    pub fn stale_pins(&self, existing: &[(String, u32)]) -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return vec![];
-        };
-        rd.filter_map(|e| e.ok())
-            .filter(|e| {
+    /// Pins and qdisc markers left from an earlier run whose interface no longer exists.
+    pub fn remove_stale(&self, existing: &[(String, u32)]) {
+        for dir in [&self.pins, &self.qdiscs] {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in rd.filter_map(|e| e.ok()) {
                 let name = e.file_name().to_string_lossy().to_string();
-                !existing.iter().any(|(n, _)| *n == name)
-            })
-            .map(|e| e.path())
-            .collect()
+                if !existing.iter().any(|(n, _)| *n == name) {
+                    tracing::debug!(pin = %e.path().display(), "removing state of a vanished interface");
+                    let _ = std::fs::remove_file(e.path());
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
     }
+}
+
+fn attach_first(prog: &mut SchedClassifier, ifname: &str) -> anyhow::Result<FdLink> {
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .with_context(|| format!("attaching the capture program to {ifname}"))?;
+    let link = prog.take_link(id)?;
+    FdLink::try_from(link).context("capture link is not a TCX link")
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> anyhow::Result<FdLink> {
+    let pinned = link
+        .pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(pinned.into())
 }
 
 fn adopt(prog: &mut SchedClassifier, pin: &Path) -> anyhow::Result<FdLink> {
@@ -154,4 +377,26 @@ fn adopt(prog: &mut SchedClassifier, pin: &Path) -> anyhow::Result<FdLink> {
         .context("replacing the program of a pinned link")?;
     let link = prog.take_link(id)?;
     Ok(FdLink::try_from(link)?)
+}
+
+/// Whether this process's program is the first of the interface's TCX ingress chain.
+fn is_first(prog: &SchedClassifier, ifname: &str) -> bool {
+    let Ok(ours) = prog.info().map(|i| i.id()) else {
+        return true;
+    };
+    match SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) {
+        Ok((_, progs)) => progs.first().is_none_or(|p| p.id() == ours),
+        Err(_) => true,
+    }
+}
+
+/// Takes a legacy filter's link out of the program so that dropping the program (or
+/// ztunnel exiting) never removes the filter: it is removed only by [`Links::detach`].
+fn keep_filter(
+    prog: &mut SchedClassifier,
+    id: aya::programs::tc::SchedClassifierLinkId,
+) -> anyhow::Result<()> {
+    let link = prog.take_link(id)?;
+    std::mem::forget(link);
+    Ok(())
 }

@@ -6,6 +6,9 @@
 //! mechanism; the program itself documents the per-packet decision.
 
 mod bpffs;
+pub mod features;
+pub mod interfaces;
+pub mod legacy_tc;
 mod links;
 pub mod routing;
 
@@ -19,11 +22,12 @@ use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use ztunnel_ebpf_common::{
-    maps, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, POD_FLAG_INBOUND,
-    POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
+    maps, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, IFACE_BRIDGE_PORT,
+    POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
 };
 
-pub use links::AttachOutcome;
+pub use interfaces::{PodInterfaces, Role};
+pub use links::{AttachMode, AttachOutcome};
 pub use routing::RoutingConfig;
 
 /// The compiled capture program, built by `build.rs`.
@@ -48,6 +52,35 @@ pub struct CaptureConfig {
     pub inbound_hbone_port: u16,
     /// Destination ports never captured (e.g. a node-local agent's).
     pub excluded_ports: Vec<u16>,
+    /// How to attach the program to interfaces.
+    pub attach: TcAttach,
+    /// Priority of the legacy tc filter (lower runs earlier).
+    pub tc_priority: u16,
+}
+
+/// The attachment asked for (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6 and later), legacy tc filters otherwise.
+    Auto,
+    /// TCX links; fails on kernels without TCX.
+    Tcx,
+    /// A clsact qdisc and a cls_bpf filter, on any kernel.
+    Legacy,
+}
+
+/// An interface of the node and what capture does with it, for the admin endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InterfaceView {
+    pub name: String,
+    pub ifindex: u32,
+    pub kind: Option<String>,
+    pub role: Role,
+    pub attached: bool,
+    /// The bridge this interface is a port of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// Per-pod counters summed over CPUs, as shown by the admin endpoint.
@@ -75,7 +108,13 @@ pub struct Capture {
     cfg: CaptureConfig,
     dir: PathBuf,
     ebpf: Ebpf,
+    features: features::Features,
     links: links::Links,
+    ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
+    /// The node's interfaces at the last refresh.
+    inventory: Vec<InterfaceView>,
+    /// A netlink connection with strict dump checking, to read pods' namespaces.
+    strict_netlink: rtnetlink::Handle,
     pods: BpfHashMap<MapData, PodKey, PodInfo>,
     node_addrs: BpfHashMap<MapData, PodKey, u8>,
     counters: PerCpuHashMap<MapData, PodKey, PodCounters>,
@@ -97,6 +136,18 @@ impl Capture {
                 cfg.proxy_mark
             );
         }
+        let features = features::check()?;
+        let mode = match (cfg.attach, features.tcx) {
+            (TcAttach::Auto | TcAttach::Tcx, true) => AttachMode::Tcx,
+            (TcAttach::Tcx, false) => anyhow::bail!(
+                "--tc-attach tcx: this kernel ({}) has no TCX (Linux 6.6); use auto or legacy",
+                features.kernel
+            ),
+            (TcAttach::Auto | TcAttach::Legacy, _) => AttachMode::Legacy {
+                priority: cfg.tc_priority,
+            },
+        };
+        info!(kernel = %features.kernel, requested = ?cfg.attach, mode = ?mode, "capture attachment chosen");
         bpffs::ensure_mounted(&cfg.bpffs_root)?;
         let dir = cfg.bpffs_root.join("ztunnel").join(&cfg.instance);
         let map_dir = dir.join("maps");
@@ -126,6 +177,7 @@ impl Capture {
 
         let pods = take_hash(&mut ebpf, maps::PODS)?;
         let node_addrs = take_hash(&mut ebpf, maps::NODE_ADDRS)?;
+        let ifaces = take_hash(&mut ebpf, maps::IFACES)?;
         let counters = PerCpuHashMap::try_from(
             ebpf.take_map(maps::COUNTERS)
                 .context("counters map missing")?,
@@ -156,12 +208,16 @@ impl Capture {
 
         let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
-        let links = links::Links::new(dir.join("links"))?;
+        let links = links::Links::new(&dir, mode, netlink.clone())?;
         let mut capture = Capture {
             cfg,
             dir,
             ebpf,
+            features,
             links,
+            ifaces,
+            inventory: vec![],
+            strict_netlink: interfaces::strict_connection()?,
             pods,
             node_addrs,
             counters,
@@ -174,30 +230,51 @@ impl Capture {
         Ok(capture)
     }
 
-    /// Attaches to links that appeared since the last call, forgets ones that went away,
-    /// and refreshes the node's own addresses. Cheap; called periodically.
+    /// Attaches to interfaces that appeared since the last call (those whose role needs
+    /// the program: pods' interfaces and the node's links, see [`Role`]), forgets ones that
+    /// went away, and refreshes the node's own addresses. Cheap; called periodically.
     pub async fn refresh(&mut self) -> anyhow::Result<()> {
-        let existing = routing::links(&self.netlink).await?;
-        for stale in self.links.stale_pins(&existing) {
-            debug!(pin = %stale.display(), "removing pin of a vanished interface");
-            let _ = std::fs::remove_file(stale);
-        }
-        let attached = self.links.interfaces();
-        for (name, idx) in attached {
+        let links = routing::retry_busy(|| interfaces::links(&self.netlink)).await?;
+        let existing: Vec<(String, u32)> =
+            links.iter().map(|l| (l.name.clone(), l.index)).collect();
+        self.links.remove_stale(&existing);
+        for (name, idx) in self.links.interfaces() {
             if !existing.contains(&(name.clone(), idx)) {
-                self.links.detach(&name);
+                self.links.forget(&name);
             }
         }
-        for (name, idx) in &existing {
-            if name == "lo" {
-                continue;
+        let mut inventory = vec![];
+        let mut bridge_ports = BTreeMap::new();
+        for l in &links {
+            let role = Role::of(l);
+            let bridge = l
+                .master
+                .and_then(|m| links.iter().find(|b| b.index == m))
+                .filter(|b| Role::of(b) == Role::Bridge);
+            if role.attached() {
+                let outcome = self
+                    .links
+                    .attach(program(&mut self.ebpf)?, &l.name, l.index)
+                    .await?;
+                if outcome != AttachOutcome::AlreadyAttached {
+                    info!(interface = %l.name, ?role, ?outcome, "capture attached");
+                }
+                if let Some(mac) = bridge.and_then(|b| b.mac) {
+                    bridge_ports.insert(l.index, mac);
+                }
             }
-            let outcome = self.links.attach(program(&mut self.ebpf)?, name, *idx)?;
-            if outcome != AttachOutcome::AlreadyAttached {
-                info!(interface = %name, ?outcome, "capture attached");
-            }
+            inventory.push(InterfaceView {
+                name: l.name.clone(),
+                ifindex: l.index,
+                kind: l.kind.clone(),
+                role,
+                attached: role.attached(),
+                bridge: bridge.map(|b| b.name.clone()),
+            });
         }
-        let addrs = routing::local_addresses(&self.netlink).await?;
+        self.sync_bridge_ports(&bridge_ports)?;
+        self.inventory = inventory;
+        let addrs = routing::retry_busy(|| routing::local_addresses(&self.netlink)).await?;
         let keys: Vec<PodKey> = addrs.iter().map(|a| key(*a)).collect();
         let old: Vec<PodKey> = self.node_addrs.keys().filter_map(Result::ok).collect();
         for k in old.iter().filter(|k| !keys.contains(k)) {
@@ -207,6 +284,30 @@ impl Capture {
             self.node_addrs.insert(k, 1, 0)?;
         }
         self.follow_log_filter()
+    }
+
+    /// Brings `ZT_IFACES` in line with the bridge ports found: ifindex → bridge MAC.
+    fn sync_bridge_ports(&mut self, ports: &BTreeMap<u32, [u8; 6]>) -> anyhow::Result<()> {
+        let old: Vec<u32> = self.ifaces.keys().filter_map(Result::ok).collect();
+        for i in old.iter().filter(|i| !ports.contains_key(i)) {
+            self.ifaces.remove(i)?;
+        }
+        for (i, mac) in ports {
+            let info = IfaceInfo {
+                bridge_mac: *mac,
+                flags: IFACE_BRIDGE_PORT,
+            };
+            if self.ifaces.get(i, 0).ok() != Some(info) {
+                self.ifaces.insert(i, info, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where each pod of this node is: its address → the host side of its interface.
+    pub async fn pod_interfaces(&self) -> anyhow::Result<PodInterfaces> {
+        let links = routing::retry_busy(|| interfaces::links(&self.netlink)).await?;
+        Ok(interfaces::pod_interfaces(&self.strict_netlink, &links).await)
     }
 
     /// Turns the program's per-flow log records on or off to match the log filter, which
@@ -229,13 +330,17 @@ impl Capture {
     }
 
     /// Starts capturing a pod's connections (new ones: established flows finish on the
-    /// direct path). `interface` is the host side of its veth.
-    pub async fn enroll(&mut self, addresses: &[IpAddr], interface: &str) -> anyhow::Result<()> {
-        let ifindex = routing::link_index(&self.netlink, interface)
-            .await?
-            .with_context(|| format!("interface {interface} not found"))?;
+    /// direct path). `interface` is the host side of its interface (`ifindex`): the
+    /// program believes the pod's addresses only on it.
+    pub async fn enroll(
+        &mut self,
+        addresses: &[IpAddr],
+        interface: &str,
+        ifindex: u32,
+    ) -> anyhow::Result<()> {
         self.links
-            .attach(program(&mut self.ebpf)?, interface, ifindex)?;
+            .attach(program(&mut self.ebpf)?, interface, ifindex)
+            .await?;
         for a in addresses {
             let info = PodInfo {
                 ifindex,
@@ -297,8 +402,22 @@ impl Capture {
         out
     }
 
+    /// Interfaces the program is attached to.
     pub fn interfaces(&self) -> Vec<(String, u32)> {
         self.links.interfaces()
+    }
+
+    /// Every interface of the node at the last refresh, with its role.
+    pub fn inventory(&self) -> &[InterfaceView] {
+        &self.inventory
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.links.mode()
+    }
+
+    pub fn features(&self) -> &features::Features {
+        &self.features
     }
 
     pub fn pin_dir(&self) -> &std::path::Path {
@@ -315,7 +434,7 @@ impl Capture {
 
     /// Removes everything this instance installed: links, routing, pinned maps.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.links.detach_all();
+        self.links.detach_all().await;
         routing::uninstall(&self.netlink, self.cfg.routing).await?;
         std::fs::remove_dir_all(&self.dir).ok();
         info!("capture removed");

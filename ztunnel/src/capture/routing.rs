@@ -12,9 +12,8 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope, RouteType};
+use netlink_packet_route::route::{RouteAttribute, RouteScope, RouteType};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute};
-use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion};
 
 /// What to install: `ip rule add fwmark MARK/MARK lookup TABLE pref PRIORITY` and
@@ -135,6 +134,32 @@ fn route_table(route: &netlink_packet_route::route::RouteMessage) -> u32 {
         .unwrap_or(route.header.table as u32)
 }
 
+/// Runs a netlink dump again while the kernel answers `EBUSY`: a netlink socket runs one
+/// dump at a time, and the same connection is shared by the refresh and the enroller.
+pub async fn retry_busy<T, F, Fut>(mut dump: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match dump().await {
+            Err(e) if tries < 10 && is_busy(&e) => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5 * tries)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+fn is_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<rtnetlink::Error>(), Some(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EBUSY)
+            || c.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::EBUSY)
+    })
+}
+
 /// Every address configured in this network namespace.
 pub async fn local_addresses(handle: &Handle) -> anyhow::Result<Vec<IpAddr>> {
     let msgs: Vec<_> = handle.address().get().execute().try_collect().await?;
@@ -168,83 +193,4 @@ pub async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u3
         .into_iter()
         .find(|(n, _)| n == name)
         .map(|(_, i)| i))
-}
-
-/// The interface the main table routes `ip` through (longest prefix wins): for a pod
-/// on this node, the host side of its veth.
-pub async fn interface_for(handle: &Handle, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
-    let version = if ip.is_ipv4() {
-        IpVersion::V4
-    } else {
-        IpVersion::V6
-    };
-    let routes: Vec<_> = handle.route().get(version).execute().try_collect().await?;
-    let mut best: Option<(u8, u32)> = None;
-    for r in &routes {
-        if route_table(r) != 254 || r.header.kind != RouteType::Unicast {
-            continue;
-        }
-        let len = r.header.destination_prefix_length;
-        let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-            _ => None,
-        });
-        let oif = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        let (Some(oif), true) = (oif, r.header.address_family != AddressFamily::Unspec) else {
-            continue;
-        };
-        let matches = match dst {
-            Some(dst) => prefix_contains(dst, len, ip),
-            None => len == 0,
-        };
-        if matches && best.is_none_or(|(l, _)| len > l) {
-            best = Some((len, oif));
-        }
-    }
-    let Some((_, oif)) = best else {
-        return Ok(None);
-    };
-    Ok(links(handle).await?.into_iter().find(|(_, i)| *i == oif))
-}
-
-fn prefix_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - len.min(32))
-            };
-            u32::from(n) & mask == u32::from(i) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(i)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len.min(128))
-            };
-            u128::from(n) & mask == u128::from(i) & mask
-        }
-        _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefixes() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(prefix_contains(ip("10.1.0.0"), 16, ip("10.1.2.3")));
-        assert!(!prefix_contains(ip("10.1.0.0"), 16, ip("10.2.2.3")));
-        assert!(prefix_contains(ip("10.1.2.3"), 32, ip("10.1.2.3")));
-        assert!(prefix_contains(ip("0.0.0.0"), 0, ip("1.2.3.4")));
-        assert!(prefix_contains(ip("fd00:1::"), 64, ip("fd00:1::5")));
-        assert!(!prefix_contains(ip("fd00:1::"), 64, ip("10.1.2.3")));
-    }
 }

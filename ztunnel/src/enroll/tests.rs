@@ -35,10 +35,13 @@ impl FakeTarget {
 
 #[async_trait]
 impl EnrollTarget for FakeTarget {
-    async fn interface_for(&self, ip: IpAddr) -> anyhow::Result<Option<(String, u32)>> {
-        Ok(self.routes.lock().unwrap().get(&ip).cloned())
+    async fn pod_interfaces(&self) -> anyhow::Result<crate::capture::PodInterfaces> {
+        Ok(crate::capture::PodInterfaces {
+            found: self.routes.lock().unwrap().clone(),
+            unreadable: vec![],
+        })
     }
-    async fn enroll(&self, ips: &[IpAddr], interface: &str) -> anyhow::Result<()> {
+    async fn enroll(&self, ips: &[IpAddr], interface: &str, _ifindex: u32) -> anyhow::Result<()> {
         *self.enroll_calls.lock().unwrap() += 1;
         let mut e = self.enrolled.lock().unwrap();
         for ip in ips {
@@ -118,7 +121,7 @@ async fn enrolls_wanted_retries_missing_interface_and_unenrolls_leavers() {
     enroller.reconcile().await;
     assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.1"), ip("fd00::1")]);
     let st = enroller.status();
-    assert!(st.pending["b"].contains("no interface"), "{st:?}");
+    assert!(st.pending["b"].contains("no pod interface on this node holds 10.0.0.2"), "{st:?}");
     assert_eq!(st.identities["a"], "spiffe://cluster.local/ns/ns1/sa/a");
     assert_eq!(
         enroller.identities().unwrap().len(),
