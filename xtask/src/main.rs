@@ -57,11 +57,25 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("the end-to-end tests need root (network namespaces, eBPF): run `sudo -E cargo xtask test`");
     }
     run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
-    run(Command::new("cargo")
+    let bin = workspace_root().join("target/debug/ztunnel");
+    let all = run(Command::new("cargo")
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(args)
-        .env("ZTUNNEL_BIN", workspace_root().join("target/debug/ztunnel")))
+        .env("ZTUNNEL_BIN", &bin));
+    // The capture suites once more with legacy tc filters instead of TCX links, as on
+    // kernels before 6.6 (`TC_ATTACH` reaches every ztunnel the tests start).
+    println!("\n== the capture suites again with --tc-attach legacy ==\n");
+    let legacy = run(Command::new("cargo")
+        .args(["test", "-p", "ztunnel-tests", "--no-fail-fast"])
+        .args(LEGACY_SUITES.iter().flat_map(|s| ["--test", s]))
+        .args(args)
+        .env("ZTUNNEL_BIN", &bin)
+        .env("TC_ATTACH", "legacy"));
+    all.and(legacy)
 }
+
+/// The end-to-end suites that exercise capture, run in both attachment modes.
+const LEGACY_SUITES: &[&str] = &["capture", "mesh", "faults", "node_proxy", "cni"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

@@ -36,14 +36,18 @@ pub struct Link {
     pub peer_index: Option<u32>,
     pub mac: Option<[u8; 6]>,
     pub loopback: bool,
+    /// Carries an address of the node other than a link-local one (a pod's gateway
+    /// address such as Calico's 169.254.1.1 is link-local).
+    pub addressed: bool,
 }
 
 /// What an interface is to capture; decides whether the program is attached to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// The host side of a pod's interface (a veth whose peer is in another namespace):
-    /// every packet the pod sends enters the node here. Attached: outbound capture of
+    /// The host side of a pod's interface (a veth whose peer is in another namespace and
+    /// which carries no address of the node: a node whose own uplink is a veth, as in
+    /// kind, has its address there): every packet the pod sends enters the node here. Attached: outbound capture of
     /// enrolled pods, and connections from any pod of this node to an enrolled one.
     Pod,
     /// Any other link (the uplink, an overlay device such as VXLAN, a tunnel): where
@@ -63,7 +67,10 @@ impl Role {
             Role::Loopback
         } else if link.kind.as_deref() == Some("bridge") {
             Role::Bridge
-        } else if link.peer_netnsid.is_some() && link.kind.as_deref() == Some("veth") {
+        } else if link.peer_netnsid.is_some()
+            && link.kind.as_deref() == Some("veth")
+            && !link.addressed
+        {
             Role::Pod
         } else {
             Role::Node
@@ -78,6 +85,17 @@ impl Role {
 /// Every link of the namespace `handle` is in.
 pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
     let msgs: Vec<_> = handle.link().get().execute().try_collect().await?;
+    let addrs: Vec<_> = handle.address().get().execute().try_collect().await?;
+    let addressed: BTreeSet<u32> = addrs
+        .iter()
+        .filter(|m| {
+            m.attributes.iter().any(|a| match a {
+                AddressAttribute::Address(ip) => is_pod_address(*ip),
+                _ => false,
+            })
+        })
+        .map(|m| m.header.index)
+        .collect();
     Ok(msgs
         .iter()
         .filter_map(|m| {
@@ -90,6 +108,7 @@ pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
                 peer_index: None,
                 mac: None,
                 loopback: m.header.flags.contains(&LinkFlag::Loopback),
+                addressed: addressed.contains(&m.header.index),
             };
             for a in &m.attributes {
                 match a {
@@ -178,7 +197,8 @@ pub async fn pod_interfaces(strict: &Handle, links: &[Link]) -> PodInterfaces {
     out
 }
 
-/// Link-local and loopback addresses are not a pod's identity (every pod has fe80::…).
+/// Link-local and loopback addresses are no one's identity (every pod has fe80::…, and
+/// routed CNIs put a link-local gateway on every pod's host side).
 fn is_pod_address(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
@@ -237,6 +257,7 @@ mod tests {
             peer_index: netnsid.map(|_| 2),
             mac: None,
             loopback: name == "lo",
+            addressed: false,
         }
     }
 
@@ -247,6 +268,12 @@ mod tests {
         assert_eq!(Role::of(&link("veth1", Some("veth"), Some(3))), Role::Pod);
         // A veth whose both ends are in the node (no peer namespace) is no pod's.
         assert_eq!(Role::of(&link("v", Some("veth"), None)), Role::Node);
+        // The node's own uplink as a veth (kind, the testbed): it has the node's address.
+        let uplink = Link {
+            addressed: true,
+            ..link("eth0", Some("veth"), Some(0))
+        };
+        assert_eq!(Role::of(&uplink), Role::Node);
         assert_eq!(Role::of(&link("eth0", None, None)), Role::Node);
         assert_eq!(Role::of(&link("flannel.1", Some("vxlan"), None)), Role::Node);
         assert!(Role::Pod.attached() && Role::Node.attached());

@@ -57,7 +57,12 @@ pub struct Links {
     qdiscs: PathBuf,
     netlink: rtnetlink::Handle,
     attached: HashMap<String, Attached>,
+    /// Loads another instance of the capture object (sharing the pinned maps).
+    spare: Spare,
 }
+
+/// Loads another instance of the capture object.
+pub type Spare = Box<dyn Fn() -> anyhow::Result<aya::Ebpf> + Send + Sync>;
 
 /// How an interface came to be captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -70,7 +75,12 @@ pub enum AttachOutcome {
 }
 
 impl Links {
-    pub fn new(dir: &Path, mode: AttachMode, netlink: rtnetlink::Handle) -> anyhow::Result<Self> {
+    pub fn new(
+        dir: &Path,
+        mode: AttachMode,
+        netlink: rtnetlink::Handle,
+        spare: Spare,
+    ) -> anyhow::Result<Self> {
         let pins = dir.join("links");
         let qdiscs = dir.join("qdiscs");
         for d in [&pins, &qdiscs] {
@@ -82,6 +92,7 @@ impl Links {
             qdiscs,
             netlink,
             attached: HashMap::new(),
+            spare,
         })
     }
 
@@ -113,7 +124,7 @@ impl Links {
             AttachMode::Legacy { priority } => {
                 let outcome = self.attach_legacy(prog, ifname, ifindex, priority).await?;
                 // Switched from TCX: the old link goes once the filter runs.
-                let _ = std::fs::remove_file(self.pins.join(ifname));
+                let _ = std::fs::remove_file(self.pins.join(pin_name(ifname)));
                 (Attachment::Legacy, outcome)
             }
         };
@@ -132,7 +143,7 @@ impl Links {
         prog: &mut SchedClassifier,
         ifname: &str,
     ) -> anyhow::Result<(FdLink, AttachOutcome)> {
-        let pin = self.pins.join(ifname);
+        let pin = self.pins.join(pin_name(ifname));
         if pin.exists() {
             match adopt(prog, &pin) {
                 Ok(link) => {
@@ -140,16 +151,11 @@ impl Links {
                         info!(interface = ifname, "adopted pinned capture link");
                         return Ok((link, AttachOutcome::Adopted));
                     }
-                    // Something was attached ahead of ours since it was pinned. A new
-                    // link at the head first, then the old one goes: no moment without.
                     warn!(
                         interface = ifname,
                         "another program runs before the capture program; moving it to the head"
                     );
-                    let new = attach_first(prog, ifname)?;
-                    let _ = std::fs::remove_file(&pin);
-                    let pinned = pin_link(new, &pin)?;
-                    drop(link);
+                    let pinned = self.move_to_head(prog, ifname, link, &pin)?;
                     return Ok((pinned, AttachOutcome::Adopted));
                 }
                 Err(e) => {
@@ -165,6 +171,33 @@ impl Links {
         Ok((pin_link(link, &pin)?, AttachOutcome::Attached))
     }
 
+    /// Something was attached ahead of ours since it was pinned. A chain holds a program
+    /// once, and removing ours first would let packets through unseen, so a second
+    /// instance of the program (same pinned maps) holds the head meanwhile:
+    /// spare at head, old link gone, ours at head, spare gone. At every moment one of the
+    /// two runs before anything else.
+    fn move_to_head(
+        &mut self,
+        prog: &mut SchedClassifier,
+        ifname: &str,
+        old: FdLink,
+        pin: &Path,
+    ) -> anyhow::Result<FdLink> {
+        let mut spare = (self.spare)().context("loading a second instance of the program")?;
+        let spare_prog: &mut SchedClassifier = spare
+            .program_mut(CAPTURE_PROGRAM)
+            .context("capture program missing from the object")?
+            .try_into()?;
+        spare_prog.load()?;
+        let holder = attach_first(spare_prog, ifname)?;
+        let _ = std::fs::remove_file(pin);
+        drop(old);
+        let ours = attach_first(prog, ifname)?;
+        let pinned = pin_link(ours, pin)?;
+        drop(holder);
+        Ok(pinned)
+    }
+
     async fn attach_legacy(
         &mut self,
         prog: &mut SchedClassifier,
@@ -174,7 +207,7 @@ impl Links {
     ) -> anyhow::Result<AttachOutcome> {
         match aya::programs::tc::qdisc_add_clsact(ifname) {
             Ok(()) => {
-                let marker = self.qdiscs.join(ifname);
+                let marker = self.qdiscs.join(pin_name(ifname));
                 std::fs::create_dir_all(&marker)
                     .with_context(|| format!("creating {}", marker.display()))?;
             }
@@ -269,7 +302,7 @@ impl Links {
                 Err(e) => warn!(interface = ifname, "removing the capture filter: {e}"),
             }
         }
-        let marker = self.qdiscs.join(ifname);
+        let marker = self.qdiscs.join(pin_name(ifname));
         if marker.exists() {
             match legacy_tc::remove_qdisc_if_unused(&self.netlink, ifindex).await {
                 Ok(true) | Err(_) => {
@@ -290,7 +323,7 @@ impl Links {
         match a._attachment {
             // Removing the pin drops the last reference but ours, which goes here.
             Attachment::Tcx { _link } => {
-                let _ = std::fs::remove_file(self.pins.join(ifname));
+                let _ = std::fs::remove_file(self.pins.join(pin_name(ifname)));
             }
             Attachment::Legacy => {
                 let priority = match self.mode {
@@ -312,8 +345,8 @@ impl Links {
     /// Forgets an interface that is gone (its attachment went with it).
     pub fn forget(&mut self, ifname: &str) {
         self.attached.remove(ifname);
-        let _ = std::fs::remove_file(self.pins.join(ifname));
-        let _ = std::fs::remove_dir(self.qdiscs.join(ifname));
+        let _ = std::fs::remove_file(self.pins.join(pin_name(ifname)));
+        let _ = std::fs::remove_dir(self.qdiscs.join(pin_name(ifname)));
     }
 
     /// Lets go of the attachments without detaching them: they keep capture in place
@@ -340,7 +373,7 @@ impl Links {
             };
             for e in rd.filter_map(|e| e.ok()) {
                 let name = e.file_name().to_string_lossy().to_string();
-                if !existing.iter().any(|(n, _)| *n == name) {
+                if !existing.iter().any(|(n, _)| pin_name(n) == name) {
                     tracing::debug!(pin = %e.path().display(), "removing state of a vanished interface");
                     let _ = std::fs::remove_file(e.path());
                     let _ = std::fs::remove_dir(e.path());
@@ -348,6 +381,12 @@ impl Links {
             }
         }
     }
+}
+
+/// The name of an interface's entry in bpffs, which refuses names with a dot (VXLAN
+/// devices are called `flannel.1`, VLANs `eth0.100`): `.` becomes `%2e`, `%` becomes `%25`.
+fn pin_name(ifname: &str) -> String {
+    ifname.replace('%', "%25").replace('.', "%2e")
 }
 
 fn attach_first(prog: &mut SchedClassifier, ifname: &str) -> anyhow::Result<FdLink> {
@@ -399,4 +438,14 @@ fn keep_filter(
     let link = prog.take_link(id)?;
     std::mem::forget(link);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pin_names_have_no_dots_and_stay_distinct() {
+        assert_eq!(super::pin_name("flannel.1"), "flannel%2e1");
+        assert_eq!(super::pin_name("eth0"), "eth0");
+        assert_ne!(super::pin_name("a%2e1"), super::pin_name("a.1"));
+    }
 }

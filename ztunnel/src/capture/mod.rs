@@ -208,7 +208,9 @@ impl Capture {
 
         let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
-        let links = links::Links::new(&dir, mode, netlink.clone())?;
+        let spare_dir = map_dir.clone();
+        let spare: links::Spare = Box::new(move || load(&spare_dir));
+        let links = links::Links::new(&dir, mode, netlink.clone(), spare)?;
         let mut capture = Capture {
             cfg,
             dir,
