@@ -8,7 +8,9 @@
 //! next run.
 
 mod cleanup;
+pub mod cni;
 pub mod http;
+pub mod layout;
 mod netns;
 pub mod procstat;
 pub mod sniffer;
@@ -17,6 +19,7 @@ pub mod traffic;
 pub mod ztunnel;
 
 pub use cleanup::remove_stale;
+pub use layout::{Interconnect, Layout, PodAttach};
 pub use netns::Netns;
 pub use testbed::{Node, Pod, Testbed};
 

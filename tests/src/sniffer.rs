@@ -71,6 +71,22 @@ impl Sniffer {
                     f.lock().unwrap().push(buf[..n as usize].to_vec());
                 }
             }
+            // Frames already queued when the capture was stopped belong to it too.
+            loop {
+                // SAFETY: reading into a buffer we own, without blocking.
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        buf.as_mut_ptr() as *mut libc::c_void,
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n <= 0 {
+                    break;
+                }
+                f.lock().unwrap().push(buf[..n as usize].to_vec());
+            }
             // SAFETY: closing our own fd once.
             unsafe { libc::close(fd) };
         });
@@ -105,6 +121,14 @@ impl Capture {
             .any(|(_, _, p)| p.windows(needle.len()).any(|w| w == needle))
     }
 
+    /// UDP datagrams to `port` (outer headers: VXLAN's are to 8472).
+    pub fn udp_to(&self, port: u16) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| udp_dport(f) == Some(port))
+            .count()
+    }
+
     /// Distinct TCP ports carrying payload.
     pub fn ports_with_payload(&self) -> std::collections::BTreeSet<u16> {
         self.tcp()
@@ -113,6 +137,16 @@ impl Capture {
             .flat_map(|(s, d, _)| [*s, *d])
             .collect()
     }
+}
+
+/// The destination port of an IPv4 or IPv6 UDP datagram in an Ethernet frame.
+fn udp_dport(f: &[u8]) -> Option<u16> {
+    let l4 = match u16::from_be_bytes([*f.get(12)?, *f.get(13)?]) {
+        0x0800 if *f.get(23)? == 17 => 14 + ((f.get(14)? & 0x0f) as usize) * 4,
+        0x86dd if *f.get(20)? == 17 => 54,
+        _ => return None,
+    };
+    Some(u16::from_be_bytes([*f.get(l4 + 2)?, *f.get(l4 + 3)?]))
 }
 
 fn tcp_segment(f: &[u8]) -> Option<(u16, u16, &[u8])> {

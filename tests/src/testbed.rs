@@ -3,11 +3,13 @@
 //! Addressing (every testbed has its own namespaces, so all testbeds reuse it):
 //! - node `i` (1-based): `192.168.0.i/24`, `fd00:ff::i/64` on `eth0`, plugged into a
 //!   bridge in a separate `switch` namespace;
-//! - pod `k` (2-based) on node `i`: `10.i.0.k/32` and `fd00:i::k/128` on its `eth0`,
-//!   default route via `169.254.1.1` / `fe80::1`, addresses every host-side veth
-//!   carries; the host side of its veth is `p<k>` in the node namespace;
-//! - every node routes the other nodes' pod ranges (`10.j.0.0/16`, `fd00:j::/64`) over
-//!   the wire.
+//! - pod `k` (2-based) on node `i`: `10.i.0.k` and `fd00:i::k` on its `eth0`; the host
+//!   side of its veth is `p<k>` in the node namespace;
+//! - how pods are attached and how nodes reach each other's pod ranges (`10.j.0.0/16`,
+//!   `fd00:j::/64`) is the testbed's [`Layout`], chosen at creation. The default
+//!   ([`Testbed::new`]): pods have `/32` and `/128` addresses, default routes via
+//!   `169.254.1.1` / `fe80::1`, addresses every host-side veth carries, a route per pod
+//!   in the node; pod ranges routed over the wire to the other node's address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command};
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::layout::{self, Layout};
 use crate::netns::Netns;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -26,6 +29,7 @@ pub struct Testbed {
     switch: Arc<Netns>,
     nodes: Vec<Node>,
     pods: Vec<Pod>,
+    layout: Layout,
     processes: Mutex<Vec<Child>>,
     /// Per-node ztunnel binaries, when not the shared one (see `Testbed::own_binaries`).
     pub(crate) binaries: Mutex<std::collections::HashMap<String, std::path::PathBuf>>,
@@ -38,6 +42,8 @@ pub struct Node {
     pub netns: Arc<Netns>,
     pub ip: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// The testbed's layout (the same for every node).
+    pub layout: Layout,
     pods: Arc<AtomicU32>,
 }
 
@@ -48,13 +54,24 @@ pub struct Pod {
     pub netns: Arc<Netns>,
     pub ip: Ipv4Addr,
     pub ip6: Ipv6Addr,
-    /// Host side of the pod's veth, in the node namespace.
+    /// Host side of the pod's veth, in the node namespace (also in a bridged layout,
+    /// where it is a port of the bridge).
     pub host_if: String,
+    /// The index of the pod's node (`1` for the first node).
+    pub node_index: u8,
+    /// The testbed's layout.
+    pub layout: Layout,
 }
 
 impl Testbed {
-    /// A new, empty testbed whose namespaces are named `zt<pid>-<n>-…`.
+    /// A new, empty testbed whose namespaces are named `zt<pid>-<n>-…`, in the default
+    /// layout ([`Layout::ROUTED`]: routed pods, direct routes between nodes).
     pub fn new() -> anyhow::Result<Testbed> {
+        Testbed::with_layout(Layout::default())
+    }
+
+    /// A new, empty testbed in `layout` (see [`crate::layout`]).
+    pub fn with_layout(layout: Layout) -> anyhow::Result<Testbed> {
         crate::cleanup::init();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("{}{}-{}", crate::cleanup::PREFIX, std::process::id(), n);
@@ -66,6 +83,7 @@ impl Testbed {
             switch,
             nodes: vec![],
             pods: vec![],
+            layout,
             processes: Mutex::new(vec![]),
             binaries: Mutex::default(),
         })
@@ -73,6 +91,10 @@ impl Testbed {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     pub fn add_node(&mut self, name: &str) -> anyhow::Result<Node> {
@@ -102,10 +124,11 @@ impl Testbed {
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        layout::prepare_node(&netns, index, self.layout)?;
         // Routes to and from the nodes that already exist.
         for other in &self.nodes {
-            route_pods(&netns, other.index, other.ip, other.ip6)?;
-            route_pods(&other.netns, index, ip, ip6)?;
+            layout::route_pods(&netns, other.index, other.ip, other.ip6, self.layout)?;
+            layout::route_pods(&other.netns, index, ip, ip6, self.layout)?;
         }
         let node = Node {
             name: name.to_string(),
@@ -113,6 +136,7 @@ impl Testbed {
             netns,
             ip,
             ip6,
+            layout: self.layout,
             pods: Arc::new(AtomicU32::new(1)),
         };
         self.nodes.push(node.clone());
@@ -140,45 +164,15 @@ impl Testbed {
             "netns",
             netns.name(),
         ])?;
-        node.netns
-            .sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
-        node.netns
-            .sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
-        // The pod's gateway lives on every host-side veth (as Calico does with
-        // 169.254.1.1): the node answers for it, then routes by destination.
-        node.netns.ip(&[
-            "addr",
-            "add",
-            "169.254.1.1/32",
-            "dev",
+        layout::attach_pod(
+            &node.netns,
+            &netns,
             &host_if,
-            "noprefixroute",
-        ])?;
-        node.netns
-            .ip(&["addr", "add", "fe80::1/64", "dev", &host_if, "nodad"])?;
-        node.netns.ip(&["link", "set", &host_if, "up"])?;
-        node.netns
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
-        node.netns
-            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
-        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-        netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
-        netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
-        netns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ])?;
-        netns.ip(&[
-            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-        ])?;
+            node.index,
+            ip,
+            ip6,
+            self.layout,
+        )?;
         let pod = Pod {
             name: name.to_string(),
             node: node.name.clone(),
@@ -186,6 +180,8 @@ impl Testbed {
             ip,
             ip6,
             host_if,
+            node_index: node.index,
+            layout: self.layout,
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -262,23 +258,21 @@ fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitSt
     child.wait().ok()
 }
 
-/// Routes node `index`'s pod ranges over the wire to its address.
-fn route_pods(on: &Netns, index: u8, ip: Ipv4Addr, ip6: Ipv6Addr) -> anyhow::Result<()> {
-    on.ip(&[
-        "route",
-        "add",
-        &format!("10.{index}.0.0/16"),
-        "via",
-        &ip.to_string(),
-    ])?;
-    on.ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("fd00:{index}::/64"),
-        "via",
-        &ip6.to_string(),
-    ])
+impl Node {
+    /// The node's interface on the wire (`eth0`).
+    pub fn uplink(&self) -> &'static str {
+        self.layout.uplink()
+    }
+
+    /// The pods' bridge (`cni0`) in a bridged layout.
+    pub fn bridge(&self) -> Option<&'static str> {
+        self.layout.bridge()
+    }
+
+    /// The VXLAN device (`flannel.1`) in an overlay layout.
+    pub fn vxlan(&self) -> Option<&'static str> {
+        self.layout.vxlan()
+    }
 }
 
 impl Pod {
@@ -291,6 +285,12 @@ impl Pod {
         self.netns
             .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
         self.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")
+    }
+
+    /// The pod's default gateway (`169.254.1.1` / `fe80::1` routed; the bridge's
+    /// `10.i.0.1` / `fd00:i::1` bridged).
+    pub fn gateway(&self, v6: bool) -> IpAddr {
+        self.layout.pod_gateway(self.node_index, v6)
     }
 
     pub fn addr(&self, v6: bool) -> IpAddr {

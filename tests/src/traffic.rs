@@ -88,6 +88,36 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Sends `bytes` to an echo server at `dst` from inside `ns` while reading the echo back
+/// (both directions at once, so full-size segments flow both ways); fails if the echo
+/// differs or stalls for `timeout`.
+pub fn bulk_echo(
+    ns: &Netns,
+    dst: SocketAddr,
+    bytes: usize,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let mut s = connect(ns, dst, timeout)?;
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let mut w = s.try_clone()?;
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(bytes);
+    let r = s.read_to_end(&mut back);
+    writer.join().expect("bulk writer")?;
+    r.map_err(|e| std::io::Error::new(e.kind(), format!("{e} after {} bytes", back.len())))?;
+    if back != data {
+        return Err(std::io::Error::other(format!(
+            "echo of {} bytes altered",
+            back.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a connection from `ns` to `dst` carries a `ping` and gets it echoed (2 s bound).
 pub fn echoes(ns: &Netns, dst: SocketAddr) -> bool {
     connect(ns, dst, Duration::from_secs(2))
@@ -208,4 +238,71 @@ impl Load {
         }
         total
     }
+}
+
+/// Sends one ICMP (ICMPv6) echo request from inside `ns` to `dst` over a raw socket and
+/// waits up to `timeout` for the matching reply (no `ping` binary needed).
+pub fn ping(ns: &Netns, dst: std::net::IpAddr, timeout: Duration) -> std::io::Result<bool> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    static SEQ: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let id = std::process::id() as u16;
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ns.run(move || {
+        let v6 = dst.is_ipv6();
+        let (domain, proto, request, reply) = if v6 {
+            (Domain::IPV6, Protocol::ICMPV6, 128u8, 129u8)
+        } else {
+            (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8)
+        };
+        let s = Socket::new(domain, Type::RAW, Some(proto))?;
+        let mut pkt = vec![request, 0, 0, 0];
+        pkt.extend_from_slice(&id.to_be_bytes());
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.extend_from_slice(b"ztunnel-tests ping");
+        if !v6 {
+            // ICMPv6 raw sockets get their checksum from the kernel; ICMP ones do not.
+            let sum = inet_checksum(&pkt);
+            pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        s.send_to(&pkt, &SockAddr::from(SocketAddr::new(dst, 0)))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            s.set_read_timeout(Some(left))?;
+            let n = match (&s).read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock) => return Ok(false),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            // IPv4 raw sockets deliver the IP header too; IPv6 ones do not.
+            let icmp = if v6 {
+                &buf[..n]
+            } else {
+                &buf[((buf[0] & 0x0f) as usize * 4).min(n)..n]
+            };
+            if icmp.len() >= 8
+                && icmp[0] == reply
+                && icmp[4..6] == id.to_be_bytes()
+                && icmp[6..8] == seq.to_be_bytes()
+            {
+                return Ok(true);
+            }
+        }
+    })
+}
+
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }

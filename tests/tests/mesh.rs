@@ -282,6 +282,25 @@ fn admin_metrics_and_readiness() {
 
     let (_, cap) = http::get(ns, ADMIN, "/debug/capture").unwrap();
     let cap: serde_json::Value = serde_json::from_str(&cap).unwrap();
+    // Auto picks TCX on this kernel (6.6+); `TC_ATTACH=legacy` forces tc filters.
+    let mode = if std::env::var("TC_ATTACH").as_deref() == Ok("legacy") {
+        "legacy"
+    } else {
+        "tcx"
+    };
+    assert_eq!(cap["attach"]["mode"], mode, "{cap}");
+    assert_eq!(cap["kernel"]["tcx"], true, "{cap}");
+    let role = |name: &str| {
+        cap["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .map(|i| (i["role"].clone(), i["attached"].clone()))
+    };
+    assert_eq!(role(&m.client.host_if), Some(("pod".into(), true.into())));
+    assert_eq!(role("eth0"), Some(("node".into(), true.into())));
+    assert_eq!(role("lo"), Some(("loopback".into(), false.into())));
     assert!(cap["enrolled"]
         .as_array()
         .unwrap()

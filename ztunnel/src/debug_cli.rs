@@ -160,26 +160,54 @@ fn certs(v: &Value) -> String {
 }
 
 fn capture(v: &Value) -> String {
-    let ifs: Vec<String> = v["interfaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|i| s(&i["name"]))
-        .collect();
     let enrolled: Vec<String> = v["enrolled"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|p| s(&p["address"]))
         .collect();
+    let attach = &v["attach"];
+    let how = match attach["mode"].as_str() {
+        Some("legacy") => format!(
+            "legacy tc filter, priority {} handle {}",
+            s(&attach["priority"]),
+            s(&attach["handle"])
+        ),
+        Some(mode) => format!("{mode}, {}", s(&attach["position"])),
+        None => s(attach),
+    };
     let mut out = format!(
-        "program {} ({}), pinned at {}\nattached to: {}\nenrolled: {}\n\n",
+        "program {} ({how}; asked: {}), kernel {}, pinned at {}\nenrolled: {}\n",
         s(&v["program"]),
-        s(&v["attach"]),
+        s(&v["requestedAttach"]),
+        s(&v["kernel"]["kernel"]),
         s(&v["pinDir"]),
-        ifs.join(", "),
         enrolled.join(", ")
     );
+    for (uid, why) in v["pendingPods"].as_object().into_iter().flatten() {
+        out.push_str(&format!("not enrolled: {uid}: {}\n", s(why)));
+    }
+    out.push('\n');
+    let ifs: Vec<Vec<String>> = v["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                s(&i["name"]),
+                s(&i["ifindex"]),
+                s(&i["kind"]),
+                s(&i["role"]),
+                if i["attached"] == true { "yes" } else { "no" }.to_string(),
+                s(&i["bridge"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["INTERFACE", "INDEX", "KIND", "ROLE", "ATTACHED", "BRIDGE"],
+        &ifs,
+    ));
+    out.push('\n');
     let rows: Vec<Vec<String>> = v["counters"]
         .as_object()
         .into_iter()

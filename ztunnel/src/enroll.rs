@@ -190,10 +190,7 @@ impl Enroller {
             .await
             .map_err(|e| format!("reading the pods' interfaces failed: {e:#}"));
         for w in &wanted {
-            if let Some(iface) = self
-                .enroll_one(w, &interfaces, &previous, &mut next)
-                .await
-            {
+            if let Some(iface) = self.enroll_one(w, &interfaces, &previous, &mut next).await {
                 next.enrolled.insert(w.uid.clone(), (w.ips.clone(), iface));
                 next.identities
                     .insert(w.uid.clone(), w.identity.to_string());

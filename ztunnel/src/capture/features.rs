@@ -53,7 +53,11 @@ pub fn check() -> anyhow::Result<Features> {
         (MapType::LruHash, "LRU hash maps", "4.10"),
         (MapType::RingBuf, "ring buffer maps", "5.8"),
     ] {
-        need(is_map_supported(map).map_err(|e| e.to_string()), what, since);
+        need(
+            is_map_supported(map).map_err(|e| e.to_string()),
+            what,
+            since,
+        );
     }
     if have_tc {
         for (helper, what, since) in [

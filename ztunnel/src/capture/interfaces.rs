@@ -15,9 +15,9 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use futures::TryStreamExt;
-use netlink_packet_utils::nla::DefaultNla;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo as NlInfo};
+use netlink_packet_utils::nla::DefaultNla;
 use netlink_sys::AsyncSocket;
 use rtnetlink::Handle;
 
@@ -233,8 +233,7 @@ async fn addresses_in(strict: &Handle, nsid: i32) -> anyhow::Result<Vec<(u32, Ip
 
 /// A netlink connection that asks the kernel for strict checking of dump requests.
 pub fn strict_connection() -> anyhow::Result<Handle> {
-    let (mut conn, handle, _) =
-        rtnetlink::new_connection().context("opening a netlink socket")?;
+    let (mut conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
     conn.socket_mut()
         .socket_mut()
         .set_netlink_get_strict_chk(true)
@@ -275,7 +274,10 @@ mod tests {
         };
         assert_eq!(Role::of(&uplink), Role::Node);
         assert_eq!(Role::of(&link("eth0", None, None)), Role::Node);
-        assert_eq!(Role::of(&link("flannel.1", Some("vxlan"), None)), Role::Node);
+        assert_eq!(
+            Role::of(&link("flannel.1", Some("vxlan"), None)),
+            Role::Node
+        );
         assert!(Role::Pod.attached() && Role::Node.attached());
         assert!(!Role::Bridge.attached() && !Role::Loopback.attached());
     }
@@ -297,6 +299,9 @@ mod tests {
         };
         assert_eq!(p.lookup("10.0.0.2".parse().unwrap()), Ok(("p2".into(), 7)));
         let why = p.lookup("10.0.0.3".parse().unwrap()).unwrap_err();
-        assert!(why.contains("10.0.0.3") && why.contains("netnsid 4: denied"), "{why}");
+        assert!(
+            why.contains("10.0.0.3") && why.contains("netnsid 4: denied"),
+            "{why}"
+        );
     }
 }

@@ -36,7 +36,9 @@ pub enum AttachMode {
 }
 
 enum Attachment {
-    Tcx { _link: FdLink },
+    Tcx {
+        _link: FdLink,
+    },
     /// The filter is the interface's; nothing to hold.
     Legacy,
 }
@@ -309,7 +311,10 @@ impl Links {
                     let _ = std::fs::remove_dir(&marker);
                 }
                 Ok(false) => {
-                    info!(interface = ifname, "clsact qdisc kept: other filters use it")
+                    info!(
+                        interface = ifname,
+                        "clsact qdisc kept: other filters use it"
+                    )
                 }
             }
         }

@@ -121,7 +121,10 @@ async fn enrolls_wanted_retries_missing_interface_and_unenrolls_leavers() {
     enroller.reconcile().await;
     assert_eq!(target.enrolled_ips(), vec![ip("10.0.0.1"), ip("fd00::1")]);
     let st = enroller.status();
-    assert!(st.pending["b"].contains("no pod interface on this node holds 10.0.0.2"), "{st:?}");
+    assert!(
+        st.pending["b"].contains("no pod interface on this node holds 10.0.0.2"),
+        "{st:?}"
+    );
     assert_eq!(st.identities["a"], "spiffe://cluster.local/ns/ns1/sa/a");
     assert_eq!(
         enroller.identities().unwrap().len(),

@@ -1,0 +1,468 @@
+//! Network layouts of the testbed: how pods are attached to their node, and how nodes
+//! reach each other's pods. Each stands for a family of real CNIs, so that ztunnel is
+//! tested beside the layouts it meets in clusters.
+//!
+//! Two independent choices, made when the testbed is created ([`Layout`]):
+//! - [`PodAttach`]: a route per pod to its veth ([`PodAttach::Routed`]), or pods as ports
+//!   of a bridge on one subnet ([`PodAttach::Bridge`]);
+//! - [`Interconnect`]: pod ranges routed over the wire to the other node's address
+//!   ([`Interconnect::Direct`]), or through a VXLAN overlay ([`Interconnect::Vxlan`]).
+//!
+//! In every layout pod `k` (2-based) on node `i` has `10.i.0.k` and `fd00:i::k`, its
+//! host-side veth is `p<k>` in the node namespace, and node `i`'s pod ranges are
+//! `10.i.0.0/16` and `fd00:i::/64`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::netns::Netns;
+
+/// The node's interface on the wire (the switch), in every layout.
+pub const UPLINK: &str = "eth0";
+/// The pods' bridge in [`PodAttach::Bridge`] layouts.
+pub const BRIDGE: &str = "cni0";
+/// The overlay device in [`Interconnect::Vxlan`] layouts.
+pub const VXLAN: &str = "flannel.1";
+/// The UDP port VXLAN traffic uses on the wire (flannel's, not IANA's 4789).
+pub const VXLAN_PORT: u16 = 8472;
+/// The VXLAN network identifier (flannel's `flannel.1` uses VNI 1).
+pub const VXLAN_VNI: u32 = 1;
+
+/// How a pod's veth is wired into its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PodAttach {
+    /// Calico (also kindnet, AWS VPC CNI): pod `k` on node `i` has `10.i.0.k/32` and
+    /// `fd00:i::k/128`, default routes via `169.254.1.1` / `fe80::1`, which every
+    /// host-side veth `p<k>` carries (with `proxy_arp`); the node has a `/32` and a
+    /// `/128` route per pod to its veth.
+    #[default]
+    Routed,
+    /// flannel and the reference `bridge` CNI plugin: the node has a Linux bridge `cni0`
+    /// with `10.i.0.1/24` and `fd00:i::1/64`; pod `k` has `10.i.0.k/24` and
+    /// `fd00:i::k/64`, default routes via `10.i.0.1` / `fd00:i::1`; its host-side veth
+    /// `p<k>` is a port of `cni0` (no address, no route of its own). Pods on one node
+    /// reach each other at layer 2 through the bridge, not through the node's IP stack.
+    Bridge,
+}
+
+/// How a node reaches the pods of the other nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Interconnect {
+    /// Calico without encapsulation, flannel's `host-gw`, kindnet: node `j`'s pod ranges
+    /// are routed via node `j`'s address on the wire; pod packets cross the wire as they
+    /// are.
+    #[default]
+    Direct,
+    /// flannel's default `vxlan` backend: a VXLAN device `flannel.1` (VNI 1, UDP 8472,
+    /// `local 192.168.0.i dev eth0`, no learning, MTU 1450 on the 1500-byte wire) with
+    /// `10.i.0.0/32` and `fd00:i::/128`; node `j`'s ranges are routed
+    /// `via 10.j.0.0 dev flannel.1 onlink` (and `via fd00:j::`), with permanent
+    /// neighbours for those gateways at node `j`'s VXLAN MAC and a forwarding entry
+    /// sending that MAC to `192.168.0.j`. Pods get MTU 1450 on both veth ends; between
+    /// nodes the wire carries only UDP 8472 for pod traffic (IPv6 too, over IPv4).
+    Vxlan,
+}
+
+/// A testbed's network layout. `Layout::default()` is the original one (routed pods,
+/// direct routes between nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Layout {
+    pub pods: PodAttach,
+    pub nodes: Interconnect,
+}
+
+impl Layout {
+    /// Calico-like: routed pods, direct routes (what `Testbed::new()` builds).
+    pub const ROUTED: Layout = Layout {
+        pods: PodAttach::Routed,
+        nodes: Interconnect::Direct,
+    };
+    /// flannel `host-gw`-like: a bridge per node, direct routes.
+    pub const BRIDGE: Layout = Layout {
+        pods: PodAttach::Bridge,
+        nodes: Interconnect::Direct,
+    };
+    /// Routed pods over a VXLAN overlay (Calico with VXLAN encapsulation).
+    pub const ROUTED_VXLAN: Layout = Layout {
+        pods: PodAttach::Routed,
+        nodes: Interconnect::Vxlan,
+    };
+    /// flannel's default: a bridge per node, VXLAN between nodes.
+    pub const FLANNEL: Layout = Layout {
+        pods: PodAttach::Bridge,
+        nodes: Interconnect::Vxlan,
+    };
+    /// Every combination.
+    pub const ALL: [Layout; 4] = [
+        Layout::ROUTED,
+        Layout::BRIDGE,
+        Layout::ROUTED_VXLAN,
+        Layout::FLANNEL,
+    ];
+
+    /// The node's interface on the wire: always `eth0`.
+    pub fn uplink(&self) -> &'static str {
+        UPLINK
+    }
+
+    /// The pods' bridge (`cni0`), if pods are bridged.
+    pub fn bridge(&self) -> Option<&'static str> {
+        (self.pods == PodAttach::Bridge).then_some(BRIDGE)
+    }
+
+    /// The overlay device (`flannel.1`), if nodes are joined by VXLAN.
+    pub fn vxlan(&self) -> Option<&'static str> {
+        (self.nodes == Interconnect::Vxlan).then_some(VXLAN)
+    }
+
+    /// The MTU of both ends of a pod's veth: 1450 under VXLAN, else 1500.
+    pub fn pod_mtu(&self) -> u32 {
+        match self.nodes {
+            Interconnect::Direct => 1500,
+            Interconnect::Vxlan => 1450,
+        }
+    }
+
+    /// A short name for messages: `routed+direct`, `bridge+vxlan`, ….
+    pub fn name(&self) -> String {
+        let p = match self.pods {
+            PodAttach::Routed => "routed",
+            PodAttach::Bridge => "bridge",
+        };
+        let n = match self.nodes {
+            Interconnect::Direct => "direct",
+            Interconnect::Vxlan => "vxlan",
+        };
+        format!("{p}+{n}")
+    }
+
+    /// The default gateway of pods on node `index`.
+    pub fn pod_gateway(&self, index: u8, v6: bool) -> IpAddr {
+        match (self.pods, v6) {
+            (PodAttach::Routed, false) => Ipv4Addr::new(169, 254, 1, 1).into(),
+            (PodAttach::Routed, true) => Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).into(),
+            (PodAttach::Bridge, false) => Ipv4Addr::new(10, index, 0, 1).into(),
+            (PodAttach::Bridge, true) => {
+                Ipv6Addr::new(0xfd00, index as u16, 0, 0, 0, 0, 0, 1).into()
+            }
+        }
+    }
+
+    /// The prefix lengths of a pod's own addresses (IPv4, IPv6).
+    pub fn pod_prefix_len(&self) -> (u8, u8) {
+        match self.pods {
+            PodAttach::Routed => (32, 128),
+            PodAttach::Bridge => (24, 64),
+        }
+    }
+}
+
+/// Node `index`'s VXLAN MAC (fixed, so other nodes need not read it back).
+pub fn vxlan_mac(index: u8) -> String {
+    format!("02:00:0b:00:00:{index:02x}")
+}
+
+/// `cni0`'s MAC on node `index`: set explicitly, or the bridge would take the lowest
+/// port's MAC and change it as pods come and go (stale gateway neighbours in the pods).
+pub fn bridge_mac(index: u8) -> String {
+    format!("02:00:0a:00:00:{index:02x}")
+}
+
+/// Devices a node needs before any pod or other node: the bridge, the VXLAN device.
+pub(crate) fn prepare_node(ns: &Netns, index: u8, layout: Layout) -> anyhow::Result<()> {
+    if layout.pods == PodAttach::Bridge {
+        // Bridged IP packets must not be handed to iptables (CONFIG_BRIDGE_NETFILTER=y:
+        // the sysctls exist per namespace and default to 1 once br_netfilter is loaded).
+        for t in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("net.bridge.bridge-nf-call-{t}");
+            if ns.run({
+                let p = format!("/proc/sys/{}", key.replace('.', "/"));
+                move || std::path::Path::new(&p).exists()
+            }) {
+                ns.sysctl(&key, "0")?;
+            }
+        }
+        ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ns.ip(&["link", "set", BRIDGE, "address", &bridge_mac(index)])?;
+        if layout.nodes == Interconnect::Vxlan {
+            ns.ip(&["link", "set", BRIDGE, "mtu", "1450"])?;
+        }
+        ns.ip(&["addr", "add", &format!("10.{index}.0.1/24"), "dev", BRIDGE])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{index}::1/64"),
+            "dev",
+            BRIDGE,
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", BRIDGE, "up"])?;
+    }
+    if layout.nodes == Interconnect::Vxlan {
+        ns.ip(&[
+            "link",
+            "add",
+            VXLAN,
+            "address",
+            &vxlan_mac(index),
+            "type",
+            "vxlan",
+            "id",
+            &VXLAN_VNI.to_string(),
+            "local",
+            &format!("192.168.0.{index}"),
+            "dev",
+            UPLINK,
+            "dstport",
+            &VXLAN_PORT.to_string(),
+            "nolearning",
+        ])?;
+        ns.ip(&["addr", "add", &format!("10.{index}.0.0/32"), "dev", VXLAN])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{index}::/128"),
+            "dev",
+            VXLAN,
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", VXLAN, "up"])?;
+    }
+    Ok(())
+}
+
+/// Makes node `to`'s pods reachable from the node in `on`.
+pub(crate) fn route_pods(
+    on: &Netns,
+    to_index: u8,
+    to_ip: Ipv4Addr,
+    to_ip6: Ipv6Addr,
+    layout: Layout,
+) -> anyhow::Result<()> {
+    let (net4, net6) = (
+        format!("10.{to_index}.0.0/16"),
+        format!("fd00:{to_index}::/64"),
+    );
+    match layout.nodes {
+        Interconnect::Direct => {
+            on.ip(&["route", "add", &net4, "via", &to_ip.to_string()])?;
+            on.ip(&["-6", "route", "add", &net6, "via", &to_ip6.to_string()])
+        }
+        Interconnect::Vxlan => {
+            let mac = vxlan_mac(to_index);
+            let (gw4, gw6) = (format!("10.{to_index}.0.0"), format!("fd00:{to_index}::"));
+            for gw in [&gw4, &gw6] {
+                on.ip(&[
+                    "neigh",
+                    "add",
+                    gw,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    VXLAN,
+                    "nud",
+                    "permanent",
+                ])?;
+            }
+            run(
+                on,
+                "bridge",
+                &[
+                    "fdb",
+                    "add",
+                    &mac,
+                    "dev",
+                    VXLAN,
+                    "dst",
+                    &to_ip.to_string(),
+                    "self",
+                    "permanent",
+                ],
+            )?;
+            on.ip(&["route", "add", &net4, "via", &gw4, "dev", VXLAN, "onlink"])?;
+            on.ip(&[
+                "-6", "route", "add", &net6, "via", &gw6, "dev", VXLAN, "onlink",
+            ])
+        }
+    }
+}
+
+/// Wires a pod's veth (`host_if` in the node, `eth0` in the pod, already created) into
+/// the node, and configures the pod's addresses and routes.
+pub(crate) fn attach_pod(
+    node: &Netns,
+    pod: &Netns,
+    host_if: &str,
+    index: u8,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+    layout: Layout,
+) -> anyhow::Result<()> {
+    if layout.nodes == Interconnect::Vxlan {
+        let mtu = layout.pod_mtu().to_string();
+        node.ip(&["link", "set", host_if, "mtu", &mtu])?;
+        pod.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+    }
+    match layout.pods {
+        PodAttach::Routed => attach_routed(node, pod, host_if, ip, ip6),
+        PodAttach::Bridge => attach_bridged(node, pod, host_if, index, ip, ip6),
+    }
+}
+
+fn attach_routed(
+    node: &Netns,
+    pod: &Netns,
+    host_if: &str,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+) -> anyhow::Result<()> {
+    node.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+    node.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+    // The pod's gateway lives on every host-side veth (as Calico does with
+    // 169.254.1.1): the node answers for it, then routes by destination.
+    node.ip(&[
+        "addr",
+        "add",
+        "169.254.1.1/32",
+        "dev",
+        host_if,
+        "noprefixroute",
+    ])?;
+    node.ip(&["addr", "add", "fe80::1/64", "dev", host_if, "nodad"])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if])?;
+    node.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", host_if])?;
+    pod.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    pod.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    pod.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"])?;
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    pod.ip(&[
+        "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+    ])
+}
+
+fn attach_bridged(
+    node: &Netns,
+    pod: &Netns,
+    host_if: &str,
+    index: u8,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+) -> anyhow::Result<()> {
+    node.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+    node.ip(&["link", "set", host_if, "master", BRIDGE])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    pod.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    pod.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    pod.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.{index}.0.1"),
+        "dev",
+        "eth0",
+    ])?;
+    pod.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd00:{index}::1"),
+        "dev",
+        "eth0",
+    ])
+}
+
+/// What `ip -s -j link show` says about one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub ifindex: u32,
+    pub mtu: u32,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The bridge (or other master) it is a port of.
+    pub master: Option<String>,
+    /// Administratively up.
+    pub up: bool,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Reads interface `dev` inside `ns`.
+pub fn link(ns: &Netns, dev: &str) -> anyhow::Result<LinkInfo> {
+    let out = run(ns, "ip", &["-s", "-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let l = &v[0];
+    let stat = |dir: &str| l["stats64"][dir]["packets"].as_u64().unwrap_or(0);
+    Ok(LinkInfo {
+        ifindex: l["ifindex"].as_u64().unwrap_or(0) as u32,
+        mtu: l["mtu"].as_u64().unwrap_or(0) as u32,
+        mac: l["address"].as_str().unwrap_or("").to_string(),
+        master: l["master"].as_str().map(str::to_string),
+        up: l["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP")),
+        rx_packets: stat("rx"),
+        tx_packets: stat("tx"),
+    })
+}
+
+/// ICMP errors the namespace sent that tell a sender its packet was too big: IPv4
+/// "destination unreachable" (all codes, among them "fragmentation needed") plus ICMPv6
+/// "packet too big". A node whose pods' MTU exceeds its overlay's sends them.
+pub fn icmp_too_big_sent(ns: &Netns) -> anyhow::Result<u64> {
+    let (snmp, snmp6) = ns.run(|| {
+        // /proc/thread-self/net: the namespace of this thread, not of the process.
+        let r = |f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}"));
+        (r("snmp"), r("snmp6"))
+    });
+    let (snmp, snmp6) = (snmp?, snmp6?);
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    let v4 = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDestUnreachs")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let v6 = snmp6
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .find(|(n, _)| *n == "Icmp6OutPktTooBigs")
+        .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(v4 + v6)
+}
+
+/// Runs `program args…` inside `ns` (entered with `setns`), failing with its stderr.
+pub fn run(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = ns
+        .command(program)?
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {program} (is iproute2 installed?): {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

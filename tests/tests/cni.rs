@@ -1,0 +1,504 @@
+//! ztunnel beside the CNI, on every testbed layout: routed pods, pods on a bridge, nodes
+//! joined directly or by a VXLAN overlay, and a "CNI" with programs of its own (legacy tc
+//! filters and a TCX program). Enrolled TCP goes through ztunnel and fails closed without
+//! it; everything ztunnel does not take is treated as on a node without ztunnel; a clean
+//! stop leaves the CNI's programs and filters as they were.
+//!
+//! Runs in both attachment modes: `TC_ATTACH=legacy` (set by `cargo xtask test` for its
+//! second pass) makes every ztunnel use legacy tc filters instead of TCX links.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use ztunnel_tests::cni::{
+    tc_filters, tcx_programs, FilterAction, Hook, Position, TcxCounter, U32Filter, U32Match, TCP,
+    UDP,
+};
+use ztunnel_tests::layout::icmp_too_big_sent;
+use ztunnel_tests::sniffer::Sniffer;
+use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::{require_root, Layout, Netns, Node, Pod, Testbed};
+
+const T: Duration = Duration::from_secs(5);
+const SHORT: Duration = Duration::from_millis(1500);
+const PROGRAM: &str = "zt_capture";
+
+fn legacy() -> bool {
+    std::env::var("TC_ATTACH").as_deref() == Ok("legacy")
+}
+
+/// Node a: `client` and `neighbour` in the mesh, `plain` outside it; node b: `server` in
+/// the mesh and `outside` outside it; echo servers on 8080 everywhere but `client`.
+struct Cluster {
+    tb: Testbed,
+    a: Node,
+    b: Node,
+    client: Pod,
+    neighbour: Pod,
+    plain: Pod,
+    server: Pod,
+    outside: Pod,
+    _echoes: Vec<EchoServer>,
+    config: std::path::PathBuf,
+}
+
+fn cluster(layout: Layout, extra_yaml: &str) -> Cluster {
+    let mut tb = Testbed::with_layout(layout).unwrap();
+    let a = tb.add_node("node-a").unwrap();
+    let b = tb.add_node("node-b").unwrap();
+    let client = tb.add_pod(&a, "client").unwrap();
+    let neighbour = tb.add_pod(&a, "neighbour").unwrap();
+    let plain = tb.add_pod(&a, "plain").unwrap();
+    let server = tb.add_pod(&b, "server").unwrap();
+    let outside = tb.add_pod(&b, "outside").unwrap();
+    let echoes = [&neighbour, &plain, &server, &outside]
+        .iter()
+        .map(|p| EchoServer::start(&p.netns, 8080).unwrap())
+        .collect();
+    let yaml = local_config(
+        &[
+            WorkloadSpec::mesh(&client, "default", "client"),
+            WorkloadSpec::mesh(&neighbour, "default", "neighbour"),
+            WorkloadSpec::plain(&plain, "default"),
+            WorkloadSpec::mesh(&server, "default", "server"),
+            WorkloadSpec::plain(&outside, "default"),
+        ],
+        extra_yaml,
+    );
+    let config = tb.write_config("workloads.yaml", &yaml).unwrap();
+    Cluster {
+        tb,
+        a,
+        b,
+        client,
+        neighbour,
+        plain,
+        server,
+        outside,
+        _echoes: echoes,
+        config,
+    }
+}
+
+impl Cluster {
+    fn start(&self, node: &Node) -> Ztunnel {
+        self.start_with(node, &[])
+    }
+
+    /// Starts ztunnel and waits until this run enrolled every mesh pod of the node (two
+    /// on a, one on b).
+    fn start_with(&self, node: &Node, extra: &[&str]) -> Ztunnel {
+        let log = self.tb.dir().join(format!("ztunnel-{}.log", node.name));
+        let from = std::fs::metadata(&log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0);
+        let z = self.tb.start_ztunnel(node, &self.config, extra).unwrap();
+        let want = if node.name == self.a.name { 2 } else { 1 };
+        ztunnel_tests::traffic::eventually("pods enrolled", T * 2, || {
+            let text = z.log_text();
+            text.get(from..)
+                .unwrap_or("")
+                .matches("workload enrolled")
+                .count()
+                >= want
+        });
+        z
+    }
+}
+
+fn echoes(from: &Pod, to: SocketAddr, msg: &[u8]) -> bool {
+    match connect(&from.netns, to, SHORT) {
+        Ok(mut s) => echo_round_trip(&mut s, msg).ok().as_deref() == Some(msg),
+        Err(_) => false,
+    }
+}
+
+/// The device where pod traffic between the nodes can be read in clear (before
+/// encapsulation, for an overlay).
+fn carrier(tb: &Testbed) -> &'static str {
+    tb.layout().vxlan().unwrap_or(tb.layout().uplink())
+}
+
+/// Enrolled pods' TCP through ztunnel on `layout`: HBONE between the nodes (over the
+/// overlay if there is one, full-size segments included), captured on the same node
+/// (also between two pods of one bridge), failing closed when ztunnel is killed.
+fn mesh_on(layout: Layout) {
+    let c = cluster(layout, "");
+    let (za, _zb) = (c.start(&c.a), c.start(&c.b));
+    let sniff = Sniffer::start(&c.a.netns, carrier(&c.tb)).unwrap();
+    let secret = b"cni-layout-secret-0123456789";
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(c.server.addr(v6), 8080);
+        assert!(
+            echoes(&c.client, dst, secret),
+            "{}: mesh v6={v6}",
+            layout.name()
+        );
+    }
+    // 2 MiB each way: on an overlay, segments of the full MTU must get through, and
+    // without the nodes having to tell anyone the packet was too big (path MTU discovery
+    // would hide a wrong MTU, at the cost of a stall and a retransmission).
+    let too_big = || [&c.a, &c.b].map(|n| icmp_too_big_sent(&n.netns).unwrap());
+    let before = too_big();
+    let big: Vec<u8> = (0..2 << 20).map(|i| (i % 251) as u8).collect();
+    let mut s = connect(
+        &c.client.netns,
+        SocketAddr::new(c.server.ip.into(), 8080),
+        T,
+    )
+    .unwrap();
+    assert_eq!(
+        echo_round_trip(&mut s, &big).unwrap(),
+        big,
+        "{}",
+        layout.name()
+    );
+    drop(s);
+    assert_eq!(
+        too_big(),
+        before,
+        "{}: a node sent packet-too-big",
+        layout.name()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let cap = sniff.finish();
+    assert!(
+        !cap.contains_plaintext(secret),
+        "{}: plaintext on the wire",
+        layout.name()
+    );
+    assert!(
+        cap.ports_with_payload().contains(&15008),
+        "{}: no HBONE on {}",
+        layout.name(),
+        carrier(&c.tb)
+    );
+    assert!(
+        !cap.ports_with_payload().contains(&8080),
+        "{}",
+        layout.name()
+    );
+
+    // Same node, also two pods on one bridge: captured, both identities logged.
+    let dst = SocketAddr::new(c.neighbour.ip.into(), 8080);
+    assert!(
+        echoes(&c.client, dst, b"next door"),
+        "{}: same node",
+        layout.name()
+    );
+    let line = za
+        .wait_for_line(&["connection complete", "sa/neighbour"], T)
+        .unwrap_or_else(|e| panic!("{}: same-node connection not proxied: {e}", layout.name()));
+    assert!(
+        line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"),
+        "{line}"
+    );
+    // Unenrolled pods still reach each other and the mesh pods' neighbours directly.
+    assert!(echoes(
+        &c.plain,
+        SocketAddr::new(c.outside.ip.into(), 8080),
+        b"plain"
+    ));
+
+    // kill -9: nothing of the enrolled pods leaves, cross-node or next door.
+    c.tb.kill(za.pid);
+    for dst in [c.server.ip, c.neighbour.ip] {
+        assert!(
+            !echoes(&c.client, SocketAddr::new(dst.into(), 8080), b"x"),
+            "{}: {dst} reached without ztunnel",
+            layout.name()
+        );
+    }
+    assert!(echoes(
+        &c.plain,
+        SocketAddr::new(c.outside.ip.into(), 8080),
+        b"still plain"
+    ));
+    // A new ztunnel adopts the capture left in place.
+    let _za = c.start(&c.a);
+    assert!(echoes(
+        &c.client,
+        SocketAddr::new(c.server.ip.into(), 8080),
+        b"back"
+    ));
+}
+
+#[test]
+fn mesh_on_routed_pods() {
+    require_root!();
+    mesh_on(Layout::ROUTED);
+}
+
+#[test]
+fn mesh_on_a_bridge() {
+    require_root!();
+    mesh_on(Layout::BRIDGE);
+}
+
+#[test]
+fn mesh_on_routed_pods_over_vxlan() {
+    require_root!();
+    mesh_on(Layout::ROUTED_VXLAN);
+}
+
+#[test]
+fn mesh_on_flannel_bridge_and_vxlan() {
+    require_root!();
+    mesh_on(Layout::FLANNEL);
+}
+
+/// Same-node policy on a bridge: the destination's policy sees the source identity.
+#[test]
+fn policy_applies_between_pods_of_one_bridge() {
+    require_root!();
+    let policy = "policies:\n- name: only-server\n  namespace: default\n  scope: Namespace\n  action: Allow\n  \
+                  rules:\n  - - - principals: [\"cluster.local/ns/default/sa/server\"]\n";
+    let c = cluster(Layout::BRIDGE, policy);
+    let za = c.start(&c.a);
+    let dst = SocketAddr::new(c.neighbour.ip.into(), 8080);
+    assert!(
+        !echoes(&c.client, dst, b"denied"),
+        "policy bypassed on the bridge"
+    );
+    za.wait_for_line(&["denied by policy", "sa/client", "neighbour"], T)
+        .expect("the refused connection is logged with the source identity");
+}
+
+/// The identities of the interface's TCX ingress programs, in chain order.
+fn tcx_chain(ns: &Netns, dev: &str) -> Vec<String> {
+    tcx_programs(ns, dev, Hook::Ingress)
+        .unwrap()
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// The CNI's programs and filters keep acting on everything ztunnel does not take, with
+/// ztunnel attached in front of them; a clean stop leaves them as they were.
+fn cni_keeps_its_rules(layout: Layout) {
+    let c = cluster(layout, "");
+    let (na, nb) = (c.a.netns.clone(), c.b.netns.clone());
+    let up = layout.uplink();
+    // The CNI was there first: counters at the tail of the TCX chains, legacy filters at
+    // priorities next to ztunnel's (1).
+    let on_client =
+        TcxCounter::attach(&na, &c.client.host_if, Hook::Ingress, Position::Tail).unwrap();
+    let on_plain =
+        TcxCounter::attach(&na, &c.plain.host_if, Hook::Ingress, Position::Tail).unwrap();
+    let on_uplink = TcxCounter::attach(&na, up, Hook::Ingress, Position::Tail).unwrap();
+    let udp_drop = U32Filter::install(
+        &na,
+        &c.client.host_if,
+        Hook::Ingress,
+        2,
+        U32Match::udp_dport(false, 5353),
+        FilterAction::Drop,
+    )
+    .unwrap();
+    let excluded_count = U32Filter::install(
+        &na,
+        &c.client.host_if,
+        Hook::Ingress,
+        3,
+        U32Match::tcp_dport(false, 9999),
+        FilterAction::Count,
+    )
+    .unwrap();
+    let firewall = U32Filter::install(
+        &na,
+        up,
+        Hook::Ingress,
+        2,
+        U32Match::tcp_dport(false, 7777),
+        FilterAction::Drop,
+    )
+    .unwrap();
+    let za = c.start_with(&c.a, &["--exclude-ports", "9999"]);
+    let _zb = c.start(&c.b);
+
+    // Position: ahead of the CNI.
+    for dev in [c.client.host_if.as_str(), up] {
+        let chain = tcx_chain(&na, dev);
+        let filters = tc_filters(&na, dev, Hook::Ingress).unwrap();
+        if legacy() {
+            // TCX programs run before any legacy filter; among the filters ours is first.
+            assert!(!chain.iter().any(|n| n == PROGRAM), "{dev}: {chain:?}");
+            let first = filters.first().expect("filters");
+            assert_eq!(first.prio, 1, "{dev}: {filters:?}");
+            assert_eq!(first.kind, "bpf", "{dev}: {filters:?}");
+        } else {
+            assert_eq!(
+                chain.first().map(String::as_str),
+                Some(PROGRAM),
+                "{dev}: {chain:?}"
+            );
+            assert!(
+                chain.len() >= 2,
+                "{dev}: the CNI's program is still attached"
+            );
+        }
+    }
+
+    // Captured TCP of the enrolled pod: the mesh takes it. Under TCX the chain ends at
+    // ztunnel for those packets (the CNI sees the HBONE flow on the uplink instead).
+    let tcp_before = on_client.count(TCP);
+    assert!(echoes(
+        &c.client,
+        SocketAddr::new(c.server.ip.into(), 8080),
+        b"meshed"
+    ));
+    let tcp_seen = on_client.count(TCP) - tcp_before;
+    if legacy() {
+        assert!(tcp_seen > 0, "a TCX program runs before legacy filters");
+    } else {
+        assert_eq!(tcp_seen, 0, "captured packets went on down the chain");
+    }
+    za.wait_for_line(&["connection complete", "sa/server"], T)
+        .unwrap();
+
+    // An excluded port: not taken, so the CNI's filter and program see it.
+    let excluded = EchoServer::start(&c.outside.netns, 9999).unwrap();
+    let (hits, tcp) = (excluded_count.hits().unwrap(), on_client.count(TCP));
+    assert!(echoes(
+        &c.client,
+        SocketAddr::new(c.outside.ip.into(), 9999),
+        b"excluded"
+    ));
+    assert!(
+        excluded_count.hits().unwrap() > hits,
+        "the CNI's filter missed an excluded port"
+    );
+    assert!(
+        on_client.count(TCP) > tcp,
+        "the CNI's program missed an excluded port"
+    );
+    drop(excluded);
+
+    // UDP of the enrolled pod: the CNI's drop rule still drops it, the counter counts.
+    let rx = c.outside.netns.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:5353").unwrap();
+        s.set_read_timeout(Some(SHORT)).unwrap();
+        s
+    });
+    let rx2 = c.outside.netns.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:5354").unwrap();
+        s.set_read_timeout(Some(SHORT)).unwrap();
+        s
+    });
+    let (udp_before, drops_before) = (on_client.count(UDP), udp_drop.hits().unwrap());
+    let to = c.outside.ip;
+    c.client.netns.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"dropped", (to, 5353)).unwrap();
+        s.send_to(b"passed", (to, 5354)).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    assert!(
+        rx.recv_from(&mut buf).is_err(),
+        "the CNI's UDP drop rule stopped acting"
+    );
+    let n = rx2.recv_from(&mut buf).unwrap().0;
+    assert_eq!(&buf[..n], b"passed");
+    assert!(on_client.count(UDP) >= udp_before + 2);
+    assert!(udp_drop.hits().unwrap() > drops_before);
+
+    // An unenrolled pod's TCP: the CNI's program sees it.
+    let tcp = on_plain.count(TCP);
+    assert!(echoes(
+        &c.plain,
+        SocketAddr::new(c.outside.ip.into(), 8080),
+        b"plain"
+    ));
+    assert!(on_plain.count(TCP) > tcp);
+
+    // The node's own traffic on the uplink: the host firewall still drops 7777.
+    let _closed = EchoServer::start(&na, 7777).unwrap();
+    let _open = EchoServer::start(&na, 7778).unwrap();
+    let (uplink_tcp, fw_hits) = (on_uplink.count(TCP), firewall.hits().unwrap());
+    assert!(!echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
+    assert!(echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7778)));
+    assert!(firewall.hits().unwrap() > fw_hits);
+    assert!(on_uplink.count(TCP) > uplink_tcp);
+
+    // A clean stop removes ztunnel's attachments and nothing else.
+    let filters_before: Vec<_> = tc_filters(&na, up, Hook::Ingress)
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.kind != "bpf")
+        .collect();
+    let status = c.tb.stop(za.pid, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{}", za.log_text());
+    for dev in [c.client.host_if.as_str(), up] {
+        assert_eq!(
+            tcx_chain(&na, dev),
+            vec!["cni_counter".to_string()],
+            "{dev}"
+        );
+        let filters = tc_filters(&na, dev, Hook::Ingress).unwrap();
+        assert!(
+            filters.iter().all(|f| f.kind != "bpf"),
+            "{dev}: {filters:?}"
+        );
+    }
+    assert_eq!(
+        tc_filters(&na, up, Hook::Ingress).unwrap(),
+        filters_before,
+        "the CNI's filters changed"
+    );
+    assert!(!echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
+    drop((udp_drop, excluded_count, firewall));
+}
+
+/// A connection from a node namespace (the node's own traffic).
+fn echoes_from_ns(ns: &Netns, to: SocketAddr) -> bool {
+    match connect(ns, to, SHORT) {
+        Ok(mut s) => echo_round_trip(&mut s, b"node").is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn cni_rules_keep_acting_on_routed_pods() {
+    require_root!();
+    cni_keeps_its_rules(Layout::ROUTED);
+}
+
+#[test]
+fn cni_rules_keep_acting_on_a_bridge() {
+    require_root!();
+    cni_keeps_its_rules(Layout::BRIDGE);
+}
+
+/// A CNI that attaches at the head after ztunnel (as any later loader may): a restarted
+/// ztunnel adopts its link and puts it back in front (TCX); a legacy filter is adopted at
+/// its priority and handle, one filter, not two.
+#[test]
+fn restart_adopts_and_stays_in_front() {
+    require_root!();
+    let c = cluster(Layout::ROUTED, "");
+    let na = c.a.netns.clone();
+    let za = c.start(&c.a);
+    let _zb = c.start(&c.b);
+    let dev = c.client.host_if.clone();
+    let _late = TcxCounter::attach(&na, &dev, Hook::Ingress, Position::Head).unwrap();
+    c.tb.kill(za.pid);
+    let za = c.start(&c.a);
+    za.wait_for_log("adopted", T).unwrap();
+    if legacy() {
+        let ours: Vec<_> = tc_filters(&na, &dev, Hook::Ingress)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.kind == "bpf")
+            .collect();
+        assert_eq!(ours.len(), 1, "{ours:?}");
+    } else {
+        let chain = tcx_chain(&na, &dev);
+        assert_eq!(chain, vec![PROGRAM.to_string(), "cni_counter".into()]);
+    }
+    assert!(echoes(
+        &c.client,
+        SocketAddr::new(c.server.ip.into(), 8080),
+        b"adopted"
+    ));
+}
