@@ -213,9 +213,14 @@ fn debug_command_prints_tables() {
     );
     let cap = run("capture", false);
     assert!(
-        cap.contains("attached to:") && cap.contains(&client.ip.to_string()),
+        cap.contains("INTERFACE") && cap.contains(&client.ip.to_string()),
         "{cap}"
     );
+    let row = cap
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", client.host_if)))
+        .unwrap_or_else(|| panic!("no row for the client's interface: {cap}"));
+    assert!(row.contains("pod") && row.contains("yes"), "{row}");
     let j: serde_json::Value = serde_json::from_str(&run("workloads", true)).unwrap();
     assert_eq!(j[0]["name"], "client");
     // No ztunnel listening: a clear error, not a hang.

@@ -145,6 +145,8 @@ fn kind_name(k: &InfoKind) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInterfaces {
     pub found: BTreeMap<IpAddr, (String, u32)>,
+    /// Pod addresses behind an interface capture cannot work on, with why.
+    pub unsupported: BTreeMap<IpAddr, String>,
     /// Namespaces whose addresses could not be read, with why (the pods behind them are
     /// reported as not found, with this reason).
     pub unreadable: Vec<String>,
@@ -155,6 +157,9 @@ impl PodInterfaces {
     pub fn lookup(&self, ip: IpAddr) -> Result<(String, u32), String> {
         if let Some(i) = self.found.get(&ip) {
             return Ok(i.clone());
+        }
+        if let Some(why) = self.unsupported.get(&ip) {
+            return Err(why.clone());
         }
         let mut why = format!("no pod interface on this node holds {ip}");
         if !self.unreadable.is_empty() {
@@ -175,7 +180,13 @@ const IFA_TARGET_NETNSID: u16 = 10;
 /// namespace of an address dump only then.
 pub async fn pod_interfaces(strict: &Handle, links: &[Link]) -> PodInterfaces {
     let mut out = PodInterfaces::default();
-    let pods: Vec<&Link> = links.iter().filter(|l| Role::of(l) == Role::Pod).collect();
+    // netkit (Cilium's alternative to veth) runs the pod's egress inside the device: no
+    // host-side tc hook sees it, so such pods can be found but not captured.
+    let netkit = |l: &Link| l.kind.as_deref() == Some("netkit") && l.peer_netnsid.is_some();
+    let pods: Vec<&Link> = links
+        .iter()
+        .filter(|l| Role::of(l) == Role::Pod || netkit(l))
+        .collect();
     let nsids: BTreeSet<i32> = pods.iter().filter_map(|l| l.peer_netnsid).collect();
     for nsid in nsids {
         let addrs = match addresses_in(strict, nsid).await {
@@ -188,7 +199,17 @@ pub async fn pod_interfaces(strict: &Handle, links: &[Link]) -> PodInterfaces {
         for l in pods.iter().filter(|l| l.peer_netnsid == Some(nsid)) {
             let Some(peer) = l.peer_index else { continue };
             for (index, ip) in &addrs {
-                if *index == peer && is_pod_address(*ip) {
+                if *index != peer || !is_pod_address(*ip) {
+                    continue;
+                }
+                if netkit(l) {
+                    let why = format!(
+                        "{ip} is behind netkit device {}: its traffic passes no tc hook \
+                         ztunnel could capture it at (use veth mode)",
+                        l.name
+                    );
+                    out.unsupported.insert(*ip, why);
+                } else {
                     out.found.insert(*ip, (l.name.clone(), l.index));
                 }
             }
@@ -295,6 +316,7 @@ mod tests {
     fn a_missing_pod_says_why() {
         let p = PodInterfaces {
             found: [("10.0.0.2".parse().unwrap(), ("p2".to_string(), 7))].into(),
+            unsupported: [("10.0.0.9".parse().unwrap(), "netkit".to_string())].into(),
             unreadable: vec!["netnsid 4: denied".into()],
         };
         assert_eq!(p.lookup("10.0.0.2".parse().unwrap()), Ok(("p2".into(), 7)));

@@ -38,7 +38,7 @@ impl EnrollTarget for FakeTarget {
     async fn pod_interfaces(&self) -> anyhow::Result<crate::capture::PodInterfaces> {
         Ok(crate::capture::PodInterfaces {
             found: self.routes.lock().unwrap().clone(),
-            unreadable: vec![],
+            ..Default::default()
         })
     }
     async fn enroll(&self, ips: &[IpAddr], interface: &str, _ifindex: u32) -> anyhow::Result<()> {
