@@ -16,7 +16,7 @@ use ztunnel_tests::cni::{
 };
 use ztunnel_tests::layout::icmp_too_big_sent;
 use ztunnel_tests::sniffer::Sniffer;
-use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::traffic::{self, connect, echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Layout, Netns, Node, Pod, Testbed};
 
@@ -416,8 +416,8 @@ fn cni_keeps_its_rules(layout: Layout) {
     let _closed = EchoServer::start(&na, 7777).unwrap();
     let _open = EchoServer::start(&na, 7778).unwrap();
     let (uplink_tcp, fw_hits) = (on_uplink.count(TCP), firewall.hits().unwrap());
-    assert!(!echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
-    assert!(echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7778)));
+    assert!(!traffic::echoes(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
+    assert!(traffic::echoes(&nb, SocketAddr::new(c.a.ip.into(), 7778)));
     assert!(firewall.hits().unwrap() > fw_hits);
     assert!(on_uplink.count(TCP) > uplink_tcp);
 
@@ -446,16 +446,8 @@ fn cni_keeps_its_rules(layout: Layout) {
         filters_before,
         "the CNI's filters changed"
     );
-    assert!(!echoes_from_ns(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
+    assert!(!traffic::echoes(&nb, SocketAddr::new(c.a.ip.into(), 7777)));
     drop((udp_drop, excluded_count, firewall));
-}
-
-/// A connection from a node namespace (the node's own traffic).
-fn echoes_from_ns(ns: &Netns, to: SocketAddr) -> bool {
-    match connect(ns, to, SHORT) {
-        Ok(mut s) => echo_round_trip(&mut s, b"node").is_ok(),
-        Err(_) => false,
-    }
 }
 
 #[test]
