@@ -167,7 +167,8 @@ async fn serve(
         Arc::new(move || ProxyContext {
             node: node.clone(),
             store: store.clone(),
-            dialer,
+            dialer: Arc::new(dialer),
+            original_dst: Arc::new(socket::original_dst),
             certs: certs.clone(),
             pool: Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default()),
             connections: connections.clone(),
@@ -213,6 +214,10 @@ async fn serve(
     ));
     enroller.reconcile().await;
     tasks.spawn(memory::return_freed_memory());
+    tasks.spawn(enforce_on_live_connections(
+        store.clone(),
+        connections.clone(),
+    ));
 
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin_state = Arc::new(AdminState {
@@ -338,6 +343,15 @@ enum Exit {
     Stopped,
     /// A new ztunnel took over: capture is its now and stays.
     HandedOver,
+}
+
+/// Policy and membership changes act on live connections too: after every state update,
+/// each live connection is judged again and closed if it is no longer allowed.
+async fn enforce_on_live_connections(store: Arc<StateStore>, connections: Arc<ConnectionTracker>) {
+    let mut changes = store.subscribe();
+    while changes.changed().await.is_ok() {
+        connections.enforce(&store.snapshot());
+    }
 }
 
 /// Keeps capture, enrollment and certificates in line with the state: on every change,

@@ -1,5 +1,7 @@
-//! Live connections: what `/debug/connections` shows, what the access log and the
-//! `istio_tcp_*` metrics are made from when a connection closes.
+//! Every connection attempt, from accept to its end ([`ConnectionResult`]): what
+//! `/debug/connections` shows while it lives, the one access-log line and the metrics
+//! (`istio_tcp_*`, `ztunnel_connections`) when it ends — refused and failed attempts too —
+//! and the live set that policy and membership changes are enforced on.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,9 +13,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tracing::info;
 
-use crate::metrics::{Metrics, TcpLabels};
+use crate::metrics::{AttemptLabels, Metrics, TcpLabels};
+
+mod outcome;
+
+pub use outcome::{Outcome, Reason};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -22,7 +29,7 @@ pub enum Direction {
     Inbound,
 }
 
-/// Who and where, fixed when the connection is accepted.
+/// Who and where, fixed when the connection is identified.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionInfo {
     pub direction: Direction,
@@ -39,6 +46,24 @@ pub struct ConnectionInfo {
     pub protocol: &'static str,
 }
 
+impl ConnectionInfo {
+    /// What is known of an attempt refused before both ends were identified.
+    fn unknown(direction: Direction, src: SocketAddr, dst: Option<SocketAddr>) -> Self {
+        let dst = dst.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        ConnectionInfo {
+            direction,
+            src,
+            dst,
+            target: dst,
+            src_workload: None,
+            src_identity: None,
+            dst_workload: None,
+            dst_identity: None,
+            protocol: "TCP",
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub struct ConnectionView {
     pub id: u64,
@@ -50,11 +75,24 @@ pub struct ConnectionView {
     pub age_ms: u128,
 }
 
+/// A registered connection: what `/debug/connections` shows and live enforcement checks.
 struct Live {
     info: ConnectionInfo,
     started: Instant,
     sent: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    /// What authorized it, re-checked when policies or workloads change.
+    authz: Option<Authz>,
+    /// Set once to close the connection, with why.
+    close: watch::Sender<Option<Reason>>,
+}
+
+/// What a connection was authorized as: re-evaluated against every new state.
+#[derive(Clone, Debug)]
+pub struct Authz {
+    pub conn: crate::policy::Connection,
+    /// The destination workload the policies were evaluated on.
+    pub workload_uid: String,
 }
 
 pub struct ConnectionTracker {
@@ -85,23 +123,22 @@ impl ConnectionTracker {
         })
     }
 
-    /// Registers a connection; it is reported when the guard is finished or dropped.
-    pub fn open(self: &Arc<Self>, info: ConnectionInfo, labels: TcpLabels) -> ConnectionGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.metrics.tcp_opened.get_or_create(&labels).inc();
-        let live = Arc::new(Live {
-            info,
-            started: Instant::now(),
-            sent: Arc::default(),
-            received: Arc::default(),
-        });
-        self.live.lock().unwrap().insert(id, live.clone());
-        ConnectionGuard {
-            id,
-            live,
-            labels,
+    /// Starts the record of one attempt, at accept. It is finished exactly once: by
+    /// [`ConnectionResult::finish`], or as `aborted` when dropped unfinished.
+    pub fn accept(
+        self: &Arc<Self>,
+        direction: Direction,
+        src: SocketAddr,
+        dst: Option<SocketAddr>,
+    ) -> ConnectionResult {
+        ConnectionResult {
             tracker: self.clone(),
-            outcome: None,
+            started: Instant::now(),
+            direction,
+            src,
+            dst,
+            registered: None,
+            finished: false,
         }
     }
 
@@ -134,82 +171,221 @@ impl ConnectionTracker {
     pub fn in_flight(&self) -> u64 {
         self.handling.load(Ordering::Acquire)
     }
+
+    /// Closes every live connection that `state` no longer allows: its destination
+    /// workload left the mesh, or its policies now deny it. Returns how many.
+    pub fn enforce(&self, state: &crate::state::ProxyState) -> usize {
+        let live: Vec<Arc<Live>> = self.live.lock().unwrap().values().cloned().collect();
+        let mut closed = 0;
+        for l in live {
+            let Some(authz) = &l.authz else { continue };
+            if l.close.borrow().is_some() {
+                continue;
+            }
+            let why = match state.workload_by_uid(&authz.workload_uid) {
+                Some(w) if w.in_mesh() || authz.conn.src_identity.is_none() => {
+                    let d = state.policies.evaluate(&authz.conn, &w);
+                    (!d.allowed).then(|| Reason::PolicyChanged(d.to_string()))
+                }
+                _ => Some(Reason::WorkloadLeft(authz.workload_uid.clone())),
+            };
+            if let Some(why) = why {
+                info!(conn = %authz.conn, workload = %authz.workload_uid, "closing a live connection: {why}");
+                let _ = l.close.send(Some(why));
+                closed += 1;
+            }
+        }
+        closed
+    }
 }
 
-/// One live connection. Wrap its client-side stream with [`ConnectionGuard::count`] so
-/// bytes are counted as they flow.
-pub struct ConnectionGuard {
+/// One connection attempt, from accept to its end: identified once the proxy knows both
+/// ends, then counted, closable and finished with a typed [`Outcome`].
+pub struct ConnectionResult {
+    tracker: Arc<ConnectionTracker>,
+    started: Instant,
+    direction: Direction,
+    src: SocketAddr,
+    dst: Option<SocketAddr>,
+    registered: Option<Registered>,
+    finished: bool,
+}
+
+struct Registered {
     id: u64,
     live: Arc<Live>,
     labels: TcpLabels,
-    tracker: Arc<ConnectionTracker>,
-    outcome: Option<String>,
+    closed: watch::Receiver<Option<Reason>>,
 }
 
-impl ConnectionGuard {
+impl ConnectionResult {
+    /// Both ends are known: the connection is registered (`/debug/connections`, live
+    /// enforcement when `authz` is given) and counted as opened.
+    pub fn identify(&mut self, info: ConnectionInfo, labels: TcpLabels, authz: Option<Authz>) {
+        if self.registered.is_some() {
+            return;
+        }
+        let t = &self.tracker;
+        let id = t.next.fetch_add(1, Ordering::Relaxed);
+        t.metrics.tcp_opened.get_or_create(&labels).inc();
+        let (close, closed) = watch::channel(None);
+        let live = Arc::new(Live {
+            info,
+            started: self.started,
+            sent: Arc::default(),
+            received: Arc::default(),
+            authz,
+            close,
+        });
+        t.live.lock().unwrap().insert(id, live.clone());
+        self.registered = Some(Registered {
+            id,
+            live,
+            labels,
+            closed,
+        });
+    }
+
     /// Counts bytes read from `s` as sent (client → destination) and bytes written to it
     /// as received.
     pub fn count<S>(&self, s: S) -> Counted<S> {
+        let (read, written) = self.counters();
         Counted {
             inner: s,
-            read: self.live.sent.clone(),
-            written: self.live.received.clone(),
+            read,
+            written,
         }
     }
 
     /// The same for the destination side's stream: bytes written to it are sent, bytes
     /// read from it received.
     pub fn count_upstream<S>(&self, s: S) -> Counted<S> {
+        let (read, written) = self.counters();
         Counted {
             inner: s,
-            read: self.live.received.clone(),
-            written: self.live.sent.clone(),
+            read: written,
+            written: read,
+        }
+    }
+
+    /// (sent, received) of the registered connection (throwaway ones before that).
+    fn counters(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        match &self.registered {
+            Some(r) => (r.live.sent.clone(), r.live.received.clone()),
+            None => (Arc::default(), Arc::default()),
         }
     }
 
     /// Counts `n` bytes sent that were read before the client stream was wrapped.
     pub fn add_sent(&self, n: u64) {
-        self.live.sent.fetch_add(n, Ordering::Relaxed);
+        if let Some(r) = &self.registered {
+            r.live.sent.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
-    /// Records how the connection ended (`ok`, or the error); logged on drop.
-    pub fn set_outcome(&mut self, outcome: impl Into<String>) {
-        self.outcome = Some(outcome.into());
+    /// Completes when ztunnel decides to close this live connection, with why; never
+    /// for a connection that was not registered with an [`Authz`].
+    pub fn closed(&self) -> impl std::future::Future<Output = Reason> + Send + 'static {
+        let rx = self.registered.as_ref().map(|r| r.closed.clone());
+        async move {
+            let Some(mut rx) = rx else {
+                return std::future::pending().await;
+            };
+            let why = match rx.wait_for(|r| r.is_some()).await {
+                Ok(r) => r.clone(),
+                Err(_) => None,
+            };
+            match why {
+                Some(why) => why,
+                None => std::future::pending().await,
+            }
+        }
     }
 
-    pub fn info(&self) -> &ConnectionInfo {
-        &self.live.info
+    /// Runs `relay` until it ends or ztunnel closes the connection, and finishes.
+    pub async fn relay<F>(self, relay: F)
+    where
+        F: std::future::Future<Output = std::io::Result<(u64, u64)>>,
+    {
+        let closed = self.closed();
+        let outcome = tokio::select! {
+            r = relay => match r {
+                Ok(_) => Outcome::Ok,
+                Err(e) => Outcome::Failed(Reason::Relay(e.to_string())),
+            },
+            why = closed => Outcome::Closed(why),
+        };
+        self.finish(outcome);
+    }
+
+    /// Records how the attempt ended: one access-log line, the metrics.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.record(outcome);
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let t = &self.tracker;
+        let m = &t.metrics;
+        let (info, sent, received, mut labels) = match self.registered.take() {
+            Some(r) => {
+                t.live.lock().unwrap().remove(&r.id);
+                let sent = r.live.sent.load(Ordering::Relaxed);
+                let received = r.live.received.load(Ordering::Relaxed);
+                (r.live.info.clone(), sent, received, r.labels)
+            }
+            None => {
+                // Refused before both ends were known: what is known, counted as opened
+                // and closed like any other attempt.
+                let labels = TcpLabels::unknown(self.direction);
+                m.tcp_opened.get_or_create(&labels).inc();
+                let info = ConnectionInfo::unknown(self.direction, self.src, self.dst);
+                (info, 0, 0, labels)
+            }
+        };
+        labels.response_flags = outcome.response_flags().into();
+        m.tcp_closed.get_or_create(&labels).inc();
+        m.tcp_sent.get_or_create(&labels).inc_by(sent);
+        m.tcp_received.get_or_create(&labels).inc_by(received);
+        m.connections
+            .get_or_create(&AttemptLabels {
+                direction: match self.direction {
+                    Direction::Outbound => "outbound",
+                    Direction::Inbound => "inbound",
+                },
+                outcome: outcome.name(),
+                reason: outcome.reason().map_or("-", Reason::name),
+            })
+            .inc();
+        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        let reason = outcome.reason().map(ToString::to_string);
+        info!(
+            target: "access",
+            direction = ?info.direction,
+            src.addr = %info.src,
+            src.workload = %dash(&info.src_workload),
+            src.identity = %dash(&info.src_identity),
+            dst.addr = %info.dst,
+            dst.target = %info.target,
+            dst.workload = %dash(&info.dst_workload),
+            dst.identity = %dash(&info.dst_identity),
+            protocol = info.protocol,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            outcome = outcome.name(),
+            reason = %dash(&reason),
+            response_flags = outcome.response_flags(),
+            "connection complete"
+        );
     }
 }
 
-impl Drop for ConnectionGuard {
+impl Drop for ConnectionResult {
     fn drop(&mut self) {
-        self.tracker.live.lock().unwrap().remove(&self.id);
-        let m = &self.tracker.metrics;
-        let sent = self.live.sent.load(Ordering::Relaxed);
-        let received = self.live.received.load(Ordering::Relaxed);
-        m.tcp_closed.get_or_create(&self.labels).inc();
-        m.tcp_sent.get_or_create(&self.labels).inc_by(sent);
-        m.tcp_received.get_or_create(&self.labels).inc_by(received);
-        let i = &self.live.info;
-        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-        info!(
-            target: "access",
-            direction = ?i.direction,
-            src.addr = %i.src,
-            src.workload = %dash(&i.src_workload),
-            src.identity = %dash(&i.src_identity),
-            dst.addr = %i.dst,
-            dst.target = %i.target,
-            dst.workload = %dash(&i.dst_workload),
-            dst.identity = %dash(&i.dst_identity),
-            protocol = i.protocol,
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = self.live.started.elapsed().as_millis() as u64,
-            outcome = self.outcome.as_deref().unwrap_or("aborted"),
-            "connection complete"
-        );
+        self.record(Outcome::Aborted);
     }
 }
 

@@ -35,6 +35,52 @@ pub struct TcpLabels {
     pub connection_security_policy: String,
 }
 
+impl TcpLabels {
+    /// An attempt refused before either end was identified: only the reporter is known.
+    pub fn unknown(direction: crate::connections::Direction) -> Self {
+        let u = || "unknown".to_string();
+        TcpLabels {
+            reporter: match direction {
+                crate::connections::Direction::Outbound => "source",
+                crate::connections::Direction::Inbound => "destination",
+            }
+            .into(),
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: "unknown".into(),
+        }
+    }
+}
+
+/// `ztunnel_connections_total`: every attempt, by how it ended and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub direction: &'static str,
+    /// `ok`, `denied`, `failed`, `closed`, `aborted`.
+    pub outcome: &'static str,
+    /// `-`, or the reason's name (`policy_denied`, `upstream_connect`, …).
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabels {
     pub pod_ip: String,
@@ -51,6 +97,8 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    /// Every connection attempt by outcome and reason.
+    pub connections: Family<AttemptLabels, Counter>,
     /// HTTP/2 connections the pool opened to other nodes.
     pub pool_connections_opened: Counter,
     pub pool_connections_active: Gauge,
@@ -81,6 +129,7 @@ impl Metrics {
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
+            connections: Family::default(),
             pool_connections_opened: Counter::default(),
             pool_connections_active: Gauge::default(),
             ca_requests: Family::default(),
@@ -116,6 +165,11 @@ impl Metrics {
             m.tcp_received.clone(),
         );
         let zt = registry.sub_registry_with_prefix("ztunnel");
+        zt.register(
+            "connections",
+            "Connection attempts by how they ended (ok, denied, failed, closed, aborted) and why",
+            m.connections.clone(),
+        );
         zt.register(
             "pool_connections_opened",
             "HBONE connections opened by the pool",

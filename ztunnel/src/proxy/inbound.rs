@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::labels::{End, Record};
-use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
-use crate::connections::Direction;
+use super::{authorize, relay, relay_tunnel, ProxyContext};
+use crate::connections::{Direction, Outcome, Reason};
 use crate::hbone::{serve_connection_until, InboundRequest};
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -29,19 +29,38 @@ fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
 }
 
 pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
-    let dialed = match socket::original_dst(&stream) {
+    // A tunnel that never carried a stream is an attempt of its own: it is logged and
+    // counted when it fails; each stream it carries is one afterwards.
+    let failed = |dialed: Option<SocketAddr>, outcome: Outcome| {
+        ctx.connections
+            .accept(Direction::Inbound, peer, dialed)
+            .finish(outcome)
+    };
+    let dialed = match (ctx.original_dst)(&stream) {
         Ok(d) => d,
-        Err(e) => return warn!("no original destination: {e}"),
+        Err(e) => {
+            return failed(
+                None,
+                Outcome::Failed(Reason::NoOriginalDestination(e.to_string())),
+            )
+        }
     };
     // Which pod the client dialed decides which certificate we present.
     let Some(workload) = local_workload(&ctx, dialed.ip()).filter(|w| w.in_mesh()) else {
-        return info!(%peer, %dialed, "HBONE to an address that is no mesh workload of this node: closed");
+        let why = Reason::NotLocalWorkload(dialed.ip().to_string());
+        return failed(Some(dialed), Outcome::Denied(why));
     };
     let identity = workload.identity();
     let cert = match ctx.certs.fetch(&identity).await {
         Ok(c) => c,
         // Fail closed: without its certificate the pod accepts no mesh traffic.
-        Err(e) => return warn!(%peer, %identity, "no certificate, refusing HBONE: {e}"),
+        Err(e) => {
+            let why = Reason::NoCertificate {
+                identity: identity.to_string(),
+                error: e.to_string(),
+            };
+            return failed(Some(dialed), Outcome::Denied(why));
+        }
     };
     let config = match crate::tls::server_config(&cert) {
         Ok(c) => c,
@@ -52,8 +71,18 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         tokio::time::timeout(ctx.handshake_timeout, crate::tls::accept(config, stream)).await;
     let (tls, client) = match accepted {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return info!(%peer, %identity, "mTLS handshake failed: {e}"),
-        Err(_) => return info!(%peer, %identity, "mTLS handshake timed out"),
+        Ok(Err(e)) => {
+            return failed(
+                Some(dialed),
+                Outcome::Failed(Reason::Handshake(e.to_string())),
+            )
+        }
+        Err(_) => {
+            return failed(
+                Some(dialed),
+                Outcome::Failed(Reason::Handshake("timed out".into())),
+            )
+        }
     };
     // (A client of a foreign trust domain was refused by the handshake: tls::verifier.)
     debug!(%peer, client = %client, server = %identity, "HBONE connection");
@@ -78,19 +107,17 @@ async fn deliver(
     req: InboundRequest,
 ) {
     let target = req.target;
+    let src = req.source().unwrap_or(SocketAddr::new(tunnel.ip(), 0));
+    let mut conn = ctx
+        .connections
+        .accept(Direction::Inbound, src, Some(target));
     // The tunnel was authenticated as this pod: it may only carry traffic to this pod.
     if !dialed.workload_ips.contains(&target.ip().to_canonical()) {
-        info!(%tunnel, %target, workload = %dialed.uid, "CONNECT to another address than the dialed pod: 400");
-        return req.reject(StatusCode::BAD_REQUEST);
+        req.reject(StatusCode::BAD_REQUEST);
+        return conn.finish(Outcome::Denied(Reason::WrongTarget(target.to_string())));
     }
-    let src = req.source().unwrap_or(SocketAddr::new(tunnel.ip(), 0));
-    let src_ip = src.ip();
     let client = req.peer.clone();
-    let state = ctx.store.snapshot();
-    let source = state.workload_by_ip(src_ip);
-    if !authorize(&ctx, Some(&client), src_ip, target, &dialed) {
-        return req.reject(StatusCode::UNAUTHORIZED);
-    }
+    let source = ctx.store.snapshot().workload_by_ip(src.ip());
     let server_id = dialed.identity();
     let record = Record {
         direction: Direction::Inbound,
@@ -109,35 +136,48 @@ async fn deliver(
         target,
         mtls: true,
     };
+    let authz = match authorize(&ctx, Some(&client), src.ip(), target, &dialed) {
+        Ok(a) => a,
+        Err(denied) => {
+            conn.identify(record.info(), record.labels(), None);
+            req.reject(StatusCode::UNAUTHORIZED);
+            return conn.finish(Outcome::Denied(denied));
+        }
+    };
+    conn.identify(record.info(), record.labels(), Some(authz));
     let up = match ctx.dialer.connect(Some(src), target).await {
         Ok(s) => s,
         Err(e) => {
-            info!(%src, %target, "delivery to the pod failed: {e}");
-            return req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return conn.finish(Outcome::Failed(Reason::UpstreamConnect(e.to_string())));
         }
     };
-    let mut guard = ctx.connections.open(record.info(), record.labels());
     let tunnel_stream = match req.accept() {
         Ok(s) => s,
-        Err(e) => return guard.set_outcome(format!("answering CONNECT failed: {e}")),
+        Err(e) => return conn.finish(Outcome::Failed(Reason::Client(e.to_string()))),
     };
-    match relay_tunnel(guard.count_upstream(up), tunnel_stream).await {
-        Ok(_) => guard.set_outcome("ok"),
-        Err(e) => guard.set_outcome(format!("error: {e}")),
-    }
+    let relay = relay_tunnel(conn.count_upstream(up), tunnel_stream);
+    conn.relay(relay).await
 }
 
 pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
-    let dst = match socket::original_dst(&stream) {
+    let dst = (ctx.original_dst)(&stream);
+    let mut conn = ctx
+        .connections
+        .accept(Direction::Inbound, peer, dst.as_ref().ok().copied());
+    let dst = match dst {
         Ok(d) => d,
-        Err(e) => return warn!("no original destination: {e}"),
+        Err(e) => {
+            return conn.finish(Outcome::Failed(Reason::NoOriginalDestination(
+                e.to_string(),
+            )))
+        }
     };
     let Some(workload) = local_workload(&ctx, dst.ip()) else {
-        return info!(%peer, %dst, "plaintext to an address that is no workload of this node: closed");
+        return conn.finish(Outcome::Denied(Reason::NotLocalWorkload(
+            dst.ip().to_string(),
+        )));
     };
-    if !authorize(&ctx, None::<&Identity>, peer.ip(), dst, &workload) {
-        return; // closing the accepted socket refuses the connection
-    }
     let source = ctx.store.snapshot().workload_by_ip(peer.ip());
     let dst_id = workload.identity();
     let record = Record {
@@ -157,13 +197,20 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
         target: dst,
         mtls: false,
     };
+    // No identity: policies that require one (strict mTLS) refuse it. Closing the
+    // accepted socket is the refusal.
+    let authz = match authorize(&ctx, None::<&Identity>, peer.ip(), dst, &workload) {
+        Ok(a) => a,
+        Err(denied) => {
+            conn.identify(record.info(), record.labels(), None);
+            return conn.finish(Outcome::Denied(denied));
+        }
+    };
+    conn.identify(record.info(), record.labels(), Some(authz));
     let up = match ctx.dialer.connect(Some(peer), dst).await {
         Ok(s) => s,
-        Err(e) => return info!(%peer, %dst, "delivery to the pod failed: {e}"),
+        Err(e) => return conn.finish(Outcome::Failed(Reason::UpstreamConnect(e.to_string()))),
     };
-    let mut guard = ctx.connections.open(record.info(), record.labels());
-    match relay(guard.count(stream), up).await {
-        Ok(_) => guard.set_outcome("ok"),
-        Err(e) => guard.set_outcome(format!("error: {e}")),
-    }
+    let relay = relay(conn.count(stream), up);
+    conn.relay(relay).await
 }

@@ -1,12 +1,18 @@
 //! The data path after capture: accept → identify → authorize → tunnel → deliver.
 //!
-//! `outbound` serves 15001 (connections pods open), `inbound` serves 15008 (HBONE) and
-//! 15006 (plaintext addressed to enrolled pods). `socket` holds the socket options every
-//! stage relies on; `labels` what each connection is recorded as.
+//! `outbound` serves 15001 (connections pods open): `route` plans where each goes from
+//! the state alone, `outbound` carries the plan out. `inbound` serves 15008 (HBONE) and
+//! 15006 (plaintext addressed to enrolled pods). Every attempt is one
+//! `connections::ConnectionResult`, finished once with a typed outcome. `socket` holds the
+//! socket options every stage relies on; `labels` what each connection is recorded as.
+//! The kernel-facing parts — the original destination of an accepted socket and the
+//! original-source dialer — are in the context, so the handlers run in tests without
+//! root or capture.
 
 pub mod inbound;
 mod labels;
 pub mod outbound;
+pub mod route;
 pub mod socket;
 pub mod workers;
 
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::connections::ConnectionTracker;
+use crate::connections::{ConnectionTracker, Reason};
 use crate::identity::manager::SecretManager;
 use crate::identity::Identity;
 use crate::metrics::{Metrics, ResultLabels};
@@ -27,7 +33,11 @@ use crate::state::{StateStore, Workload};
 pub struct ProxyContext {
     pub node: String,
     pub store: Arc<StateStore>,
-    pub dialer: socket::Dialer,
+    /// Connects to pods (with the client's address as source) and other destinations.
+    pub dialer: Arc<dyn Connect>,
+    /// The original destination of an accepted connection (its local address, under
+    /// capture: [`socket::original_dst`]).
+    pub original_dst: OriginalDst,
     pub certs: Arc<SecretManager>,
     pub pool: Pool,
     pub connections: Arc<ConnectionTracker>,
@@ -44,7 +54,42 @@ pub struct ProxyContext {
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Reads an accepted connection's original destination.
+pub type OriginalDst =
+    Arc<dyn Fn(&tokio::net::TcpStream) -> std::io::Result<SocketAddr> + Send + Sync>;
+
+/// How the data path opens its upstream connections.
+#[async_trait::async_trait]
+pub trait Connect: Send + Sync {
+    /// Connects to `dst`, from `src` (a client's address, not ours) when given.
+    async fn connect(
+        &self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream>;
+}
+
+#[async_trait::async_trait]
+impl Connect for socket::Dialer {
+    async fn connect(
+        &self,
+        src: Option<SocketAddr>,
+        dst: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        socket::Dialer::connect(self, src, dst).await
+    }
+}
+
 impl ProxyContext {
+    /// The outbound planner of this node.
+    pub fn planner(&self) -> route::Planner<'_> {
+        route::Planner {
+            node: &self.node,
+            listen_ports: &self.listen_ports,
+            is_local: &socket::is_local,
+        }
+    }
+
     /// Completes once this process starts draining.
     pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.draining.clone();
@@ -80,14 +125,15 @@ where
     }
 }
 
-/// L4 authorization of a connection to `dst` on workload `w`; logs denials.
+/// L4 authorization of a connection to `dst` on workload `w`: the policy connection it
+/// was judged as (re-judged on every state change while it lives), or why it is denied.
 pub fn authorize(
     ctx: &ProxyContext,
     src_id: Option<&Identity>,
     src_ip: IpAddr,
     dst: SocketAddr,
     w: &Workload,
-) -> bool {
+) -> Result<crate::connections::Authz, Reason> {
     let conn = crate::policy::Connection::new(src_id.cloned(), src_ip, dst.ip(), dst.port());
     let decision = ctx.store.snapshot().policies.evaluate(&conn, w);
     let result = if decision.allowed { "allow" } else { "deny" };
@@ -99,8 +145,12 @@ pub fn authorize(
         .inc();
     if !decision.allowed {
         info!(%conn, workload = %w.uid, %decision, "connection denied by policy");
+        return Err(Reason::PolicyDenied(decision.to_string()));
     }
-    decision.allowed
+    Ok(crate::connections::Authz {
+        conn,
+        workload_uid: w.uid.clone(),
+    })
 }
 
 /// [`relay`] for a TCP connection and an HBONE tunnel (no intermediate copy).
@@ -127,3 +177,6 @@ fn logged(r: std::io::Result<(u64, u64)>) -> std::io::Result<(u64, u64)> {
     }
     r
 }
+
+#[cfg(test)]
+mod tests;

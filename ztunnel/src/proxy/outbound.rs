@@ -1,53 +1,47 @@
 //! Outbound (15001): connections enrolled pods open, captured with their original
 //! destination as the accepted socket's local address.
 //!
-//! identify (source by its address, destination by resolving the original destination)
+//! accept → plan (`route`: from the state alone) → carry the plan out:
 //! → in the mesh on another node: HBONE through the pool, presenting the source's
 //!   certificate and requiring the destination's identity;
-//! → in the mesh on this node: the same identity checks, delivered directly;
-//! → outside the mesh: plain passthrough with the pod's address as source.
+//! → in the mesh on this node: the same identity checks and the destination's policies,
+//!   delivered directly;
+//! → outside the mesh: plain passthrough with the pod's address as source;
+//! → refused: nothing dialed.
+//! Each path finishes the attempt's [`ConnectionResult`] exactly once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
 
 use super::labels::{End, Record};
+use super::route::{Refusal, Route};
 use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
-use crate::connections::Direction;
+use crate::connections::{Authz, ConnectionResult, Direction, Outcome, Reason};
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
 use crate::pool::PoolKey;
 use crate::state::{Upstream, Workload};
 
 pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
-    let dst = match socket::original_dst(&stream) {
+    let dst = (ctx.original_dst)(&stream);
+    let conn = ctx
+        .connections
+        .accept(Direction::Outbound, peer, dst.as_ref().ok().copied());
+    let dst = match dst {
         Ok(d) => d,
-        Err(e) => return warn!("no original destination: {e}"),
-    };
-    if ctx.listen_ports.contains(&dst.port()) && is_local(dst) {
-        return debug!(%peer, %dst, "refusing a connection to our own listener");
-    }
-    // Identify.
-    let state = ctx.store.snapshot();
-    let source = state
-        .workload_by_ip(peer.ip())
-        .filter(|w| w.node == ctx.node && w.in_mesh());
-    let upstream = match state.resolve(dst) {
-        Ok(u) => u,
-        Err(e) => return info!(%peer, %dst, "refused: {e}"),
-    };
-    match (source, upstream) {
-        (Some(src), Some(up)) if up.in_mesh() => {
-            if up.workload.node == ctx.node {
-                same_node(&ctx, stream, peer, dst, &src, &up).await
-            } else {
-                hbone(&ctx, stream, peer, dst, &src, &up).await
-            }
+        Err(e) => {
+            return conn.finish(Outcome::Failed(Reason::NoOriginalDestination(
+                e.to_string(),
+            )))
         }
-        (src, up) => {
-            let target = up.as_ref().map(|u| u.address).unwrap_or(dst);
+    };
+    let route = ctx.planner().plan(&ctx.store.snapshot(), peer, dst);
+    match route {
+        Route::Hbone { src, up } => hbone(&ctx, conn, stream, peer, dst, &src, &up).await,
+        Route::SameNode { src, up } => same_node(&ctx, conn, stream, peer, dst, &src, &up).await,
+        Route::Passthrough { src, up, target } => {
             let record = Record {
                 direction: Direction::Outbound,
                 src: End {
@@ -65,8 +59,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
                 target,
                 mtls: false,
             };
-            deliver(&ctx, stream, peer, record).await
+            deliver(&ctx, conn, stream, peer, &record, None).await
         }
+        Route::Refuse(r) => conn.finish(Outcome::Denied(match r {
+            Refusal::OwnListener => Reason::OwnListener,
+            Refusal::NoEndpoint(e) => Reason::NoEndpoint(e),
+        })),
     }
 }
 
@@ -110,6 +108,7 @@ fn mesh_record<'a>(
 
 async fn hbone(
     ctx: &ProxyContext,
+    mut conn: ConnectionResult,
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -117,34 +116,32 @@ async fn hbone(
     up: &Upstream,
 ) {
     let src_id = src.identity();
-    let dst_ids = expected_identities(up);
     let key = PoolKey::new(
         src_id.clone(),
-        dst_ids,
+        expected_identities(up),
         SocketAddr::new(up.address.ip(), ctx.hbone_port),
     );
     let mut req = ConnectRequest::new(up.address);
     req.source = Some(peer);
     let dst_id = up.workload.identity();
     let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
+    // Authorization is the destination node's (it knows the policies of its pods).
+    conn.identify(record.info(), record.labels(), None);
     // Client-speaks-first protocols (HTTP, TLS) have usually sent their first bytes by
     // now: they travel with the CONNECT, saving the client a round trip between nodes.
     // At most one read's worth (`socket::ARRIVED_MAX`); the rest follows in the relay.
     let early = match socket::take_arrived(&stream) {
         Ok(b) => b,
-        Err(e) => return debug!(%peer, %dst, "client connection failed before tunnelling: {e}"),
+        Err(e) => return conn.finish(Outcome::Failed(Reason::Client(e.to_string()))),
     };
     let tunnel = match ctx.pool.connect_with_data(&key, &req, &early).await {
         Ok(t) => t,
         // Closing the pod's connection is the only answer TCP has; the reason is logged.
-        Err(e) => return info!(%peer, %dst, target = %up.address, "HBONE connect failed: {e}"),
+        Err(e) => return conn.finish(Outcome::Failed(Reason::TunnelConnect(e.to_string()))),
     };
-    let mut guard = ctx.connections.open(record.info(), record.labels());
-    guard.add_sent(early.len() as u64);
-    match relay_tunnel(guard.count(stream), tunnel).await {
-        Ok(_) => guard.set_outcome("ok"),
-        Err(e) => guard.set_outcome(format!("error: {e}")),
-    }
+    conn.add_sent(early.len() as u64);
+    let relay = relay_tunnel(conn.count(stream), tunnel);
+    conn.relay(relay).await
 }
 
 /// Both pods on this node: no network trip, but the same checks as a tunnel — both
@@ -152,6 +149,7 @@ async fn hbone(
 /// destination's policies must allow the source's identity.
 async fn same_node(
     ctx: &ProxyContext,
+    conn: ConnectionResult,
     stream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -160,33 +158,43 @@ async fn same_node(
 ) {
     let src_id = src.identity();
     let dst_id = up.workload.identity();
+    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     for id in [&src_id, &dst_id] {
         if let Err(e) = ctx.certs.fetch(id).await {
-            return warn!(%peer, %dst, identity = %id, "no certificate, refusing: {e}");
+            let mut conn = conn;
+            conn.identify(record.info(), record.labels(), None);
+            return conn.finish(Outcome::Denied(Reason::NoCertificate {
+                identity: id.to_string(),
+                error: e.to_string(),
+            }));
         }
     }
-    if !authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload) {
-        return;
-    }
-    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
-    deliver(ctx, stream, peer, record).await
+    let authz = authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload);
+    deliver(ctx, conn, stream, peer, &record, Some(authz)).await
 }
 
-/// Connects to the target with the pod's address as source and relays.
-async fn deliver(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr, record: Record<'_>) {
-    let target = record.target;
-    let up = match ctx.dialer.connect(Some(peer), target).await {
-        Ok(s) => s,
-        Err(e) => return info!(%peer, %target, "upstream connect failed: {e}"),
+/// Connects to the target with the pod's address as source and relays. `authz`: the
+/// destination's policies' verdict, for connections they apply to.
+async fn deliver(
+    ctx: &ProxyContext,
+    mut conn: ConnectionResult,
+    stream: TcpStream,
+    peer: SocketAddr,
+    record: &Record<'_>,
+    authz: Option<Result<Authz, Reason>>,
+) {
+    let authz = match authz.transpose() {
+        Ok(a) => a,
+        Err(denied) => {
+            conn.identify(record.info(), record.labels(), None);
+            return conn.finish(Outcome::Denied(denied));
+        }
     };
-    let mut guard = ctx.connections.open(record.info(), record.labels());
-    match relay(guard.count(stream), up).await {
-        Ok(_) => guard.set_outcome("ok"),
-        Err(e) => guard.set_outcome(format!("error: {e}")),
-    }
-}
-
-fn is_local(dst: SocketAddr) -> bool {
-    // Binding to an address succeeds only if it is ours (without IP_TRANSPARENT).
-    std::net::TcpListener::bind(SocketAddr::new(dst.ip(), 0)).is_ok()
+    conn.identify(record.info(), record.labels(), authz);
+    let up = match ctx.dialer.connect(Some(peer), record.target).await {
+        Ok(s) => s,
+        Err(e) => return conn.finish(Outcome::Failed(Reason::UpstreamConnect(e.to_string()))),
+    };
+    let relay = relay(conn.count(stream), up);
+    conn.relay(relay).await
 }

@@ -140,6 +140,12 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     s.local_addr().map(canonical)
 }
 
+/// Whether `dst` is an address of this node (binding to it succeeds only then, without
+/// `IP_TRANSPARENT`).
+pub fn is_local(dst: SocketAddr) -> bool {
+    std::net::TcpListener::bind(SocketAddr::new(dst.ip(), 0)).is_ok()
+}
+
 /// IPv4-mapped IPv6 addresses as plain IPv4.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
     match a {

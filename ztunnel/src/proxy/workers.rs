@@ -191,7 +191,8 @@ mod tests {
         Arc::new(move || ProxyContext {
             node: "node".into(),
             store: Arc::new(StateStore::default()),
-            dialer: Dialer { mark: 0 },
+            dialer: Arc::new(Dialer { mark: 0 }),
+            original_dst: Arc::new(crate::proxy::socket::original_dst),
             certs: certs.clone(),
             pool: Pool::new(
                 Arc::new(Dialer { mark: 0 }),

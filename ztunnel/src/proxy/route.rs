@@ -1,0 +1,231 @@
+//! Where an outbound connection goes, decided from the state alone: a pure function of
+//! the snapshot, the client's address and the original destination, so every case is a
+//! line of a table test and the executor (`outbound`) only carries the plan out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::state::{ProxyState, ResolveError, Upstream, Workload};
+
+/// The plan for one outbound connection.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Both ends in the mesh, the destination on another node: HBONE to its node.
+    Hbone { src: Arc<Workload>, up: Upstream },
+    /// Both ends in the mesh on this node: the same checks as HBONE, delivered directly.
+    SameNode { src: Arc<Workload>, up: Upstream },
+    /// Not a mesh-to-mesh connection: plain TCP to `target` with the client's address.
+    /// `src` is the client's workload if it is one of this node's mesh pods; `up` the
+    /// destination if the state knows it (a workload outside the mesh).
+    Passthrough {
+        src: Option<Arc<Workload>>,
+        up: Option<Upstream>,
+        target: SocketAddr,
+    },
+    /// Refused before anything is dialed.
+    Refuse(Refusal),
+}
+
+/// Why a connection is refused before it is dialed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The original destination is one of ztunnel's own listeners on this node: it
+    /// would loop through capture forever.
+    #[error("destination is ztunnel's own listener")]
+    OwnListener,
+    /// A service VIP with nothing to send the connection to.
+    #[error("{0}")]
+    NoEndpoint(String),
+}
+
+impl Refusal {
+    /// A short stable name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Refusal::OwnListener => "own_listener",
+            Refusal::NoEndpoint(_) => "no_endpoint",
+        }
+    }
+}
+
+/// What the planner needs besides the state.
+pub struct Planner<'a> {
+    /// This node's name: which mesh workloads are ours.
+    pub node: &'a str,
+    /// ztunnel's listener ports.
+    pub listen_ports: &'a [u16],
+    /// Whether an address is one of this node's (a destination there on a listener
+    /// port is ztunnel itself).
+    pub is_local: &'a dyn Fn(SocketAddr) -> bool,
+}
+
+impl Planner<'_> {
+    /// Plans the connection `peer` opened to `dst`.
+    pub fn plan(&self, state: &ProxyState, peer: SocketAddr, dst: SocketAddr) -> Route {
+        if self.listen_ports.contains(&dst.port()) && (self.is_local)(dst) {
+            return Route::Refuse(Refusal::OwnListener);
+        }
+        let src = state
+            .workload_by_ip(peer.ip())
+            .filter(|w| w.node == self.node && w.in_mesh());
+        let up = match state.resolve(dst) {
+            Ok(up) => up,
+            Err(e @ ResolveError::NoHealthyEndpoints { .. })
+            | Err(e @ ResolveError::NoSuchPort { .. })
+            | Err(e @ ResolveError::NoWorkloadIp { .. }) => {
+                return Route::Refuse(Refusal::NoEndpoint(e.to_string()))
+            }
+        };
+        match (src, up) {
+            (Some(src), Some(up)) if up.in_mesh() => {
+                if up.workload.node == self.node {
+                    Route::SameNode { src, up }
+                } else {
+                    Route::Hbone { src, up }
+                }
+            }
+            (src, up) => {
+                let target = up.as_ref().map(|u| u.address).unwrap_or(dst);
+                Route::Passthrough { src, up, target }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{NamespacedHostname, NetworkAddress, Protocol, Service, StateStore};
+
+    fn workload(name: &str, ip: &str, node: &str, protocol: Protocol) -> Workload {
+        let svc = NamespacedHostname::new("default", "web.default.svc.cluster.local");
+        Workload {
+            uid: format!("c//Pod/default/{name}"),
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: name.into(),
+            workload_ips: vec![ip.parse().unwrap()],
+            protocol,
+            node: node.into(),
+            services: if name.starts_with("web") {
+                [(svc, [(80, 8080)].into_iter().collect())].into()
+            } else {
+                Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn service(name: &str, vip: &str) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "default".into(),
+            hostname: format!("{name}.default.svc.cluster.local"),
+            vips: vec![NetworkAddress::new("", vip.parse().unwrap())],
+            ports: [(80, 8080)].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// node-a: client (mesh), legacy (TCP); node-b: web (mesh, behind VIP 10.96.0.1),
+    /// outside (TCP); an empty service at 10.96.0.2.
+    fn state() -> Arc<ProxyState> {
+        let s = StateStore::default();
+        s.replace_all(
+            [
+                workload("client", "10.1.0.2", "node-a", Protocol::HBONE),
+                workload("neighbour", "10.1.0.3", "node-a", Protocol::HBONE),
+                workload("legacy", "10.1.0.4", "node-a", Protocol::TCP),
+                workload("web", "10.2.0.2", "node-b", Protocol::HBONE),
+                workload("outside", "10.2.0.3", "node-b", Protocol::TCP),
+            ],
+            [service("web", "10.96.0.1"), service("empty", "10.96.0.2")],
+            [],
+        );
+        s.snapshot()
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The plan, as one line: kind, source workload, target.
+    fn plan(peer: &str, dst: &str) -> String {
+        let is_local = |a: SocketAddr| a.ip().to_string() == "192.168.0.1";
+        let p = Planner {
+            node: "node-a",
+            listen_ports: &[15001, 15006, 15008],
+            is_local: &is_local,
+        };
+        let name = |w: &Option<Arc<Workload>>| w.as_ref().map_or("-".into(), |w| w.name.clone());
+        match p.plan(&state(), sa(peer), sa(dst)) {
+            Route::Hbone { src, up } => format!("hbone {} {}", src.name, up.address),
+            Route::SameNode { src, up } => format!("same-node {} {}", src.name, up.address),
+            Route::Passthrough { src, up, target } => format!(
+                "passthrough {} {} {target}",
+                name(&Some(src).flatten()),
+                up.map_or("-".into(), |u| u.workload.name.clone())
+            ),
+            Route::Refuse(r) => format!("refuse {}", r.name()),
+        }
+    }
+
+    #[test]
+    fn every_route() {
+        let table = [
+            // mesh → mesh on another node, by workload address and by service VIP
+            (
+                "10.1.0.2:40000",
+                "10.2.0.2:8080",
+                "hbone client 10.2.0.2:8080",
+            ),
+            (
+                "10.1.0.2:40000",
+                "10.96.0.1:80",
+                "hbone client 10.2.0.2:8080",
+            ),
+            // mesh → mesh on this node
+            (
+                "10.1.0.2:40000",
+                "10.1.0.3:8080",
+                "same-node client 10.1.0.3:8080",
+            ),
+            // mesh → outside the mesh (known TCP workload, unknown address)
+            (
+                "10.1.0.2:40000",
+                "10.2.0.3:80",
+                "passthrough client outside 10.2.0.3:80",
+            ),
+            (
+                "10.1.0.2:40000",
+                "8.8.8.8:53",
+                "passthrough client - 8.8.8.8:53",
+            ),
+            // a client that is no mesh pod of this node is never given an identity
+            (
+                "10.1.0.4:40000",
+                "10.2.0.2:8080",
+                "passthrough - web 10.2.0.2:8080",
+            ),
+            (
+                "10.2.0.2:40000",
+                "10.1.0.3:8080",
+                "passthrough - neighbour 10.1.0.3:8080",
+            ),
+            // ztunnel's own listener on this node: a loop
+            ("10.1.0.2:40000", "192.168.0.1:15001", "refuse own_listener"),
+            // the same port elsewhere is just a port
+            (
+                "10.1.0.2:40000",
+                "10.2.0.3:15001",
+                "passthrough client outside 10.2.0.3:15001",
+            ),
+            // a VIP with no endpoint, or a port the service does not serve
+            ("10.1.0.2:40000", "10.96.0.2:80", "refuse no_endpoint"),
+            ("10.1.0.2:40000", "10.96.0.1:81", "refuse no_endpoint"),
+        ];
+        for (peer, dst, want) in table {
+            assert_eq!(plan(peer, dst), want, "{peer} -> {dst}");
+        }
+    }
+}
