@@ -307,7 +307,7 @@ fn silent_hbone_client_is_cut_off() {
     // From node-a itself (not captured), straight to the server pod's 15008 on node-b.
     let hbone = SocketAddr::new(p.server.ip.into(), 15008);
     let mut silent = connect(&p.a.netns, hbone, T).unwrap();
-    zb.wait_for_log("mTLS handshake timed out", T).unwrap();
+    zb.wait_for_log("mTLS handshake: timed out", T).unwrap();
     let mut rest = Vec::new();
     let _ = silent.read_to_end(&mut rest);
     assert!(rest.is_empty(), "the server spoke first: {rest:?}");

@@ -388,3 +388,68 @@ fn admin_metrics_and_readiness() {
     m.za.wait_for_log("ztunnel stopped", T).unwrap();
     let _ = (&m.b, &m.legacy_echo, &m.tb);
 }
+
+/// A DENY added to the workload file closes a matching live connection (the destination
+/// node judges it again when the file is reloaded), logged and counted with the reason;
+/// the denied, the failed and the successful attempt each leave one access-log line.
+#[test]
+fn a_deny_added_later_closes_a_live_connection() {
+    require_root!();
+    let m = mesh("");
+    let dst = SocketAddr::new(m.server.ip.into(), 8080);
+    let mut live = connect(&m.client.netns, dst, T).unwrap();
+    // A request and its answer, the connection left open.
+    std::io::Write::write_all(&mut live, b"before").unwrap();
+    let mut answer = [0u8; 6];
+    std::io::Read::read_exact(&mut live, &mut answer).unwrap();
+    assert_eq!(&answer, b"before");
+    let deny = "policies:\n- name: deny-client\n  namespace: default\n  scope: Namespace\n  action: Deny\n  \
+                rules:\n  - - - principals: [\"cluster.local/ns/default/sa/client\"]\n";
+    let yaml = std::fs::read_to_string(m.tb.dir().join("workloads.yaml")).unwrap() + deny;
+    let reloads = m.zb.log_text().matches("local config loaded").count();
+    m.tb.write_config("workloads.yaml", &yaml).unwrap();
+    // The file is polled every second; from the reload on, the connection goes at once.
+    ztunnel_tests::traffic::eventually("the new policy loaded", T, || {
+        m.zb.log_text().matches("local config loaded").count() > reloads
+    });
+    let loaded = std::time::Instant::now();
+    live.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut live, &mut buf);
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the connection stayed open: {n:?}"
+    );
+    assert!(
+        loaded.elapsed() < Duration::from_secs(1),
+        "closed {:?} after the reload",
+        loaded.elapsed()
+    );
+    let line =
+        m.zb.wait_for_line(&["connection complete", "outcome=\"closed\""], T)
+            .unwrap();
+    assert!(line.contains("reason=policy changed"), "{line}");
+    assert!(line.contains("response_flags=\"DENY\""), "{line}");
+    // A new connection is denied, and leaves its own line.
+    assert!(round_trip(&m.client, dst, b"after")
+        .map(|v| v.is_empty())
+        .unwrap_or(true));
+    m.zb.wait_for_line(
+        &[
+            "connection complete",
+            "outcome=\"denied\"",
+            "reason=denied by policy",
+        ],
+        T,
+    )
+    .unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, text) = http::get(&m.b.netns, metrics, "/metrics").unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ztunnel_connections_total{")
+                && l.contains("outcome=\"closed\"")
+                && l.contains("reason=\"policy_changed\"")),
+        "{text}"
+    );
+}
