@@ -154,9 +154,32 @@ pub struct RunArgs {
     pub enrollment_source: EnrollmentSource,
 
     /// Istio cluster id: Kubernetes pods are named `<cluster-id>//Pod/<ns>/<name>`, as by
-    /// istiod.
+    /// istiod, and xDS sends it as the node's `CLUSTER_ID`.
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+
+    /// This ztunnel's own pod name (the downward API's `metadata.name`): part of the node
+    /// id istiod knows it by.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+
+    /// This ztunnel's own namespace (`metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+
+    /// This ztunnel's own addresses (`status.podIPs`, comma separated): xDS node id and
+    /// `INSTANCE_IPS`.
+    #[arg(long, env = "INSTANCE_IP", value_delimiter = ',')]
+    pub instance_ip: Vec<std::net::IpAddr>,
+
+    /// The cluster's DNS domain, for the xDS node id.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Extra xDS node metadata: every `ISTIO_META_<NAME>` environment variable, as
+    /// upstream's DaemonSet passes them (read once, at start).
+    #[arg(skip = istio_meta_from_env())]
+    pub istio_meta: std::collections::BTreeMap<String, String>,
 
     /// Names this ztunnel's pinned eBPF state (`<bpffs>/ztunnel/<instance>`); a restart
     /// with the same instance adopts it. Defaults to the node name.
@@ -371,6 +394,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
+/// `ISTIO_META_<NAME>=<value>` variables as `<NAME>` → value.
+fn istio_meta_from_env() -> std::collections::BTreeMap<String, String> {
+    std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_string(), v)))
+        .collect()
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -436,6 +466,37 @@ mod tests {
             "f",
         ];
         assert!(Cli::try_parse_from(both).is_err(), "one source of state");
+    }
+
+    /// `--cluster-id` and the pod facts reach the xDS node, not only Kubernetes names.
+    #[test]
+    fn xds_node_comes_from_the_parsed_config() {
+        let cli = Cli::try_parse_from([
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n1",
+            "--cluster-id",
+            "east",
+            "--pod-name",
+            "ztunnel-abc",
+            "--pod-namespace",
+            "istio-system",
+            "--instance-ip",
+            "10.0.0.7,fd00::7",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let x = crate::xds::client::XdsConfig::for_run("https://istiod:15012", &args);
+        assert_eq!(x.cluster_id, "east");
+        assert_eq!(x.pod_name, "ztunnel-abc");
+        assert_eq!(x.instance_ips.len(), 2);
+        assert_eq!(
+            x.node().id,
+            "ztunnel~10.0.0.7~ztunnel-abc.istio-system~istio-system.svc.cluster.local"
+        );
     }
 
     #[test]

@@ -93,33 +93,17 @@ impl XdsConfig {
         }
     }
 
-    /// [`XdsConfig::new`] plus the pod facts from the environment variables upstream's
-    /// DaemonSet sets: `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`, `CLUSTER_ID` (or
-    /// `ISTIO_META_CLUSTER_ID`), `CLUSTER_DOMAIN` and every `ISTIO_META_*`.
-    pub fn from_env(address: impl Into<String>, node_name: impl Into<String>) -> Self {
-        let mut c = XdsConfig::new(address, node_name);
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        c.pod_name = var("POD_NAME").unwrap_or_default();
-        c.pod_namespace = var("POD_NAMESPACE").unwrap_or_default();
-        c.instance_ips = var("INSTANCE_IP")
-            .into_iter()
-            .flat_map(|v| {
-                v.split(',')
-                    .filter_map(|s| s.trim().parse().ok())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        if let Some(id) = var("ISTIO_META_CLUSTER_ID").or_else(|| var("CLUSTER_ID")) {
-            c.cluster_id = id;
-        }
-        if let Some(d) = var("CLUSTER_DOMAIN") {
-            c.cluster_domain = d;
-        }
-        for (k, v) in std::env::vars() {
-            if let Some(name) = k.strip_prefix("ISTIO_META_") {
-                c.metadata.insert(name.to_string(), v);
-            }
-        }
+    /// [`XdsConfig::new`] plus the pod facts of `ztunnel run`'s configuration (flags or
+    /// the environment variables upstream's DaemonSet sets: `POD_NAME`, `POD_NAMESPACE`,
+    /// `INSTANCE_IP`, `CLUSTER_ID`, `CLUSTER_DOMAIN` and every `ISTIO_META_*`).
+    pub fn for_run(address: impl Into<String>, args: &crate::config::RunArgs) -> Self {
+        let mut c = XdsConfig::new(address, args.node_name.clone());
+        c.pod_name = args.pod_name.clone();
+        c.pod_namespace = args.pod_namespace.clone();
+        c.instance_ips = args.instance_ip.clone();
+        c.cluster_id = args.cluster_id.clone();
+        c.cluster_domain = args.cluster_domain.clone();
+        c.metadata = args.istio_meta.clone();
         c
     }
 
@@ -433,7 +417,7 @@ impl XdsClient {
 
 /// `ztunnel run`'s xDS source, from `--xds-address`, `--xds-root-cert` (default
 /// `--ca-root-cert`), `--ca-token-file` and `--node-name`, plus the pod facts upstream's
-/// DaemonSet passes in the environment (see [`XdsConfig::from_env`]). Spawns the client on
+/// DaemonSet passes (see [`XdsConfig::for_run`]). Spawns the client on
 /// the current runtime; `None` without `--xds-address`. Abort the task to stop it.
 pub fn spawn_for_run(
     args: &crate::config::RunArgs,
@@ -442,7 +426,7 @@ pub fn spawn_for_run(
     let Some(address) = &args.xds_address else {
         return Ok(None);
     };
-    let mut config = XdsConfig::from_env(address.clone(), args.node_name.clone());
+    let mut config = XdsConfig::for_run(address.clone(), args);
     config.root_cert = args
         .xds_root_cert
         .clone()
