@@ -216,6 +216,10 @@ mod tests {
 
     #[tokio::test]
     async fn dials_from_the_clients_port_and_falls_back_when_it_is_taken() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: IP_TRANSPARENT and SO_MARK need root (CAP_NET_ADMIN)");
+            return;
+        }
         // 127.0.0.2 is local (all of 127/8 is), so this needs no transparent routing; the
         // options set on the way (mark, IP_TRANSPARENT) need root, as ztunnel does.
         let dialer = Dialer { mark: 0 };
