@@ -167,6 +167,45 @@ fn policy_evaluation(c: &mut Criterion) {
     g.finish();
 }
 
+/// What every connection costs its record: the labels and info built from both
+/// workloads, registration, and the end (metrics; the access-log line is off here, as
+/// with a log filter that hides it).
+fn connection_record(c: &mut Criterion) {
+    use std::sync::Arc;
+    use ztunnel::connections::{ConnectionTracker, Direction, Outcome};
+    use ztunnel::proxy::labels::{End, Record};
+    let tracker = ConnectionTracker::new(Arc::new(ztunnel::metrics::Metrics::new()));
+    let (src, dst) = (workload(3), workload(7));
+    let (src_id, dst_id) = (src.identity(), dst.identity());
+    let peer = SocketAddr::new(pod_ip(3), 40000);
+    let target = SocketAddr::new(pod_ip(7), 8080);
+    c.bench_function("connection/accept_identify_finish", |b| {
+        b.iter(|| {
+            let record = Record {
+                direction: Direction::Outbound,
+                src: End {
+                    addr: Some(peer),
+                    workload: Some(&src),
+                    identity: Some(&src_id),
+                },
+                dst: End {
+                    addr: Some(target),
+                    workload: Some(&dst),
+                    identity: Some(&dst_id),
+                },
+                service: None,
+                dst_addr: target,
+                target,
+                mtls: true,
+            };
+            let mut conn = tracker.accept(Direction::Outbound, peer, Some(target));
+            conn.identify(record.info(), record.labels(), None);
+            conn.finish(Outcome::Ok);
+        })
+    });
+    let _ = Arc::new(());
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -176,6 +215,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = state_lookups, policy_evaluation
+    targets = state_lookups, policy_evaluation, connection_record
 }
 criterion_main!(benches);

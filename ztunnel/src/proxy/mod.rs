@@ -10,7 +10,7 @@
 //! root or capture.
 
 pub mod inbound;
-mod labels;
+pub mod labels;
 pub mod outbound;
 pub mod route;
 pub mod socket;
