@@ -30,20 +30,42 @@ use ztunnel_ebpf_common::{
     POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
 };
 
-#[map(name = "ZT_PODS")]
-static PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(16384, 0);
-#[map(name = "ZT_SETTINGS")]
-static SETTINGS: Array<Settings> = Array::pinned(1, 0);
-#[map(name = "ZT_EXCL_PORTS")]
-static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
-#[map(name = "ZT_NODE_ADDRS")]
-static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
-#[map(name = "ZT_FLOWS")]
-static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
-#[map(name = "ZT_COUNTERS")]
-static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
-#[map(name = "ZT_IFACES")]
-static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
+/// Defines one static per map of `ztunnel_ebpf_common::with_map_names!`, named from that
+/// list (a map missing here fails to compile; a test checks the built object).
+macro_rules! capture_maps {
+    ($($(#[$doc:meta])* $id:ident = $name:tt,)*) => {
+        $(capture_maps!(@map $id $name);)*
+    };
+    (@map PODS $name:tt) => {
+        #[map(name = $name)]
+        static PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(16384, 0);
+    };
+    (@map SETTINGS $name:tt) => {
+        #[map(name = $name)]
+        static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+    };
+    (@map EXCLUDED_PORTS $name:tt) => {
+        #[map(name = $name)]
+        static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+    };
+    (@map NODE_ADDRS $name:tt) => {
+        #[map(name = $name)]
+        static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
+    };
+    (@map CAPTURED_FLOWS $name:tt) => {
+        #[map(name = $name)]
+        static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
+    };
+    (@map COUNTERS $name:tt) => {
+        #[map(name = $name)]
+        static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
+    };
+    (@map IFACES $name:tt) => {
+        #[map(name = $name)]
+        static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
+    };
+}
+ztunnel_ebpf_common::with_map_names!(capture_maps);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -10,6 +10,8 @@ pub mod features;
 pub mod interfaces;
 pub mod legacy_tc;
 mod links;
+#[cfg(test)]
+mod object_tests;
 pub mod routing;
 
 use std::collections::BTreeMap;
