@@ -2,7 +2,9 @@
 //!
 //! Everything here is `#[repr(C)]` plain data: the same bytes are written by
 //! user space into BPF maps and read by the kernel programs.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod decide;
 
 /// Calls `$then!` with every map of the capture program as `CONST = "name",` (each with
 /// its doc comment), in the order of [`maps::ALL`]. This list is the one place the names
