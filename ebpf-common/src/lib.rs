@@ -106,7 +106,12 @@ pub struct Settings {
     /// Packet mark set on every assigned packet; an `ip rule fwmark` sends it to a
     /// `local` route so the kernel delivers it to the assigned socket.
     pub capture_mark: u32,
-    /// `SO_MARK` ztunnel puts on its own sockets: their packets are never captured.
+    /// `SO_MARK` ztunnel puts on its own sockets. Informational: written by the loader,
+    /// never read by the program, which needs no test for it — ztunnel's own packets leave
+    /// through egress hooks, and the program runs only at ingress (the replies to its
+    /// sockets are assigned back to them by the socket lookup, whatever their mark). Kept
+    /// so the layout of maps pinned by a running ztunnel stays the same across upgrades;
+    /// a reader of the map (bpftool) sees which mark must not overlap `capture_mark`.
     pub proxy_mark: u32,
     pub outbound_port: u16,
     pub inbound_plain_port: u16,
