@@ -2,37 +2,53 @@
 //!
 //! Everything here is `#[repr(C)]` plain data: the same bytes are written by
 //! user space into BPF maps and read by the kernel programs.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
-/// Names of the maps, as both sides refer to them.
+pub mod decide;
+
+/// Calls `$then!` with every map of the capture program as `CONST = "name",` (each with
+/// its doc comment), in the order of [`maps::ALL`]. This list is the one place the names
+/// are written: [`maps`] is generated from it, and so are the program's `#[map(name = …)]`
+/// attributes (which take only a literal); a test checks the built object against it.
+#[macro_export]
+macro_rules! with_map_names {
+    ($then:ident) => {
+        $then! {
+            /// Enrolled pods: [`PodKey`](crate::PodKey) → [`PodInfo`](crate::PodInfo).
+            PODS = "ZT_PODS",
+            /// One [`Settings`](crate::Settings) value at index 0.
+            SETTINGS = "ZT_SETTINGS",
+            /// Destination ports never captured: port → 1.
+            EXCLUDED_PORTS = "ZT_EXCL_PORTS",
+            /// The node's own addresses (kubelet probes and the node itself):
+            /// [`PodKey`](crate::PodKey) → 1.
+            NODE_ADDRS = "ZT_NODE_ADDRS",
+            /// Flows handed to a ztunnel listener: [`FlowKey`](crate::FlowKey) → 1 (LRU). A
+            /// packet of such a flow that finds no ztunnel socket is dropped (fail closed),
+            /// unlike a flow that predates enrollment, which is let through.
+            CAPTURED_FLOWS = "ZT_FLOWS",
+            /// Per-pod counters, per CPU: [`PodKey`](crate::PodKey) →
+            /// [`PodCounters`](crate::PodCounters).
+            COUNTERS = "ZT_COUNTERS",
+            /// Interfaces whose captured packets need more than a mark: ifindex →
+            /// [`IfaceInfo`](crate::IfaceInfo).
+            IFACES = "ZT_IFACES",
+        }
+    };
+}
+
+/// Names of the maps, as both sides refer to them (generated from
+/// [`crate::with_map_names!`]).
 pub mod maps {
-    /// Enrolled pods: [`PodKey`] → [`PodInfo`].
-    pub const PODS: &str = "ZT_PODS";
-    /// One [`Settings`] value at index 0.
-    pub const SETTINGS: &str = "ZT_SETTINGS";
-    /// Destination ports never captured: port → 1.
-    pub const EXCLUDED_PORTS: &str = "ZT_EXCL_PORTS";
-    /// The node's own addresses (kubelet probes and the node itself): [`PodKey`] → 1.
-    pub const NODE_ADDRS: &str = "ZT_NODE_ADDRS";
-    /// Flows handed to a ztunnel listener: [`FlowKey`] → 1 (LRU). A packet of such a flow
-    /// that finds no ztunnel socket is dropped (fail closed), unlike a flow that predates
-    /// enrollment, which is let through.
-    pub const CAPTURED_FLOWS: &str = "ZT_FLOWS";
-    /// Per-pod counters, per CPU: [`PodKey`] → [`PodCounters`].
-    pub const COUNTERS: &str = "ZT_COUNTERS";
-    /// Interfaces whose captured packets need more than a mark: ifindex → [`IfaceInfo`].
-    pub const IFACES: &str = "ZT_IFACES";
-
-    /// Every map the program defines, for the check that the built object has them all.
-    pub const ALL: [&str; 7] = [
-        PODS,
-        SETTINGS,
-        EXCLUDED_PORTS,
-        NODE_ADDRS,
-        CAPTURED_FLOWS,
-        COUNTERS,
-        IFACES,
-    ];
+    macro_rules! names {
+        ($($(#[$doc:meta])* $id:ident = $name:literal,)*) => {
+            $($(#[$doc])* pub const $id: &str = $name;)*
+            /// Every map the program defines, for the check that the built object has
+            /// exactly these.
+            pub const ALL: &[&str] = &[$($id),*];
+        };
+    }
+    crate::with_map_names!(names);
 }
 
 /// The program's verdict for a packet it does not take: "continue". Under TCX this is
@@ -90,7 +106,12 @@ pub struct Settings {
     /// Packet mark set on every assigned packet; an `ip rule fwmark` sends it to a
     /// `local` route so the kernel delivers it to the assigned socket.
     pub capture_mark: u32,
-    /// `SO_MARK` ztunnel puts on its own sockets: their packets are never captured.
+    /// `SO_MARK` ztunnel puts on its own sockets. Informational: written by the loader,
+    /// never read by the program, which needs no test for it — ztunnel's own packets leave
+    /// through egress hooks, and the program runs only at ingress (the replies to its
+    /// sockets are assigned back to them by the socket lookup, whatever their mark). Kept
+    /// so the layout of maps pinned by a running ztunnel stays the same across upgrades;
+    /// a reader of the map (bpftool) sees which mark must not overlap `capture_mark`.
     pub proxy_mark: u32,
     pub outbound_port: u16,
     pub inbound_plain_port: u16,

@@ -1,12 +1,14 @@
 //! The capture program: one TC ingress classifier, attached to the host side of each
-//! enrolled pod's veth and to the node's other links.
+//! pod's interface and to the node's other links.
 //!
-//! For every TCP packet that leaves an enrolled pod or is addressed to one, in order:
-//! 1. a ztunnel socket already owns this exact flow → assign the packet to it;
-//! 2. a SYN opening a new flow → assign it to ztunnel's transparent listener
-//!    (15001 outbound, 15008 for HBONE, 15006 for other inbound);
-//! 3. a packet of a flow we captured whose socket is gone (ztunnel died) → drop (fail closed);
-//! 4. anything else (flows opened before enrollment, other traffic) → untouched.
+//! For each TCP packet it parses the header, looks up its addresses, and lets
+//! [`decide`] (in `ztunnel-ebpf-common`, where the steps are documented and
+//! table-tested) choose, answering its questions through [`Kernel`]: whether a ztunnel
+//! socket owns the flow (then the packet is assigned to it), whether a SYN goes to
+//! ztunnel's transparent listener (15001 outbound, 15008 for HBONE, 15006 for other
+//! inbound), whether a packet of a captured flow has lost its socket (ztunnel died: drop,
+//! fail closed), or whether the packet is not ztunnel's to take (flows opened before
+//! enrollment, other traffic). Then it acts on the verdict.
 //!
 //! Assigned packets get the capture mark, which policy routing turns into local delivery.
 //!
@@ -26,31 +28,52 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
+    decide::{decide, End, Facts, Lookups, Verdict},
     FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, IFACE_BRIDGE_PORT,
-    POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
+    SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
 };
 
-#[map(name = "ZT_PODS")]
-static PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(16384, 0);
-#[map(name = "ZT_SETTINGS")]
-static SETTINGS: Array<Settings> = Array::pinned(1, 0);
-#[map(name = "ZT_EXCL_PORTS")]
-static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
-#[map(name = "ZT_NODE_ADDRS")]
-static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
-#[map(name = "ZT_FLOWS")]
-static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
-#[map(name = "ZT_COUNTERS")]
-static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
-#[map(name = "ZT_IFACES")]
-static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
+/// Defines one static per map of `ztunnel_ebpf_common::with_map_names!`, named from that
+/// list (a map missing here fails to compile; a test checks the built object).
+macro_rules! capture_maps {
+    ($($(#[$doc:meta])* $id:ident = $name:tt,)*) => {
+        $(capture_maps!(@map $id $name);)*
+    };
+    (@map PODS $name:tt) => {
+        #[map(name = $name)]
+        static PODS: HashMap<PodKey, PodInfo> = HashMap::pinned(16384, 0);
+    };
+    (@map SETTINGS $name:tt) => {
+        #[map(name = $name)]
+        static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+    };
+    (@map EXCLUDED_PORTS $name:tt) => {
+        #[map(name = $name)]
+        static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+    };
+    (@map NODE_ADDRS $name:tt) => {
+        #[map(name = $name)]
+        static NODE_ADDRS: HashMap<PodKey, u8> = HashMap::pinned(256, 0);
+    };
+    (@map CAPTURED_FLOWS $name:tt) => {
+        #[map(name = $name)]
+        static CAPTURED_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
+    };
+    (@map COUNTERS $name:tt) => {
+        #[map(name = $name)]
+        static COUNTERS: PerCpuHashMap<PodKey, PodCounters> = PerCpuHashMap::pinned(16384, 0);
+    };
+    (@map IFACES $name:tt) => {
+        #[map(name = $name)]
+        static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
+    };
+}
+ztunnel_ebpf_common::with_map_names!(capture_maps);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 const TCP_STATE_LISTEN: u32 = 10;
 
 /// The fields of a TCP packet the decision needs.
@@ -75,103 +98,118 @@ pub fn zt_capture(ctx: TcContext) -> i32 {
 }
 
 fn capture(ctx: &TcContext) -> Result<i32, ()> {
-    let settings = match SETTINGS.get(0) {
-        Some(s) if s.flags & SETTINGS_ENABLED != 0 => *s,
-        _ => return Ok(VERDICT_CONTINUE),
-    };
+    // Parse.
     let Some(pkt) = parse(ctx)? else {
         return Ok(VERDICT_CONTINUE);
     };
+    // Look up what the packet's addresses are.
+    let settings = SETTINGS.get(0).copied().unwrap_or_default();
     let src = PodKey { addr: pkt.saddr };
     let dst = PodKey { addr: pkt.daddr };
-    let src_info = pod_info(&src);
-    let src_out = src_info.flags & POD_FLAG_OUTBOUND != 0;
-    let dst_in = pod_info(&dst).flags & POD_FLAG_INBOUND != 0;
-    // Anti-spoofing: an enrolled pod's address is only believed on its own veth. A pod
-    // sending with a neighbour's address would otherwise be proxied with the neighbour's
-    // identity and policy rights.
-    // SAFETY: reading a field of the context's __sk_buff.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if src_info.flags != 0 && src_info.ifindex != 0 && src_info.ifindex != ifindex {
-        if let Some(c) = counters(&src) {
-            c.dropped_spoofed += 1;
-        }
-        return Ok(TC_ACT_SHOT);
-    }
+    let facts = Facts {
+        settings,
+        // SAFETY: reading a field of the context's __sk_buff.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        src: pod_info(&src),
+        dst: pod_info(&dst),
+        tcp_flags: pkt.flags,
+        dport: u16::from_be(pkt.dport),
+    };
     let flow = FlowKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         sport: pkt.sport,
         dport: pkt.dport,
     };
+    // Decide, looking up (and assigning to sockets) as the decision asks.
+    let verdict = decide(
+        &facts,
+        &mut Kernel {
+            ctx,
+            pkt: &pkt,
+            flow: &flow,
+            dst: &dst,
+            mark: settings.capture_mark,
+        },
+    );
 
-    if !src_out && !dst_in {
-        // Not an enrolled pod's traffic, but it may still belong to a flow we captured
-        // before the pod was unenrolled: that flow keeps going through ztunnel.
-        if !is_captured(&flow) {
-            return Ok(VERDICT_CONTINUE);
+    // Act.
+    if verdict.counted() {
+        if facts.src_outbound() {
+            count_packet(&src, &pkt);
+        }
+        if facts.dst_inbound() {
+            count_packet(&dst, &pkt);
         }
     }
-    if src_out {
-        count_packet(&src, &pkt);
-    }
-    if dst_in {
-        count_packet(&dst, &pkt);
-    }
-
-    // 1. A ztunnel socket already owns this flow (also the replies to its own
-    //    original-source connections).
-    if assign_existing(ctx, &pkt, settings.capture_mark) {
-        return Ok(taken(ctx, ifindex));
-    }
-
-    let is_syn = pkt.flags & TCP_SYN != 0 && pkt.flags & TCP_ACK == 0;
-    if !is_syn {
-        // 3. Ours but its socket is gone: never let it out in plaintext.
-        if is_captured(&flow) || is_captured(&reversed(&flow)) {
-            count_drop(&src, &dst, src_out, dst_in);
-            return Ok(TC_ACT_SHOT);
-        }
-        // 4. A flow from before enrollment: let it finish on the direct path.
-        return Ok(VERDICT_CONTINUE);
-    }
-
-    // 2. A new connection.
-    if EXCLUDED_PORTS.get_ptr(u16::from_be(pkt.dport)).is_some() {
-        return Ok(VERDICT_CONTINUE);
-    }
-    let listen_port = if src_out && NODE_ADDRS.get_ptr(dst).is_none() {
-        settings.outbound_port
-    } else if dst_in && !src_out {
-        if u16::from_be(pkt.dport) == settings.inbound_hbone_port {
-            settings.inbound_hbone_port
-        } else {
-            settings.inbound_plain_port
-        }
-    } else {
-        // An enrolled pod calling its own node (kubelet, node-local agents): direct.
-        return Ok(VERDICT_CONTINUE);
-    };
-
-    if assign_listener(ctx, &pkt, listen_port, settings.capture_mark) {
-        let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
-        let outbound = listen_port == settings.outbound_port;
-        if let Some(c) = counters(if outbound { &src } else { &dst }) {
-            if outbound {
-                c.outbound_flows += 1;
-            } else {
-                c.inbound_flows += 1;
+    Ok(match verdict {
+        Verdict::Continue | Verdict::Direct => VERDICT_CONTINUE,
+        Verdict::Assigned => taken(ctx, facts.ifindex),
+        Verdict::AssignedListener(listener) => {
+            let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
+            let outbound = listener.is_outbound();
+            if let Some(c) = counters(if outbound { &src } else { &dst }) {
+                if outbound {
+                    c.outbound_flows += 1;
+                } else {
+                    c.inbound_flows += 1;
+                }
             }
+            if settings.flags & SETTINGS_LOG_FLOWS != 0 {
+                log_flow(ctx, &pkt, outbound, listener.port(&settings));
+            }
+            taken(ctx, facts.ifindex)
         }
-        if settings.flags & SETTINGS_LOG_FLOWS != 0 {
-            log_flow(ctx, &pkt, outbound, listen_port);
+        Verdict::DropSpoofed => {
+            if let Some(c) = counters(&src) {
+                c.dropped_spoofed += 1;
+            }
+            TC_ACT_SHOT
         }
-        return Ok(taken(ctx, ifindex));
+        Verdict::DropFailClosed => {
+            let charged = match facts.charged() {
+                Some(End::Src) => Some(&src),
+                Some(End::Dst) => Some(&dst),
+                None => None,
+            };
+            if let Some(c) = charged.and_then(counters) {
+                c.dropped_no_proxy += 1;
+            }
+            TC_ACT_SHOT
+        }
+    })
+}
+
+/// The answers to the decision's questions, from the maps and the kernel's socket lookup.
+struct Kernel<'a> {
+    ctx: &'a TcContext,
+    pkt: &'a Packet,
+    flow: &'a FlowKey,
+    dst: &'a PodKey,
+    mark: u32,
+}
+
+impl Lookups for Kernel<'_> {
+    fn flow_captured(&mut self) -> bool {
+        is_captured(self.flow)
     }
-    // 5. Fail closed: ztunnel is not listening (stopped, crashed, restarting). Dropping
-    //    the SYN makes the client retry; it gets through once ztunnel is back.
-    count_drop(&src, &dst, src_out, dst_in);
-    Ok(TC_ACT_SHOT)
+    fn reverse_captured(&mut self) -> bool {
+        is_captured(&reversed(self.flow))
+    }
+    fn assign_existing(&mut self) -> bool {
+        assign_existing(self.ctx, self.pkt, self.mark)
+    }
+    fn port_excluded(&mut self) -> bool {
+        EXCLUDED_PORTS
+            .get_ptr(u16::from_be(self.pkt.dport))
+            .is_some()
+    }
+    fn dst_is_node(&mut self) -> bool {
+        NODE_ADDRS.get_ptr(self.dst).is_some()
+    }
+    fn assign_listener(&mut self, port: u16) -> bool {
+        assign_listener(self.ctx, self.pkt, port, self.mark)
+    }
 }
 
 /// The verdict for a packet assigned to a ztunnel socket: it goes up the node's stack
@@ -387,19 +425,6 @@ fn count_packet(pod: &PodKey, pkt: &Packet) {
     if let Some(c) = counters(pod) {
         c.packets += 1;
         c.bytes += pkt.len as u64;
-    }
-}
-
-fn count_drop(src: &PodKey, dst: &PodKey, src_out: bool, dst_in: bool) {
-    let pod = if src_out {
-        src
-    } else if dst_in {
-        dst
-    } else {
-        return;
-    };
-    if let Some(c) = counters(pod) {
-        c.dropped_no_proxy += 1;
     }
 }
 

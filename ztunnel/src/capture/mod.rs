@@ -3,13 +3,15 @@
 //! This module loads the capture program (`ebpf/`), pins its maps and links under
 //! `<bpffs>/ztunnel/<instance>/`, installs the policy routing that delivers captured
 //! packets locally, and keeps the map of enrolled pods. See `ARCHITECTURE.md` for the
-//! mechanism; the program itself documents the per-packet decision.
+//! mechanism; `ztunnel_ebpf_common::decide` documents the per-packet decision.
 
 mod bpffs;
 pub mod features;
 pub mod interfaces;
 pub mod legacy_tc;
 mod links;
+#[cfg(test)]
+mod object_tests;
 pub mod routing;
 
 use std::collections::BTreeMap;

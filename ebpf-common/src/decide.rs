@@ -1,0 +1,226 @@
+//! The capture program's per-packet decision, as a plain function the host can test.
+//!
+//! The program (`ebpf/src/main.rs`) parses a TCP packet, looks up what its addresses are
+//! ([`Facts`]), and calls [`decide`], which asks for the rest through [`Lookups`] — each
+//! question only when the answer matters, in this order — and returns a [`Verdict`] that
+//! the program acts on (counters, `ZT_FLOWS`, the log line, the kernel's return value).
+//!
+//! Per TCP packet, in order:
+//!
+//! 0. Capture not enabled (settings not written yet) → continue. An enrolled pod's address
+//!    arriving on another interface than the pod's own (`PodInfo::ifindex`, 0 = unknown)
+//!    → drop (spoofed): a pod must not borrow a neighbour's identity and policy rights.
+//! 1. Neither source nor destination enrolled, and the flow (as opened, client → server)
+//!    was never captured → continue: not ztunnel's packet.
+//! 2. A non-listening socket owns the packet's exact tuple (ztunnel's accepted socket, or
+//!    one of its original-source upstream sockets) → assigned to it.
+//! 3. Not a SYN: the flow (either direction) was captured, so its socket is gone (ztunnel
+//!    died) → drop (fail closed: nothing leaves in plaintext); otherwise it is a flow
+//!    opened before enrollment → direct (enrolling never resets).
+//! 4. A SYN: excluded destination port → direct; from an enrolled pod to anything but the
+//!    node's own addresses → outbound listener; to an enrolled pod from anything but an
+//!    enrolled pod → HBONE listener if the port is the HBONE port, else the plaintext
+//!    inbound listener; otherwise (an enrolled pod calling its node) → direct.
+//! 5. The listener took it → assigned; no listener (ztunnel stopped or restarting) → drop
+//!    the SYN (fail closed); the client retransmits and gets through once ztunnel is back.
+//!
+//! "Continue" and "direct" both give the kernel `VERDICT_CONTINUE`; they differ in that a
+//! direct packet is an enrolled pod's, counted in its counters.
+
+use crate::{PodInfo, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// What the program knows of a packet before deciding: the header's fields and the map
+/// entries of its addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The `ZT_SETTINGS` value (all-zero if there is none).
+    pub settings: Settings,
+    /// The interface the packet arrived on (`__sk_buff.ifindex`).
+    pub ifindex: u32,
+    /// The `ZT_PODS` entry of the source address; all-zero if it is not enrolled.
+    pub src: PodInfo,
+    /// The `ZT_PODS` entry of the destination address; all-zero if it is not enrolled.
+    pub dst: PodInfo,
+    /// The TCP header's flags byte.
+    pub tcp_flags: u8,
+    /// The destination port, host byte order.
+    pub dport: u16,
+}
+
+impl Facts {
+    /// The source is an enrolled pod whose outbound connections are captured.
+    pub fn src_outbound(&self) -> bool {
+        self.src.flags & POD_FLAG_OUTBOUND != 0
+    }
+
+    /// The destination is an enrolled pod whose inbound connections are captured.
+    pub fn dst_inbound(&self) -> bool {
+        self.dst.flags & POD_FLAG_INBOUND != 0
+    }
+
+    /// A pure SYN: the first packet of a new connection (not a SYN-ACK).
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & TCP_SYN != 0 && self.tcp_flags & TCP_ACK == 0
+    }
+
+    /// The source address is an enrolled pod's, and the packet did not come from that
+    /// pod's own interface. An index of 0 means the pod's interface is unknown: then the
+    /// address is believed anywhere.
+    pub fn spoofed(&self) -> bool {
+        self.src.flags != 0 && self.src.ifindex != 0 && self.src.ifindex != self.ifindex
+    }
+
+    /// Which end's counters record a drop for lack of a ztunnel socket: the source if it
+    /// is captured outbound, else the destination if it is captured inbound.
+    pub fn charged(&self) -> Option<End> {
+        if self.src_outbound() {
+            Some(End::Src)
+        } else if self.dst_inbound() {
+            Some(End::Dst)
+        } else {
+            None
+        }
+    }
+}
+
+/// One end of a packet's flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Src,
+    Dst,
+}
+
+/// What the decision may need beyond [`Facts`]: asked only when the answer matters, in
+/// the order of the steps. Assigning is part of the socket questions because a socket
+/// found by the kernel's lookup must be assigned (or not) and released before the program
+/// goes on.
+pub trait Lookups {
+    /// The packet's flow, as it is (source → destination), is in `ZT_FLOWS`.
+    fn flow_captured(&mut self) -> bool;
+    /// The reverse of the packet's flow is in `ZT_FLOWS`.
+    fn reverse_captured(&mut self) -> bool;
+    /// A non-listening socket owns the packet's exact tuple: assign the packet to it (with
+    /// the capture mark). True if it was assigned.
+    fn assign_existing(&mut self) -> bool;
+    /// The destination port is in `ZT_EXCL_PORTS`.
+    fn port_excluded(&mut self) -> bool;
+    /// The destination address is in `ZT_NODE_ADDRS`.
+    fn dst_is_node(&mut self) -> bool;
+    /// ztunnel listens on `port` (the packet's addresses, that port): assign the SYN to
+    /// the listener (with the capture mark). True if it was assigned.
+    fn assign_listener(&mut self, port: u16) -> bool;
+}
+
+/// ztunnel's transparent listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// An enrolled pod's outbound connections (15001).
+    Outbound,
+    /// HBONE to an enrolled pod (15008).
+    InboundHbone,
+    /// Plaintext to an enrolled pod (15006).
+    InboundPlain,
+}
+
+impl Listener {
+    /// The listener's port (host byte order) in `settings`.
+    pub fn port(self, settings: &Settings) -> u16 {
+        match self {
+            Listener::Outbound => settings.outbound_port,
+            Listener::InboundHbone => settings.inbound_hbone_port,
+            Listener::InboundPlain => settings.inbound_plain_port,
+        }
+    }
+
+    pub fn is_outbound(self) -> bool {
+        self == Listener::Outbound
+    }
+}
+
+/// What the program does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not ztunnel's packet: `VERDICT_CONTINUE`, nothing counted.
+    Continue,
+    /// An enrolled pod's packet left on the direct path (a flow from before enrollment, an
+    /// excluded port, a pod calling its own node): `VERDICT_CONTINUE`, counted.
+    Direct,
+    /// Assigned to the socket owning its tuple: taken up the stack.
+    Assigned,
+    /// A SYN assigned to a listener: taken up the stack, the flow remembered in
+    /// `ZT_FLOWS`.
+    AssignedListener(Listener),
+    /// An enrolled pod's address on a foreign interface: dropped, counted on the source.
+    DropSpoofed,
+    /// Ours but no ztunnel socket to take it: dropped (fail closed), counted on the
+    /// [`Facts::charged`] end.
+    DropFailClosed,
+}
+
+impl Verdict {
+    /// The packet is counted (packets, bytes) on its enrolled ends: it went past the
+    /// address checks, whatever happened next.
+    pub fn counted(self) -> bool {
+        !matches!(self, Verdict::Continue | Verdict::DropSpoofed)
+    }
+}
+
+/// The verdict for a packet, asking `look` for what the facts do not say (see the module
+/// documentation for the steps).
+pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
+    // 0. Nothing to do before the loader has written the settings; then, anti-spoofing.
+    if f.settings.flags & SETTINGS_ENABLED == 0 {
+        return Verdict::Continue;
+    }
+    if f.spoofed() {
+        return Verdict::DropSpoofed;
+    }
+    let src_out = f.src_outbound();
+    let dst_in = f.dst_inbound();
+    // 1. Not an enrolled pod's traffic, but it may still belong to a flow captured before
+    //    the pod was unenrolled: that flow keeps going through ztunnel.
+    if !src_out && !dst_in && !look.flow_captured() {
+        return Verdict::Continue;
+    }
+    // 2. A ztunnel socket already owns this flow (also the replies to its own
+    //    original-source connections).
+    if look.assign_existing() {
+        return Verdict::Assigned;
+    }
+    // 3. Ours but its socket is gone: never let it out in plaintext. Else a flow from
+    //    before enrollment: let it finish on the direct path.
+    if !f.is_syn() {
+        if look.flow_captured() || look.reverse_captured() {
+            return Verdict::DropFailClosed;
+        }
+        return Verdict::Direct;
+    }
+    // 4. A new connection.
+    if look.port_excluded() {
+        return Verdict::Direct;
+    }
+    let listener = if src_out && !look.dst_is_node() {
+        Listener::Outbound
+    } else if dst_in && !src_out {
+        if f.dport == f.settings.inbound_hbone_port {
+            Listener::InboundHbone
+        } else {
+            Listener::InboundPlain
+        }
+    } else {
+        // An enrolled pod calling its own node (kubelet, node-local agents): direct.
+        return Verdict::Direct;
+    };
+    // 5. Fail closed when ztunnel is not listening (stopped, crashed, restarting).
+    if look.assign_listener(listener.port(&f.settings)) {
+        Verdict::AssignedListener(listener)
+    } else {
+        Verdict::DropFailClosed
+    }
+}
+
+#[cfg(test)]
+mod tests;
