@@ -212,7 +212,7 @@ async fn serve(
         args.kubernetes_enrollment(),
     ));
     enroller.reconcile().await;
-    tasks.spawn(memory::return_freed_memory());
+    tasks.spawn(memory::return_freed_memory(args.malloc_trim_interval));
 
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin_state = Arc::new(AdminState {
@@ -278,13 +278,15 @@ async fn serve(
     drop(inherited);
     let mut handed = handover::serve(&args.handover_socket(), registry.clone())?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
-    tokio::task::spawn_blocking(|| match memory::release_startup_pages() {
-        Ok(n) => debug!(
-            mib = n >> 20,
-            "start-up pages of the executable handed back"
-        ),
-        Err(e) => debug!("could not hand back start-up pages: {e}"),
-    });
+    if args.release_startup_pages {
+        tokio::task::spawn_blocking(|| match memory::release_startup_pages() {
+            Ok(n) => debug!(
+                mib = n >> 20,
+                "start-up pages of the executable handed back"
+            ),
+            Err(e) => debug!("could not hand back start-up pages: {e}"),
+        });
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
