@@ -331,6 +331,24 @@ fn admin_metrics_and_readiness() {
     assert!(after.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
     assert!(after.contains("ztunnel_capture_outbound_flows{"));
 
+    // Metrics and readiness listen on every address of the node: a body they would have
+    // to hold is refused unread (413), and they keep serving.
+    for port in [15020, 15021] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let head = "POST /metrics HTTP/1.0\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+        let (s, _) = http::raw_request(ns, addr, head.as_bytes().to_vec()).unwrap();
+        assert_eq!(s, 413, "port {port}");
+    }
+    let (s, _) = http::get(ns, metrics, "/metrics").unwrap();
+    assert_eq!(s, 200);
+    let (s, _) = http::get(
+        ns,
+        SocketAddr::from(([127, 0, 0, 1], 15021)),
+        "/healthz/ready",
+    )
+    .unwrap();
+    assert_eq!(s, 200);
+
     // Runtime log level change.
     let (s, _) = http::request(
         ns,
