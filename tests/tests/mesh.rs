@@ -330,6 +330,26 @@ fn admin_metrics_and_readiness() {
     assert_eq!(count(&after), count(&before) + 1, "{after}");
     assert!(after.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
     assert!(after.contains("ztunnel_capture_outbound_flows{"));
+    // So do the pool's and the CA's: node-a tunnelled to node-b over a pooled HBONE
+    // connection (idle ones live 60 s), with a certificate it requested for the client.
+    let sum = |text: &str, prefix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(
+        sum(&after, "ztunnel_pool_connections_opened_total ") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sum(&after, "ztunnel_pool_connections_active ") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sum(&after, "ztunnel_ca_requests_total{result=\"ok\"} ") >= 1.0,
+        "{after}"
+    );
 
     // Metrics and readiness listen on every address of the node: a body they would have
     // to hold is refused unread (413), and they keep serving.
