@@ -17,10 +17,16 @@ pub fn request(
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
     let req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    raw_request(ns, addr, req.into_bytes())
+}
+
+/// Sends `req` as it is (e.g. a head announcing a body it never sends); returns (status,
+/// body) of the answer.
+pub fn raw_request(ns: &Netns, addr: SocketAddr, req: Vec<u8>) -> anyhow::Result<(u16, String)> {
     let raw = ns.run(move || -> anyhow::Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(req.as_bytes())?;
+        s.write_all(&req)?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)

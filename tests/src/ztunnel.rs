@@ -22,6 +22,26 @@ pub fn binary() -> PathBuf {
 /// for runs that measure, which should not pay for debug lines or dependency noise.
 pub const PRODUCTION_LOG: &str = "info,netlink_packet_route=error";
 
+/// `GLIBC_TUNABLES` as deployed: the value the container image sets (the Dockerfile's
+/// `ENV`, which `deploy/daemonset.yaml` repeats), so what the testbed, the bench and the
+/// soak measure is the process as it runs on a node. `ZTUNNEL_GLIBC_TUNABLES` overrides it
+/// (empty: glibc's defaults), e.g. to measure without.
+pub fn glibc_tunables() -> String {
+    if let Ok(v) = std::env::var("ZTUNNEL_GLIBC_TUNABLES") {
+        return v;
+    }
+    deployed_glibc_tunables().to_string()
+}
+
+/// The Dockerfile's `ENV GLIBC_TUNABLES=...`.
+pub fn deployed_glibc_tunables() -> &'static str {
+    include_str!("../../Dockerfile")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ENV GLIBC_TUNABLES="))
+        .expect("the Dockerfile sets GLIBC_TUNABLES")
+        .trim()
+}
+
 /// A workload of the standalone config.
 #[derive(Clone, Debug)]
 pub struct WorkloadSpec {
@@ -210,6 +230,7 @@ impl Testbed {
             .arg("--handover-dir")
             .arg(self.dir().join("run"))
             .args(extra)
+            .env("GLIBC_TUNABLES", glibc_tunables())
             .env(
                 "RUST_LOG",
                 std::env::var("ZTUNNEL_LOG")
@@ -344,6 +365,15 @@ pub fn capture_counter(node: &Node, pod: &Pod, field: &str) -> anyhow::Result<u6
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn deployed_tunables_are_read_from_the_dockerfile() {
+        let t = super::deployed_glibc_tunables();
+        assert!(
+            t.starts_with("glibc.") && !t.contains(char::is_whitespace),
+            "{t:?}"
+        );
+    }
+
     #[test]
     fn production_log_is_ztunnels_default() {
         assert_eq!(super::PRODUCTION_LOG, ztunnel::logging::DEFAULT_FILTER);

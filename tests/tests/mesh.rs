@@ -330,6 +330,44 @@ fn admin_metrics_and_readiness() {
     assert_eq!(count(&after), count(&before) + 1, "{after}");
     assert!(after.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
     assert!(after.contains("ztunnel_capture_outbound_flows{"));
+    // So do the pool's and the CA's: node-a tunnelled to node-b over a pooled HBONE
+    // connection (idle ones live 60 s), with a certificate it requested for the client.
+    let sum = |text: &str, prefix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(
+        sum(&after, "ztunnel_pool_connections_opened_total ") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sum(&after, "ztunnel_pool_connections_active ") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sum(&after, "ztunnel_ca_requests_total{result=\"ok\"} ") >= 1.0,
+        "{after}"
+    );
+
+    // Metrics and readiness listen on every address of the node: a body they would have
+    // to hold is refused unread (413), and they keep serving.
+    for port in [15020, 15021] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let head = "POST /metrics HTTP/1.0\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+        let (s, _) = http::raw_request(ns, addr, head.as_bytes().to_vec()).unwrap();
+        assert_eq!(s, 413, "port {port}");
+    }
+    let (s, _) = http::get(ns, metrics, "/metrics").unwrap();
+    assert_eq!(s, 200);
+    let (s, _) = http::get(
+        ns,
+        SocketAddr::from(([127, 0, 0, 1], 15021)),
+        "/healthz/ready",
+    )
+    .unwrap();
+    assert_eq!(s, 200);
 
     // Runtime log level change.
     let (s, _) = http::request(

@@ -61,10 +61,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         warn!("neither LOCAL_XDS_PATH nor XDS_ADDRESS: no workloads are known; nothing will be enrolled");
     }
     let (xds_task, xds_status) = xds.map(|(t, s)| (Some(t), Some(s))).unwrap_or((None, None));
+    let metrics = Arc::new(Metrics::new());
     let certs = Arc::new(SecretManager::new(
         ca_client(&args)?,
         SecretManagerOptions {
             requested_ttl: args.workload_cert_ttl,
+            ca_requests: metrics.ca_requests.clone(),
             ..Default::default()
         },
     ));
@@ -89,7 +91,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     .context("starting capture")?;
     let capture = Arc::new(Mutex::new(capture));
 
-    let result = serve(&args, store, certs, capture.clone(), xds_status).await;
+    let result = serve(&args, store, certs, capture.clone(), xds_status, metrics).await;
     if let Some(t) = xds_task {
         t.abort();
     }
@@ -146,8 +148,8 @@ async fn serve(
     certs: Arc<SecretManager>,
     capture: Arc<Mutex<Capture>>,
     xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Exit> {
-    let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTracker::new(metrics.clone());
     let dialer = socket::Dialer {
         mark: args.proxy_mark,
@@ -170,7 +172,14 @@ async fn serve(
             dialer: Arc::new(dialer),
             original_dst: Arc::new(socket::original_dst),
             certs: certs.clone(),
-            pool: Pool::new(Arc::new(dialer), certs.clone(), PoolOptions::default()),
+            pool: Pool::new(
+                Arc::new(dialer),
+                certs.clone(),
+                PoolOptions {
+                    metrics: metrics.pool(),
+                    ..Default::default()
+                },
+            ),
             connections: connections.clone(),
             metrics: metrics.clone(),
             listen_ports: listen_ports.clone(),
@@ -213,7 +222,7 @@ async fn serve(
         args.kubernetes_enrollment(),
     ));
     enroller.reconcile().await;
-    tasks.spawn(memory::return_freed_memory());
+    tasks.spawn(memory::return_freed_memory(args.malloc_trim_interval));
     tasks.spawn(enforce_on_live_connections(
         store.clone(),
         connections.clone(),
@@ -283,13 +292,15 @@ async fn serve(
     drop(inherited);
     let mut handed = handover::serve(&args.handover_socket(), registry.clone())?;
     info!(node = %args.node_name, admin = %args.admin_addr, "ztunnel ready");
-    tokio::task::spawn_blocking(|| match memory::release_startup_pages() {
-        Ok(n) => debug!(
-            mib = n >> 20,
-            "start-up pages of the executable handed back"
-        ),
-        Err(e) => debug!("could not hand back start-up pages: {e}"),
-    });
+    if args.release_startup_pages {
+        tokio::task::spawn_blocking(|| match memory::release_startup_pages() {
+            Ok(n) => debug!(
+                mib = n >> 20,
+                "start-up pages of the executable handed back"
+            ),
+            Err(e) => debug!("could not hand back start-up pages: {e}"),
+        });
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

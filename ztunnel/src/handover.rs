@@ -193,7 +193,15 @@ pub fn serve(
         .name("handover".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning this thread.
+                        warn!("handover socket: accept failed: {e}");
+                        std::thread::sleep(crate::admin::http::ACCEPT_BACKOFF);
+                        continue;
+                    }
+                };
                 match hand_over(&conn, &registry) {
                     Ok(false) => {}
                     Ok(true) => {

@@ -17,7 +17,6 @@ pub mod hbone;
 pub mod identity;
 pub mod k8s;
 pub mod logging;
-pub mod memcpy;
 pub mod memory;
 pub mod metrics;
 pub mod policy;

@@ -18,17 +18,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
-            let restart_failed = ztunnel::memcpy::restart_with_vector_copies();
             ztunnel::logging::init(args.log_format);
-            match restart_failed {
-                Some(e) => tracing::warn!(
-                    "could not restart with vector copies (slower TLS receive on AMD CPUs): {e}"
-                ),
-                None if ztunnel::memcpy::vector_copies() => tracing::debug!(
-                    "glibc copies with its vector loop ({})",
-                    ztunnel::memcpy::TUNABLES
-                ),
-                None => {}
+            // Process tuning is the deployment's (Dockerfile, DaemonSet): say what it is.
+            if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
+                tracing::debug!(tunables = ?t, "GLIBC_TUNABLES");
             }
             raise_fd_limit();
             block_on(false, ztunnel::app::run(*args))

@@ -8,9 +8,13 @@ use std::time::Duration;
 
 /// glibc keeps memory freed by closed connections in its arenas: after a burst of 10,000
 /// connections RSS stayed at its peak (`cargo xtask soak`). Hand free pages back to the
-/// kernel now and then; cheap when there is nothing to give back.
-pub async fn return_freed_memory() {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+/// kernel every `period` (`--malloc-trim-interval`); cheap when there is nothing to give
+/// back. A zero period never does (returns at once).
+pub async fn return_freed_memory(period: Duration) {
+    if period.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         // SAFETY: malloc_trim only walks the allocator's own free lists.
@@ -18,14 +22,15 @@ pub async fn return_freed_memory() {
     }
 }
 
-/// Once started, asks the kernel to reclaim the pages of ztunnel's own executable
-/// (`MADV_PAGEOUT`): argument parsing, eBPF loading and the first configuration touched
-/// megabytes of code and read-only data that the running proxy never touches again, yet
-/// they would stay resident for the life of the process. Pages the proxy does use fault
-/// back in on their next use (from the page cache, else from the file); the others stay
-/// out. Only clean, read-only mappings of the executable are advised (its writable data is
-/// anonymous memory that has nowhere to go). Best effort: the kernel skips pages other
-/// processes map too, and file pages of a file we may not write. Returns the bytes advised.
+/// Once started (`--release-startup-pages`, on by default), asks the kernel to reclaim the
+/// pages of ztunnel's own executable (`MADV_PAGEOUT`): argument parsing, eBPF loading and
+/// the first configuration touched megabytes of code and read-only data that the running
+/// proxy never touches again, yet they would stay resident for the life of the process.
+/// Pages the proxy does use fault back in on their next use (from the page cache, else
+/// from the file); the others stay out. Only clean, read-only mappings of the executable
+/// are advised (its writable data is anonymous memory that has nowhere to go). Best
+/// effort: the kernel skips pages other processes map too, and file pages of a file we may
+/// not write. Returns the bytes advised.
 ///
 /// A fault maps every neighbour the page cache holds (64 KiB around it), and the start
 /// read whole windows of the file (the disk's `read_ahead_kb`, 8 MiB on some virtual
@@ -110,6 +115,14 @@ mod tests {
                 (0x5581a0100000, 0x5581a0900000)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn trimming_every_zero_seconds_is_off() {
+        // `--malloc-trim-interval 0`: the task ends at once instead of spinning.
+        tokio::time::timeout(Duration::from_secs(1), return_freed_memory(Duration::ZERO))
+            .await
+            .expect("returns at once");
     }
 
     #[test]

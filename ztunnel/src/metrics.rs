@@ -99,10 +99,13 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     /// Every connection attempt by outcome and reason.
     pub connections: Family<AttemptLabels, Counter>,
-    /// HTTP/2 connections the pool opened to other nodes.
+    /// HBONE (HTTP/2 over mTLS) connections the data-path threads' pools established to
+    /// other nodes...
     pub pool_connections_opened: Counter,
+    /// ...and those the pools hold now (one closed by the peer until the pool notices).
     pub pool_connections_active: Gauge,
-    /// CA requests by result (ok / error).
+    /// Certificate requests to the CA by result (ok / error), counted by the secret
+    /// manager whichever CA it uses.
     pub ca_requests: Family<ResultLabels, Counter>,
     /// Authorization decisions (allow / deny).
     pub authz_decisions: Family<ResultLabels, Counter>,
@@ -223,6 +226,14 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The pool's counters (each data-path thread's pool counts into the same ones).
+    pub fn pool(&self) -> crate::pool::PoolMetrics {
+        crate::pool::PoolMetrics {
+            opened: self.pool_connections_opened.clone(),
+            active: self.pool_connections_active.clone(),
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -278,5 +289,28 @@ mod tests {
         assert!(text.contains("reporter=\"source\""));
         assert!(text.contains("source_workload=\"sleep\""));
         assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"));
+    }
+
+    #[test]
+    fn pool_and_ca_metrics_are_the_registered_ones() {
+        let m = Metrics::new();
+        let pool = m.pool();
+        pool.opened.inc();
+        pool.active.inc();
+        m.ca_requests
+            .get_or_create(&ResultLabels {
+                result: "ok".into(),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("ztunnel_pool_connections_opened_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("ztunnel_pool_connections_active 1"), "{text}");
+        assert!(
+            text.contains("ztunnel_ca_requests_total{result=\"ok\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -1,16 +1,19 @@
-//! A minimal HTTP/1 server (hyper) for the admin, metrics and readiness ports.
+//! A minimal HTTP/1 server (hyper) for the admin, metrics and readiness ports: request
+//! bodies bounded ([`MAX_BODY`]), accept failures backed off ([`ACCEPT_BACKOFF`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{self, HeaderValue};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, warn};
 
 pub type Body = Full<Bytes>;
 
@@ -48,27 +51,56 @@ pub fn json(value: &impl serde::Serialize) -> Response<Body> {
         .expect("valid response")
 }
 
+/// The largest request body any endpoint takes (413 beyond). None needs one at all —
+/// parameters travel in the query — and metrics and readiness listen on every address of
+/// the node, so a body is never read into memory unbounded.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS, ...): the condition rarely clears
+/// at once, and retrying at full speed would spin the main thread's runtime, which also
+/// runs xDS, certificates and enrollment.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Waits for the next connection from `accept`, backing off [`ACCEPT_BACKOFF`] after each
+/// failure.
+pub async fn accept_with_backoff<T, F, Fut>(what: &str, mut accept: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    loop {
+        match accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                warn!("{what}: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Serves `handler` on `listener` until the task is dropped.
 pub async fn serve<H, F>(listener: TcpListener, handler: Arc<H>)
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let what = match listener.local_addr() {
+        Ok(a) => format!("HTTP endpoint {a}"),
+        Err(_) => "HTTP endpoint".to_string(),
+    };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = accept_with_backoff(&what, || listener.accept()).await;
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
+                    let body = match read_body(&parts.headers, body).await {
+                        Ok(body) => body,
+                        Err(refusal) => return Ok::<_, Infallible>(refusal),
+                    };
                     let query = parts
                         .uri
                         .query()
@@ -100,3 +132,41 @@ where
         });
     }
 }
+
+/// The request's body, at most [`MAX_BODY`] bytes; else the answer to send instead: 413
+/// (declared or found too large), 400 (unreadable). Either closes the connection, whose
+/// unread rest could not be told from a next request.
+async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        let mut r = text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes\n"),
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    // Refuse what announces itself as too large without reading any of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
+        Err(e) => {
+            debug!("reading a request body failed: {e}");
+            let mut r = text(StatusCode::BAD_REQUEST, "unreadable request body\n");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(r)
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;

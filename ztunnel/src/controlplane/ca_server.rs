@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -237,9 +236,20 @@ pub fn serve_with_xds(
         .add_service(IstioCertificateServiceServer::new(service))
         .add_optional_service(xds.map(super::xds_server::XdsService::into_server));
     let (tx, rx) = oneshot::channel::<()>();
+    // tonic's own `TcpIncoming` hands accept errors (EMFILE...) to a loop that retries at
+    // once: back off instead.
+    let what = format!("CA/xDS server {local_addr}");
+    let incoming = futures::stream::unfold(listener, move |listener| {
+        let what = what.clone();
+        async move {
+            let (tcp, _) =
+                crate::admin::http::accept_with_backoff(&what, || listener.accept()).await;
+            Some((Ok::<_, std::io::Error>(tcp), listener))
+        }
+    });
     let task = tokio::spawn(async move {
         router
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = rx.await;
             })
             .await

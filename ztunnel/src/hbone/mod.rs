@@ -19,9 +19,6 @@ pub use copy::{copy_bidirectional, relay_tunnel};
 pub use server::{serve_connection, serve_connection_until, InboundRequest};
 pub use stream::H2Stream;
 
-/// The inbound HBONE port.
-pub const HBONE_PORT: u16 = 15008;
-
 // Flow-control windows. HTTP/2's 64 KiB default caps a stream at 64 KiB per round trip,
 // far below what a single TCP connection carries between nodes. Each stream may have
 // 1 MiB in flight, so one stream can fill a fast link; the connection may have 16 MiB so

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -19,6 +21,7 @@ use tokio::task::AbortHandle;
 use super::ca::{CaError, CertificateAuthority};
 use super::cert::{unix_seconds, WorkloadCertificate};
 use super::{csr, Identity};
+use crate::metrics::ResultLabels;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CaClientError {
@@ -41,7 +44,8 @@ impl From<CaError> for CaClientError {
     }
 }
 
-/// Something that signs CSRs: the in-process CA, or (later) istiod over gRPC.
+/// Something that signs CSRs: the built-in CA ([`LocalCaClient`]), or Istio's CA API over
+/// gRPC (`GrpcCaClient`: istiod, `ztunnel controlplane`).
 #[async_trait]
 pub trait CaClient: Send + Sync {
     /// Returns the PEM chain, leaf first, root last.
@@ -98,6 +102,10 @@ pub struct SecretManagerOptions {
     pub max_backoff: Duration,
     /// Roots trusted in addition to the CA's own (e.g. during a root migration).
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Counts every request sent to the CA by result, `ok` (a usable certificate came
+    /// back) or `error` (`ztunnel_ca_requests`: `Metrics::ca_requests`); by default a
+    /// family nobody reads.
+    pub ca_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for SecretManagerOptions {
@@ -109,6 +117,7 @@ impl Default for SecretManagerOptions {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
             extra_roots: Vec::new(),
+            ca_requests: Family::default(),
         }
     }
 }
@@ -362,18 +371,25 @@ async fn run(shared: Arc<Shared>, identity: Identity, tx: watch::Sender<Publishe
 async fn request(shared: &Shared, identity: &Identity) -> Result<WorkloadCertificate, String> {
     // A new key each time: rotation is also key rotation.
     let req = csr::generate(identity).map_err(|e| e.to_string())?;
-    let chain = shared
+    let result = shared
         .ca
         .sign(req.csr_pem, identity, shared.opts.requested_ttl)
         .await
-        .map_err(|e| e.to_string())?;
-    WorkloadCertificate::from_ca_response(
-        identity.clone(),
-        &chain,
-        req.key,
-        &shared.opts.extra_roots,
-    )
-    .map_err(|e| format!("CA returned an unusable certificate: {e}"))
+        .map_err(|e| e.to_string())
+        .and_then(|chain| {
+            WorkloadCertificate::from_ca_response(
+                identity.clone(),
+                &chain,
+                req.key,
+                &shared.opts.extra_roots,
+            )
+            .map_err(|e| format!("CA returned an unusable certificate: {e}"))
+        });
+    let label = ResultLabels {
+        result: if result.is_ok() { "ok" } else { "error" }.into(),
+    };
+    shared.opts.ca_requests.get_or_create(&label).inc();
+    result
 }
 
 /// How long to keep a fresh certificate before renewing it: a fraction of its remaining

@@ -137,6 +137,38 @@ async fn retries_until_ca_recovers() {
     assert_eq!(mgr.snapshot()[0].state, CertState::Ready);
 }
 
+/// `ztunnel_ca_requests{result}` counts each request sent to the CA, failures apart.
+#[tokio::test]
+async fn ca_requests_are_counted_by_result() {
+    let metrics = crate::metrics::Metrics::new();
+    let mut ca = TestCa::new(Duration::from_secs(3600));
+    ca.fail_first = 2;
+    let ca = Arc::new(ca);
+    let opts = SecretManagerOptions {
+        ca_requests: metrics.ca_requests.clone(),
+        ..fast_opts()
+    };
+    let mgr = SecretManager::new(ca.clone(), opts);
+    let count = |result: &str| {
+        metrics
+            .ca_requests
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: result.into(),
+            })
+            .get()
+    };
+    mgr.prefetch(&id("a"));
+    eventually("a certificate after two failures", || count("ok") == 1).await;
+    mgr.fetch(&id("a")).await.unwrap();
+    assert_eq!((count("ok"), count("error")), (1, 2));
+    assert_eq!(ca.calls(), 3);
+    let text = metrics.encode();
+    assert!(
+        text.contains("ztunnel_ca_requests_total{result=\"error\"} 2"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn forget_stops_rotation() {
     let ca = Arc::new(TestCa::new(Duration::from_secs(2)));

@@ -17,6 +17,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use h2::client::SendRequest;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -84,6 +86,8 @@ pub struct PoolOptions {
     pub idle_timeout: Duration,
     /// Bound on TCP + TLS + HTTP/2 setup.
     pub connect_timeout: Duration,
+    /// Where connections are counted (`Metrics::pool`); by default counters nobody reads.
+    pub metrics: PoolMetrics,
 }
 
 impl Default for PoolOptions {
@@ -92,7 +96,34 @@ impl Default for PoolOptions {
             max_streams_per_conn: 100,
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            metrics: PoolMetrics::default(),
         }
+    }
+}
+
+/// `ztunnel_pool_connections_opened` and `ztunnel_pool_connections_active`.
+#[derive(Clone, Debug, Default)]
+pub struct PoolMetrics {
+    /// HBONE connections established (TCP, mTLS and HTTP/2 handshakes done).
+    pub opened: Counter,
+    /// HBONE connections the pool holds: from established until the pool has let go of
+    /// them (idle timeout, found dead) and their last stream has ended.
+    pub active: Gauge,
+}
+
+/// Keeps a connection counted in [`PoolMetrics::active`] while it lives.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -139,6 +170,7 @@ struct Conn {
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     broken: AtomicBool,
+    _counted: Counted,
 }
 
 impl Conn {
@@ -238,7 +270,8 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    /// Connections dialed since start (for metrics and tests).
+    /// Dials started since start, failed ones included (for tests; [`PoolMetrics::opened`]
+    /// counts the connections established).
     pub fn dials(&self) -> u64 {
         self.inner.dials.load(Ordering::Relaxed)
     }
@@ -316,12 +349,14 @@ async fn dial(inner: &PoolInner, key: &PoolKey) -> Result<Conn, ConnectError> {
         .await
         .map_err(ConnectError::Handshake)?;
     tracing::debug!(src = %key.src, dst = %key.dst, "HBONE connection established");
+    inner.opts.metrics.opened.inc();
     Ok(Conn {
         send,
         driver,
         active: AtomicUsize::new(0),
         idle_since: Mutex::new(Instant::now()),
         broken: AtomicBool::new(false),
+        _counted: Counted::new(&inner.opts.metrics.active),
     })
 }
 

@@ -277,3 +277,36 @@ async fn draining_peer_keeps_open_streams_and_new_ones_redial() {
         }
     }
 }
+
+/// `ztunnel_pool_connections_opened` counts established connections (not failed dials),
+/// `..._active` the ones the pool holds, down again once the pool lets them go.
+#[tokio::test]
+async fn connections_are_counted_in_the_metrics() {
+    let metrics = PoolMetrics::default();
+    let opts = PoolOptions {
+        max_streams_per_conn: 1,
+        idle_timeout: Duration::from_millis(200),
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
+    let f = fixture(opts).await;
+    let counts = || (metrics.opened.get(), metrics.active.get());
+    assert_eq!(counts(), (0, 0));
+    let first = f.pool.connect(&f.key, &echo()).await.unwrap();
+    let second = f.pool.connect(&f.key, &echo()).await.unwrap();
+    assert_eq!(counts(), (2, 2), "one stream each: two connections");
+    // Busy connections stay past the idle timeout, and stay counted.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(counts(), (2, 2));
+    drop((first, second));
+    eventually("idle connections no longer counted", || counts() == (2, 0)).await;
+    // A dial that fails (wrong peer identity) opens nothing.
+    let wrong = PoolKey::new(id("sleep"), vec![id("not-httpbin")], f.key.dst);
+    assert!(f.pool.connect(&wrong, &echo()).await.is_err());
+    assert_eq!(counts(), (2, 0));
+    round_trip(&f.pool, &f.key, b"again").await;
+    assert_eq!(counts(), (3, 1));
+    // Dropping the pool lets go of everything.
+    drop(f.pool);
+    eventually("connections of a dropped pool", || counts() == (3, 0)).await;
+}

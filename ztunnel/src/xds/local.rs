@@ -49,16 +49,6 @@ use crate::state::{
     StateStore, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
 };
 
-/// Environment variable naming the local config file.
-pub const LOCAL_XDS_PATH_ENV: &str = "LOCAL_XDS_PATH";
-
-/// The path given by `LOCAL_XDS_PATH`, if set and non-empty.
-pub fn path_from_env() -> Option<PathBuf> {
-    std::env::var_os(LOCAL_XDS_PATH_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
 /// A validated local configuration, already in the state's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalConfig {

@@ -12,7 +12,9 @@
 //! exceeds its budget. Knobs (environment): BENCH_ROUNDS, BENCH_TPUT_SECS,
 //! BENCH_CONN_SECS, BENCH_RTT (round trips per run), BENCH_HOLD (connections held open),
 //! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay; without
-//! `relay` the relays are not measured), BENCH_OUT (dir).
+//! `relay` the relays are not measured), BENCH_OUT (dir), ZTUNNEL_GLIBC_TUNABLES (ztunnel's
+//! `GLIBC_TUNABLES`; by default the value the Dockerfile and the DaemonSet deploy, so the
+//! bench measures the process as deployed; empty for glibc's defaults).
 
 mod cluster;
 mod load;

@@ -57,6 +57,8 @@ pub struct Machine {
     cores: usize,
     kernel: String,
     commit: String,
+    /// The `GLIBC_TUNABLES` ztunnel ran with (the deployed value unless overridden).
+    glibc_tunables: String,
 }
 
 /// Where and when: for the README's "Performance" section.
@@ -96,6 +98,7 @@ pub fn machine() -> Machine {
                 "HEAD",
             ],
         ),
+        glibc_tunables: ztunnel_tests::ztunnel::glibc_tunables(),
     }
 }
 
@@ -312,7 +315,7 @@ fn to_json(r: &Results) -> Value {
     }
     let res = &r.resources;
     json!({
-        "machine": {"date": m.date, "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel, "commit": m.commit},
+        "machine": {"date": m.date, "cpu": m.cpu, "cores": m.cores, "kernel": m.kernel, "commit": m.commit, "ztunnel_glibc_tunables": m.glibc_tunables},
         "elapsed_secs": r.elapsed_secs,
         "results": paths,
         "ztunnel": {
@@ -349,8 +352,9 @@ fn to_markdown(r: &Results) -> String {
          direct (pods outside the mesh), plain relays (the same pods through a plain TCP relay on \
          each node on the way: no capture, TLS or HTTP/2) and mesh (capture + HBONE + mTLS) take turns \
          round by round; throughput and connection rates are medians of the rounds, latency \
-         percentiles are over all 1-byte round trips of a path and mode.\n",
-        m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs
+         percentiles are over all 1-byte round trips of a path and mode. ztunnel ran with \
+         `GLIBC_TUNABLES={}`.\n",
+        m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs, m.glibc_tunables
     );
     for path in [Path::CrossNode, Path::SameNode] {
         let _ = writeln!(

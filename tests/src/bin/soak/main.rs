@@ -13,6 +13,8 @@
 //!
 //! Writes `target/soak/results.{json,md}` (SOAK_OUT to change) and exits non-zero if
 //! anything was lost or leaked. A watchdog tears everything down past its budget.
+//! ztunnel runs with the `GLIBC_TUNABLES` the Dockerfile and the DaemonSet deploy
+//! (ZTUNNEL_GLIBC_TUNABLES overrides it; empty for glibc's defaults).
 
 mod echo;
 mod phases;
@@ -77,8 +79,10 @@ fn main() -> anyhow::Result<()> {
         || echoes(&client.netns, dst),
     );
     eprintln!(
-        "soak: ztunnel pids {} (node-a), {} (node-b)",
-        za.pid, zb.pid
+        "soak: ztunnel pids {} (node-a), {} (node-b), GLIBC_TUNABLES={:?}",
+        za.pid,
+        zb.pid,
+        ztunnel_tests::ztunnel::glibc_tunables()
     );
 
     let mut mesh = Mesh {

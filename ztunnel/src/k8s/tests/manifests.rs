@@ -105,7 +105,20 @@ fn k8s_manifests_parse_as_kubernetes_types() {
     let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(
         env,
-        ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "INSTANCE_IP"]
+        [
+            "NODE_NAME",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "INSTANCE_IP",
+            "GLIBC_TUNABLES"
+        ]
+    );
+    // The process tuning the image sets is the DaemonSet's too.
+    let tunables = c.env.iter().flatten().find(|e| e.name == "GLIBC_TUNABLES");
+    assert_eq!(
+        tunables.and_then(|e| e.value.as_deref()),
+        Some(dockerfile_env("GLIBC_TUNABLES").as_str()),
+        "GLIBC_TUNABLES differs between deploy/daemonset.yaml and the Dockerfile"
     );
     let mounts: Vec<&str> = c
         .volume_mounts
@@ -114,6 +127,18 @@ fn k8s_manifests_parse_as_kubernetes_types() {
         .map(|m| m.mount_path.as_str())
         .collect();
     assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/var/run/secrets/tokens"));
+}
+
+/// The value of `ENV <name>=<value>` in the repository's Dockerfile.
+fn dockerfile_env(name: &str) -> String {
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("../Dockerfile")).unwrap();
+    let prefix = format!("ENV {name}=");
+    dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in the Dockerfile"))
+        .trim()
+        .to_string()
 }
 
 /// The configuration keys are flags `ztunnel run` knows.
