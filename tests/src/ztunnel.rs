@@ -19,8 +19,8 @@ pub fn binary() -> PathBuf {
 }
 
 /// What a production node logs (ztunnel's own default filter, `logging::DEFAULT_FILTER`):
-/// for runs that measure, which should not pay for debug lines or dependency noise.
-pub const PRODUCTION_LOG: &str = "info,netlink_packet_route=error";
+/// for runs that measure, which should not pay for debug lines.
+pub const PRODUCTION_LOG: &str = "info";
 
 /// A workload of the standalone config.
 #[derive(Clone, Debug)]
@@ -212,8 +212,7 @@ impl Testbed {
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("ZTUNNEL_LOG")
-                    .unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()),
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug".into()),
             )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
