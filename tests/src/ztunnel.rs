@@ -19,8 +19,8 @@ pub fn binary() -> PathBuf {
 }
 
 /// What a production node logs (ztunnel's own default filter, `logging::DEFAULT_FILTER`):
-/// for runs that measure, which should not pay for debug lines or dependency noise.
-pub const PRODUCTION_LOG: &str = "info,netlink_packet_route=error";
+/// for runs that measure, which should not pay for debug lines.
+pub const PRODUCTION_LOG: &str = "info";
 
 /// `GLIBC_TUNABLES` as deployed: the value the container image sets (the Dockerfile's
 /// `ENV`, which `deploy/daemonset.yaml` repeats), so what the testbed, the bench and the
@@ -233,8 +233,7 @@ impl Testbed {
             .env("GLIBC_TUNABLES", glibc_tunables())
             .env(
                 "RUST_LOG",
-                std::env::var("ZTUNNEL_LOG")
-                    .unwrap_or_else(|_| "info,ztunnel=debug,netlink_packet_route=error".into()),
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug".into()),
             )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

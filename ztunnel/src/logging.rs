@@ -10,8 +10,8 @@ use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
 
-/// Noisy dependency logs kept out of the default.
-pub const DEFAULT_FILTER: &str = "info,netlink_packet_route=error";
+/// The filter when `RUST_LOG` is unset.
+pub const DEFAULT_FILTER: &str = "info";
 
 static HANDLE: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 static CURRENT: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());

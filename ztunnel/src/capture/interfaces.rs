@@ -16,8 +16,7 @@ use std::net::IpAddr;
 use anyhow::Context;
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo as NlInfo};
-use netlink_packet_utils::nla::DefaultNla;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as NlInfo};
 use netlink_sys::AsyncSocket;
 use rtnetlink::Handle;
 
@@ -107,14 +106,14 @@ pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
                 peer_netnsid: None,
                 peer_index: None,
                 mac: None,
-                loopback: m.header.flags.contains(&LinkFlag::Loopback),
+                loopback: m.header.flags.contains(LinkFlags::Loopback),
                 addressed: addressed.contains(&m.header.index),
             };
             for a in &m.attributes {
                 match a {
                     LinkAttribute::IfName(n) => l.name = n.clone(),
                     LinkAttribute::Controller(i) => l.master = Some(*i),
-                    LinkAttribute::NetnsId(id) => l.peer_netnsid = Some(*id),
+                    LinkAttribute::LinkNetNsId(id) => l.peer_netnsid = Some(*id),
                     LinkAttribute::Link(i) => l.peer_index = Some(*i),
                     LinkAttribute::Address(mac) if mac.len() == 6 => {
                         l.mac = Some(mac[..].try_into().unwrap())
@@ -172,9 +171,6 @@ impl PodInterfaces {
     }
 }
 
-/// `IFA_TARGET_NETNSID`: dump the addresses of another namespace, named by its id.
-const IFA_TARGET_NETNSID: u16 = 10;
-
 /// Finds the pod behind every veth of this node. `strict` must be a connection with
 /// `NETLINK_GET_STRICT_CHK` set ([`strict_connection`]): the kernel honours the target
 /// namespace of an address dump only then.
@@ -230,12 +226,10 @@ fn is_pod_address(ip: IpAddr) -> bool {
 /// (interface index, address) of every address in namespace `nsid`.
 async fn addresses_in(strict: &Handle, nsid: i32) -> anyhow::Result<Vec<(u32, IpAddr)>> {
     let mut req = strict.address().get();
+    // IFA_TARGET_NETNSID: the addresses of another namespace, named by its id.
     req.message_mut()
         .attributes
-        .push(AddressAttribute::Other(DefaultNla::new(
-            IFA_TARGET_NETNSID,
-            nsid.to_ne_bytes().to_vec(),
-        )));
+        .push(AddressAttribute::TargetNetNsId(nsid));
     let msgs: Vec<_> = req
         .execute()
         .try_collect()

@@ -12,15 +12,12 @@
 use anyhow::Context;
 use futures::StreamExt;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
-use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
+use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::Handle;
 
 /// The handle of ztunnel's filter within its priority ("zt").
 pub const FILTER_HANDLE: u32 = 0x7a74;
-
-/// `TCA_BPF_NAME`: the name cls_bpf reports for its program.
-const TCA_BPF_NAME: u16 = 7;
 
 /// A filter on an interface's ingress or egress hook.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -97,8 +94,9 @@ fn filter_of(m: &TcMessage) -> Filter {
             TcAttribute::Kind(k) => f.kind = k.clone(),
             TcAttribute::Options(opts) => {
                 for o in opts {
-                    if let TcOption::Other(nla) = o {
-                        f.name = f.name.take().or_else(|| bpf_name(nla));
+                    // `TCA_BPF_NAME`: the name cls_bpf reports for its program.
+                    if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = o {
+                        f.name = f.name.take().or_else(|| Some(bpf_name(n)));
                     }
                 }
             }
@@ -108,20 +106,10 @@ fn filter_of(m: &TcMessage) -> Filter {
     f
 }
 
-/// The program name in a cls_bpf filter's options. The crate does not know cls_bpf, so
-/// its options arrive as one opaque attribute holding the nested ones.
-fn bpf_name(options: &netlink_packet_utils::nla::DefaultNla) -> Option<String> {
-    use netlink_packet_utils::nla::{Nla, NlasIterator};
-    let mut buf = vec![0; options.value_len()];
-    options.emit_value(&mut buf);
-    NlasIterator::new(&buf[..])
-        .filter_map(Result::ok)
-        .find(|n| n.kind() == TCA_BPF_NAME)
-        .map(|n| {
-            let v = n.value();
-            let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
-            String::from_utf8_lossy(&v[..end]).into_owned()
-        })
+/// The program name of a cls_bpf filter, up to its first NUL (the crate drops only a
+/// trailing one).
+fn bpf_name(name: &str) -> String {
+    name.split('\0').next().unwrap_or_default().to_string()
 }
 
 /// Removes the clsact qdisc of `ifindex` if nothing filters on it any more.
@@ -163,5 +151,42 @@ mod tests {
         assert!(!f(1, 1, "bpf", Some("zt_capture")).is_ours(1, "zt_capture"));
         assert!(!f(1, FILTER_HANDLE, "u32", None).is_ours(1, "zt_capture"));
         assert!(!f(1, FILTER_HANDLE, "bpf", Some("cil_from_container")).is_ours(1, "zt_capture"));
+    }
+
+    /// Appends one netlink attribute (padded to 4 bytes).
+    fn nla(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+        buf.extend(((4 + value.len()) as u16).to_ne_bytes());
+        buf.extend(kind.to_ne_bytes());
+        buf.extend(value);
+        buf.resize(buf.len().next_multiple_of(4), 0);
+    }
+
+    #[test]
+    fn a_cls_bpf_filter_is_read_with_its_program_name() {
+        use netlink_packet_core::Parseable;
+        // What the kernel reports for the capture filter on ingress (tcmsg, then
+        // TCA_KIND and cls_bpf's nested TCA_OPTIONS).
+        let mut m = vec![0u8; 4]; // family, padding
+        m.extend(7i32.to_ne_bytes()); // ifindex
+        m.extend(FILTER_HANDLE.to_ne_bytes());
+        m.extend(0xffff_fff2u32.to_ne_bytes()); // parent: clsact ingress
+        m.extend((1u32 << 16 | 0x0300).to_ne_bytes()); // priority 1, ETH_P_ALL
+        nla(&mut m, 1, b"bpf\0");
+        let mut opts = vec![];
+        nla(&mut opts, 11, &42u32.to_ne_bytes()); // TCA_BPF_ID
+        nla(&mut opts, 7, b"zt_capture:[42]\0"); // TCA_BPF_NAME
+        nla(&mut opts, 10, &[1, 2, 3, 4, 5, 6, 7, 8]); // TCA_BPF_TAG
+        nla(&mut opts, 8, &1u32.to_ne_bytes()); // TCA_BPF_FLAGS: direct action
+        nla(&mut m, 2, &opts);
+        let msg = TcMessage::parse(&m[..]).unwrap();
+        assert_eq!(
+            filter_of(&msg),
+            Filter {
+                priority: 1,
+                handle: FILTER_HANDLE,
+                kind: "bpf".into(),
+                name: Some("zt_capture:[42]".into()),
+            }
+        );
     }
 }

@@ -12,9 +12,12 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
-use netlink_packet_route::route::{RouteAttribute, RouteScope, RouteType};
+use netlink_packet_route::route::{
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute};
-use rtnetlink::{Handle, IpVersion};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 /// What to install: `ip rule add fwmark MARK/MARK lookup TABLE pref PRIORITY` and
 /// `ip route add local default dev lo table TABLE`, for IPv4 and IPv6.
@@ -55,28 +58,19 @@ pub async fn install(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> 
         };
         res.with_context(|| format!("adding the capture rule (ipv6={v6})"))?;
 
-        let route = handle
-            .route()
-            .add()
+        let default: IpAddr = if v6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let route = RouteMessageBuilder::<IpAddr>::new()
             .table_id(cfg.table)
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
-            .output_interface(lo);
-        let res = if v6 {
-            route
-                .v6()
-                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-                .replace()
-                .execute()
-                .await
-        } else {
-            route
-                .v4()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .replace()
-                .execute()
-                .await
-        };
+            .output_interface(lo)
+            .destination_prefix(default, 0)?
+            .build();
+        let res = handle.route().add(route).replace().execute().await;
         res.with_context(|| format!("adding the local route to table {} (ipv6={v6})", cfg.table))?;
     }
     Ok(())
@@ -86,8 +80,13 @@ pub async fn install(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> 
 /// only if deleted explicitly, so both are removed.
 pub async fn uninstall(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()> {
     remove_rules(handle, cfg).await?;
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let routes: Vec<_> = handle.route().get(version).execute().try_collect().await?;
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let routes: Vec<_> = handle
+            .route()
+            .get(all_routes(family))
+            .execute()
+            .try_collect()
+            .await?;
         for route in routes {
             if route_table(&route) == cfg.table {
                 handle
@@ -123,7 +122,21 @@ async fn remove_rules(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()>
     Ok(())
 }
 
-fn route_table(route: &netlink_packet_route::route::RouteMessage) -> u32 {
+/// A route dump request for every table of one family: zero is the wildcard of every
+/// other header field (rtnetlink(7)).
+fn all_routes(family: AddressFamily) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family;
+    m.header.destination_prefix_length = 0;
+    m.header.source_prefix_length = 0;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unspec;
+    m.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    m.header.protocol = RouteProtocol::Unspec;
+    m
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
     route
         .attributes
         .iter()
