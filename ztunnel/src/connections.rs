@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::metrics::{AttemptLabels, Metrics, TcpLabels};
+use crate::metrics::{AttemptLabels, Label, Metrics, TcpLabels, KNOWN};
 
 mod outcome;
 
@@ -38,10 +38,10 @@ pub struct ConnectionInfo {
     pub dst: SocketAddr,
     /// Where it is actually sent (the chosen endpoint).
     pub target: SocketAddr,
-    pub src_workload: Option<String>,
-    pub src_identity: Option<String>,
-    pub dst_workload: Option<String>,
-    pub dst_identity: Option<String>,
+    pub src_workload: Option<Label>,
+    pub src_identity: Option<Label>,
+    pub dst_workload: Option<Label>,
+    pub dst_identity: Option<Label>,
     /// `HBONE` or `TCP` (plaintext).
     pub protocol: &'static str,
 }
@@ -345,7 +345,7 @@ impl ConnectionResult {
                 (info, 0, 0, labels)
             }
         };
-        labels.response_flags = outcome.response_flags().into();
+        labels.response_flags = KNOWN.flags(outcome.response_flags());
         m.tcp_closed.get_or_create(&labels).inc();
         m.tcp_sent.get_or_create(&labels).inc_by(sent);
         m.tcp_received.get_or_create(&labels).inc_by(received);
@@ -359,8 +359,8 @@ impl ConnectionResult {
                 reason: outcome.reason().map_or("-", Reason::name),
             })
             .inc();
-        let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
         let reason = outcome.reason().map(ToString::to_string);
+        let reason = reason.as_deref().unwrap_or("-");
         info!(
             target: "access",
             direction = ?info.direction,
@@ -376,11 +376,16 @@ impl ConnectionResult {
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
             outcome = outcome.name(),
-            reason = %dash(&reason),
+            reason = %reason,
             response_flags = outcome.response_flags(),
             "connection complete"
         );
     }
+}
+
+/// A label's value, or `-`.
+fn dash(o: &Option<Label>) -> &str {
+    o.as_ref().map_or("-", |l| l.as_str())
 }
 
 impl Drop for ConnectionResult {

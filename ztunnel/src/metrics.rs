@@ -7,44 +7,146 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// A label value shared by every connection that carries it: cloning it is a reference
+/// count, not an allocation.
+pub type Label = std::sync::Arc<String>;
+
+pub fn label(s: impl Into<String>) -> Label {
+    std::sync::Arc::new(s.into())
+}
+
+/// The label values every connection uses, allocated once.
+pub struct Known {
+    pub unknown: Label,
+    pub tcp: Label,
+    pub source: Label,
+    pub destination: Label,
+    pub mutual_tls: Label,
+    pub no_flags: Label,
+    pub deny: Label,
+    pub connect: Label,
+}
+
+pub static KNOWN: std::sync::LazyLock<Known> = std::sync::LazyLock::new(|| Known {
+    unknown: label("unknown"),
+    tcp: label("tcp"),
+    source: label("source"),
+    destination: label("destination"),
+    mutual_tls: label("mutual_tls"),
+    no_flags: label("-"),
+    deny: label("DENY"),
+    connect: label("CONNECT"),
+});
+
+impl Known {
+    /// Istio's `response_flags` value.
+    pub fn flags(&self, flags: &str) -> Label {
+        match flags {
+            "DENY" => self.deny.clone(),
+            "CONNECT" => self.connect.clone(),
+            "-" => self.no_flags.clone(),
+            other => label(other),
+        }
+    }
+}
+
+/// A workload's side of Istio's labels (and of the access log), built once per workload
+/// version (`Workload::labels`) instead of once per connection.
+#[derive(Debug)]
+pub struct PeerLabels {
+    pub workload: Label,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
+    pub namespace: Label,
+    pub cluster: Label,
+    /// Its own identity, and that as a `source_principal`/`destination_principal`.
+    pub identity: crate::identity::Identity,
+    pub principal: Label,
+    /// `namespace/name`, as the access log names it.
+    pub display: Label,
+}
+
+impl PeerLabels {
+    pub fn of(w: &crate::state::Workload) -> Self {
+        let workload = if w.workload_name.is_empty() {
+            &w.name
+        } else {
+            &w.workload_name
+        };
+        let canonical = if w.canonical_name.is_empty() {
+            workload
+        } else {
+            &w.canonical_name
+        };
+        let revision = if w.canonical_revision.is_empty() {
+            "latest"
+        } else {
+            &w.canonical_revision
+        };
+        let cluster = if w.cluster_id.is_empty() {
+            "Kubernetes"
+        } else {
+            &w.cluster_id
+        };
+        let identity = w.identity();
+        PeerLabels {
+            workload: label(workload.as_str()),
+            canonical_service: label(canonical.as_str()),
+            canonical_revision: label(revision),
+            namespace: label(w.namespace.as_str()),
+            cluster: label(cluster),
+            principal: label(identity.to_string()),
+            identity,
+            display: label(format!("{}/{}", w.namespace, w.name)),
+        }
+    }
+
+    /// The labels of `w`, built on first use.
+    pub fn cached(w: &crate::state::Workload) -> std::sync::Arc<PeerLabels> {
+        w.labels
+            .get_or_init(|| std::sync::Arc::new(PeerLabels::of(w)))
+            .clone()
+    }
+}
+
 /// Istio's labels for `istio_tcp_*` (the names dashboards and Kiali query by).
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
+    pub reporter: Label,
+    pub source_workload: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub source_cluster: Label,
+    pub destination_service: Label,
+    pub destination_service_namespace: Label,
+    pub destination_service_name: Label,
+    pub destination_workload: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_cluster: Label,
+    pub request_protocol: Label,
+    pub response_flags: Label,
+    pub connection_security_policy: Label,
 }
 
 impl TcpLabels {
     /// An attempt refused before either end was identified: only the reporter is known.
     pub fn unknown(direction: crate::connections::Direction) -> Self {
-        let u = || "unknown".to_string();
+        let k = &*KNOWN;
+        let u = || k.unknown.clone();
         TcpLabels {
             reporter: match direction {
-                crate::connections::Direction::Outbound => "source",
-                crate::connections::Direction::Inbound => "destination",
-            }
-            .into(),
+                crate::connections::Direction::Outbound => k.source.clone(),
+                crate::connections::Direction::Inbound => k.destination.clone(),
+            },
             source_workload: u(),
             source_canonical_service: u(),
             source_canonical_revision: u(),
@@ -64,9 +166,9 @@ impl TcpLabels {
             destination_app: u(),
             destination_version: u(),
             destination_cluster: u(),
-            request_protocol: "tcp".into(),
-            response_flags: "-".into(),
-            connection_security_policy: "unknown".into(),
+            request_protocol: k.tcp.clone(),
+            response_flags: k.no_flags.clone(),
+            connection_security_policy: u(),
         }
     }
 }
@@ -275,9 +377,9 @@ mod tests {
     fn istio_names_and_labels() {
         let m = Metrics::new();
         let l = TcpLabels {
-            reporter: "source".into(),
-            source_workload: "sleep".into(),
-            ..Default::default()
+            reporter: label("source"),
+            source_workload: label("sleep"),
+            ..TcpLabels::unknown(crate::connections::Direction::Outbound)
         };
         m.tcp_opened.get_or_create(&l).inc();
         m.tcp_sent.get_or_create(&l).inc_by(42);

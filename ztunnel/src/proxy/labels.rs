@@ -1,10 +1,13 @@
 //! Istio's metric labels and the connection record, from what the proxy knows of each end.
+//! Each workload's side is built once per workload version (`metrics::PeerLabels`) and
+//! shared: a connection's labels are reference counts, not fresh strings.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::connections::{ConnectionInfo, Direction};
 use crate::identity::Identity;
-use crate::metrics::TcpLabels;
+use crate::metrics::{label, Label, PeerLabels, TcpLabels, KNOWN};
 use crate::state::{Service, Workload};
 
 /// One end of a connection, as far as it is known.
@@ -27,7 +30,20 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
+    /// The labels of one end: the workload's (built once per workload), and the principal
+    /// the connection was made with, which for a mesh end is the workload's own.
+    fn end(end: &End<'_>) -> (Option<Arc<PeerLabels>>, Option<Label>) {
+        let peer = end.workload.map(PeerLabels::cached);
+        let principal = end.identity.map(|id| match &peer {
+            Some(p) if p.identity == *id => p.principal.clone(),
+            _ => label(id.to_string()),
+        });
+        (peer, principal)
+    }
+
     pub fn info(&self) -> ConnectionInfo {
+        let (src, src_principal) = Record::end(&self.src);
+        let (dst, dst_principal) = Record::end(&self.dst);
         ConnectionInfo {
             direction: self.direction,
             src: self
@@ -36,99 +52,115 @@ impl Record<'_> {
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             dst: self.dst_addr,
             target: self.target,
-            src_workload: self
-                .src
-                .workload
-                .map(|w| format!("{}/{}", w.namespace, w.name)),
-            src_identity: self.src.identity.map(|i| i.to_string()),
-            dst_workload: self
-                .dst
-                .workload
-                .map(|w| format!("{}/{}", w.namespace, w.name)),
-            dst_identity: self.dst.identity.map(|i| i.to_string()),
+            src_workload: src.map(|p| p.display.clone()),
+            src_identity: src_principal,
+            dst_workload: dst.map(|p| p.display.clone()),
+            dst_identity: dst_principal,
             protocol: if self.mtls { "HBONE" } else { "TCP" },
         }
     }
 
     pub fn labels(&self) -> TcpLabels {
-        let unknown = || "unknown".to_string();
-        let wl_name = |w: Option<&Workload>| {
-            w.map(|w| {
-                if w.workload_name.is_empty() {
-                    w.name.clone()
-                } else {
-                    w.workload_name.clone()
-                }
-            })
-            .unwrap_or_else(unknown)
-        };
-        let canonical = |w: Option<&Workload>| {
-            w.map(|w| {
-                if w.canonical_name.is_empty() {
-                    wl_name(Some(w))
-                } else {
-                    w.canonical_name.clone()
-                }
-            })
-            .unwrap_or_else(unknown)
-        };
-        let revision = |w: Option<&Workload>| {
-            w.map(|w| {
-                if w.canonical_revision.is_empty() {
-                    "latest".into()
-                } else {
-                    w.canonical_revision.clone()
-                }
-            })
-            .unwrap_or_else(unknown)
-        };
-        let ns = |w: Option<&Workload>| w.map(|w| w.namespace.clone()).unwrap_or_else(unknown);
-        let cluster = |w: Option<&Workload>| {
-            w.map(|w| {
-                if w.cluster_id.is_empty() {
-                    "Kubernetes".into()
-                } else {
-                    w.cluster_id.clone()
-                }
-            })
-            .unwrap_or_else(unknown)
-        };
-        let principal = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_else(unknown);
-        let (s, d) = (self.src.workload, self.dst.workload);
+        let k = &*KNOWN;
+        let (s, s_principal) = Record::end(&self.src);
+        let (d, d_principal) = Record::end(&self.dst);
+        let or_unknown = |v: Option<&Label>| v.cloned().unwrap_or_else(|| k.unknown.clone());
+        let s = s.as_deref();
+        let d = d.as_deref();
         TcpLabels {
             reporter: match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            }
-            .into(),
-            source_workload: wl_name(s),
-            source_canonical_service: canonical(s),
-            source_canonical_revision: revision(s),
-            source_workload_namespace: ns(s),
-            source_principal: principal(self.src.identity),
-            source_app: canonical(s),
-            source_version: revision(s),
-            source_cluster: cluster(s),
+                Direction::Outbound => k.source.clone(),
+                Direction::Inbound => k.destination.clone(),
+            },
+            source_workload: or_unknown(s.map(|p| &p.workload)),
+            source_canonical_service: or_unknown(s.map(|p| &p.canonical_service)),
+            source_canonical_revision: or_unknown(s.map(|p| &p.canonical_revision)),
+            source_workload_namespace: or_unknown(s.map(|p| &p.namespace)),
+            source_principal: or_unknown(s_principal.as_ref()),
+            source_app: or_unknown(s.map(|p| &p.canonical_service)),
+            source_version: or_unknown(s.map(|p| &p.canonical_revision)),
+            source_cluster: or_unknown(s.map(|p| &p.cluster)),
             destination_service: self
                 .service
-                .map(|s| s.hostname.clone())
-                .unwrap_or_else(unknown),
+                .map_or_else(|| k.unknown.clone(), |s| label(s.hostname.as_str())),
             destination_service_namespace: self
                 .service
-                .map(|s| s.namespace.clone())
-                .unwrap_or_else(unknown),
-            destination_service_name: self.service.map(|s| s.name.clone()).unwrap_or_else(unknown),
-            destination_workload: wl_name(d),
-            destination_canonical_service: canonical(d),
-            destination_canonical_revision: revision(d),
-            destination_workload_namespace: ns(d),
-            destination_principal: principal(self.dst.identity),
-            destination_app: canonical(d),
-            destination_version: revision(d),
-            destination_cluster: cluster(d),
-            request_protocol: "tcp".into(),
-            response_flags: "-".into(),
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" }.into(),
+                .map_or_else(|| k.unknown.clone(), |s| label(s.namespace.as_str())),
+            destination_service_name: self
+                .service
+                .map_or_else(|| k.unknown.clone(), |s| label(s.name.as_str())),
+            destination_workload: or_unknown(d.map(|p| &p.workload)),
+            destination_canonical_service: or_unknown(d.map(|p| &p.canonical_service)),
+            destination_canonical_revision: or_unknown(d.map(|p| &p.canonical_revision)),
+            destination_workload_namespace: or_unknown(d.map(|p| &p.namespace)),
+            destination_principal: or_unknown(d_principal.as_ref()),
+            destination_app: or_unknown(d.map(|p| &p.canonical_service)),
+            destination_version: or_unknown(d.map(|p| &p.canonical_revision)),
+            destination_cluster: or_unknown(d.map(|p| &p.cluster)),
+            request_protocol: k.tcp.clone(),
+            response_flags: k.no_flags.clone(),
+            connection_security_policy: if self.mtls {
+                k.mutual_tls.clone()
+            } else {
+                k.unknown.clone()
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Workload;
+
+    fn record<'a>(src: &'a Workload, id: &'a Identity) -> Record<'a> {
+        let addr: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        Record {
+            direction: Direction::Outbound,
+            src: End {
+                addr: Some(addr),
+                workload: Some(src),
+                identity: Some(id),
+            },
+            dst: End::default(),
+            service: None,
+            dst_addr: addr,
+            target: addr,
+            mtls: true,
+        }
+    }
+
+    #[test]
+    fn a_workloads_labels_are_built_once_and_shared() {
+        let w = Workload {
+            name: "sleep".into(),
+            namespace: "default".into(),
+            service_account: "sleep".into(),
+            ..Default::default()
+        };
+        let id = w.identity();
+        let (a, b) = (record(&w, &id).labels(), record(&w, &id).labels());
+        assert!(Arc::ptr_eq(&a.source_workload, &b.source_workload));
+        assert!(Arc::ptr_eq(&a.source_principal, &b.source_principal));
+        assert_eq!(
+            *a.source_principal,
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert_eq!(*a.destination_workload, "unknown");
+        assert_eq!(*a.source_canonical_revision, "latest");
+        // Another identity than the workload's own (a client certificate): its own label.
+        let other = Identity::new("cluster.local", "default", "other");
+        assert_eq!(
+            *record(&w, &other).labels().source_principal,
+            "spiffe://cluster.local/ns/default/sa/other"
+        );
+        // A new version of the workload starts over.
+        let renamed = Workload {
+            workload_name: "sleep-v2".into(),
+            ..w.clone()
+        };
+        assert_eq!(*record(&renamed, &id).labels().source_workload, "sleep-v2");
+        // The cache is no part of the workload's value: a filled one equals an empty copy.
+        assert_eq!(w, w.clone());
     }
 }

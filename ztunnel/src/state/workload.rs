@@ -163,6 +163,46 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub cluster_id: String,
+    /// This workload's side of every connection's metric labels, built on first use: a
+    /// workload changes only by being replaced, so they are built once per version.
+    #[serde(skip)]
+    pub labels: Memo<std::sync::Arc<crate::metrics::PeerLabels>>,
+}
+
+/// A value computed from its owner on first use. It is no part of the owner's value: it
+/// compares equal to any other, and a copy starts empty (a copy may be changed before use).
+pub struct Memo<T>(std::sync::OnceLock<T>);
+
+impl<T> Memo<T> {
+    pub fn get_or_init(&self, f: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(f)
+    }
+}
+
+impl<T> Default for Memo<T> {
+    fn default() -> Self {
+        Memo(std::sync::OnceLock::new())
+    }
+}
+
+impl<T> Clone for Memo<T> {
+    fn clone(&self) -> Self {
+        Memo::default()
+    }
+}
+
+impl<T> PartialEq for Memo<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Memo<T> {}
+
+impl<T> std::fmt::Debug for Memo<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
 }
 
 impl Default for Workload {
@@ -187,6 +227,7 @@ impl Default for Workload {
             canonical_name: String::new(),
             canonical_revision: String::new(),
             cluster_id: String::new(),
+            labels: Memo::default(),
         }
     }
 }

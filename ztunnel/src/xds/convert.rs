@@ -175,6 +175,7 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
         cluster_id: w.cluster_id.clone(),
+        labels: Default::default(),
     })
 }
 

@@ -479,6 +479,7 @@ impl<'a> Validator<'a> {
             canonical_name: lw.canonical_name,
             canonical_revision: lw.canonical_revision,
             cluster_id,
+            labels: Default::default(),
         })
     }
 
