@@ -37,6 +37,8 @@ pub fn check() -> anyhow::Result<Features> {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
+    // The probes create maps too.
+    raise_memlock_if_charged(&kernel);
     let mut missing: Vec<String> = vec![];
     let mut need = |ok: Result<bool, String>, what: &str, since: &str| match ok {
         Ok(true) => {}
@@ -94,7 +96,59 @@ pub fn check() -> anyhow::Result<Features> {
     })
 }
 
+/// Kernels before 5.11 charge BPF maps and programs to `RLIMIT_MEMLOCK` (later ones to
+/// the memory cgroup); its usual default (64 KiB, 8 MiB in newer runtimes) is far below
+/// what capture's maps take. Raise it; beyond the hard limit that needs
+/// `CAP_SYS_RESOURCE`, so say so when it fails instead of failing later in a map create.
+fn raise_memlock_if_charged(kernel: &str) {
+    if !charges_memlock(kernel) {
+        return;
+    }
+    use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+    match setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        Ok(()) => tracing::info!(
+            kernel,
+            "RLIMIT_MEMLOCK raised: this kernel charges BPF maps to it"
+        ),
+        Err(e) => tracing::warn!(
+            kernel,
+            "this kernel charges BPF maps to RLIMIT_MEMLOCK and raising it failed ({e}); \
+             loading capture may fail: run ztunnel with CAP_SYS_RESOURCE or an unlimited \
+             memlock limit"
+        ),
+    }
+}
+
+/// Whether a kernel release (`uname -r`) is older than 5.11.
+fn charges_memlock(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    major != 0 && (major, minor) < (5, 11)
+}
+
 /// TCX exists if the kernel answers a TCX query (older kernels reject the attach type).
 fn tcx_supported() -> bool {
     SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memlock_is_charged_before_5_11() {
+        for (release, charged) in [
+            ("5.10.215-203.850.amzn2.x86_64", true),
+            ("5.8.0-63-generic", true),
+            ("4.19.0", true),
+            ("5.11.0", false),
+            ("5.15.0-91-generic", false),
+            ("6.1.0-18-amd64", false),
+            ("6.18.44-fc-v657", false),
+            ("unknown", false),
+        ] {
+            assert_eq!(super::charges_memlock(release), charged, "{release}");
+        }
+    }
 }
