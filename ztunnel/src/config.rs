@@ -138,6 +138,7 @@ pub struct RunArgs {
         long,
         env = "XDS_ADDRESS",
         value_name = "URL",
+        value_parser = parse_url,
         conflicts_with = "local_xds_path"
     )]
     pub xds_address: Option<String>,
@@ -252,7 +253,7 @@ pub struct RunArgs {
 
     /// Istio CA to get workload certificates from, as a URL: `https://HOST:PORT`
     /// (e.g. https://istiod.istio-system.svc:15012). Without it the built-in CA is used.
-    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
+    #[arg(long, env = "CA_ADDRESS", value_name = "URL", value_parser = parse_url)]
     pub ca_address: Option<String>,
 
     /// PEM root certificate(s) the CA's TLS certificate must chain to.
@@ -419,6 +420,19 @@ fn istio_meta_from_env() -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// A control-plane address: an `http://` or `https://` URL with a host and a port
+/// (checked here, so a typo stops `ztunnel run` with the flag's name, not a later dial).
+fn parse_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); e.g. https://istiod.istio-system.svc:15012"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("https" | "http"), Some(a)) if a.port_u16().is_some() => Ok(s.to_string()),
+        (Some("https" | "http"), Some(_)) => Err("needs a port, e.g. :15012".into()),
+        _ => Err("needs https://HOST:PORT, e.g. https://istiod.istio-system.svc:15012".into()),
+    }
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -525,6 +539,25 @@ mod tests {
             "f",
         ];
         assert!(Cli::try_parse_from(both).is_err(), "one source of state");
+    }
+
+    #[test]
+    fn control_plane_addresses_are_urls_with_ports() {
+        assert!(parse_url("https://istiod.istio-system.svc:15012").is_ok());
+        assert!(parse_url("http://127.0.0.1:15010").is_ok());
+        assert!(parse_url("istiod:15012").unwrap_err().contains("https://"));
+        assert!(parse_url("https://istiod").unwrap_err().contains("port"));
+        assert!(parse_url("ftp://x:1").is_err());
+        let bad = [
+            "ztunnel",
+            "run",
+            "--node-name",
+            "n",
+            "--ca-address",
+            "istiod:15012",
+        ];
+        let e = Cli::try_parse_from(bad).unwrap_err().to_string();
+        assert!(e.contains("--ca-address"), "{e}");
     }
 
     /// `--cluster-id` and the pod facts reach the xDS node, not only Kubernetes names.
