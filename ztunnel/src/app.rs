@@ -20,6 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::capture::{Capture, CaptureConfig, RoutingConfig};
 use crate::config::RunArgs;
 use crate::connections::ConnectionTracker;
+use crate::drain::Exit;
 use crate::enroll::Enroller;
 use crate::handover;
 use crate::identity::ca::{CaOptions, CertificateAuthority};
@@ -310,28 +311,16 @@ async fn serve(
         _ = quit.notified() => { info!("/quitquitquit: draining"); Exit::Stopped }
         Ok(()) = &mut handed => { info!("a new ztunnel took over: draining"); Exit::HandedOver }
     };
-    // Drain: stop accepting, give live connections time to finish.
-    workers.stop_accepting().await;
-    drain_tx.send_replace(true);
-    registry.clear();
-    if exit == Exit::HandedOver {
-        // The successor owns enrollment, the maps and the admin sockets from now on.
-        tasks.shutdown().await;
+    crate::drain::Drain {
+        workers: &mut workers,
+        registry: &registry,
+        draining: &drain_tx,
+        tasks: &mut tasks,
+        connections: &connections,
+        timeout: args.drain_timeout,
     }
-    // Wait for every accepted socket, also those still in their handshake or dial.
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
-    let busy = || connections.count() > 0 || connections.in_flight() > 0;
-    while busy() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if busy() {
-        warn!(
-            open = connections.count(),
-            handling = connections.in_flight(),
-            "drain timeout: closing remaining connections"
-        );
-    }
-    tasks.shutdown().await;
+    .run(exit)
+    .await;
     if exit == Exit::HandedOver && args.kubernetes_enrollment() {
         // Exiting now would make the kubelet restart this container, and the restarted
         // process would take over from the new pod: wait for the pod's deletion instead.
@@ -345,15 +334,6 @@ async fn serve(
     drop(enroller);
     drop(workers);
     Ok(exit)
-}
-
-/// Why `serve` returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Exit {
-    /// Asked to stop: capture is removed unless `--retain-capture-on-exit`.
-    Stopped,
-    /// A new ztunnel took over: capture is its now and stays.
-    HandedOver,
 }
 
 /// Policy and membership changes act on live connections too: after every state update,

@@ -166,9 +166,9 @@ fn worker(
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
+/// A context for tests: an empty state, a CA in memory, plain dials.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn test_context() -> Arc<dyn Fn() -> ProxyContext + Send + Sync> {
     use crate::connections::ConnectionTracker;
     use crate::identity::ca::{CaOptions, CertificateAuthority};
     use crate::identity::manager::{LocalCaClient, SecretManagerOptions};
@@ -177,36 +177,38 @@ mod tests {
     use crate::pool::{Pool, PoolOptions};
     use crate::proxy::socket::Dialer;
     use crate::state::StateStore;
-    use tokio::io::AsyncReadExt;
+    let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
+    let certs = Arc::new(SecretManager::new(
+        Arc::new(LocalCaClient::new(Arc::new(ca))),
+        SecretManagerOptions::default(),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    let connections = ConnectionTracker::new(metrics.clone());
+    let (_, draining) = watch::channel(false);
+    Arc::new(move || ProxyContext {
+        node: "node".into(),
+        store: Arc::new(StateStore::default()),
+        dialer: Arc::new(Dialer { mark: 0 }),
+        original_dst: Arc::new(crate::proxy::socket::original_dst),
+        certs: certs.clone(),
+        pool: Pool::new(
+            Arc::new(Dialer { mark: 0 }),
+            certs.clone(),
+            PoolOptions::default(),
+        ),
+        connections: connections.clone(),
+        metrics: metrics.clone(),
+        listen_ports: vec![],
+        hbone_port: 15008,
+        handshake_timeout: Duration::from_secs(1),
+        draining: draining.clone(),
+    })
+}
 
-    fn context() -> Arc<dyn Fn() -> ProxyContext + Send + Sync> {
-        let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
-        let certs = Arc::new(SecretManager::new(
-            Arc::new(LocalCaClient::new(Arc::new(ca))),
-            SecretManagerOptions::default(),
-        ));
-        let metrics = Arc::new(Metrics::new());
-        let connections = ConnectionTracker::new(metrics.clone());
-        let (_, draining) = watch::channel(false);
-        Arc::new(move || ProxyContext {
-            node: "node".into(),
-            store: Arc::new(StateStore::default()),
-            dialer: Arc::new(Dialer { mark: 0 }),
-            original_dst: Arc::new(crate::proxy::socket::original_dst),
-            certs: certs.clone(),
-            pool: Pool::new(
-                Arc::new(Dialer { mark: 0 }),
-                certs.clone(),
-                PoolOptions::default(),
-            ),
-            connections: connections.clone(),
-            metrics: metrics.clone(),
-            listen_ports: vec![],
-            hbone_port: 15008,
-            handshake_timeout: Duration::from_secs(1),
-            draining: draining.clone(),
-        })
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
 
     /// What happened to a connection: closed by a handler, or left waiting.
     async fn answered(addr: std::net::SocketAddr) -> bool {
@@ -232,7 +234,7 @@ mod tests {
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
         let listeners = [(l.try_clone().unwrap(), Role::InboundPlaintext)];
-        let mut workers = Workers::start(3, &listeners, context()).await.unwrap();
+        let mut workers = Workers::start(3, &listeners, test_context()).await.unwrap();
         assert!(data_path_threads() >= 3);
         // Plaintext to an address that is no workload: whichever thread takes it closes it.
         for _ in 0..12 {
@@ -257,7 +259,7 @@ mod tests {
     async fn zero_threads_means_one_per_core() {
         let l = StdListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
-        let workers = Workers::start(0, &[(l, Role::Outbound)], context())
+        let workers = Workers::start(0, &[(l, Role::Outbound)], test_context())
             .await
             .unwrap();
         let cores = std::thread::available_parallelism().unwrap().get();
