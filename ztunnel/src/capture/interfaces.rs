@@ -83,8 +83,28 @@ impl Role {
 
 /// Every link of the namespace `handle` is in.
 pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
+    Ok(scan(handle).await?.links)
+}
+
+/// The namespace's links and addresses, from one dump of each.
+pub struct Scan {
+    pub links: Vec<Link>,
+    /// Every address configured in the namespace (the node's own, for the program).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Dumps links and addresses once: the roles need both.
+pub async fn scan(handle: &Handle) -> anyhow::Result<Scan> {
     let msgs: Vec<_> = handle.link().get().execute().try_collect().await?;
     let addrs: Vec<_> = handle.address().get().execute().try_collect().await?;
+    let addresses: Vec<IpAddr> = addrs
+        .iter()
+        .flat_map(|m| m.attributes.iter())
+        .filter_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+        .collect();
     let addressed: BTreeSet<u32> = addrs
         .iter()
         .filter(|m| {
@@ -95,7 +115,7 @@ pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
         })
         .map(|m| m.header.index)
         .collect();
-    Ok(msgs
+    let links = msgs
         .iter()
         .filter_map(|m| {
             let mut l = Link {
@@ -130,7 +150,8 @@ pub async fn links(handle: &Handle) -> anyhow::Result<Vec<Link>> {
             }
             (!l.name.is_empty()).then_some(l)
         })
-        .collect())
+        .collect();
+    Ok(Scan { links, addresses })
 }
 
 fn kind_name(k: &InfoKind) -> String {

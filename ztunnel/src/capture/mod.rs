@@ -238,7 +238,8 @@ impl Capture {
     /// the program: pods' interfaces and the node's links, see [`Role`]), forgets ones that
     /// went away, and refreshes the node's own addresses. Cheap; called periodically.
     pub async fn refresh(&mut self) -> anyhow::Result<()> {
-        let links = routing::retry_busy(|| interfaces::links(&self.netlink)).await?;
+        let interfaces::Scan { links, addresses } =
+            routing::retry_busy(|| interfaces::scan(&self.netlink)).await?;
         let existing: Vec<(String, u32)> =
             links.iter().map(|l| (l.name.clone(), l.index)).collect();
         self.links.remove_stale(&existing);
@@ -278,8 +279,7 @@ impl Capture {
         }
         self.sync_bridge_ports(&bridge_ports)?;
         self.inventory = inventory;
-        let addrs = routing::retry_busy(|| routing::local_addresses(&self.netlink)).await?;
-        let keys: Vec<PodKey> = addrs.iter().map(|a| key(*a)).collect();
+        let keys: Vec<PodKey> = addresses.iter().map(|a| key(*a)).collect();
         let old: Vec<PodKey> = self.node_addrs.keys().filter_map(Result::ok).collect();
         for k in old.iter().filter(|k| !keys.contains(k)) {
             self.node_addrs.remove(k)?;

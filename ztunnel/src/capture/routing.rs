@@ -1,5 +1,6 @@
 //! Policy routing that turns the capture mark into local delivery, and the netlink
-//! queries the loader needs (node addresses, links, the route to a pod).
+//! queries it needs (the loopback link; the node's links and addresses come from
+//! `interfaces::scan`).
 //!
 //! A packet the eBPF program assigned to a ztunnel socket still goes through the
 //! routing decision; unless it is routed `local` the kernel forwards it and the
@@ -10,7 +11,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context;
 use futures::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{
     RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -171,19 +171,6 @@ fn is_busy(e: &anyhow::Error) -> bool {
         matches!(c.downcast_ref::<rtnetlink::Error>(), Some(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EBUSY)
             || c.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::EBUSY)
     })
-}
-
-/// Every address configured in this network namespace.
-pub async fn local_addresses(handle: &Handle) -> anyhow::Result<Vec<IpAddr>> {
-    let msgs: Vec<_> = handle.address().get().execute().try_collect().await?;
-    Ok(msgs
-        .iter()
-        .flat_map(|m| m.attributes.iter())
-        .filter_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })
-        .collect())
 }
 
 /// Names and indexes of every link in this network namespace.
