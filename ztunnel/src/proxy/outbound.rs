@@ -169,27 +169,26 @@ async fn same_node(
             }));
         }
     }
-    let authz = authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload);
-    deliver(ctx, conn, stream, peer, &record, Some(authz)).await
+    match authorize(ctx, Some(&src_id), peer.ip(), up.address, &up.workload) {
+        Ok(authz) => deliver(ctx, conn, stream, peer, &record, Some(authz)).await,
+        Err(denied) => {
+            let mut conn = conn;
+            conn.identify(record.info(), record.labels(), None);
+            conn.finish(Outcome::Denied(denied))
+        }
+    }
 }
 
-/// Connects to the target with the pod's address as source and relays. `authz`: the
-/// destination's policies' verdict, for connections they apply to.
+/// Connects to the target with the pod's address as source and relays. `authz`: what
+/// the destination's policies allowed, for connections they apply to.
 async fn deliver(
     ctx: &ProxyContext,
     mut conn: ConnectionResult,
     stream: TcpStream,
     peer: SocketAddr,
     record: &Record<'_>,
-    authz: Option<Result<Authz, Reason>>,
+    authz: Option<Authz>,
 ) {
-    let authz = match authz.transpose() {
-        Ok(a) => a,
-        Err(denied) => {
-            conn.identify(record.info(), record.labels(), None);
-            return conn.finish(Outcome::Denied(denied));
-        }
-    };
     conn.identify(record.info(), record.labels(), authz);
     let up = match ctx.dialer.connect(Some(peer), record.target).await {
         Ok(s) => s,
