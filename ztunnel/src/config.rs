@@ -46,8 +46,10 @@ pub struct DebugArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DebugView {
-    /// Workloads known to this node (all nodes'), with protocol and enrollment.
+    /// Workloads known to this node (all nodes'), with protocol, waypoint and enrollment.
     Workloads,
+    /// Services known to this node: VIPs, ports, waypoint.
+    Services,
     /// Workload certificates held by this node.
     Certs,
     /// eBPF capture: interfaces, enrolled addresses, per-pod counters.

@@ -11,7 +11,7 @@ use crate::config::{DebugArgs, DebugOutput, DebugView};
 
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     let path = match args.what {
-        DebugView::Workloads | DebugView::Config => "/config_dump",
+        DebugView::Workloads | DebugView::Services | DebugView::Config => "/config_dump",
         DebugView::Certs => "/certs",
         DebugView::Capture => "/debug/capture",
         DebugView::Connections => "/debug/connections",
@@ -21,10 +21,12 @@ pub fn run(args: DebugArgs) -> anyhow::Result<()> {
         serde_json::from_str(&body).with_context(|| format!("{path} did not return JSON"))?;
     let out = match (args.output, args.what) {
         (DebugOutput::Json, DebugView::Workloads) => serde_json::to_string_pretty(&v["workloads"])?,
+        (DebugOutput::Json, DebugView::Services) => serde_json::to_string_pretty(&v["services"])?,
         (DebugOutput::Json, _) | (DebugOutput::Table, DebugView::Config) => {
             serde_json::to_string_pretty(&v)?
         }
         (DebugOutput::Table, DebugView::Workloads) => workloads(&v),
+        (DebugOutput::Table, DebugView::Services) => services(&v),
         (DebugOutput::Table, DebugView::Certs) => certs(&v),
         (DebugOutput::Table, DebugView::Capture) => capture(&v),
         (DebugOutput::Table, DebugView::Connections) => connections(&v),
@@ -113,14 +115,60 @@ fn workloads(v: &Value) -> String {
                     s(&w["namespace"]),
                     s(&w["serviceAccount"])
                 ),
+                waypoint(&w["waypoint"]),
                 state.into(),
             ]
         })
         .collect();
     table(
-        &["WORKLOAD", "IPS", "NODE", "PROTOCOL", "IDENTITY", "CAPTURE"],
+        &[
+            "WORKLOAD", "IPS", "NODE", "PROTOCOL", "IDENTITY", "WAYPOINT", "CAPTURE",
+        ],
         &rows,
     )
+}
+
+fn services(v: &Value) -> String {
+    let list = |v: &Value| -> String {
+        let items: Vec<String> = v.as_array().into_iter().flatten().map(s).collect();
+        if items.is_empty() {
+            "-".into()
+        } else {
+            items.join(",")
+        }
+    };
+    let rows: Vec<Vec<String>> = v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|svc| {
+            let ports: Vec<String> = svc["ports"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(p, t)| format!("{p}->{}", s(t)))
+                .collect();
+            vec![
+                format!("{}/{}", s(&svc["namespace"]), s(&svc["hostname"])),
+                list(&svc["vips"]),
+                if ports.is_empty() {
+                    "-".into()
+                } else {
+                    ports.join(",")
+                },
+                waypoint(&svc["waypoint"]),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "VIPS", "PORTS", "WAYPOINT"], &rows)
+}
+
+/// A waypoint as `destination:port`, or `-`.
+fn waypoint(w: &Value) -> String {
+    match w {
+        Value::Null => "-".into(),
+        w => format!("{}:{}", s(&w["destination"]), s(&w["hboneMtlsPort"])),
+    }
 }
 
 fn certs(v: &Value) -> String {

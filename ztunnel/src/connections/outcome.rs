@@ -37,11 +37,13 @@ impl Outcome {
         }
     }
 
-    /// Istio's `response_flags`: `DENY` for authorization, `CONNECT` when the upstream
+    /// Istio's `response_flags`: `DENY` for authorization (a skipped waypoint too), `CONNECT` when the upstream
     /// connection could not be made, `-` otherwise.
     pub fn response_flags(&self) -> &'static str {
         match self.reason() {
-            Some(Reason::PolicyDenied(_)) | Some(Reason::PolicyChanged(_)) => "DENY",
+            Some(Reason::PolicyDenied(_))
+            | Some(Reason::PolicyChanged(_))
+            | Some(Reason::BypassedWaypoint(_)) => "DENY",
             Some(Reason::UpstreamConnect(_)) | Some(Reason::TunnelConnect(_)) => "CONNECT",
             _ => "-",
         }
@@ -57,6 +59,10 @@ pub enum Reason {
     OwnListener,
     #[error("no endpoint: {0}")]
     NoEndpoint(String),
+    #[error("no waypoint: {0}")]
+    NoWaypoint(String),
+    #[error("not from the destination's waypoint {0}: it accepts mesh traffic only through it")]
+    BypassedWaypoint(String),
     #[error("{0} is no mesh workload of this node")]
     NotLocalWorkload(String),
     #[error("no certificate for {identity}: {error}")]
@@ -88,6 +94,8 @@ impl Reason {
             Reason::NoOriginalDestination(_) => "no_original_destination",
             Reason::OwnListener => "own_listener",
             Reason::NoEndpoint(_) => "no_endpoint",
+            Reason::NoWaypoint(_) => "no_waypoint",
+            Reason::BypassedWaypoint(_) => "bypassed_waypoint",
             Reason::NotLocalWorkload(_) => "not_local_workload",
             Reason::NoCertificate { .. } => "no_certificate",
             Reason::PolicyDenied(_) => "policy_denied",

@@ -5,6 +5,9 @@
 //! source address travels in `forwarded: for=<ip>`, tracing context in `baggage`/`traceparent`.
 //! Our one extension, `ztunnel-source-port`, carries the client's port (see [`source_port`]).
 
+/// The port HBONE is served on (Istio's, for ztunnels and waypoints alike).
+pub const HBONE_PORT: u16 = 15008;
+
 pub mod client;
 pub mod copy;
 pub mod server;

@@ -5,6 +5,9 @@
 //!   tunnelled connection: authorize → connect to the pod (original source) → relay.
 //! - 15006 (plaintext from outside the mesh): authorized with no identity (so policies
 //!   that require one — strict mTLS — refuse it), then delivered the same way.
+//!
+//! A workload with a waypoint of its own accepts connections only from that waypoint's
+//! identity (`through_waypoint`); they are then authorized with it as the source.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -26,6 +29,26 @@ fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
         .snapshot()
         .workload_by_ip(ip)
         .filter(|w| w.node == ctx.node)
+}
+
+/// A workload whose traffic must pass its waypoint (istiod sets the workload's own
+/// `waypoint` when the waypoint serves workload traffic) takes connections only from the
+/// waypoint's identity: anything else skipped the waypoint's policies. A workload whose
+/// only waypoint is its service's still takes traffic addressed to its own IP directly,
+/// as in Istio (such traffic never goes through that waypoint).
+fn through_waypoint(
+    ctx: &ProxyContext,
+    dst: &Workload,
+    client: Option<&Identity>,
+) -> Result<(), Reason> {
+    let Some(gw) = &dst.waypoint else {
+        return Ok(());
+    };
+    let state = ctx.store.snapshot();
+    match client {
+        Some(id) if state.is_waypoint_identity(gw, id) => Ok(()),
+        _ => Err(Reason::BypassedWaypoint(gw.to_string())),
+    }
 }
 
 pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
@@ -136,6 +159,11 @@ async fn deliver(
         target,
         mtls: true,
     };
+    if let Err(denied) = through_waypoint(&ctx, &dialed, Some(&client)) {
+        conn.identify(record.info(), record.labels(), None);
+        req.reject(StatusCode::UNAUTHORIZED);
+        return conn.finish(Outcome::Denied(denied));
+    }
     let authz = match authorize(&ctx, Some(&client), src.ip(), target, &dialed) {
         Ok(a) => a,
         Err(denied) => {
@@ -197,8 +225,12 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
         target: dst,
         mtls: false,
     };
-    // No identity: policies that require one (strict mTLS) refuse it. Closing the
-    // accepted socket is the refusal.
+    // No identity: policies that require one (strict mTLS) refuse it, and so does a
+    // waypoint of the workload's own. Closing the accepted socket is the refusal.
+    if let Err(denied) = through_waypoint(&ctx, &workload, None) {
+        conn.identify(record.info(), record.labels(), None);
+        return conn.finish(Outcome::Denied(denied));
+    }
     let authz = match authorize(&ctx, None::<&Identity>, peer.ip(), dst, &workload) {
         Ok(a) => a,
         Err(denied) => {

@@ -6,6 +6,7 @@
 //!   certificate and requiring the destination's identity;
 //! → in the mesh on this node: the same identity checks and the destination's policies,
 //!   delivered directly;
+//! → behind a waypoint: HBONE to the waypoint, asking it for the original destination;
 //! → outside the mesh: plain passthrough with the pod's address as source;
 //! → refused: nothing dialed.
 //! Each path finishes the attempt's [`ConnectionResult`] exactly once.
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::labels::{End, Record};
 use super::route::{Refusal, Route};
@@ -22,7 +24,7 @@ use crate::connections::{Authz, ConnectionResult, Direction, Outcome, Reason};
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
 use crate::pool::PoolKey;
-use crate::state::{Upstream, Workload};
+use crate::state::{Service, Upstream, WaypointHop, Workload};
 
 pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = (ctx.original_dst)(&stream);
@@ -41,6 +43,24 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
     match route {
         Route::Hbone { src, up } => hbone(&ctx, conn, stream, peer, dst, &src, &up).await,
         Route::SameNode { src, up } => same_node(&ctx, conn, stream, peer, dst, &src, &up).await,
+        Route::Waypoint {
+            src,
+            hop,
+            dst,
+            service,
+        } => {
+            waypoint(
+                &ctx,
+                conn,
+                stream,
+                peer,
+                dst,
+                &src,
+                &hop,
+                service.as_deref(),
+            )
+            .await
+        }
         Route::Passthrough { src, up, target } => {
             let record = Record {
                 direction: Direction::Outbound,
@@ -64,6 +84,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
         Route::Refuse(r) => conn.finish(Outcome::Denied(match r {
             Refusal::OwnListener => Reason::OwnListener,
             Refusal::NoEndpoint(e) => Reason::NoEndpoint(e),
+            Refusal::NoWaypoint(e) => Reason::NoWaypoint(e),
         })),
     }
 }
@@ -127,6 +148,62 @@ async fn hbone(
     let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
     // Authorization is the destination node's (it knows the policies of its pods).
     conn.identify(record.info(), record.labels(), None);
+    tunnel(ctx, conn, stream, &key, &req).await
+}
+
+/// Through the destination's waypoint: HBONE to the waypoint with the source's
+/// certificate, requiring the waypoint's identity. The waypoint picks the endpoint, so the
+/// authority is what the pod dialed (a service VIP and port, or a workload's address and
+/// port). No policy is evaluated here: the waypoint applies its own, then the destination
+/// node applies the workload's with the waypoint's identity as the source, as in Istio.
+#[allow(clippy::too_many_arguments)]
+async fn waypoint(
+    ctx: &ProxyContext,
+    mut conn: ConnectionResult,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: &Workload,
+    hop: &WaypointHop,
+    service: Option<&Service>,
+) {
+    let src_id = src.identity();
+    let wp_id = hop.workload.identity();
+    let record = Record {
+        direction: Direction::Outbound,
+        src: End {
+            addr: Some(peer),
+            workload: Some(src),
+            identity: Some(&src_id),
+        },
+        // The next hop is the waypoint; the service is still the one dialed.
+        dst: End {
+            addr: Some(hop.address),
+            workload: Some(&hop.workload),
+            identity: Some(&wp_id),
+        },
+        service,
+        dst_addr: dst,
+        target: hop.address,
+        mtls: true,
+    };
+    conn.identify(record.info(), record.labels(), None);
+    debug!(%peer, %dst, waypoint = %hop.gateway, via = %hop.address, "through the waypoint");
+    let key = PoolKey::new(src_id.clone(), hop.identities(), hop.address);
+    let mut req = ConnectRequest::new(dst);
+    req.source = Some(peer);
+    tunnel(ctx, conn, stream, &key, &req).await
+}
+
+/// Opens an HBONE stream (pooled connection) for `req` and relays the pod's connection
+/// through it.
+async fn tunnel(
+    ctx: &ProxyContext,
+    conn: ConnectionResult,
+    stream: TcpStream,
+    key: &PoolKey,
+    req: &ConnectRequest,
+) {
     // Client-speaks-first protocols (HTTP, TLS) have usually sent their first bytes by
     // now: they travel with the CONNECT, saving the client a round trip between nodes.
     // At most one read's worth (`socket::ARRIVED_MAX`); the rest follows in the relay.
@@ -134,7 +211,7 @@ async fn hbone(
         Ok(b) => b,
         Err(e) => return conn.finish(Outcome::Failed(Reason::Client(e.to_string()))),
     };
-    let tunnel = match ctx.pool.connect_with_data(&key, &req, &early).await {
+    let tunnel = match ctx.pool.connect_with_data(key, req, &early).await {
         Ok(t) => t,
         // Closing the pod's connection is the only answer TCP has; the reason is logged.
         Err(e) => return conn.finish(Outcome::Failed(Reason::TunnelConnect(e.to_string()))),

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::state::{ProxyState, ResolveError, Upstream, Workload};
+use crate::state::{
+    NetworkAddress, ProxyState, ResolveError, Service, Upstream, WaypointHop, Workload,
+};
 
 /// The plan for one outbound connection.
 #[derive(Debug, Clone)]
@@ -14,6 +16,15 @@ pub enum Route {
     Hbone { src: Arc<Workload>, up: Upstream },
     /// Both ends in the mesh on this node: the same checks as HBONE, delivered directly.
     SameNode { src: Arc<Workload>, up: Upstream },
+    /// The destination is behind a waypoint: HBONE to the waypoint, asking it for the
+    /// original destination (`dst`: the service VIP and port, or the workload's address
+    /// and port). `service`: the service dialed, if it was one.
+    Waypoint {
+        src: Arc<Workload>,
+        hop: WaypointHop,
+        dst: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
     /// Not a mesh-to-mesh connection: plain TCP to `target` with the client's address.
     /// `src` is the client's workload if it is one of this node's mesh pods; `up` the
     /// destination if the state knows it (a workload outside the mesh).
@@ -36,6 +47,10 @@ pub enum Refusal {
     /// A service VIP with nothing to send the connection to.
     #[error("{0}")]
     NoEndpoint(String),
+    /// The destination's waypoint cannot be reached through the state; going direct
+    /// instead would skip its policies.
+    #[error("{0}")]
+    NoWaypoint(String),
 }
 
 impl Refusal {
@@ -44,6 +59,7 @@ impl Refusal {
         match self {
             Refusal::OwnListener => "own_listener",
             Refusal::NoEndpoint(_) => "no_endpoint",
+            Refusal::NoWaypoint(_) => "no_waypoint",
         }
     }
 }
@@ -68,6 +84,21 @@ impl Planner<'_> {
         let src = state
             .workload_by_ip(peer.ip())
             .filter(|w| w.node == self.node && w.in_mesh());
+        // Before resolving endpoints: behind a waypoint, picking the endpoint is its job.
+        if let Some(src) = &src {
+            if let Some(gw) = state.waypoint_for(src, dst) {
+                let addr = NetworkAddress::new(&src.network, dst.ip().to_canonical());
+                return match state.waypoint(&gw, dst.ip()) {
+                    Ok(hop) => Route::Waypoint {
+                        src: src.clone(),
+                        hop,
+                        dst,
+                        service: state.service_by_vip(&addr),
+                    },
+                    Err(e) => Route::Refuse(Refusal::NoWaypoint(e.to_string())),
+                };
+            }
+        }
         let up = match state.resolve(dst) {
             Ok(up) => up,
             Err(e @ ResolveError::NoHealthyEndpoints { .. })
@@ -95,7 +126,7 @@ impl Planner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{NamespacedHostname, NetworkAddress, Protocol, Service, StateStore};
+    use crate::state::{GatewayAddress, NamespacedHostname, Protocol, StateStore};
 
     fn workload(name: &str, ip: &str, node: &str, protocol: Protocol) -> Workload {
         let svc = NamespacedHostname::new("default", "web.default.svc.cluster.local");
@@ -127,10 +158,22 @@ mod tests {
         }
     }
 
+    fn waypoint(destination: &str) -> Option<GatewayAddress> {
+        Some(GatewayAddress {
+            destination: destination.parse().unwrap(),
+            hbone_mtls_port: 15008,
+        })
+    }
+
     /// node-a: client (mesh), legacy (TCP); node-b: web (mesh, behind VIP 10.96.0.1),
-    /// outside (TCP); an empty service at 10.96.0.2.
+    /// outside (TCP); an empty service at 10.96.0.2. Waypoints: the service `api`
+    /// (10.96.0.3, endpoint web-api) has the waypoint service `wp` (10.96.0.8, one TCP
+    /// instance on node-b); the workload `guarded` has `wp` by address; `watched` has the
+    /// mesh pod `neighbour` of node-a as its waypoint; `lost` (10.96.0.4) names a
+    /// waypoint nobody defined.
     fn state() -> Arc<ProxyState> {
         let s = StateStore::default();
+        let wp_svc = NamespacedHostname::new("default", "wp.default.svc.cluster.local");
         s.replace_all(
             [
                 workload("client", "10.1.0.2", "node-a", Protocol::HBONE),
@@ -138,8 +181,40 @@ mod tests {
                 workload("legacy", "10.1.0.4", "node-a", Protocol::TCP),
                 workload("web", "10.2.0.2", "node-b", Protocol::HBONE),
                 workload("outside", "10.2.0.3", "node-b", Protocol::TCP),
+                Workload {
+                    services: [(wp_svc, Default::default())].into(),
+                    ..workload("wp", "10.2.0.9", "node-b", Protocol::TCP)
+                },
+                Workload {
+                    waypoint: waypoint("10.2.0.9"),
+                    ..workload("guarded", "10.2.0.5", "node-b", Protocol::HBONE)
+                },
+                Workload {
+                    waypoint: waypoint("/10.1.0.3"),
+                    ..workload("watched", "10.2.0.6", "node-b", Protocol::HBONE)
+                },
+                Workload {
+                    services: [(
+                        NamespacedHostname::new("default", "api.default.svc.cluster.local"),
+                        Default::default(),
+                    )]
+                    .into(),
+                    ..workload("web-api", "10.2.0.7", "node-b", Protocol::HBONE)
+                },
             ],
-            [service("web", "10.96.0.1"), service("empty", "10.96.0.2")],
+            [
+                service("web", "10.96.0.1"),
+                service("empty", "10.96.0.2"),
+                Service {
+                    waypoint: waypoint("default/wp.default.svc.cluster.local"),
+                    ..service("api", "10.96.0.3")
+                },
+                Service {
+                    waypoint: waypoint("default/nope.default.svc.cluster.local"),
+                    ..service("lost", "10.96.0.4")
+                },
+                service("wp", "10.96.0.8"),
+            ],
             [],
         );
         s.snapshot()
@@ -161,6 +236,12 @@ mod tests {
         match p.plan(&state(), sa(peer), sa(dst)) {
             Route::Hbone { src, up } => format!("hbone {} {}", src.name, up.address),
             Route::SameNode { src, up } => format!("same-node {} {}", src.name, up.address),
+            Route::Waypoint { src, hop, dst, .. } => {
+                format!(
+                    "waypoint {} {} {} {dst}",
+                    src.name, hop.workload.name, hop.address
+                )
+            }
             Route::Passthrough { src, up, target } => format!(
                 "passthrough {} {} {target}",
                 name(&Some(src).flatten()),
@@ -223,6 +304,43 @@ mod tests {
             // a VIP with no endpoint, or a port the service does not serve
             ("10.1.0.2:40000", "10.96.0.2:80", "refuse no_endpoint"),
             ("10.1.0.2:40000", "10.96.0.1:81", "refuse no_endpoint"),
+            // a service with a waypoint (by hostname): to the waypoint's instance, asking
+            // for the VIP; the endpoint addressed directly has none of its own
+            (
+                "10.1.0.2:40000",
+                "10.96.0.3:80",
+                "waypoint client wp 10.2.0.9:15008 10.96.0.3:80",
+            ),
+            (
+                "10.1.0.2:40000",
+                "10.2.0.7:8080",
+                "hbone client 10.2.0.7:8080",
+            ),
+            // a workload with a waypoint of its own (by address): asking for the pod
+            (
+                "10.1.0.2:40000",
+                "10.2.0.5:8080",
+                "waypoint client wp 10.2.0.9:15008 10.2.0.5:8080",
+            ),
+            // the waypoint's own traffic is never sent back to it
+            (
+                "10.1.0.2:40000",
+                "10.2.0.6:8080",
+                "waypoint client neighbour 10.1.0.3:15008 10.2.0.6:8080",
+            ),
+            (
+                "10.1.0.3:40000",
+                "10.2.0.6:8080",
+                "hbone neighbour 10.2.0.6:8080",
+            ),
+            // a waypoint that cannot be found refuses; never the direct path
+            ("10.1.0.2:40000", "10.96.0.4:80", "refuse no_waypoint"),
+            // clients outside the mesh are not this node's to send anywhere
+            (
+                "10.1.0.4:40000",
+                "10.96.0.3:80",
+                "passthrough - web-api 10.2.0.7:8080",
+            ),
         ];
         for (peer, dst, want) in table {
             assert_eq!(plan(peer, dst), want, "{peer} -> {dst}");

@@ -144,10 +144,19 @@ fn node(
 }
 
 async fn mesh(policies: &str) -> Mesh {
-    let store = Arc::new(StateStore::default());
-    LocalConfig::from_yaml(&config(policies))
-        .unwrap()
-        .apply_to(&store);
+    let yaml = config(policies);
+    mesh_seen_as(&yaml, &yaml).await
+}
+
+/// A mesh whose two nodes have their own view of it (a node that has not heard of a
+/// change yet, or disagrees). `Mesh::store` is node-a's.
+async fn mesh_seen_as(node_a: &str, node_b: &str) -> Mesh {
+    let view = |yaml: &str| {
+        let store = Arc::new(StateStore::default());
+        LocalConfig::from_yaml(yaml).unwrap().apply_to(&store);
+        store
+    };
+    let (store, store_b) = (view(node_a), view(node_b));
     let ca = CertificateAuthority::new(CaOptions::new("cluster.local")).unwrap();
     let certs = Arc::new(SecretManager::new(
         Arc::new(LocalCaClient::new(Arc::new(ca))),
@@ -176,7 +185,7 @@ async fn mesh(policies: &str) -> Mesh {
     let dialed: SocketAddr = format!("{SERVER}:15008").parse().unwrap();
     let b = node(
         "node-b",
-        &store,
+        &store_b,
         &certs,
         Arc::new(move |_: &TcpStream| Ok(dialed)),
         "127.0.0.1:9".parse().unwrap(),
@@ -358,4 +367,63 @@ async fn a_deny_added_later_closes_the_live_same_node_connection() {
     assert_eq!(m.a.ctx.connections.count(), 0);
     // And a new one is refused.
     assert_eq!(m.round_trip(CLIENT, dst, b"after").await, None);
+}
+
+/// node-b sees the server behind a waypoint (`wp`, elsewhere): it takes mesh traffic for
+/// it only from the waypoint's identity.
+fn behind_waypoint(client_sa: &str) -> (String, String) {
+    let a = config("").replace(
+        "serviceAccount: client",
+        &format!("serviceAccount: {client_sa}"),
+    );
+    let b = config("")
+        .replace(
+            "  node: node-b\n",
+            "  node: node-b\n  waypoint: {destination: \"/127.0.0.9\", hboneMtlsPort: 15008}\n",
+        )
+        .replace(
+            "workloads:\n",
+            "workloads:\n- name: wp\n  namespace: default\n  serviceAccount: waypoint\n  \
+             workloadIps: [\"127.0.0.9\"]\n  node: node-c\n",
+        );
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_workload_behind_a_waypoint_refuses_everyone_else() {
+    // node-a does not know of the waypoint (stale, or skipping it on purpose).
+    let (a, b) = behind_waypoint("client");
+    let m = mesh_seen_as(&a, &b).await;
+    let dst = echo(SERVER).await;
+    assert_eq!(m.round_trip(CLIENT, dst, b"skip").await, None);
+    eventually("the destination refused the bypass", || {
+        m.b.attempts("inbound", "denied", "bypassed_waypoint") == 1
+    })
+    .await;
+    assert_eq!(m.b.closed_with_flag("DENY"), 1);
+}
+
+#[tokio::test]
+async fn a_workload_behind_a_waypoint_takes_the_waypoints_identity() {
+    // The caller presents the waypoint's identity, as the waypoint does.
+    let (a, b) = behind_waypoint("waypoint");
+    let m = mesh_seen_as(&a, &b).await;
+    let dst = echo(SERVER).await;
+    assert_eq!(m.round_trip(CLIENT, dst, b"via").await.unwrap(), b"via");
+    eventually("delivered", || m.b.attempts("inbound", "ok", "-") == 1).await;
+}
+
+#[tokio::test]
+async fn a_waypoint_that_is_not_the_waypoint_is_refused_by_the_source() {
+    // node-a sends to the waypoint (127.0.0.9), but what answers there (node-b's HBONE
+    // listener, presenting the server's certificate) is not the waypoint's identity.
+    let (_, b) = behind_waypoint("client");
+    let m = mesh_seen_as(&b, &b).await;
+    let dst = echo(SERVER).await;
+    assert_eq!(m.round_trip(CLIENT, dst, b"x").await, None);
+    eventually("the source refused the impostor", || {
+        m.a.attempts("outbound", "failed", "tunnel_connect") == 1
+    })
+    .await;
+    assert_eq!(m.b.attempts("inbound", "ok", "-"), 0);
 }

@@ -9,6 +9,7 @@
 mod resolve;
 mod service;
 mod snapshot;
+mod waypoint;
 mod workload;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 pub use resolve::{ResolveError, Upstream};
 pub use service::{Endpoint, Service};
 pub use snapshot::ProxyState;
+pub use waypoint::{GatewayAddress, GatewayDestination, WaypointError, WaypointHop};
 pub use workload::{
     HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap, Protocol, Workload,
     DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,

@@ -18,6 +18,9 @@ pub struct Service {
     pub ports: PortMap,
     /// Extra identities a server of this service may present (besides its own workload's).
     pub subject_alt_names: Vec<String>,
+    /// The waypoint that traffic addressed to this service goes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<super::GatewayAddress>,
 }
 
 impl Service {

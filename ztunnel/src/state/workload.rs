@@ -157,6 +157,11 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     /// Services this workload is an endpoint of, with its port mapping for each.
     pub services: BTreeMap<NamespacedHostname, PortMap>,
+    /// The waypoint that traffic addressed to this workload goes through (istiod sets it
+    /// for waypoints serving workload traffic); the workload then accepts mesh traffic
+    /// only from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<super::GatewayAddress>,
     pub hostname: String,
     pub workload_name: String,
     pub workload_type: String,
@@ -221,6 +226,7 @@ impl Default for Workload {
             status: HealthStatus::default(),
             authorization_policies: Vec::new(),
             services: BTreeMap::new(),
+            waypoint: None,
             hostname: String::new(),
             workload_name: String::new(),
             workload_type: String::new(),

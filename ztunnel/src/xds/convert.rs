@@ -3,8 +3,8 @@
 //! Inbound (`*_from_proto`) is strict: a resource the proxy cannot use faithfully (bad IP
 //! bytes, an enum value this build does not know, a missing key field) is an error naming
 //! the field, so the xDS client can NACK it with that detail and keep the previous
-//! version. Fields this L4 proxy does not implement (waypoints, locality, load balancing...)
-//! are ignored, as they are when reading the local YAML.
+//! version. Fields this L4 proxy does not implement (network gateways, locality, load
+//! balancing...) are ignored, as they are when reading the local YAML.
 //!
 //! Outbound (`*_to_proto`, in [`to_proto`]) is what the built-in control plane serves; the
 //! two directions round-trip (see the tests).
@@ -27,8 +27,9 @@ use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use crate::state::{
-    HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap, Protocol, Service,
-    Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
+    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress,
+    NetworkMode, PortMap, Protocol, Service, Workload, DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
 };
 
 /// Why a resource was rejected: the field (`addresses[1]`, `rules[0].clauses[2]...`) and
@@ -169,6 +170,7 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
         status,
         authorization_policies: w.authorization_policies.clone(),
         services,
+        waypoint: waypoint_from_proto(&w.waypoint).map_err(|e| e.within("waypoint"))?,
         hostname: w.hostname.clone(),
         workload_name: w.workload_name.clone(),
         workload_type,
@@ -201,7 +203,34 @@ pub fn service_from_proto(s: &wpb::Service) -> Result<Service> {
         vips,
         ports: ports_from_proto(&s.ports)?,
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: waypoint_from_proto(&s.waypoint).map_err(|e| e.within("waypoint"))?,
     })
+}
+
+fn waypoint_from_proto(g: &Option<wpb::GatewayAddress>) -> Result<Option<GatewayAddress>> {
+    use wpb::gateway_address::Destination;
+    let Some(g) = g else { return Ok(None) };
+    let destination = match &g.destination {
+        Some(Destination::Address(a)) => {
+            let ip = ip_from_bytes(&a.address).map_err(|e| e.within("address.address"))?;
+            GatewayDestination::Address(NetworkAddress::new(&a.network, ip))
+        }
+        Some(Destination::Hostname(h)) => {
+            require("hostname.namespace", &h.namespace)?;
+            require("hostname.hostname", &h.hostname)?;
+            GatewayDestination::Hostname(NamespacedHostname::new(&h.namespace, &h.hostname))
+        }
+        // Sending nowhere and sending direct are both wrong guesses for a waypoint.
+        None => return Err(ConvertError::new("destination", "missing (required)")),
+    };
+    let hbone_mtls_port = port(g.hbone_mtls_port).map_err(|e| e.within("hboneMtlsPort"))?;
+    if hbone_mtls_port == 0 {
+        return Err(ConvertError::new("hboneMtlsPort", "missing (required)"));
+    }
+    Ok(Some(GatewayAddress {
+        destination,
+        hbone_mtls_port,
+    }))
 }
 
 pub fn authorization_from_proto(a: &spb::Authorization) -> Result<Authorization> {

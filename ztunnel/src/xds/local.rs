@@ -45,8 +45,8 @@ use serde::Deserialize;
 use super::yaml::{deserialize_via_str, locate};
 use crate::policy::Authorization;
 use crate::state::{
-    HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap, Protocol, Service,
-    StateStore, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
+    GatewayAddress, HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap,
+    Protocol, Service, StateStore, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
 };
 
 /// A validated local configuration, already in the state's types.
@@ -218,9 +218,9 @@ struct LocalWorkload {
     canonical_revision: String,
     #[serde(default)]
     cluster_id: String,
-    // Upstream fields this proxy does not implement: accepted so upstream files load.
     #[serde(default)]
-    waypoint: Option<IgnoredAny>,
+    waypoint: Option<GatewayAddress>,
+    // Upstream fields this proxy does not implement: accepted so upstream files load.
     #[serde(default)]
     network_gateway: Option<IgnoredAny>,
     #[serde(default)]
@@ -245,11 +245,11 @@ struct LocalService {
     ports: PortMap,
     #[serde(default)]
     subject_alt_names: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<GatewayAddress>,
     // Upstream fields this proxy does not implement (endpoints come from workloads).
     #[serde(default)]
     endpoints: Option<IgnoredAny>,
-    #[serde(default)]
-    waypoint: Option<IgnoredAny>,
     #[serde(default)]
     load_balancer: Option<IgnoredAny>,
     #[serde(default)]
@@ -387,12 +387,35 @@ impl<'a> Validator<'a> {
                     .push(format!("workload {}: policy {p} is not defined", w.uid));
             }
         }
+        self.check_waypoints(&workloads, &services);
         Ok(LocalConfig {
             workloads,
             services,
             policies,
             warnings: self.warnings,
         })
+    }
+
+    /// A waypoint the file cannot send traffic to refuses that traffic at run time: say so
+    /// now (a warning, like any dangling reference).
+    fn check_waypoints(&mut self, workloads: &[Workload], services: &[Service]) {
+        let store = StateStore::default();
+        store.replace_all(workloads.iter().cloned(), services.iter().cloned(), []);
+        let state = store.snapshot();
+        let named = workloads
+            .iter()
+            .map(|w| (format!("workload {}", w.uid), &w.waypoint))
+            .chain(
+                services
+                    .iter()
+                    .map(|s| (format!("service {}", s.key()), &s.waypoint)),
+            );
+        for (owner, gw) in named {
+            let unspecified = IpAddr::from([0, 0, 0, 0]);
+            if let Some(Err(e)) = gw.as_ref().map(|gw| state.waypoint(gw, unspecified)) {
+                self.warnings.push(format!("{owner}: {e}"));
+            }
+        }
     }
 
     fn workloads(&mut self, raw: Vec<LocalWorkload>) -> Result<Vec<Workload>, ConfigError> {
@@ -423,7 +446,6 @@ impl<'a> Validator<'a> {
             return Err(self.error("workloads", i, "uid", None, msg));
         }
         let ignored = [
-            ("waypoint", lw.waypoint.is_some()),
             ("networkGateway", lw.network_gateway.is_some()),
             ("applicationTunnel", lw.application_tunnel.is_some()),
             ("locality", lw.locality.is_some()),
@@ -473,6 +495,7 @@ impl<'a> Validator<'a> {
             status: lw.status,
             authorization_policies: lw.authorization_policies.into_iter().map(|p| p.0).collect(),
             services: lw.services,
+            waypoint: lw.waypoint,
             hostname: lw.hostname,
             workload_name: lw.workload_name,
             workload_type: lw.workload_type,
@@ -490,7 +513,6 @@ impl<'a> Validator<'a> {
         for (i, ls) in raw.into_iter().enumerate() {
             let ignored = [
                 ("endpoints", ls.endpoints.is_some()),
-                ("waypoint", ls.waypoint.is_some()),
                 ("loadBalancer", ls.load_balancer.is_some()),
                 ("ipFamilies", ls.ip_families.is_some()),
                 ("canonical", ls.canonical.is_some()),
@@ -507,6 +529,7 @@ impl<'a> Validator<'a> {
                 vips: ls.vips,
                 ports: ls.ports,
                 subject_alt_names: ls.subject_alt_names,
+                waypoint: ls.waypoint,
             };
             if let Some(first) = by_key.insert(svc.key(), i) {
                 let msg = format!("service {} is also defined by services[{first}]", svc.key());

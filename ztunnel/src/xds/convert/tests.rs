@@ -28,6 +28,7 @@ workloads:
   canonicalName: sleep-app
   canonicalRevision: v1
   clusterId: c1
+  waypoint: {destination: "net1/10.0.2.5", hboneMtlsPort: 15009}
 - name: plain
   namespace: other
   workloadIps: [10.0.2.5]
@@ -40,6 +41,7 @@ services:
   vips: ["/10.96.0.10", "net1/fd00::10"]
   ports: {80: 8080, 443: 0}
   subjectAltNames: ["spiffe://td.example/ns/default/sa/echo"]
+  waypoint: {destination: "other/waypoint.other.svc.cluster.local"}
 policies:
 - name: allow-sleep
   namespace: default
@@ -235,6 +237,31 @@ fn invalid_services_and_policies_name_the_field() {
         ..Default::default()
     }));
     assert_eq!(e, "hostname: missing (required)");
+    let e = err(service_from_proto(&wpb::Service {
+        namespace: "ns".into(),
+        hostname: "h".into(),
+        waypoint: Some(wpb::GatewayAddress {
+            destination: None,
+            hbone_mtls_port: 15008,
+        }),
+        ..Default::default()
+    }));
+    assert_eq!(e, "waypoint.destination: missing (required)");
+    let e = err(service_from_proto(&wpb::Service {
+        namespace: "ns".into(),
+        hostname: "h".into(),
+        waypoint: Some(wpb::GatewayAddress {
+            destination: Some(wpb::gateway_address::Destination::Address(
+                wpb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 0, 0, 1],
+                },
+            )),
+            hbone_mtls_port: 0,
+        }),
+        ..Default::default()
+    }));
+    assert_eq!(e, "waypoint.hboneMtlsPort: missing (required)");
     let e = err(service_from_proto(&wpb::Service {
         namespace: "ns".into(),
         hostname: "h".into(),

@@ -11,7 +11,10 @@ use crate::policy::{Action, Authorization, Match, Scope, StringMatch};
 use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use crate::state::{HealthStatus, NetworkMode, PortMap, Protocol, Service, Workload};
+use crate::state::{
+    GatewayAddress, GatewayDestination, HealthStatus, NetworkMode, PortMap, Protocol, Service,
+    Workload,
+};
 
 pub fn workload_to_proto(w: &Workload) -> wpb::Workload {
     let workload_type =
@@ -54,6 +57,7 @@ pub fn workload_to_proto(w: &Workload) -> wpb::Workload {
             NetworkMode::Standard => wpb::NetworkMode::Standard,
             NetworkMode::HostNetwork => wpb::NetworkMode::HostNetwork,
         } as i32,
+        waypoint: w.waypoint.as_ref().map(waypoint_to_proto),
         ..Default::default()
     }
 }
@@ -73,7 +77,26 @@ pub fn service_to_proto(s: &Service) -> wpb::Service {
             .collect(),
         ports: ports_to_proto(&s.ports),
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(waypoint_to_proto),
         ..Default::default()
+    }
+}
+
+fn waypoint_to_proto(g: &GatewayAddress) -> wpb::GatewayAddress {
+    use wpb::gateway_address::Destination;
+    let destination = match &g.destination {
+        GatewayDestination::Address(a) => Destination::Address(wpb::NetworkAddress {
+            network: a.network.clone(),
+            address: ip_bytes(&a.address),
+        }),
+        GatewayDestination::Hostname(h) => Destination::Hostname(wpb::NamespacedHostname {
+            namespace: h.namespace.clone(),
+            hostname: h.hostname.clone(),
+        }),
+    };
+    wpb::GatewayAddress {
+        destination: Some(destination),
+        hbone_mtls_port: g.hbone_mtls_port.into(),
     }
 }
 

@@ -237,9 +237,63 @@ services:
   loadBalancer: {mode: Strict}
 ";
     let cfg = LocalConfig::from_yaml(src).unwrap();
+    // locality, capacity, loadBalancer; and the waypoint names nothing the file defines.
     assert_eq!(cfg.warnings.len(), 4, "{:?}", cfg.warnings);
-    assert!(cfg.warnings[0].contains("waypoint"));
+    assert!(cfg.warnings[0].contains("locality"));
+    assert!(
+        cfg.warnings[3]
+            .contains("waypoint /10.0.0.9 is neither a known workload nor a known service"),
+        "{:?}",
+        cfg.warnings
+    );
     assert_eq!(cfg.services[0].subject_alt_names.len(), 1);
+}
+
+#[test]
+fn waypoints_by_address_or_hostname() {
+    let src = "\
+workloads:
+- name: a
+  namespace: d
+  waypoint: {destination: 10.0.0.9}
+- name: wp
+  namespace: d
+  workloadIps: [10.0.0.9]
+  services: {d/wp.d: {}}
+services:
+- name: s
+  namespace: d
+  hostname: s.d
+  waypoint: {destination: d/wp.d, hboneMtlsPort: 15009}
+- name: wp
+  namespace: d
+  hostname: wp.d
+";
+    let cfg = LocalConfig::from_yaml(src).unwrap();
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    let w = cfg.workloads[0].waypoint.as_ref().unwrap();
+    assert_eq!(w.to_string(), "/10.0.0.9 (HBONE port 15008)");
+    let s = cfg.services[0].waypoint.as_ref().unwrap();
+    assert_eq!(s.to_string(), "d/wp.d (HBONE port 15009)");
+    // Shown in the config dump as upstream writes it.
+    let json = serde_json::to_value(&cfg.services[0]).unwrap();
+    assert_eq!(
+        json["waypoint"],
+        serde_json::json!({"destination": "d/wp.d", "hboneMtlsPort": 15009})
+    );
+    assert!(serde_json::to_value(&cfg.services[1])
+        .unwrap()
+        .get("waypoint")
+        .is_none());
+
+    let bad = "workloads:\n- name: a\n  namespace: d\n  waypoint: {destination: nowhere}\n";
+    let err = LocalConfig::from_yaml(bad).unwrap_err().to_string();
+    assert!(err.contains("neither an address"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    let typo =
+        "workloads:\n- name: a\n  namespace: d\n  waypoint: {destination: 10.0.0.9, port: 1}\n";
+    let err = LocalConfig::from_yaml(typo).unwrap_err().to_string();
+    assert!(err.contains("unknown field `port`"), "{err}");
 }
 
 #[test]
