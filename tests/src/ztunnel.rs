@@ -50,6 +50,8 @@ pub struct WorkloadSpec {
     pub service_account: String,
     /// HBONE (in the mesh) or TCP (outside it).
     pub hbone: bool,
+    /// More fields of the workload, as YAML lines indented for it (e.g. `  waypoint: …\n`).
+    pub extra: String,
 }
 
 impl WorkloadSpec {
@@ -59,6 +61,7 @@ impl WorkloadSpec {
             namespace: namespace.into(),
             service_account: sa.into(),
             hbone: true,
+            extra: String::new(),
         }
     }
     pub fn plain(pod: &Pod, namespace: &str) -> Self {
@@ -67,7 +70,14 @@ impl WorkloadSpec {
             namespace: namespace.into(),
             service_account: "default".into(),
             hbone: false,
+            extra: String::new(),
         }
+    }
+
+    /// The same workload with more YAML fields (indented two spaces).
+    pub fn with(mut self, yaml: &str) -> Self {
+        self.extra.push_str(yaml);
+        self
     }
 }
 
@@ -89,6 +99,7 @@ pub fn local_config(workloads: &[WorkloadSpec], extra: &str) -> String {
             proto = if w.hbone { "HBONE" } else { "TCP" },
             node = p.node,
         );
+        y.push_str(&w.extra);
     }
     y.push_str(extra);
     y
@@ -301,12 +312,27 @@ impl Testbed {
         config: &Path,
         extra: &[&str],
     ) -> anyhow::Result<ControlPlane> {
+        self.start_controlplane_with_identities(node, config, extra, &[])
+    }
+
+    /// [`start_controlplane`](Self::start_controlplane) that also gives each `(token,
+    /// SPIFFE URI)` exactly that identity (a waypoint's, a dedicated proxy's).
+    pub fn start_controlplane_with_identities(
+        &self,
+        node: &Node,
+        config: &Path,
+        extra: &[&str],
+        identities: &[(&str, &str)],
+    ) -> anyhow::Result<ControlPlane> {
         let dir = self.dir();
-        let tokens: String = self
+        let mut tokens: String = self
             .nodes()
             .iter()
             .map(|n| format!("token-{0} {0}\n", n.name))
             .collect();
+        for (token, identity) in identities {
+            let _ = writeln!(tokens, "{token} {identity}");
+        }
         let tokens_file = self.write_config("tokens", &tokens)?;
         let ca_dir = dir.join("controlplane-ca");
         let log = dir.join("controlplane.log");
