@@ -88,8 +88,12 @@ pub struct ControlplaneArgs {
     )]
     pub listen: SocketAddr,
 
-    /// Callers' bearer tokens: one `<token> <node-name>` pair per line; `#` comments and
-    /// blank lines allowed. Reloaded when it changes.
+    /// Callers' bearer tokens, one per line: `<token> <node-name>` for a node proxy (it gets,
+    /// naming each as ImpersonatedIdentity, the identities of the workloads the workload file
+    /// puts on that node), or `<token> spiffe://<trust-domain>/ns/<ns>/sa/<sa>` for a proxy
+    /// that asks for its own identity (waypoint, gateway, dedicated mode: it gets exactly
+    /// that one). Both read all of xDS. `#` comments and blank lines allowed. Reloaded when
+    /// it changes.
     #[arg(long, env = "TOKENS_FILE", value_name = "FILE")]
     pub tokens_file: PathBuf,
 

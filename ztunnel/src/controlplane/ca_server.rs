@@ -1,10 +1,15 @@
 //! The control plane's CA endpoint: Istio's `IstioCertificateService/CreateCertificate` over
 //! TLS, signing with the built-in [`CertificateAuthority`].
 //!
-//! Who may have what: the caller is a node, known by its bearer token; it asks on behalf of
-//! a workload by naming the workload's SPIFFE URI as `ImpersonatedIdentity`; it gets that
-//! identity only if the workload file places a workload with that identity on that node.
-//! So a compromised node can mint the identities of its own workloads, and no others.
+//! Who may have what, by the caller its bearer token names (see [`super::tokens`]):
+//! - a node asks on behalf of a workload by naming the workload's SPIFFE URI as
+//!   `ImpersonatedIdentity`; it gets that identity only if the workload file places a
+//!   workload with that identity on that node. So a compromised node can mint the identities
+//!   of its own workloads, and no others.
+//! - a token given to a SPIFFE identity (a waypoint, gateway, sidecar or dedicated-mode
+//!   proxy) gets that identity and no other: its CSR's SAN must be that identity, and an
+//!   `ImpersonatedIdentity`, if sent at all, must name it too. The workload file is not
+//!   consulted: the operator granted the identity by writing the line.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -20,8 +25,8 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::tokens::Tokens;
-use crate::identity::ca::{CaError, CertificateAuthority, ServerCertPem};
+use super::tokens::{Caller, Tokens};
+use crate::identity::ca::{requested_sans, CaError, CertificateAuthority, ServerCertPem};
 use crate::identity::ca_client::{impersonated_identity, IMPERSONATED_IDENTITY};
 use crate::identity::Identity;
 use crate::proto::istio::v1::auth::istio_certificate_service_server::{
@@ -51,8 +56,8 @@ impl CaService {
         }
     }
 
-    /// The calling node's name, from `authorization: Bearer <token>`.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
+    /// Who is calling, from `authorization: Bearer <token>`.
+    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let header = metadata.get("authorization").ok_or_else(|| {
             Status::unauthenticated("missing `authorization: Bearer <token>` header")
         })?;
@@ -69,9 +74,43 @@ impl CaService {
             })?;
         let tokens = self.tokens.borrow().clone();
         tokens
-            .node_of(token)
-            .map(str::to_string)
+            .caller_of(token)
+            .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+    }
+
+    /// The identity `caller` may be issued for `req`, or why none.
+    fn identity_for(
+        &self,
+        caller: &Caller,
+        req: &IstioCertificateRequest,
+    ) -> Result<Identity, Status> {
+        let impersonated = impersonated(req)?;
+        match (caller, impersonated) {
+            (Caller::Node(node), Some(identity)) => {
+                self.authorize(node, &identity)?;
+                Ok(identity)
+            }
+            (Caller::Node(node), None) => Err(Status::permission_denied(format!(
+                "node {node} asked for a certificate{} without {IMPERSONATED_IDENTITY}: a node \
+                 token obtains only its workloads' certificates, each named as \
+                 {IMPERSONATED_IDENTITY} in the request metadata; a proxy asking for its own \
+                 identity (waypoint, gateway, sidecar, dedicated mode) needs a token given to \
+                 that identity in the tokens file: `<token> spiffe://{}/ns/<ns>/sa/<sa>`",
+                requested_sans(&req.csr)
+                    .map(|sans| format!(" for {}", sans.join(", ")))
+                    .unwrap_or_default(),
+                self.ca.trust_domain(),
+            ))),
+            (Caller::Identity(own), Some(other)) if other != *own => {
+                Err(Status::permission_denied(format!(
+                    "the token of {own} obtains only that identity, not {other} \
+                     ({IMPERSONATED_IDENTITY}): only node tokens may impersonate"
+                )))
+            }
+            // Naming itself as ImpersonatedIdentity changes nothing, so it is allowed.
+            (Caller::Identity(own), _) => Ok(own.clone()),
+        }
     }
 
     /// A node may obtain an identity only if one of the workloads on it has that identity.
@@ -110,10 +149,11 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let node = self.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata())?;
         let req = request.into_inner();
-        let identity = requested_identity(&req)?;
-        self.authorize(&node, &identity)?;
+        let identity = self.identity_for(&caller, &req).inspect_err(
+            |s| warn!(%caller, reason = %s.message(), "certificate request refused"),
+        )?;
         let ttl = u64::try_from(req.validity_duration).map_err(|_| {
             Status::invalid_argument(format!(
                 "validity_duration must not be negative, got {}",
@@ -124,30 +164,38 @@ impl IstioCertificateService for CaService {
             .ca
             .sign_csr(&req.csr, &identity, Duration::from_secs(ttl))
             .map_err(|e| {
-                let status = ca_error_status(&e);
-                warn!(%node, %identity, error = %e, "certificate request refused");
+                let status = ca_error_status(&caller, &e);
+                warn!(%caller, %identity, error = %e, "certificate request refused");
                 status
             })?;
-        info!(%node, %identity, requested_ttl_secs = ttl, "certificate issued");
+        info!(%caller, %identity, requested_ttl_secs = ttl, "certificate issued");
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
         }))
     }
 }
 
-fn requested_identity(req: &IstioCertificateRequest) -> Result<Identity, Status> {
-    let uri = impersonated_identity(req.metadata.as_ref()).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "this CA issues workload certificates to node proxies only: put the workload's \
-             SPIFFE URI in the request metadata as {IMPERSONATED_IDENTITY}"
-        ))
-    })?;
-    uri.parse()
-        .map_err(|e| Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}")))
+/// The request's `ImpersonatedIdentity`, if it has one.
+fn impersonated(req: &IstioCertificateRequest) -> Result<Option<Identity>, Status> {
+    impersonated_identity(req.metadata.as_ref())
+        .map(|uri| {
+            uri.parse()
+                .map_err(|e| Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}")))
+        })
+        .transpose()
 }
 
-fn ca_error_status(e: &CaError) -> Status {
+fn ca_error_status(caller: &Caller, e: &CaError) -> Status {
     match e {
+        // For a node the CSR merely disagrees with its own ImpersonatedIdentity; an identity
+        // token's holder is asking for an identity it was not given.
+        CaError::IdentityMismatch { .. } | CaError::ForeignTrustDomain { .. }
+            if matches!(caller, Caller::Identity(_)) =>
+        {
+            Status::permission_denied(format!(
+                "the token of {caller} obtains only that identity: {e}"
+            ))
+        }
         CaError::MalformedCsr(_)
         | CaError::BadCsrSignature
         | CaError::IdentityMismatch { .. }

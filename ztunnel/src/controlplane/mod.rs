@@ -40,7 +40,7 @@ pub async fn run(args: ControlplaneArgs) -> anyhow::Result<()> {
     info!(path = %root_path.display(), "CA root certificate (give this file to the node proxies as CA_ROOT_CA)");
 
     let workloads = crate::xds::watch_every(&args.config, RELOAD_INTERVAL)?;
-    let tokens = tokens::watch_tokens(&args.tokens_file, RELOAD_INTERVAL)?;
+    let tokens = tokens::watch_tokens(&args.tokens_file, &args.trust_domain, RELOAD_INTERVAL)?;
 
     let listener = TcpListener::bind(args.listen)
         .await

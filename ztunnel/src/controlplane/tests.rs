@@ -52,10 +52,12 @@ impl Fixture {
         std::fs::write(dir.join("workloads.yaml"), WORKLOADS).unwrap();
         std::fs::write(
             dir.join("tokens"),
-            "# test tokens\ntok-a node-a\n\ntok-b node-b\n",
+            "# test tokens\ntok-a node-a\n\ntok-b node-b\n\
+             tok-wp spiffe://cluster.local/ns/default/sa/waypoint\n",
         )
         .unwrap();
         std::fs::write(dir.join("token-a"), "tok-a\n").unwrap();
+        std::fs::write(dir.join("token-wp"), "tok-wp").unwrap();
         let mut opts = CaOptions::new("cluster.local");
         opts.dir = Some(dir.join("ca"));
         opts.max_ttl = MAX_TTL;
@@ -83,7 +85,8 @@ impl Fixture {
             )
             .unwrap();
         let workloads = crate::xds::watch_every(self.dir.join("workloads.yaml"), RELOAD).unwrap();
-        let tokens = tokens::watch_tokens(&self.dir.join("tokens"), RELOAD).unwrap();
+        let tokens =
+            tokens::watch_tokens(&self.dir.join("tokens"), "cluster.local", RELOAD).unwrap();
         let service = CaService::new(self.ca.clone(), tokens, workloads);
         self.server = Some(serve(service, listener, &cert).unwrap());
     }
@@ -105,6 +108,11 @@ impl Fixture {
             Some(token_file),
         )
         .unwrap()
+    }
+
+    /// A client that asks for its own identity (no `ImpersonatedIdentity`).
+    fn own_client(&self, token_file: &Path) -> GrpcCaClient {
+        self.client(token_file).for_own_identity()
     }
 
     fn token(&self, name: &str, token: &str) -> PathBuf {
@@ -372,4 +380,110 @@ async fn secret_manager_fetches_over_grpc() {
     // Granted the CA's cap, not the 24h asked for.
     assert!(cert.remaining() <= MAX_TTL);
     verify_chain(&cert.chain[0], &cert.roots[0]);
+}
+
+/// A waypoint's token: it obtains its own identity, which no workload of the file has, by
+/// asking as a waypoint does (no `ImpersonatedIdentity`), and also when it names itself.
+#[tokio::test]
+async fn identity_token_obtains_its_own_identity() {
+    let f = Fixture::new("own").await;
+    let root = parse_pem_certs(&std::fs::read_to_string(f.root_path()).unwrap()).unwrap();
+    for client in [
+        f.own_client(&f.dir.join("token-wp")),
+        f.client(&f.dir.join("token-wp")),
+    ] {
+        let chain = sign(&client, &id("waypoint"), Duration::from_secs(600))
+            .await
+            .unwrap();
+        let leaf = parse_pem_certs(&chain[0]).unwrap().remove(0);
+        assert_eq!(identity_from_cert(&leaf).unwrap(), id("waypoint"));
+        verify_chain(&leaf, &root[0]);
+    }
+    // Through the secret manager, as the test waypoint gets its certificate.
+    let client = Arc::new(f.own_client(&f.dir.join("token-wp")));
+    let mgr = SecretManager::new(client, SecretManagerOptions::default());
+    let cert = mgr.fetch(&id("waypoint")).await.unwrap();
+    assert_eq!(cert.identity, id("waypoint"));
+}
+
+#[tokio::test]
+async fn identity_token_obtains_no_other_identity() {
+    let f = Fixture::new("own-other").await;
+    // A CSR for another identity, of this trust domain or another.
+    let own = f.own_client(&f.dir.join("token-wp"));
+    let msg = rejected(sign(&own, &id("sleep"), Duration::ZERO).await);
+    assert!(
+        msg.contains("PermissionDenied")
+            && msg.contains(
+                "spiffe://cluster.local/ns/default/sa/waypoint obtains only that identity"
+            )
+            && msg.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{msg}"
+    );
+    let foreign = Identity::new("example.org", "default", "waypoint");
+    let msg = rejected(sign(&own, &foreign, Duration::ZERO).await);
+    assert!(
+        msg.contains("PermissionDenied") && msg.contains("example.org"),
+        "{msg}"
+    );
+    // Impersonating another identity, even one of a workload in the file.
+    let impersonating = f.client(&f.dir.join("token-wp"));
+    let msg = rejected(sign(&impersonating, &id("sleep"), Duration::ZERO).await);
+    assert!(
+        msg.contains("PermissionDenied")
+            && msg
+                .contains("not spiffe://cluster.local/ns/default/sa/sleep (ImpersonatedIdentity)"),
+        "{msg}"
+    );
+    // ImpersonatedIdentity naming itself, with a CSR for another identity.
+    let req = csr::generate(&id("sleep")).unwrap();
+    let msg = rejected(
+        impersonating
+            .sign(req.csr_pem, &id("waypoint"), Duration::ZERO)
+            .await,
+    );
+    assert!(
+        msg.contains("PermissionDenied") && msg.contains("obtains only that identity"),
+        "{msg}"
+    );
+}
+
+/// A node token asking without `ImpersonatedIdentity` is told both ways to ask.
+#[tokio::test]
+async fn node_token_without_impersonation_is_told_how_to_ask() {
+    let f = Fixture::new("node-own").await;
+    let own = f.own_client(&f.dir.join("token-a"));
+    // Even for the identity of a workload on that node: a node proxy names it.
+    let msg = rejected(sign(&own, &id("sleep"), Duration::ZERO).await);
+    assert!(msg.contains("PermissionDenied"), "{msg}");
+    assert!(
+        msg.contains("node node-a asked for a certificate for spiffe://cluster.local/ns/default/sa/sleep without ImpersonatedIdentity"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`<token> spiffe://cluster.local/ns/<ns>/sa/<sa>`"),
+        "{msg}"
+    );
+}
+
+/// Tokens move between callers with an edit of the tokens file.
+#[tokio::test]
+async fn follows_edits_of_identity_tokens() {
+    let f = Fixture::new("own-edit").await;
+    let own = f.own_client(&f.dir.join("token-wp"));
+    sign(&own, &id("waypoint"), Duration::ZERO).await.unwrap();
+    std::fs::write(
+        f.dir.join("tokens"),
+        "tok-a node-a\ntok-wp spiffe://cluster.local/ns/default/sa/gateway\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sign(&own, &id("gateway"), Duration::ZERO).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit was not picked up"
+        );
+        tokio::time::sleep(RELOAD).await;
+    }
+    rejected(sign(&own, &id("waypoint"), Duration::ZERO).await);
 }

@@ -1,12 +1,15 @@
 //! The control plane's xDS endpoint: Istio's delta ADS
 //! (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`)
 //! serving the workload file's workloads, services (`istio.workload.Address`) and policies
-//! (`istio.security.Authorization`) to node proxies, as istiod serves them to ztunnel.
+//! (`istio.security.Authorization`) to proxies, as istiod serves them to ztunnel.
 //!
-//! - Callers authenticate with the same bearer tokens as the CA; a stream whose token is
-//!   removed from the tokens file is closed.
-//! - Every node gets every resource (a ztunnel needs the destinations' identities too);
-//!   subscriptions are wildcard, as upstream ztunnel's are.
+//! - Callers authenticate with the same bearer tokens as the CA, node and identity tokens
+//!   alike; a stream whose token is removed from the tokens file (or given to another
+//!   caller) is closed.
+//! - Every caller gets every resource: a node proxy needs the destinations' identities too,
+//!   and so does a waypoint or a dedicated-mode proxy (they resolve any destination and
+//!   enforce policies the same way). Nothing in these resources is secret from a member of
+//!   the mesh; subscriptions are wildcard, as upstream ztunnel's are.
 //! - A resource's version is a hash of its encoded bytes, so a reconnecting client's
 //!   `initial_resource_versions` tell exactly what it lacks, even across a control plane
 //!   restart; on each file change only changed resources and removals are pushed.
@@ -23,7 +26,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::tokens::Tokens;
+use super::tokens::{Caller, Tokens};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -67,15 +70,15 @@ impl AggregatedDiscoveryService for XdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let token = bearer_token(request.metadata())?;
-        let node = self
+        let caller = self
             .tokens
             .borrow()
-            .node_of(&token)
-            .map(str::to_string)
+            .caller_of(&token)
+            .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
-            node,
+            caller,
             token,
             tokens: self.tokens.clone(),
             config: self.config.clone(),
@@ -163,7 +166,7 @@ fn hash(bytes: &[u8]) -> u64 {
 
 /// One client stream.
 struct Connection {
-    node: String,
+    caller: Caller,
     token: String,
     tokens: watch::Receiver<Arc<Tokens>>,
     config: watch::Receiver<Arc<LocalConfig>>,
@@ -177,7 +180,7 @@ struct Connection {
 impl Connection {
     async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         self.snapshot = Arc::new(Snapshot::of(&self.config.borrow_and_update()));
-        info!(node = %self.node, "xDS stream open");
+        info!(caller = %self.caller, "xDS stream open");
         let why = loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -200,7 +203,7 @@ impl Connection {
                 }
                 changed = self.tokens.changed() => {
                     let revoked = changed.is_err()
-                        || self.tokens.borrow_and_update().node_of(&self.token) != Some(self.node.as_str());
+                        || self.tokens.borrow_and_update().caller_of(&self.token) != Some(&self.caller);
                     if revoked {
                         let _ = self.tx.send(Err(Status::unauthenticated("bearer token revoked"))).await;
                         break "its token was revoked".to_string();
@@ -208,7 +211,7 @@ impl Connection {
                 }
             }
         };
-        info!(node = %self.node, reason = %why, "xDS stream closed");
+        info!(caller = %self.caller, reason = %why, "xDS stream closed");
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), String> {
@@ -216,23 +219,23 @@ impl Connection {
             .into_iter()
             .find(|t| *t == req.type_url)
         else {
-            warn!(node = %self.node, type_url = %req.type_url, "xDS request for an unsupported type, ignored");
+            warn!(caller = %self.caller, type_url = %req.type_url, "xDS request for an unsupported type, ignored");
             return Ok(());
         };
         if !req.response_nonce.is_empty() {
             match &req.error_detail {
                 Some(e) => {
-                    warn!(node = %self.node, %type_url, nonce = %req.response_nonce, error = %e.message, "node NACKed")
+                    warn!(caller = %self.caller, %type_url, nonce = %req.response_nonce, error = %e.message, "NACKed")
                 }
                 None => {
-                    debug!(node = %self.node, %type_url, nonce = %req.response_nonce, "node ACKed")
+                    debug!(caller = %self.caller, %type_url, nonce = %req.response_nonce, "ACKed")
                 }
             }
             return Ok(());
         }
         // A (re)subscription: the client tells what it already has. Always answer, even
         // with nothing, so it knows it is in sync.
-        debug!(node = %self.node, %type_url, known = req.initial_resource_versions.len(), "xDS subscribe");
+        debug!(caller = %self.caller, %type_url, known = req.initial_resource_versions.len(), "xDS subscribe");
         self.subscribed
             .insert(type_url, req.initial_resource_versions);
         self.push(type_url, true).await
@@ -285,7 +288,7 @@ impl Connection {
             removed_resources: removed,
             resources,
         };
-        debug!(node = %self.node, %type_url, nonce = %resp.nonce, updated = resp.resources.len(), removed = resp.removed_resources.len(), "xDS push");
+        debug!(caller = %self.caller, %type_url, nonce = %resp.nonce, updated = resp.resources.len(), removed = resp.removed_resources.len(), "xDS push");
         self.tx
             .send(Ok(resp))
             .await

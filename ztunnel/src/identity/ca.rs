@@ -283,6 +283,14 @@ fn sign_err(e: rcgen::Error) -> CaError {
     CaError::Signing(e.to_string())
 }
 
+/// The SANs a CSR asks for, to name them in a refusal; `None` if it does not parse (signing
+/// it reports why) or asks for none.
+pub fn requested_sans(csr_pem: &str) -> Option<Vec<String>> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).ok()?;
+    let sans = &csr.params.subject_alt_names;
+    (!sans.is_empty()).then(|| sans.iter().map(san_to_string).collect())
+}
+
 fn san_to_string(san: &SanType) -> String {
     match san {
         SanType::URI(s) => s.as_str().to_string(),

@@ -4,6 +4,8 @@
 //! Like upstream's node proxy, it asks on behalf of each workload: the workload's SPIFFE URI
 //! goes into the request's metadata as `ImpersonatedIdentity`, and the caller proves who *it*
 //! is with a bearer token (a Kubernetes projected service-account token in a cluster).
+//! A proxy that is itself the workload (a waypoint, a dedicated-mode proxy) asks instead for
+//! its own identity, with no `ImpersonatedIdentity`: [`GrpcCaClient::for_own_identity`].
 
 use std::error::Error as _;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,9 @@ pub struct GrpcCaClient {
     address: String,
     client: IstioCertificateServiceClient<Channel>,
     token_file: Option<PathBuf>,
+    /// Whether requests name the identity as `ImpersonatedIdentity` (a node proxy asking for
+    /// its workloads) or leave it to the CSR alone (a proxy asking for itself).
+    impersonate: bool,
 }
 
 impl GrpcCaClient {
@@ -72,7 +77,18 @@ impl GrpcCaClient {
             address: address.to_string(),
             client,
             token_file: token_file.map(|p| p.as_ref().to_path_buf()),
+            impersonate: true,
         })
+    }
+
+    /// Asks for the caller's own identity: requests carry no `ImpersonatedIdentity`, only
+    /// the CSR's SAN, as a waypoint, gateway, sidecar or dedicated-mode proxy asks. The
+    /// identity passed to [`CaClient::sign`] must then be the one the bearer token was
+    /// given (`ztunnel controlplane`: a `<token> spiffe://...` line; istiod: the token's
+    /// service account), or the CA refuses.
+    pub fn for_own_identity(mut self) -> Self {
+        self.impersonate = false;
+        self
     }
 
     async fn bearer(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, CaClientError> {
@@ -112,7 +128,7 @@ impl CaClient for GrpcCaClient {
         identity: &Identity,
         ttl: Duration,
     ) -> Result<Vec<String>, CaClientError> {
-        let metadata = Struct {
+        let metadata = self.impersonate.then(|| Struct {
             fields: [(
                 IMPERSONATED_IDENTITY.to_string(),
                 Value {
@@ -121,11 +137,11 @@ impl CaClient for GrpcCaClient {
             )]
             .into_iter()
             .collect(),
-        };
+        });
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr: csr_pem,
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
-            metadata: Some(metadata),
+            metadata,
         });
         if let Some(bearer) = self.bearer().await? {
             request.metadata_mut().insert("authorization", bearer);

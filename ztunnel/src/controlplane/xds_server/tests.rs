@@ -37,10 +37,14 @@ impl Fixture {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("w.yaml"), FILE).unwrap();
-        std::fs::write(dir.join("tokens"), "tok-a node-a\n").unwrap();
+        std::fs::write(
+            dir.join("tokens"),
+            "tok-a node-a\ntok-wp spiffe://cluster.local/ns/default/sa/waypoint\n",
+        )
+        .unwrap();
         let interval = Duration::from_millis(20);
         let config = crate::xds::watch_every(dir.join("w.yaml"), interval).unwrap();
-        let tokens = watch_tokens(&dir.join("tokens"), interval).unwrap();
+        let tokens = watch_tokens(&dir.join("tokens"), "cluster.local", interval).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = XdsService::new(tokens, config).into_server();
@@ -199,6 +203,29 @@ async fn callers_need_a_known_token_and_lose_the_stream_when_it_is_revoked() {
     assert!(e.message().contains("revoked"), "{e:?}");
 }
 
+/// A waypoint's (identity) token reads the same resources a node's does, and loses its
+/// stream when the token is given to another caller.
+#[tokio::test]
+async fn identity_tokens_read_everything_until_reassigned() {
+    let f = Fixture::new("identity").await;
+    let (_tx, mut node) = f.subscribe(Some("tok-a"), HashMap::new()).await.unwrap();
+    let (_tx2, mut waypoint) = f.subscribe(Some("tok-wp"), HashMap::new()).await.unwrap();
+    let for_node = next(&mut node).await.unwrap();
+    let for_waypoint = next(&mut waypoint).await.unwrap();
+    assert_eq!(names(&for_waypoint), names(&for_node));
+    assert_eq!(names(&for_waypoint).len(), 3, "{for_waypoint:?}");
+
+    std::fs::write(
+        f.dir.join("tokens.tmp"),
+        "tok-a node-a\ntok-wp spiffe://cluster.local/ns/default/sa/gateway\n",
+    )
+    .unwrap();
+    std::fs::rename(f.dir.join("tokens.tmp"), f.dir.join("tokens")).unwrap();
+    let e = next(&mut waypoint).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("revoked"), "{e:?}");
+}
+
 #[test]
 fn snapshot_names_and_versions_are_content_based() {
     let cfg = LocalConfig::from_yaml(FILE).unwrap();
@@ -241,7 +268,7 @@ async fn served_next_to_the_ca_over_tls() {
         .unwrap();
     let interval = Duration::from_millis(20);
     let config = crate::xds::watch_every(f.dir.join("w.yaml"), interval).unwrap();
-    let tokens = watch_tokens(&f.dir.join("tokens"), interval).unwrap();
+    let tokens = watch_tokens(&f.dir.join("tokens"), "cluster.local", interval).unwrap();
     let xds = XdsService::new(tokens.clone(), config.clone());
     let ca_service = super::super::CaService::new(ca.clone(), tokens, config);
     let server = super::super::serve_with_xds(ca_service, Some(xds), listener, &cert).unwrap();

@@ -130,7 +130,7 @@ impl ControlPlane {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.addr = listener.local_addr().unwrap();
         let config = crate::xds::watch_every(self.dir.join("workloads.yaml"), FAST).unwrap();
-        let tokens = watch_tokens(&self.dir.join("tokens"), FAST).unwrap();
+        let tokens = watch_tokens(&self.dir.join("tokens"), "cluster.local", FAST).unwrap();
         let mut builder = Server::builder();
         if let Some(cert) = tls {
             let id = tonic::transport::Identity::from_pem(cert.chain.concat(), &cert.key);
