@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel::identity::Identity;
+use ztunnel_tests::http::ADMIN;
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, ControlPlane, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Pod, Testbed};
@@ -38,7 +39,7 @@ struct Mesh {
     rogue: Pod,
     _echo: EchoServer,
     zb: Ztunnel,
-    _za: Ztunnel,
+    za: Ztunnel,
 }
 
 impl Mesh {
@@ -144,7 +145,7 @@ fn mesh() -> Mesh {
         rogue,
         _echo: echo,
         zb,
-        _za: za,
+        za,
         tb,
     };
     m.set_waypoint(true);
@@ -186,6 +187,22 @@ fn traffic_to_a_service_with_a_waypoint_goes_through_it() {
         delivered_from(&m.zb, WAYPOINT) >= 1
     });
     assert_eq!(delivered_from(&m.zb, client), 0);
+    // The source node shows the waypoint it was given over xDS.
+    let (_, dump) = ztunnel_tests::http::get(&m.za.node.netns, ADMIN, "/config_dump").unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let echo = dump["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .unwrap();
+    assert_eq!(
+        echo["waypoint"],
+        serde_json::json!({
+            "destination": "default/waypoint.default.svc.cluster.local",
+            "hboneMtlsPort": 15008
+        })
+    );
 
     // Workload-addressed: the server has the waypoint too, asked for the pod address.
     let pod = SocketAddr::new(IpAddr::V4(m.server.ip), 8080);

@@ -327,4 +327,22 @@ mod tests {
         let t = super::table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y");
     }
+
+    #[test]
+    fn services_show_their_waypoint() {
+        let dump = serde_json::json!({"services": [
+            {"namespace": "d", "hostname": "echo.d", "vips": ["/10.96.0.10"], "ports": {"80": 8080},
+             "waypoint": {"destination": "d/wp.d", "hboneMtlsPort": 15008}},
+            {"namespace": "d", "hostname": "wp.d", "vips": [], "ports": {}},
+        ]});
+        let t = super::services(&dump);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("d/echo.d"), "{t}");
+        assert!(
+            lines[1].contains("/10.96.0.10") && lines[1].contains("80->8080"),
+            "{t}"
+        );
+        assert!(lines[1].ends_with("d/wp.d:15008"), "{t}");
+        assert!(lines[2].ends_with('-'), "{t}");
+    }
 }
