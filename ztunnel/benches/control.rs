@@ -53,6 +53,7 @@ fn service(i: u32) -> Service {
         vips: vec![NetworkAddress::new("", vip(i))],
         ports: BTreeMap::from([(80, 8080)]),
         subject_alt_names: vec![],
+        waypoint: None,
     }
 }
 

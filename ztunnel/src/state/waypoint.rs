@@ -147,8 +147,8 @@ impl ProxyState {
         gw: &GatewayAddress,
         family_of: IpAddr,
     ) -> Result<WaypointHop, WaypointError> {
-        let (service, candidates) = self.waypoint_members(gw)?;
-        let healthy: Vec<_> = candidates
+        let Members { service, workloads } = self.waypoint_members(gw)?;
+        let healthy: Vec<_> = workloads
             .into_iter()
             .filter(|w| w.is_healthy() && !w.workload_ips.is_empty())
             .collect();
@@ -174,11 +174,11 @@ impl ProxyState {
     /// Whether `id` is an identity the waypoint `gw` may present: what the destination
     /// checks before it accepts a connection for a workload behind `gw`.
     pub fn is_waypoint_identity(&self, gw: &GatewayAddress, id: &Identity) -> bool {
-        let Ok((service, members)) = self.waypoint_members(gw) else {
+        let Ok(Members { service, workloads }) = self.waypoint_members(gw) else {
             return false;
         };
         let sans = service.iter().flat_map(|s| s.subject_alt_names.iter());
-        members.iter().any(|w| w.identity() == *id)
+        workloads.iter().any(|w| w.identity() == *id)
             || sans
                 .filter_map(|s| s.parse::<Identity>().ok())
                 .any(|s| s == *id)
@@ -188,14 +188,11 @@ impl ProxyState {
     /// sent back to it).
     pub fn is_waypoint_instance(&self, gw: &GatewayAddress, w: &Workload) -> bool {
         self.waypoint_members(gw)
-            .is_ok_and(|(_, members)| members.iter().any(|m| m.uid == w.uid))
+            .is_ok_and(|m| m.workloads.iter().any(|m| m.uid == w.uid))
     }
 
     /// The waypoint's service (when named by one) and every workload behind it.
-    fn waypoint_members(
-        &self,
-        gw: &GatewayAddress,
-    ) -> Result<(Option<Arc<Service>>, Vec<Arc<Workload>>), WaypointError> {
+    fn waypoint_members(&self, gw: &GatewayAddress) -> Result<Members, WaypointError> {
         let unknown = || WaypointError::Unknown(gw.destination.to_string());
         let service = match &gw.destination {
             GatewayDestination::Hostname(h) => Some(self.service(h).ok_or_else(unknown)?),
@@ -203,17 +200,26 @@ impl ProxyState {
                 Some(svc) => Some(svc),
                 None => {
                     let w = self.workload_by_addr(a).ok_or_else(unknown)?;
-                    return Ok((None, vec![w]));
+                    return Ok(Members {
+                        service: None,
+                        workloads: vec![w],
+                    });
                 }
             },
         };
-        let members = service
+        let workloads = service
             .as_ref()
             .map(|svc| {
                 let eps = self.endpoints(&svc.key());
                 eps.into_iter().map(|(w, _)| w).collect()
             })
             .unwrap_or_default();
-        Ok((service, members))
+        Ok(Members { service, workloads })
     }
+}
+
+/// What a waypoint is made of: its service when named by one, and the workloads behind it.
+struct Members {
+    service: Option<Arc<Service>>,
+    workloads: Vec<Arc<Workload>>,
 }
