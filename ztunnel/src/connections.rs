@@ -173,7 +173,8 @@ impl ConnectionTracker {
     }
 
     /// Closes every live connection that `state` no longer allows: its destination
-    /// workload left the mesh, or its policies now deny it. Returns how many.
+    /// workload left the mesh, has a waypoint of its own the connection did not come
+    /// through, or its policies now deny it. Returns how many.
     pub fn enforce(&self, state: &crate::state::ProxyState) -> usize {
         let live: Vec<Arc<Live>> = self.live.lock().unwrap().values().cloned().collect();
         let mut closed = 0;
@@ -184,8 +185,14 @@ impl ConnectionTracker {
             }
             let why = match state.workload_by_uid(&authz.workload_uid) {
                 Some(w) if w.in_mesh() || authz.conn.src_identity.is_none() => {
-                    let d = state.policies.evaluate(&authz.conn, &w);
-                    (!d.allowed).then(|| Reason::PolicyChanged(d.to_string()))
+                    let src = authz.conn.src_identity.as_ref();
+                    if let Some(gw) = state.skipped_waypoint(&w, src) {
+                        // A waypoint given to the workload since: what skipped it ends.
+                        Some(Reason::BypassedWaypoint(gw.to_string()))
+                    } else {
+                        let d = state.policies.evaluate(&authz.conn, &w);
+                        (!d.allowed).then(|| Reason::PolicyChanged(d.to_string()))
+                    }
                 }
                 _ => Some(Reason::WorkloadLeft(authz.workload_uid.clone())),
             };

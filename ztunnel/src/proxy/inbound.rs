@@ -31,23 +31,15 @@ fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
         .filter(|w| w.node == ctx.node)
 }
 
-/// A workload whose traffic must pass its waypoint (istiod sets the workload's own
-/// `waypoint` when the waypoint serves workload traffic) takes connections only from the
-/// waypoint's identity: anything else skipped the waypoint's policies. A workload whose
-/// only waypoint is its service's still takes traffic addressed to its own IP directly,
-/// as in Istio (such traffic never goes through that waypoint).
+/// A workload behind a waypoint of its own refuses what did not come through it.
 fn through_waypoint(
     ctx: &ProxyContext,
     dst: &Workload,
     client: Option<&Identity>,
 ) -> Result<(), Reason> {
-    let Some(gw) = &dst.waypoint else {
-        return Ok(());
-    };
-    let state = ctx.store.snapshot();
-    match client {
-        Some(id) if state.is_waypoint_identity(gw, id) => Ok(()),
-        _ => Err(Reason::BypassedWaypoint(gw.to_string())),
+    match ctx.store.snapshot().skipped_waypoint(dst, client) {
+        Some(gw) => Err(Reason::BypassedWaypoint(gw.to_string())),
+        None => Ok(()),
     }
 }
 

@@ -427,3 +427,23 @@ async fn a_waypoint_that_is_not_the_waypoint_is_refused_by_the_source() {
     .await;
     assert_eq!(m.b.attempts("inbound", "ok", "-"), 0);
 }
+
+#[tokio::test]
+async fn a_waypoint_given_later_closes_the_connections_that_skipped_it() {
+    let m = mesh("").await;
+    let dst = echo(SERVER).await;
+    let mut s = m.connect(CLIENT, dst).await;
+    s.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.unwrap();
+    // node-b learns that the server is behind a waypoint: the direct connection ends.
+    let (_, b) = behind_waypoint("client");
+    LocalConfig::from_yaml(&b).unwrap().apply_to(&m.b.ctx.store);
+    assert_eq!(m.b.ctx.connections.enforce(&m.b.ctx.store.snapshot()), 1);
+    let n = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "still open: {n:?}");
+    eventually("closed for skipping the waypoint", || {
+        m.b.attempts("inbound", "closed", "bypassed_waypoint") == 1
+    })
+    .await;
+}

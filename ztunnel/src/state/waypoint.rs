@@ -171,6 +171,24 @@ impl ProxyState {
         })
     }
 
+    /// The waypoint `dst` must be reached through that a connection from `client` (its
+    /// verified identity; `None` for plaintext) skipped, if it did. A workload with a
+    /// waypoint of its own (istiod sets it when the waypoint serves workload traffic) takes
+    /// connections only from the waypoint's identity; one whose only waypoint is its
+    /// service's takes traffic addressed to its own IP directly, as in Istio (such traffic
+    /// never goes through that waypoint).
+    pub fn skipped_waypoint<'w>(
+        &self,
+        dst: &'w Workload,
+        client: Option<&Identity>,
+    ) -> Option<&'w GatewayAddress> {
+        let gw = dst.waypoint.as_ref()?;
+        match client {
+            Some(id) if self.is_waypoint_identity(gw, id) => None,
+            _ => Some(gw),
+        }
+    }
+
     /// Whether `id` is an identity the waypoint `gw` may present: what the destination
     /// checks before it accepts a connection for a workload behind `gw`.
     pub fn is_waypoint_identity(&self, gw: &GatewayAddress, id: &Identity) -> bool {
