@@ -190,7 +190,8 @@ impl Connection {
                         }
                     }
                     Ok(None) => break "the client closed the stream".to_string(),
-                    Err(s) => break format!("stream error: {}", s.message()),
+                    // Mostly a client killed or a network gone, not a bug of either side.
+                    Err(s) => break format!("the connection ended without closing the stream ({})", s.message()),
                 },
                 changed = self.config.changed() => {
                     if changed.is_err() {
