@@ -93,7 +93,13 @@ fn on_established(ctx: &SockOpsContext) {
             PodKey::v4(ctx.local_ip4().to_ne_bytes()),
             PodKey::v4(ctx.remote_ip4().to_ne_bytes()),
         ),
-        AF_INET6 => (v6(ctx.local_ip6()), v6(ctx.remote_ip6())),
+        // SAFETY: reading fields of the context.
+        AF_INET6 => unsafe {
+            (
+                v6(&raw const (*ctx.ops).local_ip6),
+                v6(&raw const (*ctx.ops).remote_ip6),
+            )
+        },
         _ => return,
     };
     // SAFETY: reading fields of the context.
@@ -206,9 +212,25 @@ fn on_send(ctx: &SkMsgContext) -> u32 {
     sk_action::SK_PASS
 }
 
-fn v6(words: [u32; 4]) -> PodKey {
+/// An IPv6 address from the context, a word at a time: the verifier refuses a copy of the
+/// array (a load from a context pointer that was moved) and wants each load at a constant
+/// offset from the context itself.
+///
+/// # Safety
+/// `words` points into the program's context.
+unsafe fn v6(words: *const [u32; 4]) -> PodKey {
+    let w = words.cast::<u32>();
+    // SAFETY: four in-bounds reads of the context (the caller's promise).
+    let a = unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    };
     // SAFETY: 16 bytes either way; the words hold the address in network order.
-    PodKey::v6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) })
+    PodKey::v6(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(a) })
 }
 
 fn count(f: impl FnOnce(&mut SockmapCounters)) {

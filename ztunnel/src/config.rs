@@ -249,9 +249,12 @@ pub struct RunArgs {
 
     /// Sockmap acceleration: the kernel moves bytes between an enrolled pod's socket and
     /// ztunnel's (the plaintext hops: outbound capture, delivery, the same-node path)
-    /// without either TCP stack. On where the kernel supports it (sock_ops, sk_msg,
-    /// sockhash and socket storage, cgroup v2); `--sockmap=false` turns it off.
-    #[arg(long, env = "SOCKMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    /// without either TCP stack, where the kernel supports it (sock_ops, sk_msg, sockhash
+    /// and socket storage, cgroup v2). Off unless asked for (`--sockmap=true`): on an
+    /// accelerated socket a *blocking* read woken without data (after the pod's own
+    /// half-close, or while another thread writes) returns EAGAIN, which event-driven
+    /// programs absorb and blocking ones may not (ARCHITECTURE.md, "Sockmap").
+    #[arg(long, env = "SOCKMAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub sockmap: bool,
 
     /// The cgroup v2 directory whose sockets sockmap considers (pods' and ztunnel's must

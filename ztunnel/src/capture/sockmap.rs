@@ -101,7 +101,7 @@ impl Sockmap {
                 }
             }
             Ok(None) => {
-                view.off_because = Some("turned off (--sockmap=false)".into());
+                view.off_because = Some("not asked for (--sockmap=true turns it on)".into());
                 SockmapSettings::default()
             }
             Err(e) => {
@@ -177,8 +177,9 @@ fn load(ebpf: &mut Ebpf, cfg: &SockmapConfig) -> anyhow::Result<(u64, PathBuf)> 
         .context("loading the sock_ops program (verifier)")?;
     let dir = std::fs::File::open(&cgroup)
         .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-    // Several: the CNI's, a predecessor's during a handover.
-    ops.attach(&dir, CgroupAttachMode::AllowMultiple)
+    // A bpf_link (aya uses one on 5.7+): links always share the cgroup with others (the
+    // CNI's, a predecessor's during a handover) and take no flags; ALLOW_MULTI is EINVAL.
+    ops.attach(&dir, CgroupAttachMode::Single)
         .with_context(|| format!("attaching sock_ops to {}", cgroup.display()))?;
     Ok((cookie, cgroup))
 }
