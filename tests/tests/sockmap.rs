@@ -158,6 +158,29 @@ fn transfers_are_intact_both_ways_and_accelerated() {
 }
 
 #[test]
+fn ipv6_hops_are_accelerated_too() {
+    require_root!();
+    let c = cluster();
+    let (_za, _zb) = c.start(&[ON]);
+    for ip in [c.server.ip6, c.near.ip6] {
+        let dst = SocketAddr::new(ip.into(), 8080);
+        echo_in_chunks(c.connect(dst), pattern(8 << 20, 11), 65536);
+    }
+    // The client's two sockets and near's accepted one; the server's on node b.
+    assert!(
+        counter(&c.a, "acceleratedConnections") >= 3,
+        "{}",
+        sockmap(&c.a)
+    );
+    assert!(
+        counter(&c.b, "acceleratedConnections") >= 1,
+        "{}",
+        sockmap(&c.b)
+    );
+    assert_eq!(counter(&c.a, "fallbackSockets"), 0, "{}", sockmap(&c.a));
+}
+
+#[test]
 fn blocking_request_response_needs_no_retries() {
     require_root!();
     let c = cluster();
