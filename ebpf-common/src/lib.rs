@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod decide;
+pub mod sockmap;
 
 /// Calls `$then!` with every map of the capture program as `CONST = "name",` (each with
 /// its doc comment), in the order of [`maps::ALL`]. This list is the one place the names
@@ -33,6 +34,26 @@ macro_rules! with_map_names {
             /// Interfaces whose captured packets need more than a mark: ifindex →
             /// [`IfaceInfo`](crate::IfaceInfo).
             IFACES = "ZT_IFACES",
+            /// Sockmap: the accelerated sockets, [`SockKey`](crate::sockmap::SockKey) →
+            /// socket; its `sk_msg` program redirects what each sends to its peer.
+            SOCKS = "ZT_SOCKS",
+            /// Sockmap: one [`SockmapSettings`](crate::sockmap::SockmapSettings) at index 0.
+            SOCK_CFG = "ZT_SOCK_CFG",
+            /// Sockmap: the sequence number of each SYN handed to the outbound listener,
+            /// [`FlowKey`](crate::FlowKey) → u32 (LRU), so a pod socket is taken only if
+            /// this ztunnel captured exactly its connection.
+            SYN_SEQ = "ZT_SYN_SEQ",
+            /// Sockmap: ztunnel's delivery sockets waiting for the pod's end,
+            /// [`SockKey`](crate::sockmap::SockKey) → 1 (LRU).
+            SOCK_PEND = "ZT_SOCK_PEND",
+            /// Sockmap: destination or source ports never accelerated: port → 1.
+            SOCK_EXCL = "ZT_SOCK_EXCL",
+            /// Sockmap counters, per CPU, index 0:
+            /// [`SockmapCounters`](crate::sockmap::SockmapCounters).
+            SOCK_COUNTERS = "ZT_SOCK_COUNT",
+            /// Sockmap: each accelerated socket's [`SockState`](crate::sockmap::SockState)
+            /// (socket storage, a BTF map: not pinned; the programs keep it alive).
+            SOCK_STATE = "ZT_SOCK_STATE",
         }
     };
 }
@@ -60,6 +81,10 @@ pub const VERDICT_CONTINUE: i32 = -1;
 
 /// Name of the TC program in the object file.
 pub const CAPTURE_PROGRAM: &str = "zt_capture";
+/// Name of the sock_ops program (sockmap: puts the hops' sockets in `ZT_SOCKS`).
+pub const SOCKOPS_PROGRAM: &str = "zt_sockops";
+/// Name of the sk_msg program (sockmap: redirects sends to the peer socket).
+pub const SKMSG_PROGRAM: &str = "zt_skmsg";
 
 /// An IPv4 or IPv6 address in 16 bytes, IPv4 as `::ffff:a.b.c.d` (network order).
 #[repr(C)]
@@ -182,4 +207,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::PodCounters {}
     unsafe impl aya::Pod for super::IfaceInfo {}
+    unsafe impl aya::Pod for super::sockmap::SockKey {}
+    unsafe impl aya::Pod for super::sockmap::SockmapSettings {}
+    unsafe impl aya::Pod for super::sockmap::SockmapCounters {}
 }

@@ -19,16 +19,19 @@
 #![no_std]
 #![no_main]
 
+mod sockmap;
+
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
     decide::{decide, End, Facts, Lookups, Verdict},
+    sockmap::{SockKey, SockmapCounters, SockmapSettings},
     FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, IFACE_BRIDGE_PORT,
     SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
 };
@@ -67,6 +70,32 @@ macro_rules! capture_maps {
         #[map(name = $name)]
         static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(16384, 0);
     };
+    (@map SOCKS $name:tt) => {
+        #[map(name = $name)]
+        static SOCKS: SockHash<SockKey> = SockHash::pinned(131072, 0);
+    };
+    (@map SOCK_CFG $name:tt) => {
+        #[map(name = $name)]
+        static SOCK_CFG: Array<SockmapSettings> = Array::pinned(1, 0);
+    };
+    (@map SYN_SEQ $name:tt) => {
+        #[map(name = $name)]
+        static SYN_SEQ: LruHashMap<FlowKey, u32> = LruHashMap::pinned(65536, 0);
+    };
+    (@map SOCK_PEND $name:tt) => {
+        #[map(name = $name)]
+        static SOCK_PEND: LruHashMap<SockKey, u8> = LruHashMap::pinned(16384, 0);
+    };
+    (@map SOCK_EXCL $name:tt) => {
+        #[map(name = $name)]
+        static SOCK_EXCL: HashMap<u16, u8> = HashMap::pinned(256, 0);
+    };
+    (@map SOCK_COUNTERS $name:tt) => {
+        #[map(name = $name)]
+        static SOCK_COUNTERS: PerCpuArray<SockmapCounters> = PerCpuArray::pinned(1, 0);
+    };
+    // A BTF map, defined in `sockmap` (socket storage needs BTF).
+    (@map SOCK_STATE $name:tt) => {};
 }
 ztunnel_ebpf_common::with_map_names!(capture_maps);
 
@@ -85,6 +114,8 @@ struct Packet {
     sport: u16,
     dport: u16,
     flags: u8,
+    /// Sequence number, host byte order.
+    seq: u32,
     len: u32,
 }
 
@@ -148,6 +179,9 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         Verdict::AssignedListener(listener) => {
             let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
             let outbound = listener.is_outbound();
+            if outbound {
+                sockmap::remember_syn(&flow, pkt.seq);
+            }
             if let Some(c) = counters(if outbound { &src } else { &dst }) {
                 if outbound {
                     c.outbound_flows += 1;
@@ -287,6 +321,7 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
     let sport: u16 = ctx.load(l4).map_err(|_| ())?;
     let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
     let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
+    let seq = u32::from_be(ctx.load(l4 + 4).map_err(|_| ())?);
     Ok(Some(Packet {
         v6,
         saddr,
@@ -294,6 +329,7 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
         sport,
         dport,
         flags,
+        seq,
         len: ctx.len(),
     }))
 }

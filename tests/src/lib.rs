@@ -12,6 +12,7 @@ pub mod cni;
 pub mod http;
 pub mod layout;
 mod netns;
+pub mod patient;
 pub mod procstat;
 pub mod sniffer;
 mod testbed;

@@ -75,7 +75,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The end-to-end suites that exercise capture, run in both attachment modes.
-const LEGACY_SUITES: &[&str] = &["capture", "mesh", "faults", "node_proxy", "cni"];
+const LEGACY_SUITES: &[&str] = &["capture", "mesh", "faults", "node_proxy", "cni", "sockmap"];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;

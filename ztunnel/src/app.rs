@@ -87,6 +87,11 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         excluded_ports: args.exclude_ports.clone(),
         attach: args.tc_attach,
         tc_priority: args.tc_priority,
+        sockmap: crate::capture::sockmap::SockmapConfig {
+            enabled: args.sockmap,
+            cgroup: args.sockmap_cgroup.clone(),
+            excluded_ports: args.sockmap_exclude_ports.clone(),
+        },
     })
     .await
     .context("starting capture")?;

@@ -253,6 +253,27 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub tc_priority: u16,
 
+    /// Sockmap acceleration: the kernel moves bytes between an enrolled pod's socket and
+    /// ztunnel's (the plaintext hops: outbound capture, delivery, the same-node path)
+    /// without either TCP stack, where the kernel supports it (sock_ops, sk_msg, sockhash
+    /// and socket storage, cgroup v2). Off unless asked for (`--sockmap=true`): on an
+    /// accelerated socket a *blocking* read woken without data (after the pod's own
+    /// half-close, or while another thread writes) returns EAGAIN, which event-driven
+    /// programs absorb and blocking ones may not (ARCHITECTURE.md, "Sockmap").
+    #[arg(long, env = "SOCKMAP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sockmap: bool,
+
+    /// The cgroup v2 directory whose sockets sockmap considers (pods' and ztunnel's must
+    /// be below it); the cgroup v2 mount's root when not given.
+    #[arg(long, env = "SOCKMAP_CGROUP", value_name = "DIR")]
+    pub sockmap_cgroup: Option<PathBuf>,
+
+    /// Ports (either end of a connection, comma separated) never accelerated: for
+    /// applications that read their sockets with `splice()`, which does not see data the
+    /// kernel redirected into them.
+    #[arg(long, env = "SOCKMAP_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub sockmap_exclude_ports: Vec<u16>,
+
     /// Log format (levels come from RUST_LOG, default `info`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

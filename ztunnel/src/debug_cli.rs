@@ -235,6 +235,7 @@ fn capture(v: &Value) -> String {
     for (uid, why) in v["pendingPods"].as_object().into_iter().flatten() {
         out.push_str(&format!("not enrolled: {uid}: {}\n", s(why)));
     }
+    out.push_str(&sockmap_line(&v["sockmap"]));
     out.push('\n');
     let ifs: Vec<Vec<String>> = v["interfaces"]
         .as_array()
@@ -285,6 +286,25 @@ fn capture(v: &Value) -> String {
     out
 }
 
+/// One line: whether the pod-ztunnel hops are accelerated, and how many were.
+fn sockmap_line(v: &Value) -> String {
+    if v.is_null() {
+        return String::new();
+    }
+    let c = &v["counters"];
+    if v["enabled"] == true {
+        format!(
+            "sockmap: on (cgroup {}): {} accelerated connections, {} sockets redirected, {} fell back to TCP\n",
+            s(&v["cgroup"]),
+            s(&c["acceleratedConnections"]),
+            s(&c["redirectedSockets"]),
+            s(&c["fallbackSockets"])
+        )
+    } else {
+        format!("sockmap: off: {}\n", s(&v["offBecause"]))
+    }
+}
+
 fn connections(v: &Value) -> String {
     let rows: Vec<Vec<String>> = v
         .as_array()
@@ -322,6 +342,19 @@ fn connections(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn says_whether_sockmap_is_on() {
+        let on = serde_json::json!({"enabled": true, "cgroup": "/sys/fs/cgroup",
+            "counters": {"acceleratedConnections": 3, "redirectedSockets": 6, "fallbackSockets": 0}});
+        let line = super::sockmap_line(&on);
+        assert!(
+            line.starts_with("sockmap: on") && line.contains("3 accelerated"),
+            "{line}"
+        );
+        let off = serde_json::json!({"enabled": false, "offBecause": "not asked for"});
+        assert_eq!(super::sockmap_line(&off), "sockmap: off: not asked for\n");
+    }
+
     #[test]
     fn aligns_columns() {
         let t = super::table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);

@@ -218,6 +218,10 @@ pub struct Metrics {
     pub capture_bytes: Family<PodLabels, Gauge>,
     pub capture_dropped: Family<PodLabels, Gauge>,
     pub capture_spoofed: Family<PodLabels, Gauge>,
+    /// Sockmap acceleration, copied from its per-CPU counters at scrape time.
+    pub sockmap_enabled: Gauge,
+    pub sockmap_accelerated: Gauge,
+    pub sockmap_fallback: Gauge,
 }
 
 impl Default for Metrics {
@@ -245,6 +249,9 @@ impl Metrics {
             capture_bytes: Family::default(),
             capture_dropped: Family::default(),
             capture_spoofed: Family::default(),
+            sockmap_enabled: Gauge::default(),
+            sockmap_accelerated: Gauge::default(),
+            sockmap_fallback: Gauge::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters.
@@ -325,6 +332,21 @@ impl Metrics {
             "Packets with an enrolled pod's address from another interface (spoofing), dropped",
             m.capture_spoofed.clone(),
         );
+        zt.register(
+            "sockmap_enabled",
+            "1 if the pod-ztunnel hops are accelerated with sockmap",
+            m.sockmap_enabled.clone(),
+        );
+        zt.register(
+            "sockmap_accelerated_connections",
+            "Pod-ztunnel hops accelerated with sockmap (pod sockets put in the map), since the maps were created",
+            m.sockmap_accelerated.clone(),
+        );
+        zt.register(
+            "sockmap_fallback_sockets",
+            "Sockets in the map whose first send found no peer, so that direction stayed on TCP",
+            m.sockmap_fallback.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -341,6 +363,14 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    pub fn set_sockmap(&self, v: &crate::capture::sockmap::SockmapView) {
+        self.sockmap_enabled.set(i64::from(v.enabled));
+        self.sockmap_accelerated
+            .set(v.counters.accelerated_connections as i64);
+        self.sockmap_fallback
+            .set(v.counters.fallback_sockets as i64);
     }
 
     pub fn set_capture(

@@ -106,8 +106,12 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
 pub async fn metrics(state: Arc<AdminState>, req: Req) -> Response<Body> {
     match req.path.as_str() {
         "/metrics" | "/stats/prometheus" => {
-            let counters = state.capture.lock().await.counters();
+            let (counters, sockmap) = {
+                let cap = state.capture.lock().await;
+                (cap.counters(), cap.sockmap())
+            };
             state.metrics.set_capture(&counters);
+            state.metrics.set_sockmap(&sockmap);
             Response::builder()
                 .header(
                     "content-type",

@@ -70,6 +70,7 @@ pub async fn capture(s: &AdminState) -> Value {
         },
         "enrolled": cap.enrolled(),
         "counters": counters,
+        "sockmap": cap.sockmap(),
     })
 }
 

@@ -13,6 +13,7 @@ mod links;
 #[cfg(test)]
 mod object_tests;
 pub mod routing;
+pub mod sockmap;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -58,6 +59,8 @@ pub struct CaptureConfig {
     pub attach: TcAttach,
     /// Priority of the legacy tc filter (lower runs earlier).
     pub tc_priority: u16,
+    /// Sockmap acceleration of the pod ↔ ztunnel hops.
+    pub sockmap: sockmap::SockmapConfig,
 }
 
 /// The attachment asked for (`--tc-attach`).
@@ -124,6 +127,7 @@ pub struct Capture {
     /// What `settings` holds.
     written: Settings,
     netlink: rtnetlink::Handle,
+    sockmap: sockmap::Sockmap,
 }
 
 impl Capture {
@@ -207,6 +211,7 @@ impl Capture {
             flags: SETTINGS_ENABLED | flow_log_flag(),
         };
         settings.set(0, written, 0)?;
+        let sockmap = sockmap::Sockmap::start(&mut ebpf, &cfg.sockmap);
 
         let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
@@ -228,6 +233,7 @@ impl Capture {
             settings,
             written,
             netlink,
+            sockmap,
         };
         capture.refresh().await?;
         info!(dir = %capture.dir.display(), "capture programs loaded");
@@ -404,6 +410,11 @@ impl Capture {
             out.insert(addr(k), c);
         }
         out
+    }
+
+    /// Sockmap acceleration: on or why not, and its counters.
+    pub fn sockmap(&self) -> sockmap::SockmapView {
+        self.sockmap.view()
     }
 
     /// Interfaces the program is attached to.

@@ -65,3 +65,26 @@ fn has_the_capture_program() {
         prog.section
     );
 }
+
+#[test]
+fn has_the_sockmap_programs() {
+    let obj = object();
+    let ops = obj
+        .programs
+        .get(ztunnel_ebpf_common::SOCKOPS_PROGRAM)
+        .expect("the sock_ops program");
+    assert!(
+        matches!(ops.section, ProgramSection::SockOps),
+        "{:?}",
+        ops.section
+    );
+    let msg = obj
+        .programs
+        .get(ztunnel_ebpf_common::SKMSG_PROGRAM)
+        .expect("the sk_msg program");
+    assert!(
+        matches!(msg.section, ProgramSection::SkMsg),
+        "{:?}",
+        msg.section
+    );
+}

@@ -227,3 +227,32 @@ fn help_is_consistent() {
     use clap::CommandFactory;
     Cli::command().debug_assert();
 }
+
+#[test]
+fn sockmap_is_off_unless_asked_for() {
+    let run = |extra: &[&str]| {
+        let mut argv = vec!["ztunnel", "run", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => args,
+            _ => panic!("not run"),
+        }
+    };
+    let default = run(&[]);
+    assert!(!default.sockmap);
+    assert!(default.sockmap_cgroup.is_none() && default.sockmap_exclude_ports.is_empty());
+    let on = run(&[
+        "--sockmap=true",
+        "--sockmap-exclude-ports",
+        "8080,9000",
+        "--sockmap-cgroup",
+        "/sys/fs/cgroup/kubepods",
+    ]);
+    assert!(on.sockmap);
+    assert_eq!(on.sockmap_exclude_ports, vec![8080, 9000]);
+    assert_eq!(
+        on.sockmap_cgroup.as_deref(),
+        Some(std::path::Path::new("/sys/fs/cgroup/kubepods"))
+    );
+    assert!(!run(&["--sockmap", "false"]).sockmap);
+}

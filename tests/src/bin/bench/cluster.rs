@@ -19,8 +19,11 @@ pub enum Mode {
     Direct,
     /// The direct pods through plain TCP relays on the nodes (see `relay`).
     Relay,
-    /// Enrolled pods: capture, HBONE, mTLS.
+    /// Enrolled pods: capture, HBONE, mTLS (sockmap off: their ports are excluded).
     Mesh,
+    /// The same enrolled pods on other ports, with sockmap acceleration of the pod ↔
+    /// ztunnel hops (same ztunnels, same run).
+    Sockmap,
 }
 
 impl Mode {
@@ -29,6 +32,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Relay => "relay",
             Mode::Mesh => "mesh",
+            Mode::Sockmap => "sockmap",
         }
     }
 }
@@ -53,19 +57,24 @@ pub struct Pair {
     pub server: Pod,
     /// The client's node's relay, and the offset its ports have from the server's.
     via: Option<(IpAddr, u16)>,
+    /// Without a relay: the offset of the server's ports (the sockmap set).
+    offset: u16,
 }
 
 impl Pair {
     pub fn dst(&self, port: u16) -> SocketAddr {
         match self.via {
             Some((relay, offset)) => SocketAddr::new(relay, port + offset),
-            None => SocketAddr::new(IpAddr::V4(self.server.ip), port),
+            None => SocketAddr::new(IpAddr::V4(self.server.ip), port + self.offset),
         }
     }
 }
 
 /// Same-node relay ports: the server's plus this, clear of ztunnel's 150xx.
 const SAME_NODE_RELAY_OFFSET: u16 = 20_000;
+/// The mesh pods' second set of servers, accelerated with sockmap: the first set's ports
+/// plus this (7001, 7002, 8000–8063), clear of both other sets.
+const SOCKMAP_OFFSET: u16 = 2_000;
 
 pub struct Cluster {
     /// Dropped last: tears down namespaces and stops the ztunnels.
@@ -95,6 +104,22 @@ impl Cluster {
             }
             Servers::start(&remote.netns)?;
             Servers::start(&local.netns)?;
+            if mode == Mode::Mesh {
+                Servers::start_at(&remote.netns, SOCKMAP_OFFSET)?;
+                Servers::start_at(&local.netns, SOCKMAP_OFFSET)?;
+                for (path, server) in [(Path::CrossNode, &remote), (Path::SameNode, &local)] {
+                    pairs.push((
+                        Mode::Sockmap,
+                        path,
+                        Pair {
+                            client: client.clone(),
+                            server: server.clone(),
+                            via: None,
+                            offset: SOCKMAP_OFFSET,
+                        },
+                    ));
+                }
+            }
             if mode == Mode::Direct {
                 // The relays carry the direct pods' connections.
                 let ports = server_ports();
@@ -119,6 +144,7 @@ impl Cluster {
                             client: client.clone(),
                             server: server.clone(),
                             via: Some(via),
+                            offset: 0,
                         },
                     ));
                 }
@@ -130,6 +156,7 @@ impl Cluster {
                     client: client.clone(),
                     server: remote,
                     via: None,
+                    offset: 0,
                 },
             ));
             pairs.push((
@@ -139,14 +166,20 @@ impl Cluster {
                     client,
                     server: local,
                     via: None,
+                    offset: 0,
                 },
             ));
         }
         let config = tb.write_config("workloads.yaml", &local_config(&specs, ""))?;
         tb.own_binaries()?;
+        // Sockmap on, but not for the plain mesh pairs' ports: one run measures the mesh
+        // with and without it on the same processes.
+        let excluded: Vec<String> = server_ports().iter().map(u16::to_string).collect();
+        let excluded = excluded.join(",");
+        let args = ["--sockmap=true", "--sockmap-exclude-ports", &excluded];
         let mut ztunnels = Vec::new();
         for node in [&a, &b] {
-            let z = tb.start_ztunnel(node, &config, &[])?;
+            let z = tb.start_ztunnel(node, &config, &args)?;
             wait_ready(&z)?;
             ztunnels.push(z);
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ztunnel_tests::patient::Patient;
 use ztunnel_tests::Netns;
 
 /// Server ports in every server pod.
@@ -42,8 +43,14 @@ impl Servers {
     /// each (`CONN_PORT_BASE + run`), so TIME_WAIT entries of one run never limit the
     /// source ports of the next, in the pods or in ztunnel's original-source sockets.
     pub fn start(ns: &Netns) -> anyhow::Result<()> {
+        Servers::start_at(ns, 0)
+    }
+
+    /// The same servers on every port plus `offset` (a second set, measured another way).
+    pub fn start_at(ns: &Netns, offset: u16) -> anyhow::Result<()> {
         for port in server_ports() {
             let sink = port == SINK_PORT;
+            let port = port + offset;
             let l = ns.run(move || TcpListener::bind(("0.0.0.0", port)))?;
             std::thread::spawn(move || accept_loop(l, sink));
         }
@@ -54,9 +61,10 @@ impl Servers {
 fn accept_loop(l: TcpListener, sink: bool) {
     for conn in l.incoming() {
         let Ok(conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(IO_TIMEOUT * 3));
-        let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
         let _ = conn.set_nodelay(true);
+        let Ok(conn) = Patient::new(conn, IO_TIMEOUT * 3) else {
+            continue;
+        };
         let spawned = std::thread::Builder::new()
             .stack_size(SERVER_STACK)
             .spawn(move || {
@@ -72,7 +80,7 @@ fn accept_loop(l: TcpListener, sink: bool) {
     }
 }
 
-fn serve_sink(mut c: TcpStream) -> std::io::Result<()> {
+fn serve_sink(mut c: Patient) -> std::io::Result<()> {
     let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
@@ -85,7 +93,7 @@ fn serve_sink(mut c: TcpStream) -> std::io::Result<()> {
     c.shutdown(Shutdown::Write)
 }
 
-fn serve_echo(mut c: TcpStream) -> std::io::Result<()> {
+fn serve_echo(mut c: Patient) -> std::io::Result<()> {
     let mut buf = [0u8; 4096];
     loop {
         match c.read(&mut buf)? {
@@ -95,11 +103,13 @@ fn serve_echo(mut c: TcpStream) -> std::io::Result<()> {
     }
 }
 
-fn connect(dst: SocketAddr) -> std::io::Result<TcpStream> {
+/// Patient: on a sockmap-accelerated socket a blocking read woken without data (after the
+/// half-close of a throughput run) returns EAGAIN, which an event-driven program treats as
+/// "not yet"; every mode gets the same I/O (see `ztunnel_tests::patient`).
+fn connect(dst: SocketAddr, nodelay: bool) -> std::io::Result<Patient> {
     let s = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
+    s.set_nodelay(nodelay)?;
+    Patient::new(s, IO_TIMEOUT)
 }
 
 /// Bulk transfer result: bytes the server confirmed receiving, over the time from the
@@ -140,7 +150,7 @@ pub fn throughput(ns: &Netns, dst: SocketAddr, streams: usize, dur: Duration) ->
 }
 
 fn one_stream(dst: SocketAddr, deadline: Instant) -> std::io::Result<u64> {
-    let mut s = connect(dst)?;
+    let mut s = connect(dst, false)?;
     let buf = vec![0x5au8; BUF];
     while Instant::now() < deadline {
         s.write_all(&buf)?;
@@ -155,8 +165,7 @@ fn one_stream(dst: SocketAddr, deadline: Instant) -> std::io::Result<u64> {
 /// in nanoseconds.
 pub fn latency(ns: &Netns, dst: SocketAddr, n: usize) -> std::io::Result<Vec<u64>> {
     ns.spawn(move || {
-        let mut s = connect(dst)?;
-        s.set_nodelay(true)?;
+        let mut s = connect(dst, true)?;
         let mut b = [0u8; 1];
         let mut rtts = Vec::with_capacity(n);
         for i in 0..n + n / 20 {
@@ -217,8 +226,7 @@ pub fn conn_rate(ns: &Netns, dst: SocketAddr, concurrency: usize, dur: Duration)
 }
 
 fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
-    let mut s = connect(dst)?;
-    s.set_nodelay(true)?;
+    let mut s = connect(dst, true)?;
     s.write_all(b"x")?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)
@@ -226,11 +234,13 @@ fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
 
 /// Opens `n` connections, each proven end to end by a 1-byte round trip, and returns them
 /// open. Stops at the first failure (the caller reports how many it got).
-pub fn hold(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
+pub fn hold(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<Patient> {
     ns.spawn(move || {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
-            let Ok(mut s) = connect(dst) else { break };
+            let Ok(mut s) = connect(dst, false) else {
+                break;
+            };
             let mut b = [0u8; 1];
             if s.write_all(b"h")
                 .and_then(|_| s.read_exact(&mut b))

@@ -3,7 +3,9 @@
 //! Two nodes run ztunnel. The same kinds of pod pairs exist in the mesh (enrolled: capture,
 //! HBONE, mTLS) and outside it (direct), cross-node and same-node; the pods outside the
 //! mesh are also measured through plain TCP relays on the nodes (`relay`: the cost of any
-//! node proxy's extra connections and hops, with nothing of ztunnel's). Each measurement
+//! node proxy's extra connections and hops, with nothing of ztunnel's), and the mesh pods
+//! once more with sockmap acceleration of the pod ↔ ztunnel hops (`sockmap`: the same
+//! ztunnels, with the plain mesh pairs' ports excluded from it). Each measurement
 //! runs in rounds that rotate the modes (so none always goes first), so whatever else
 //! loads the machine — on 2 cores, a compile does — hits all alike.
 //!
@@ -11,8 +13,9 @@
 //! has a deadline or a count, and a watchdog tears everything down if the whole run
 //! exceeds its budget. Knobs (environment): BENCH_ROUNDS, BENCH_TPUT_SECS,
 //! BENCH_CONN_SECS, BENCH_RTT (round trips per run), BENCH_HOLD (connections held open),
-//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay; without
-//! `relay` the relays are not measured), BENCH_OUT (dir), ZTUNNEL_GLIBC_TUNABLES (ztunnel's
+//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay,sockmap;
+//! without `relay` the relays are not measured, without `sockmap` nor the mesh with
+//! sockmap acceleration), BENCH_OUT (dir), ZTUNNEL_GLIBC_TUNABLES (ztunnel's
 //! `GLIBC_TUNABLES`; by default the value the Dockerfile and the DaemonSet deploy, so the
 //! bench measures the process as deployed; empty for glibc's defaults).
 
@@ -72,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         std::env::var("BENCH_DEADLINE_SECS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(570),
+            .unwrap_or(780),
     );
     ztunnel_tests::watchdog("bench", budget);
     procstat::raise_fd_limit();
@@ -117,7 +120,7 @@ fn main() -> anyhow::Result<()> {
 /// One connection per pair and mode first: certificates are fetched and HBONE
 /// connections pooled before anything is timed (steady state, not start-up).
 fn warm_up(c: &Cluster) -> anyhow::Result<()> {
-    for mode in [Mode::Direct, Mode::Relay, Mode::Mesh] {
+    for mode in [Mode::Direct, Mode::Relay, Mode::Mesh, Mode::Sockmap] {
         for path in [Path::CrossNode, Path::SameNode] {
             let p = c.pair(mode, path);
             let mut ok = false;
@@ -152,6 +155,12 @@ fn run_all(
         }
         let first = round % modes.len();
         modes.rotate_left(first);
+        // Last, not rotated: a bulk sender on an accelerated socket is not held back by
+        // its reader and fills the node's TCP memory until the connection fails
+        // (ARCHITECTURE.md, "Sockmap"); the others must not run under that pressure.
+        if plan.wants("sockmap") {
+            modes.push(Mode::Sockmap);
+        }
         eprintln!("bench: round {}/{}", round + 1, plan.rounds);
         for mode in modes {
             let cross = c.pair(mode, Path::CrossNode);

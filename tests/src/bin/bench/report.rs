@@ -42,12 +42,17 @@ struct Series {
     direct: Vec<f64>,
     relay: Vec<f64>,
     mesh: Vec<f64>,
+    sockmap: Vec<f64>,
     errors: u64,
 }
 
 impl Series {
     fn ratio(&self) -> f64 {
         median(&self.mesh) / median(&self.direct)
+    }
+    /// The mesh with sockmap acceleration against direct.
+    fn sockmap_ratio(&self) -> f64 {
+        median(&self.sockmap) / median(&self.direct)
     }
 }
 
@@ -177,6 +182,7 @@ impl Results {
                     direct: vec![],
                     relay: vec![],
                     mesh: vec![],
+                    sockmap: vec![],
                     errors: 0,
                 });
                 self.series.last_mut().expect("just pushed")
@@ -187,6 +193,7 @@ impl Results {
             Mode::Direct => s.direct.push(value),
             Mode::Relay => s.relay.push(value),
             Mode::Mesh => s.mesh.push(value),
+            Mode::Sockmap => s.sockmap.push(value),
         }
     }
 
@@ -240,51 +247,98 @@ struct Target {
 }
 
 fn targets(r: &Results) -> Vec<Target> {
-    let ratio = |m| r.series(Path::CrossNode, m).map(Series::ratio);
-    let p50 = match (
-        r.latency(Path::CrossNode, Mode::Mesh),
-        r.latency(Path::CrossNode, Mode::Direct),
-    ) {
+    // NaN (a side not measured) is no value.
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let ratio = |m| r.series(Path::CrossNode, m).and_then(|s| finite(s.ratio()));
+    let sockmap_ratio = |path, m| r.series(path, m).and_then(|s| finite(s.sockmap_ratio()));
+    let p50_over = |path, mode| match (r.latency(path, mode), r.latency(path, Mode::Direct)) {
         (Some((m, _)), Some((d, _))) => Some(m[0] - d[0]),
         _ => None,
     };
+    let p50 = p50_over(Path::CrossNode, Mode::Mesh);
+    let relay_p50 = p50_over(Path::CrossNode, Mode::Relay);
     let max_mib = |v: &[u64]| v.iter().max().map(|m| *m as f64 / MIB);
-    let t = |what, value: Option<f64>, unit, ok: fn(f64) -> bool| Target {
+    let t = |what, value: Option<f64>, unit, ok: &dyn Fn(f64) -> bool| Target {
         what,
         value,
         unit,
         met: value.is_some_and(ok),
+    };
+    // Below the plain relays' p50 overhead measured in the same run.
+    let under_relays = |v: f64| relay_p50.is_some_and(|floor| v < floor);
+    let same_ratio = |mode| {
+        r.series(Path::SameNode, Metric::Tput1)
+            .and_then(|s| match mode {
+                Mode::Sockmap => finite(s.sockmap_ratio()),
+                _ => finite(s.ratio()),
+            })
     };
     vec![
         t(
             "throughput 1 stream, mesh/direct ≥ 0.45",
             ratio(Metric::Tput1),
             "×",
-            |v| v >= 0.45,
+            &|v| v >= 0.45,
         ),
         t(
             "req/resp p50, mesh − direct ≤ 50 µs",
             p50,
             "µs",
-            |v| v <= 50.0,
+            &|v| v <= 50.0,
         ),
         t(
             "new conn/s concurrency 1, mesh/direct ≥ 0.40",
             ratio(Metric::Conn1),
             "×",
-            |v| v >= 0.40,
+            &|v| v >= 0.40,
+        ),
+        t(
+            "throughput 1 stream ≥ 0.55× direct, sockmap off",
+            ratio(Metric::Tput1),
+            "×",
+            &|v| v >= 0.55,
+        ),
+        t(
+            "throughput 1 stream ≥ 0.55× direct, sockmap on",
+            sockmap_ratio(Path::CrossNode, Metric::Tput1),
+            "×",
+            &|v| v >= 0.55,
+        ),
+        t(
+            "req/resp p50 − direct below the plain relays', sockmap off",
+            p50,
+            "µs",
+            &under_relays,
+        ),
+        t(
+            "req/resp p50 − direct below the plain relays', sockmap on",
+            p50_over(Path::CrossNode, Mode::Sockmap),
+            "µs",
+            &under_relays,
+        ),
+        t(
+            "same-node throughput ≥ 0.8× direct, sockmap off",
+            same_ratio(Mode::Mesh),
+            "×",
+            &|v| v >= 0.8,
+        ),
+        t(
+            "same-node throughput ≥ 0.8× direct, sockmap on",
+            same_ratio(Mode::Sockmap),
+            "×",
+            &|v| v >= 0.8,
         ),
         t(
             "RSS idle ≤ 12 MiB (max of both ztunnels)",
             max_mib(&r.resources.rss_idle),
             "MiB",
-            |v| v <= 12.0,
+            &|v| v <= 12.0,
         ),
         t(
             "RSS with 1,000 open connections ≤ 64 MiB",
             max_mib(&r.resources.rss_held),
             "MiB",
-            |v| v <= 64.0,
+            &|v| v <= 64.0,
         ),
     ]
 }
@@ -299,11 +353,13 @@ fn to_json(r: &Results) -> Value {
                 s.metric.key().into(),
                 json!({"direct": median(&s.direct), "mesh": median(&s.mesh), "ratio": s.ratio(),
                        "relay": median(&s.relay),
+                       "sockmap": median(&s.sockmap), "sockmap_ratio": s.sockmap_ratio(),
                        "direct_rounds": s.direct, "relay_rounds": s.relay, "mesh_rounds": s.mesh,
+                       "sockmap_rounds": s.sockmap,
                        "errors": s.errors}),
             );
         }
-        for mode in [Mode::Direct, Mode::Relay, Mode::Mesh] {
+        for mode in [Mode::Direct, Mode::Relay, Mode::Mesh, Mode::Sockmap] {
             if let Some((p, n)) = r.latency(path, mode) {
                 o.insert(
                     format!("latency_us_{}", mode.name()),
@@ -350,8 +406,8 @@ fn to_markdown(r: &Results) -> String {
         md,
         "Measured {} on {} ({} cores), Linux {}, commit {}, by `cargo xtask bench` in {:.0} s: \
          direct (pods outside the mesh), plain relays (the same pods through a plain TCP relay on \
-         each node on the way: no capture, TLS or HTTP/2) and mesh (capture + HBONE + mTLS) take turns \
-         round by round; throughput and connection rates are medians of the rounds, latency \
+         each node on the way: no capture, TLS or HTTP/2), mesh (capture + HBONE + mTLS) and mesh with \
+         sockmap (the same, with the pod ↔ ztunnel hops accelerated) take turns round by round; throughput and connection rates are medians of the rounds, latency \
          percentiles are over all 1-byte round trips of a path and mode. ztunnel ran with \
          `GLIBC_TUNABLES={}`.\n",
         m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs, m.glibc_tunables
@@ -359,7 +415,7 @@ fn to_markdown(r: &Results) -> String {
     for path in [Path::CrossNode, Path::SameNode] {
         let _ = writeln!(
             md,
-            "| {} | direct | plain relays | mesh | relays/direct | mesh/direct |\n|---|---:|---:|---:|---:|---:|",
+            "| {} | direct | plain relays | mesh | mesh + sockmap | relays/direct | mesh/direct | sockmap/direct |\n|---|---:|---:|---:|---:|---:|---:|---:|",
             path.name()
         );
         for metric in [Metric::Tput1, Metric::Tput4] {
@@ -422,7 +478,8 @@ fn to_markdown(r: &Results) -> String {
     md
 }
 
-/// One metric's medians of direct, relays and mesh, with the ratios (nothing if unmeasured).
+/// One metric's medians of direct, relays, mesh and mesh with sockmap, with the ratios
+/// (nothing if unmeasured).
 fn series_row(md: &mut String, r: &Results, path: Path, metric: Metric) {
     let Some(s) = r.series(path, metric) else {
         return;
@@ -431,16 +488,23 @@ fn series_row(md: &mut String, r: &Results, path: Path, metric: Metric) {
         0 => String::new(),
         n => format!(" ({n} failed)"),
     };
-    let (d, re, me) = (median(&s.direct), median(&s.relay), median(&s.mesh));
+    let (d, re, me, so) = (
+        median(&s.direct),
+        median(&s.relay),
+        median(&s.mesh),
+        median(&s.sockmap),
+    );
     let _ = writeln!(
         md,
-        "| {}{err} | {} | {} | {} | {} | {} |",
+        "| {}{err} | {} | {} | {} | {} | {} | {} | {} |",
         metric.label(),
         fmt(d),
         fmt(re),
         fmt(me),
+        fmt(so),
         times(re / d),
-        times(me / d)
+        times(me / d),
+        times(so / d)
     );
 }
 
@@ -453,13 +517,14 @@ fn times(ratio: f64) -> String {
     }
 }
 
-/// p50, p99 and p99.9 of direct, relays and mesh, with the ratios and differences.
+/// p50, p99 and p99.9 of direct, relays, mesh and mesh with sockmap, with the ratios and
+/// differences.
 fn latency_rows(md: &mut String, r: &Results, path: Path) {
     let Some((d, n)) = r.latency(path, Mode::Direct) else {
         return;
     };
     let other = |mode| r.latency(path, mode).map(|(v, _)| v);
-    let (re, me) = (other(Mode::Relay), other(Mode::Mesh));
+    let (re, me, so) = (other(Mode::Relay), other(Mode::Mesh), other(Mode::Sockmap));
     for (i, q) in ["p50", "p99", "p99.9"].iter().enumerate() {
         let value = |v: Option<[f64; 3]>| v.map_or("—".into(), |v| fmt(v[i]));
         let versus = |v: Option<[f64; 3]>| {
@@ -469,12 +534,14 @@ fn latency_rows(md: &mut String, r: &Results, path: Path) {
         };
         let _ = writeln!(
             md,
-            "| req/resp latency {q} (µs, {n} round trips) | {} | {} | {} | {} | {} |",
+            "| req/resp latency {q} (µs, {n} round trips) | {} | {} | {} | {} | {} | {} | {} |",
             fmt(d[i]),
             value(re),
             value(me),
+            value(so),
             versus(re),
-            versus(me)
+            versus(me),
+            versus(so)
         );
     }
 }
