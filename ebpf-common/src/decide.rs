@@ -35,7 +35,9 @@
 //! and takes that socket's cached input route; the mark still routes it locally whenever
 //! there is no cached route (the first packets, another interface). The lookup stays: it
 //! is what tells a flow whose socket is gone (ztunnel died: step 3, drop) from one that is
-//! still served.
+//! still served. A socket closing between the two lookups changes nothing that matters:
+//! the mark still delivers the packet locally, where TCP finds no socket and answers with a
+//! reset; nothing leaves in plaintext.
 
 use crate::{PodInfo, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED};
 
