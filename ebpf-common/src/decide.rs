@@ -36,8 +36,8 @@
 //! there is no cached route (the first packets, another interface). The lookup stays: it
 //! is what tells a flow whose socket is gone (ztunnel died: step 3, drop) from one that is
 //! still served. A socket closing between the two lookups changes nothing that matters:
-//! the mark still delivers the packet locally, where TCP finds no socket and answers with a
-//! reset; nothing leaves in plaintext.
+//! the mark still delivers the packet locally, where TCP finds no socket (it drops the
+//! packet or answers a reset); nothing leaves in plaintext.
 
 use crate::{PodInfo, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED};
 
