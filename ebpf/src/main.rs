@@ -10,7 +10,8 @@
 //! fail closed), or whether the packet is not ztunnel's to take (flows opened before
 //! enrollment, other traffic). Then it acts on the verdict.
 //!
-//! Assigned packets get the capture mark, which policy routing turns into local delivery.
+//! Taken packets get the capture mark, which policy routing turns into local delivery;
+//! only SYNs are also `bpf_sk_assign`ed (`Take` in `decide` says why).
 //!
 //! Living beside the CNI: a packet the program does not take gets the neutral verdict
 //! (`VERDICT_CONTINUE`: `TCX_NEXT` / `TC_ACT_UNSPEC`), so the CNI's own programs and tc
@@ -30,7 +31,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
-    decide::{decide, End, Facts, Lookups, Verdict},
+    decide::{decide, End, Facts, Lookups, Take, Verdict},
     sockmap::{SockKey, SockmapCounters, SockmapSettings},
     FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, IFACE_BRIDGE_PORT,
     SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
@@ -175,7 +176,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     }
     Ok(match verdict {
         Verdict::Continue | Verdict::Direct => VERDICT_CONTINUE,
-        Verdict::Assigned => taken(ctx, facts.ifindex),
+        Verdict::Assigned | Verdict::Marked => taken(ctx, facts.ifindex),
         Verdict::AssignedListener(listener) => {
             let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
             let outbound = listener.is_outbound();
@@ -230,8 +231,8 @@ impl Lookups for Kernel<'_> {
     fn reverse_captured(&mut self) -> bool {
         is_captured(&reversed(self.flow))
     }
-    fn assign_existing(&mut self) -> bool {
-        assign_existing(self.ctx, self.pkt, self.mark)
+    fn take_existing(&mut self, how: Take) -> bool {
+        take_existing(self.ctx, self.pkt, self.mark, how)
     }
     fn port_excluded(&mut self) -> bool {
         EXCLUDED_PORTS
@@ -384,8 +385,9 @@ fn tuple(pkt: &Packet, dport: u16) -> (bpf_sock_tuple, u32) {
     }
 }
 
-/// Assigns the packet to a non-listening socket of exactly its flow, if one exists.
-fn assign_existing(ctx: &TcContext, pkt: &Packet, mark: u32) -> bool {
+/// Takes the packet to a non-listening socket of exactly its flow, if one exists: marked,
+/// and assigned to it if `how` says so (see [`Take`] for why most packets are not).
+fn take_existing(ctx: &TcContext, pkt: &Packet, mark: u32, how: Take) -> bool {
     let (mut t, size) = tuple(pkt, pkt.dport);
     // SAFETY: helper call with a valid context and a stack tuple of the given size.
     let sk = unsafe {
@@ -403,10 +405,17 @@ fn assign_existing(ctx: &TcContext, pkt: &Packet, mark: u32) -> bool {
     // A listener matching the tuple is a node service, not a flow of ours.
     // SAFETY: sk is a non-null socket returned by the lookup helper.
     let listening = unsafe { (*sk).state } == TCP_STATE_LISTEN;
-    let assigned = !listening && do_assign(ctx, sk, mark);
+    let taken = !listening
+        && match how {
+            Take::Assign => do_assign(ctx, sk, mark),
+            Take::Mark => {
+                ctx.set_mark(mark);
+                true
+            }
+        };
     // SAFETY: every socket returned by the lookup is released exactly once.
     unsafe { bpf_sk_release(sk as *mut _) };
-    assigned
+    taken
 }
 
 /// Assigns a SYN to ztunnel's transparent listener on `port`.

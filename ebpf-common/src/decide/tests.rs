@@ -12,6 +12,7 @@ use crate::{POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_LOG_FLOWS};
 
 use Ask::*;
 use Listener::*;
+use Take::{Assign, Mark};
 use Verdict::*;
 
 const A_VETH: u32 = 7;
@@ -56,7 +57,7 @@ const SETTINGS: Settings = Settings {
 enum Ask {
     Flow,
     Reverse,
-    Socket,
+    Socket(Take),
     Excluded,
     Node,
     Listen(u16),
@@ -140,8 +141,8 @@ impl Lookups for Answers<'_> {
     fn reverse_captured(&mut self) -> bool {
         self.answer(Reverse, REVERSE)
     }
-    fn assign_existing(&mut self) -> bool {
-        self.answer(Socket, SOCKET)
+    fn take_existing(&mut self, how: Take) -> bool {
+        self.answer(Socket(how), SOCKET)
     }
     fn port_excluded(&mut self) -> bool {
         self.answer(Excluded, EXCLUDED)
@@ -174,11 +175,11 @@ const PORTS_16K: Settings = Settings {
 };
 /// The way to a listener: no socket owns the tuple, the port is not excluded, (for an
 /// outbound SYN) the destination is not the node.
-const TO_15001: &[Ask] = &[Socket, Excluded, Node, Listen(15001)];
-const TO_15006: &[Ask] = &[Socket, Excluded, Listen(15006)];
-const TO_15008: &[Ask] = &[Socket, Excluded, Listen(15008)];
+const TO_15001: &[Ask] = &[Socket(Assign), Excluded, Node, Listen(15001)];
+const TO_15006: &[Ask] = &[Socket(Assign), Excluded, Listen(15006)];
+const TO_15008: &[Ask] = &[Socket(Assign), Excluded, Listen(15008)];
 /// A non-SYN without a socket, of a flow not captured either way.
-const NOT_CAPTURED: &[Ask] = &[Socket, Flow, Reverse];
+const NOT_CAPTURED: &[Ask] = &[Socket(Mark), Flow, Reverse];
 
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
@@ -216,20 +217,27 @@ const TABLE: &[Row] = &[
     row("inbound only: not captured as a source", A_VETH, only(A_VETH, POD_FLAG_INBOUND), NONE, SYN, 80, LISTENING)
         .want(Continue, &[Flow]),
     row("unenrolled since: its socket takes the captured flow", C_VETH, NONE, NONE, ACK, 80, CAPTURED | SOCKET)
-        .want(Assigned, &[Flow, Socket]),
+        .want(Marked, &[Flow, Socket(Mark)]),
     row("unenrolled since: socket gone, fail closed", C_VETH, NONE, NONE, ACK, 80, CAPTURED)
-        .want(DropFailClosed, &[Flow, Socket, Flow]),
+        .want(DropFailClosed, &[Flow, Socket(Mark), Flow]),
     row("unenrolled since: a SYN reusing the tuple goes direct", C_VETH, NONE, NONE, SYN, 80, CAPTURED | LISTENING)
-        .want(Direct, &[Flow, Socket, Excluded]),
-    // A socket owns the exact tuple: assigned, whatever the packet.
+        .want(Direct, &[Flow, Socket(Assign), Excluded]),
+    // A socket owns the exact tuple: a SYN is assigned to it, anything else only marked
+    // (the kernel's early demux finds the same socket and its cached route).
     row("A's packet of a captured flow", A_VETH, A, NONE, ACK | PSH, 80, SOCKET)
-        .want(Assigned, &[Socket]),
+        .want(Marked, &[Socket(Mark)]),
     row("B's reply to ztunnel's original-source socket", B_VETH, B, NONE, SYN | ACK, 80, SOCKET)
-        .want(Assigned, &[Socket]),
+        .want(Marked, &[Socket(Mark)]),
     row("a SYN whose tuple a socket owns (TIME_WAIT reuse)", A_VETH, A, NONE, SYN, 80, SOCKET | LISTENING)
-        .want(Assigned, &[Socket]),
+        .want(Assigned, &[Socket(Assign)]),
+    row("a SYN with ECN bits is assigned too", A_VETH, A, NONE, SYN | ECE | CWR, 80, SOCKET)
+        .want(Assigned, &[Socket(Assign)]),
     row("inbound packet to ztunnel's accepted socket", UPLINK, NONE, B, ACK, 80, SOCKET)
-        .want(Assigned, &[Socket]),
+        .want(Marked, &[Socket(Mark)]),
+    row("an RST to ztunnel's socket is marked", UPLINK, NONE, B, RST, 80, SOCKET)
+        .want(Marked, &[Socket(Mark)]),
+    row("a FIN of a captured flow is marked", A_VETH, A, NONE, FIN | ACK, 80, CAPTURED | SOCKET)
+        .want(Marked, &[Socket(Mark)]),
     // Pre-enrollment flows: never reset, they finish on the direct path.
     row("pre-enrollment: A's flow goes on direct", A_VETH, A, NONE, ACK | PSH, 80, NO)
         .want(Direct, NOT_CAPTURED),
@@ -241,13 +249,13 @@ const TABLE: &[Row] = &[
         .want(Direct, NOT_CAPTURED),
     // Fail closed: a captured flow whose socket is gone, a SYN without a listener.
     row("fail closed: A's packet of a captured flow", A_VETH, A, NONE, ACK, 80, CAPTURED)
-        .want(DropFailClosed, &[Socket, Flow]),
+        .want(DropFailClosed, &[Socket(Mark), Flow]),
     row("fail closed: B's reply to a captured flow", B_VETH, B, NONE, ACK | PSH, 80, REVERSE)
-        .want(DropFailClosed, &[Socket, Flow, Reverse]),
+        .want(DropFailClosed, &[Socket(Mark), Flow, Reverse]),
     row("fail closed: an RST", UPLINK, NONE, B, RST, 80, CAPTURED)
-        .want(DropFailClosed, &[Socket, Flow]),
+        .want(DropFailClosed, &[Socket(Mark), Flow]),
     row("fail closed: an excluded port does not exempt a captured flow", A_VETH, A, NONE, ACK, 9100, EXCLUDED | CAPTURED)
-        .want(DropFailClosed, &[Socket, Flow]),
+        .want(DropFailClosed, &[Socket(Mark), Flow]),
     row("fail closed: A's SYN, no listener", A_VETH, A, NONE, SYN, 80, NO)
         .want(DropFailClosed, TO_15001),
     row("fail closed: SYN to B, no listener", UPLINK, NONE, B, SYN, 80, NO)
@@ -256,14 +264,14 @@ const TABLE: &[Row] = &[
         .want(DropFailClosed, TO_15008),
     // Excluded destination ports: a SYN goes direct.
     row("excluded: A's SYN to an excluded port", A_VETH, A, NONE, SYN, 9100, EXCLUDED | LISTENING)
-        .want(Direct, &[Socket, Excluded]),
+        .want(Direct, &[Socket(Assign), Excluded]),
     row("excluded: a SYN to B's excluded port", UPLINK, NONE, B, SYN, 9100, EXCLUDED | LISTENING)
-        .want(Direct, &[Socket, Excluded]),
+        .want(Direct, &[Socket(Assign), Excluded]),
     // The node's own addresses: an enrolled pod calling its node goes direct.
     row("A's SYN to its own node: direct", A_VETH, A, NONE, SYN, 10250, NODE | LISTENING)
-        .want(Direct, &[Socket, Excluded, Node]),
+        .want(Direct, &[Socket(Assign), Excluded, Node]),
     row("A to an enrolled address that is the node's: direct", A_VETH, A, B, SYN, 80, NODE | LISTENING)
-        .want(Direct, &[Socket, Excluded, Node]),
+        .want(Direct, &[Socket(Assign), Excluded, Node]),
     row("a SYN to B from off the node: ZT_NODE_ADDRS not asked", UPLINK, NONE, B, SYN, 80, NODE | LISTENING)
         .want(AssignedListener(InboundPlain), TO_15006),
     // Outbound: an enrolled pod's SYN to anything but its node.
@@ -287,9 +295,9 @@ const TABLE: &[Row] = &[
     row("inbound: a SYN is not looked up in ZT_FLOWS", UPLINK, NONE, B, SYN, 80, CAPTURED | LISTENING)
         .want(AssignedListener(InboundPlain), TO_15006),
     row("inbound: the HBONE port follows the settings", UPLINK, NONE, B, SYN, 16008, LISTENING).settings(PORTS_16K)
-        .want(AssignedListener(InboundHbone), &[Socket, Excluded, Listen(16008)]),
+        .want(AssignedListener(InboundHbone), &[Socket(Assign), Excluded, Listen(16008)]),
     row("inbound: so does the plaintext one", UPLINK, NONE, B, SYN, 15008, LISTENING).settings(PORTS_16K)
-        .want(AssignedListener(InboundPlain), &[Socket, Excluded, Listen(16006)]),
+        .want(AssignedListener(InboundPlain), &[Socket(Assign), Excluded, Listen(16006)]),
 ];
 
 #[test]
@@ -324,7 +332,13 @@ fn names_are_unique() {
 
 #[test]
 fn counting() {
-    for v in [Direct, Assigned, AssignedListener(Outbound), DropFailClosed] {
+    for v in [
+        Direct,
+        Assigned,
+        Marked,
+        AssignedListener(Outbound),
+        DropFailClosed,
+    ] {
         assert!(v.counted(), "{v:?}");
     }
     for v in [Continue, DropSpoofed] {
