@@ -195,13 +195,7 @@ impl Capture {
                 .context("settings map missing")?,
         )?;
 
-        let old: Vec<u16> = excluded.keys().filter_map(Result::ok).collect();
-        for p in old {
-            excluded.remove(&p)?;
-        }
-        for p in &cfg.excluded_ports {
-            excluded.insert(p, 1, 0)?;
-        }
+        set_ports(&mut excluded, &cfg.excluded_ports)?;
         let written = Settings {
             capture_mark: cfg.routing.mark,
             proxy_mark: cfg.proxy_mark,
@@ -495,6 +489,22 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
         .take_map(name)
         .with_context(|| format!("map {name} missing"))?;
     Ok(BpfHashMap::try_from(map)?)
+}
+
+/// Makes the pinned port set `map` hold exactly `ports`: what a restart left in it goes, and
+/// a port in both is never absent in between (the running programs read the map).
+pub(crate) fn set_ports(
+    map: &mut BpfHashMap<MapData, u16, u8>,
+    ports: &[u16],
+) -> anyhow::Result<()> {
+    let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
+    for p in old.iter().filter(|p| !ports.contains(p)) {
+        map.remove(p)?;
+    }
+    for p in ports {
+        map.insert(p, 1, 0)?;
+    }
+    Ok(())
 }
 
 /// Forwards aya-log records from the programs to `log`, which `tracing` picks up.

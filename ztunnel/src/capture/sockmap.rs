@@ -152,13 +152,7 @@ fn load(ebpf: &mut Ebpf, cfg: &SockmapConfig) -> anyhow::Result<(u64, PathBuf)> 
         ebpf.take_map(maps::SOCK_EXCL)
             .context("sockmap port map missing")?,
     )?;
-    let old: Vec<u16> = excluded.keys().filter_map(Result::ok).collect();
-    for p in old {
-        excluded.remove(&p)?;
-    }
-    for p in &cfg.excluded_ports {
-        excluded.insert(p, 1, 0)?;
-    }
+    super::set_ports(&mut excluded, &cfg.excluded_ports)?;
     let socks: SockHash<MapData, SockKey> =
         SockHash::try_from(ebpf.take_map(maps::SOCKS).context("socket map missing")?)?;
     let msg: &mut SkMsg = ebpf
