@@ -259,7 +259,9 @@ pub struct RunArgs {
     /// and socket storage, cgroup v2). Off unless asked for (`--sockmap=true`): on an
     /// accelerated socket a *blocking* read woken without data (after the pod's own
     /// half-close, or while another thread writes) returns EAGAIN, which event-driven
-    /// programs absorb and blocking ones may not (ARCHITECTURE.md, "Sockmap").
+    /// programs absorb and blocking ones may not; and the kernel gives redirected bytes no
+    /// flow control, so a sender faster than its receiver (ztunnel's TLS relay, under bulk
+    /// load) queues kernel memory up to the node's TCP limit (ARCHITECTURE.md, "Sockmap").
     #[arg(long, env = "SOCKMAP", default_value_t = false, action = clap::ArgAction::Set)]
     pub sockmap: bool,
 
