@@ -226,22 +226,26 @@ fn tunnel_relay(c: &mut Criterion) {
     });
     let data = vec![0x5au8; 256 * 1024];
     bulk(c, "tunnel_relay_16MiB", || {
-        f.rt.block_on(async {
-            let reader = async {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut left = BULK;
-                while left > 0 {
-                    left -= sink.read(&mut buf).await.unwrap();
-                }
-            };
-            let writer = async {
-                for _ in 0..BULK / data.len() {
-                    client.write_all(&data).await.unwrap();
-                }
-            };
-            tokio::join!(reader, writer);
-        })
+        f.rt.block_on(pump(&mut client, &mut sink, &data))
     });
+}
+
+/// Writes `BULK` bytes into `client` in `data`-sized writes while reading them all from
+/// `sink` at the other end of whatever relays them.
+async fn pump(client: &mut TcpStream, sink: &mut TcpStream, data: &[u8]) {
+    let reader = async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = BULK;
+        while left > 0 {
+            left -= sink.read(&mut buf).await.unwrap();
+        }
+    };
+    let writer = async {
+        for _ in 0..BULK / data.len() {
+            client.write_all(data).await.unwrap();
+        }
+    };
+    tokio::join!(reader, writer);
 }
 
 /// A bulk benchmark on both clocks: wall time (group `hbone`: what a user waits) and the
@@ -302,23 +306,7 @@ fn copy_loop(c: &mut Criterion) {
     let mut g = c.benchmark_group("copy");
     g.throughput(Throughput::Bytes(BULK as u64));
     g.bench_function("relay_loopback_16MiB", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let reader = async {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut left = BULK;
-                    while left > 0 {
-                        left -= sink.read(&mut buf).await.unwrap();
-                    }
-                };
-                let writer = async {
-                    for _ in 0..BULK / data.len() {
-                        client.write_all(&data).await.unwrap();
-                    }
-                };
-                tokio::join!(reader, writer);
-            })
-        })
+        b.iter(|| rt.block_on(pump(&mut client, &mut sink, &data)))
     });
     g.finish();
 }
