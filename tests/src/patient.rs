@@ -98,17 +98,7 @@ pub fn echo_server(ns: &Netns, port: u16, timeout: Duration) -> anyhow::Result<(
                 continue;
             };
             std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
+                crate::traffic::echo_until_eof(&mut conn, 65536);
                 let _ = conn.shutdown(Shutdown::Write);
             });
         }

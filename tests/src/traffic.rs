@@ -14,6 +14,21 @@ pub struct EchoServer {
     accepted: mpsc::Receiver<(SocketAddr, SocketAddr)>,
 }
 
+/// Writes back what `conn` sends, in reads of up to `chunk` bytes, until it ends or fails.
+pub fn echo_until_eof(conn: &mut (impl Read + Write), chunk: usize) {
+    let mut buf = vec![0u8; chunk];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl EchoServer {
     /// Listens on `[::]:port` (dual-stack) inside `ns`.
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<EchoServer> {
@@ -29,17 +44,7 @@ impl EchoServer {
                     let _ = tx.send((p, l));
                 }
                 std::thread::spawn(move || {
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if conn.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
+                    echo_until_eof(&mut conn, 16384);
                     let _ = conn.shutdown(Shutdown::Write);
                 });
             }
