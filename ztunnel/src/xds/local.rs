@@ -399,6 +399,13 @@ impl<'a> Validator<'a> {
     /// A waypoint the file cannot send traffic to refuses that traffic at run time: say so
     /// now (a warning, like any dangling reference).
     fn check_waypoints(&mut self, workloads: &[Workload], services: &[Service]) {
+        // Resolving needs a state built from a copy of the file: only when there is a
+        // waypoint to resolve, not on every load of a large file without any.
+        let any = workloads.iter().any(|w| w.waypoint.is_some())
+            || services.iter().any(|s| s.waypoint.is_some());
+        if !any {
+            return;
+        }
         let store = StateStore::default();
         store.replace_all(workloads.iter().cloned(), services.iter().cloned(), []);
         let state = store.snapshot();
