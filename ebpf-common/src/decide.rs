@@ -10,6 +10,8 @@
 //! 0. Capture not enabled (settings not written yet) → continue. An enrolled pod's address
 //!    arriving on another interface than the pod's own (`PodInfo::ifindex`, 0 = unknown)
 //!    → drop (spoofed): a pod must not borrow a neighbour's identity and policy rights.
+//!    Then held pods (`POD_FLAG_HELD`: should be enrolled, cannot be): from one to the
+//!    node's own addresses → direct; any other packet from or to one → drop (fail closed).
 //! 1. Neither source nor destination enrolled, and the flow (as opened, client → server)
 //!    was never captured → continue: not ztunnel's packet.
 //! 2. A non-listening socket owns the packet's exact tuple (ztunnel's accepted socket, or
@@ -39,7 +41,9 @@
 //! the mark still delivers the packet locally, where TCP finds no socket (it drops the
 //! packet or answers a reset); nothing leaves in plaintext.
 
-use crate::{PodInfo, Settings, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED};
+use crate::{
+    PodInfo, Settings, POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED,
+};
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -73,6 +77,16 @@ impl Facts {
         self.dst.flags & POD_FLAG_INBOUND != 0
     }
 
+    /// The source is a held pod (should be enrolled, cannot be).
+    pub fn src_held(&self) -> bool {
+        self.src.flags & POD_FLAG_HELD != 0
+    }
+
+    /// The destination is a held pod.
+    pub fn dst_held(&self) -> bool {
+        self.dst.flags & POD_FLAG_HELD != 0
+    }
+
     /// A pure SYN: the first packet of a new connection (not a SYN-ACK).
     pub fn is_syn(&self) -> bool {
         self.tcp_flags & TCP_SYN != 0 && self.tcp_flags & TCP_ACK == 0
@@ -86,11 +100,12 @@ impl Facts {
     }
 
     /// Which end's counters record a drop for lack of a ztunnel socket: the source if it
-    /// is captured outbound, else the destination if it is captured inbound.
+    /// is captured outbound (or held), else the destination if it is captured inbound (or
+    /// held).
     pub fn charged(&self) -> Option<End> {
-        if self.src_outbound() {
+        if self.src_outbound() || self.src_held() {
             Some(End::Src)
-        } else if self.dst_inbound() {
+        } else if self.dst_inbound() || self.dst_held() {
             Some(End::Dst)
         } else {
             None
@@ -181,17 +196,43 @@ pub enum Verdict {
     AssignedListener(Listener),
     /// An enrolled pod's address on a foreign interface: dropped, counted on the source.
     DropSpoofed,
-    /// Ours but no ztunnel socket to take it: dropped (fail closed), counted on the
-    /// [`Facts::charged`] end.
+    /// Ours but no ztunnel socket to take it, or from or to a held pod: dropped (fail
+    /// closed), counted on the [`Facts::charged`] end.
     DropFailClosed,
+    /// To or from an enrolled pod, possibly TCP, but its TCP header cannot be read (a
+    /// fragment, an IPv6 extension-header chain the program cannot walk, a header cut
+    /// short: `parse::L4::Unparsed`): dropped, counted in `ZT_DROPS`, never passed
+    /// uncaptured.
+    DropUnparsed,
 }
 
 impl Verdict {
     /// The packet is counted (packets, bytes) on its enrolled ends: it went past the
     /// address checks, whatever happened next.
     pub fn counted(self) -> bool {
-        !matches!(self, Verdict::Continue | Verdict::DropSpoofed)
+        !matches!(
+            self,
+            Verdict::Continue | Verdict::DropSpoofed | Verdict::DropUnparsed
+        )
     }
+}
+
+/// The verdict for a packet whose TCP header cannot be read (`parse::L4::Unparsed`; only
+/// its addresses are known, so `f.tcp_flags` and `f.dport` are not looked at). It might
+/// be the packet of a connection that would otherwise be captured, so wherever a TCP
+/// packet with these addresses could be ztunnel's it is dropped: a pod must not get past
+/// capture, and its policy, by fragmenting or by adding IPv6 extension headers.
+pub fn decide_unparsed(f: &Facts) -> Verdict {
+    if f.settings.flags & SETTINGS_ENABLED == 0 {
+        return Verdict::Continue;
+    }
+    if f.spoofed() {
+        return Verdict::DropSpoofed;
+    }
+    if f.src_outbound() || f.dst_inbound() {
+        return Verdict::DropUnparsed;
+    }
+    Verdict::Continue
 }
 
 /// The verdict for a packet, asking `look` for what the facts do not say (see the module
@@ -203,6 +244,15 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
     }
     if f.spoofed() {
         return Verdict::DropSpoofed;
+    }
+    // Held pods: ztunnel cannot capture them (or cannot tell which interface is theirs),
+    // so nothing of theirs moves, whatever the flow and whichever interface it is seen
+    // on; only their node may still talk to them (probes: the replies are the pod's).
+    if f.src_held() && !f.dst_held() && look.dst_is_node() {
+        return Verdict::Direct;
+    }
+    if f.src_held() || f.dst_held() {
+        return Verdict::DropFailClosed;
     }
     let src_out = f.src_outbound();
     let dst_in = f.dst_inbound();
@@ -232,15 +282,7 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
     if look.port_excluded() {
         return Verdict::Direct;
     }
-    let listener = if src_out && !look.dst_is_node() {
-        Listener::Outbound
-    } else if dst_in && !src_out {
-        if f.dport == f.settings.inbound_hbone_port {
-            Listener::InboundHbone
-        } else {
-            Listener::InboundPlain
-        }
-    } else {
+    let Some(listener) = listener_for(f, || look.dst_is_node()) else {
         // An enrolled pod calling its own node (kubelet, node-local agents): direct.
         return Verdict::Direct;
     };
@@ -249,6 +291,46 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
         Verdict::AssignedListener(listener)
     } else {
         Verdict::DropFailClosed
+    }
+}
+
+/// Step 4's listener for a new connection of an enrolled pod: outbound for one it opens
+/// (unless to its own node: `None`, direct), else by port for one it receives. Asks
+/// `dst_is_node` only for an outbound one.
+pub fn listener_for(f: &Facts, dst_is_node: impl FnOnce() -> bool) -> Option<Listener> {
+    let (src_out, dst_in) = (f.src_outbound(), f.dst_inbound());
+    if src_out && !dst_is_node() {
+        Some(Listener::Outbound)
+    } else if dst_in && !src_out {
+        Some(if f.dport == f.settings.inbound_hbone_port {
+            Listener::InboundHbone
+        } else {
+            Listener::InboundPlain
+        })
+    } else {
+        None
+    }
+}
+
+/// The verdict on a bridge's own device, which sees what the bridge passes up from its
+/// ports. A SYN the program assigned at a port (it carries the capture mark) may have lost
+/// that assignment on the way: br_netfilter's bridge PREROUTING hook (with
+/// `bridge-nf-call-iptables=1`, as kubeadm requires) orphans every IP packet. It is
+/// assigned again, to the socket owning its tuple (as [`Take::Assign`] at the port) or
+/// else to the listener of [`listener_for`]: [`Verdict::Assigned`]; failing both it is
+/// dropped ([`Verdict::DropFailClosed`]: the port took it, it must not go anywhere else).
+/// Everything else was decided at the port: [`Verdict::Continue`] (packets taken there
+/// without assignment are found by the kernel's own lookup). Nothing is counted here.
+pub fn decide_on_bridge<L: Lookups>(f: &Facts, marked: bool, look: &mut L) -> Verdict {
+    if f.settings.flags & SETTINGS_ENABLED == 0 || !marked || !f.is_syn() {
+        return Verdict::Continue;
+    }
+    if look.take_existing(Take::Assign) {
+        return Verdict::Assigned;
+    }
+    match listener_for(f, || look.dst_is_node()) {
+        Some(l) if look.assign_listener(l.port(&f.settings)) => Verdict::Assigned,
+        _ => Verdict::DropFailClosed,
     }
 }
 

@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod decide;
+pub mod parse;
 pub mod sockmap;
 
 /// Calls `$then!` with every map of the capture program as `CONST = "name",` (each with
@@ -51,6 +52,11 @@ macro_rules! with_map_names {
             /// Sockmap counters, per CPU, index 0:
             /// [`SockmapCounters`](crate::sockmap::SockmapCounters).
             SOCK_COUNTERS = "ZT_SOCK_COUNT",
+            /// Packets dropped node-wide, per CPU, by reason: index [`DROP_UNPARSED`] → count.
+            DROPS = "ZT_DROPS",
+            /// The capture program's per-packet working memory, per CPU, index 0 (the
+            /// parsed packet: kept off the stack, see `ebpf/src/main.rs`). Not pinned.
+            SCRATCH = "ZT_SCRATCH",
             /// Sockmap: each accelerated socket's [`SockState`](crate::sockmap::SockState)
             /// (socket storage, a BTF map: not pinned; the programs keep it alive).
             SOCK_STATE = "ZT_SOCK_STATE",
@@ -123,6 +129,12 @@ pub struct PodInfo {
 pub const POD_FLAG_OUTBOUND: u32 = 1;
 /// Capture connections addressed to this pod (to 15006 / 15008).
 pub const POD_FLAG_INBOUND: u32 = 2;
+/// Held: a pod this node should enroll but cannot (its interface is unknown, or two
+/// interfaces claim its address), written alone (`ifindex` 0). Never open: every TCP
+/// packet from it is dropped on every interface the program sees (but those to the node's
+/// own addresses: kubelet's probes), and every TCP packet to it, so nothing of it moves in
+/// plaintext while ztunnel cannot capture it.
+pub const POD_FLAG_HELD: u32 = 4;
 
 /// Global settings written once by the loader.
 #[repr(C)]
@@ -168,6 +180,22 @@ pub struct IfaceInfo {
 /// past ztunnel: the program rewrites its destination MAC to the bridge's own, so the
 /// bridge passes it up.
 pub const IFACE_BRIDGE_PORT: u16 = 1;
+/// `IfaceInfo::flags`: the interface has no MAC header (IPIP `tunl0`, GRE, WireGuard:
+/// `ARPHRD_NONE` and the tunnel types). At TC its packets start at the IP header, so the
+/// program reads them from offset 0 instead of past an Ethernet header.
+pub const IFACE_L3: u16 = 2;
+
+/// `ZT_DROPS` index: packets to or from an enrolled pod that may be TCP but whose TCP
+/// header the program cannot read (fragments, IPv6 extension-header chains it cannot walk,
+/// headers cut short; see [`parse`]).
+pub const DROP_UNPARSED: u32 = 0;
+/// Entries of `ZT_DROPS`.
+pub const DROP_REASONS: u32 = 1;
+
+/// `IfaceInfo::flags`: the interface is a bridge's own device (`bridge_mac` is its MAC).
+/// There the program only gives back to a SYN taken at a port the socket br_netfilter
+/// took from it ([`decide::decide_on_bridge`]); everything else was decided at the port.
+pub const IFACE_BRIDGE: u16 = 4;
 
 /// A TCP flow as seen from the packet that opened it (client → server).
 #[repr(C)]

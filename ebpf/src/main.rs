@@ -31,10 +31,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
-    decide::{decide, End, Facts, Lookups, Take, Verdict},
+    decide::{decide, decide_on_bridge, decide_unparsed, End, Facts, Lookups, Take, Verdict},
+    parse::{self, Reader, L4},
     sockmap::{SockKey, SockmapCounters, SockmapSettings},
-    FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, IFACE_BRIDGE_PORT,
-    SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
+    FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, DROP_REASONS, DROP_UNPARSED,
+    IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
 };
 
 /// Defines one static per map of `ztunnel_ebpf_common::with_map_names!`, named from that
@@ -95,6 +96,16 @@ macro_rules! capture_maps {
         #[map(name = $name)]
         static SOCK_COUNTERS: PerCpuArray<SockmapCounters> = PerCpuArray::pinned(1, 0);
     };
+    (@map DROPS $name:tt) => {
+        #[map(name = $name)]
+        static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
+    };
+    (@map SCRATCH $name:tt) => {
+        /// Per-packet working memory, one per CPU (a program runs to completion on its
+        /// CPU); nothing in it outlives the packet, so it is not pinned.
+        #[map(name = $name)]
+        static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+    };
     // A BTF map, defined in `sockmap` (socket storage needs BTF).
     (@map SOCK_STATE $name:tt) => {};
 }
@@ -103,21 +114,47 @@ ztunnel_ebpf_common::with_map_names!(capture_maps);
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
 const TCP_STATE_LISTEN: u32 = 10;
 
-/// The fields of a TCP packet the decision needs.
+/// The fields of a TCP packet the decision needs. It lives in `SCRATCH`, not on the
+/// stack: kernels before 6.9 allow 512 bytes of stack for a whole call chain (each frame
+/// rounded up to 32 bytes), and the packet's addresses alone are 64 bytes per copy.
+#[repr(C)]
 struct Packet {
+    /// The addresses and ports (network byte order), which are also the flow's key.
+    flow: FlowKey,
     v6: bool,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    /// Network byte order, as in the header.
-    sport: u16,
-    dport: u16,
     flags: u8,
     /// Sequence number, host byte order.
     seq: u32,
     len: u32,
+}
+
+impl Packet {
+    fn src(&self) -> &PodKey {
+        pod_key(&self.flow.saddr)
+    }
+    fn dst(&self) -> &PodKey {
+        pod_key(&self.flow.daddr)
+    }
+}
+
+/// An address of a packet as a `ZT_PODS` key, in place (no copy on the stack).
+fn pod_key(addr: &[u8; 16]) -> &PodKey {
+    // SAFETY: PodKey is a #[repr(C)] wrapper of exactly one [u8; 16].
+    unsafe { &*(addr as *const [u8; 16]).cast::<PodKey>() }
+}
+
+/// What [`parse`] found.
+#[derive(PartialEq, Eq)]
+enum Parsed {
+    /// TCP: the packet is filled in.
+    Tcp,
+    /// Maybe TCP, but its header cannot be read (`parse::L4::Unparsed`): only the
+    /// addresses are filled in.
+    Unparsed,
+    /// Not TCP, not IP.
+    Other,
 }
 
 #[classifier]
@@ -130,37 +167,46 @@ pub fn zt_capture(ctx: TcContext) -> i32 {
 }
 
 fn capture(ctx: &TcContext) -> Result<i32, ()> {
+    // SAFETY: reading a field of the context's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain lookup; the value is copied out.
+    let iface = unsafe { IFACES.get(&ifindex) }.copied().unwrap_or_default();
+    let pkt = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's scratch value; nothing else uses it while the program runs.
+    let pkt = unsafe { &mut *pkt };
     // Parse.
-    let Some(pkt) = parse(ctx)? else {
-        return Ok(VERDICT_CONTINUE);
-    };
+    match parse(ctx, &iface, pkt)? {
+        Parsed::Tcp => {}
+        Parsed::Unparsed => return Ok(unparsed(ifindex, pkt)),
+        Parsed::Other => return Ok(VERDICT_CONTINUE),
+    }
     // Look up what the packet's addresses are.
     let settings = SETTINGS.get(0).copied().unwrap_or_default();
-    let src = PodKey { addr: pkt.saddr };
-    let dst = PodKey { addr: pkt.daddr };
     let facts = Facts {
         settings,
-        // SAFETY: reading a field of the context's __sk_buff.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        src: pod_info(&src),
-        dst: pod_info(&dst),
+        ifindex,
+        src: pod_info(pkt.src()),
+        dst: pod_info(pkt.dst()),
         tcp_flags: pkt.flags,
-        dport: u16::from_be(pkt.dport),
+        dport: u16::from_be(pkt.flow.dport),
     };
-    let flow = FlowKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-    };
+    if iface.flags & IFACE_BRIDGE != 0 {
+        let mark = settings.capture_mark;
+        // SAFETY: reading a field of the context's __sk_buff.
+        let marked = mark != 0 && unsafe { (*ctx.skb.skb).mark } & mark == mark;
+        let mut kernel = Kernel { ctx, pkt, mark };
+        return Ok(match decide_on_bridge(&facts, marked, &mut kernel) {
+            Verdict::Assigned => TC_ACT_OK,
+            Verdict::DropFailClosed => TC_ACT_SHOT,
+            _ => VERDICT_CONTINUE,
+        });
+    }
     // Decide, looking up (and assigning to sockets) as the decision asks.
     let verdict = decide(
         &facts,
         &mut Kernel {
             ctx,
-            pkt: &pkt,
-            flow: &flow,
-            dst: &dst,
+            pkt,
             mark: settings.capture_mark,
         },
     );
@@ -168,22 +214,22 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     // Act.
     if verdict.counted() {
         if facts.src_outbound() {
-            count_packet(&src, &pkt);
+            count_packet(pkt.src(), pkt.len);
         }
         if facts.dst_inbound() {
-            count_packet(&dst, &pkt);
+            count_packet(pkt.dst(), pkt.len);
         }
     }
     Ok(match verdict {
         Verdict::Continue | Verdict::Direct => VERDICT_CONTINUE,
-        Verdict::Assigned | Verdict::Marked => taken(ctx, facts.ifindex),
+        Verdict::Assigned | Verdict::Marked => taken(ctx, &iface),
         Verdict::AssignedListener(listener) => {
-            let _ = CAPTURED_FLOWS.insert(flow, 1, 0);
+            let _ = CAPTURED_FLOWS.insert(&pkt.flow, &1, 0);
             let outbound = listener.is_outbound();
             if outbound {
-                sockmap::remember_syn(&flow, pkt.seq);
+                sockmap::remember_syn(&pkt.flow, pkt.seq);
             }
-            if let Some(c) = counters(if outbound { &src } else { &dst }) {
+            if let Some(c) = counters(if outbound { pkt.src() } else { pkt.dst() }) {
                 if outbound {
                     c.outbound_flows += 1;
                 } else {
@@ -191,20 +237,20 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
                 }
             }
             if settings.flags & SETTINGS_LOG_FLOWS != 0 {
-                log_flow(ctx, &pkt, outbound, listener.port(&settings));
+                log_flow(ctx, pkt, outbound, listener.port(&settings));
             }
-            taken(ctx, facts.ifindex)
+            taken(ctx, &iface)
         }
         Verdict::DropSpoofed => {
-            if let Some(c) = counters(&src) {
+            if let Some(c) = counters(pkt.src()) {
                 c.dropped_spoofed += 1;
             }
             TC_ACT_SHOT
         }
         Verdict::DropFailClosed => {
             let charged = match facts.charged() {
-                Some(End::Src) => Some(&src),
-                Some(End::Dst) => Some(&dst),
+                Some(End::Src) => Some(pkt.src()),
+                Some(End::Dst) => Some(pkt.dst()),
                 None => None,
             };
             if let Some(c) = charged.and_then(counters) {
@@ -212,35 +258,64 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
             }
             TC_ACT_SHOT
         }
+        Verdict::DropUnparsed => TC_ACT_SHOT,
     })
+}
+
+/// A packet that may be TCP but whose TCP header cannot be read: dropped if it is to or
+/// from an enrolled pod (see `decide_unparsed`), else left alone.
+#[inline(never)]
+fn unparsed(ifindex: u32, pkt: &Packet) -> i32 {
+    let facts = Facts {
+        settings: SETTINGS.get(0).copied().unwrap_or_default(),
+        ifindex,
+        src: pod_info(pkt.src()),
+        dst: pod_info(pkt.dst()),
+        tcp_flags: 0,
+        dport: 0,
+    };
+    match decide_unparsed(&facts) {
+        Verdict::DropUnparsed => {
+            if let Some(n) = DROPS.get_ptr_mut(DROP_UNPARSED) {
+                // SAFETY: a per-CPU value: only this CPU touches it while the program runs.
+                unsafe { *n += 1 };
+            }
+            TC_ACT_SHOT
+        }
+        Verdict::DropSpoofed => {
+            if let Some(c) = counters(pkt.src()) {
+                c.dropped_spoofed += 1;
+            }
+            TC_ACT_SHOT
+        }
+        _ => VERDICT_CONTINUE,
+    }
 }
 
 /// The answers to the decision's questions, from the maps and the kernel's socket lookup.
 struct Kernel<'a> {
     ctx: &'a TcContext,
     pkt: &'a Packet,
-    flow: &'a FlowKey,
-    dst: &'a PodKey,
     mark: u32,
 }
 
 impl Lookups for Kernel<'_> {
     fn flow_captured(&mut self) -> bool {
-        is_captured(self.flow)
+        CAPTURED_FLOWS.get_ptr(&self.pkt.flow).is_some()
     }
     fn reverse_captured(&mut self) -> bool {
-        is_captured(&reversed(self.flow))
+        reverse_captured(&self.pkt.flow)
     }
     fn take_existing(&mut self, how: Take) -> bool {
         take_existing(self.ctx, self.pkt, self.mark, how)
     }
     fn port_excluded(&mut self) -> bool {
         EXCLUDED_PORTS
-            .get_ptr(u16::from_be(self.pkt.dport))
+            .get_ptr(u16::from_be(self.pkt.flow.dport))
             .is_some()
     }
     fn dst_is_node(&mut self) -> bool {
-        NODE_ADDRS.get_ptr(self.dst).is_some()
+        NODE_ADDRS.get_ptr(self.pkt.dst()).is_some()
     }
     fn assign_listener(&mut self, port: u16) -> bool {
         assign_listener(self.ctx, self.pkt, port, self.mark)
@@ -251,88 +326,94 @@ impl Lookups for Kernel<'_> {
 /// now. On a bridge port that needs the frame addressed to the bridge itself: one for
 /// another pod on the same bridge would otherwise be switched to it at layer 2, past
 /// ztunnel (and past the assignment).
-fn taken(ctx: &TcContext, ifindex: u32) -> i32 {
-    // SAFETY: a plain lookup; the value is copied out.
-    if let Some(iface) = unsafe { IFACES.get(&ifindex) } {
-        if iface.flags & IFACE_BRIDGE_PORT != 0 {
-            let dst: [u8; 6] = ctx.load(0).unwrap_or([0; 6]);
-            if dst != iface.bridge_mac && ctx.store(0, &iface.bridge_mac, 0).is_err() {
-                // Left as it was, the frame would bypass ztunnel: never let it out.
-                return TC_ACT_SHOT;
-            }
+fn taken(ctx: &TcContext, iface: &IfaceInfo) -> i32 {
+    if iface.flags & IFACE_BRIDGE_PORT != 0 {
+        let dst: [u8; 6] = ctx.load(0).unwrap_or([0; 6]);
+        if dst != iface.bridge_mac && ctx.store(0, &iface.bridge_mac, 0).is_err() {
+            // Left as it was, the frame would bypass ztunnel: never let it out.
+            return TC_ACT_SHOT;
         }
     }
     TC_ACT_OK
 }
 
-/// One debug line per captured flow, for `RUST_LOG=ztunnel_capture=debug`.
+/// One debug line per captured flow, for `RUST_LOG=ztunnel_capture=debug`. Never inlined:
+/// the record is built in a frame of its own, only when the log is on, instead of in the
+/// main frame of every packet (kernels before 6.9 allow 512 bytes of stack for the whole
+/// call chain, each frame rounded up to 32).
+#[inline(never)]
 fn log_flow(ctx: &TcContext, pkt: &Packet, outbound: bool, listen_port: u16) {
     let direction = if outbound { "outbound" } else { "inbound" };
     debug!(
         ctx,
         "{} flow {:i}:{} -> {:i}:{} to listener {}",
         direction,
-        pkt.saddr,
-        u16::from_be(pkt.sport),
-        pkt.daddr,
-        u16::from_be(pkt.dport),
+        pkt.flow.saddr,
+        u16::from_be(pkt.flow.sport),
+        pkt.flow.daddr,
+        u16::from_be(pkt.flow.dport),
         listen_port
     );
 }
 
-fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
-    let (v6, saddr, daddr, l4) = match ethertype {
+/// Reads the packet for `parse::ipv4` / `parse::ipv6`.
+struct Skb<'a>(&'a TcContext);
+
+impl Reader for Skb<'_> {
+    fn u8_at(&mut self, offset: usize) -> Option<u8> {
+        self.0.load(offset).ok()
+    }
+    fn u16_at(&mut self, offset: usize) -> Option<u16> {
+        self.0.load::<u16>(offset).ok().map(u16::from_be)
+    }
+}
+
+/// Finds the packet's addresses and TCP header. The family comes from `skb->protocol`,
+/// which the kernel sets on every device; the IP header is past the Ethernet header,
+/// except on devices without one (`IFACE_L3`: IPIP, GRE, WireGuard).
+fn parse(ctx: &TcContext, iface: &IfaceInfo, pkt: &mut Packet) -> Result<Parsed, ()> {
+    let l3 = if iface.flags & IFACE_L3 != 0 {
+        0
+    } else {
+        ETH_HDR_LEN
+    };
+    // SAFETY: reading a field of the context's __sk_buff (a __be16 in a u32).
+    let proto = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let l4 = match proto {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HDR_LEN).map_err(|_| ())?;
-            let proto: u8 = ctx.load(ETH_HDR_LEN + 9).map_err(|_| ())?;
-            if proto != IPPROTO_TCP {
-                return Ok(None);
+            let l4 = parse::ipv4(&mut Skb(ctx), l3);
+            if l4 == L4::Other {
+                return Ok(Parsed::Other);
             }
-            // Fragments other than the first carry no TCP header.
-            let frag: u16 = u16::from_be(ctx.load(ETH_HDR_LEN + 6).map_err(|_| ())?);
-            if frag & 0x1fff != 0 {
-                return Ok(None);
-            }
-            let s: [u8; 4] = ctx.load(ETH_HDR_LEN + 12).map_err(|_| ())?;
-            let d: [u8; 4] = ctx.load(ETH_HDR_LEN + 16).map_err(|_| ())?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            if ihl < 20 {
-                return Ok(None);
-            }
-            (
-                false,
-                PodKey::v4(s).addr,
-                PodKey::v4(d).addr,
-                ETH_HDR_LEN + ihl,
-            )
+            let s: [u8; 4] = ctx.load(l3 + 12).map_err(|_| ())?;
+            let d: [u8; 4] = ctx.load(l3 + 16).map_err(|_| ())?;
+            pkt.flow.saddr = PodKey::v4(s).addr;
+            pkt.flow.daddr = PodKey::v4(d).addr;
+            pkt.v6 = false;
+            l4
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(ETH_HDR_LEN + 6).map_err(|_| ())?;
-            if next != IPPROTO_TCP {
-                // Extension headers are not followed: such packets are left alone.
-                return Ok(None);
+            let l4 = parse::ipv6(&mut Skb(ctx), l3);
+            if l4 == L4::Other {
+                return Ok(Parsed::Other);
             }
-            let s: [u8; 16] = ctx.load(ETH_HDR_LEN + 8).map_err(|_| ())?;
-            let d: [u8; 16] = ctx.load(ETH_HDR_LEN + 24).map_err(|_| ())?;
-            (true, s, d, ETH_HDR_LEN + 40)
+            pkt.flow.saddr = ctx.load(l3 + 8).map_err(|_| ())?;
+            pkt.flow.daddr = ctx.load(l3 + 24).map_err(|_| ())?;
+            pkt.v6 = true;
+            l4
         }
-        _ => return Ok(None),
+        _ => return Ok(Parsed::Other),
     };
-    let sport: u16 = ctx.load(l4).map_err(|_| ())?;
-    let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
-    let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
-    let seq = u32::from_be(ctx.load(l4 + 4).map_err(|_| ())?);
-    Ok(Some(Packet {
-        v6,
-        saddr,
-        daddr,
-        sport,
-        dport,
-        flags,
-        seq,
-        len: ctx.len(),
-    }))
+    let L4::Tcp(l4) = l4 else {
+        return Ok(Parsed::Unparsed);
+    };
+    // `parse` checked that the header holds its flags (byte 13).
+    pkt.flow.sport = ctx.load(l4).map_err(|_| ())?;
+    pkt.flow.dport = ctx.load(l4 + 2).map_err(|_| ())?;
+    pkt.flags = ctx.load(l4 + 13).map_err(|_| ())?;
+    pkt.seq = u32::from_be(ctx.load(l4 + 4).map_err(|_| ())?);
+    pkt.len = ctx.len();
+    Ok(Parsed::Tcp)
 }
 
 /// The enrolled pod owning `key`, or an all-zero info (not enrolled).
@@ -347,48 +428,53 @@ fn pod_info(key: &PodKey) -> PodInfo {
     }
 }
 
-fn is_captured(flow: &FlowKey) -> bool {
-    CAPTURED_FLOWS.get_ptr(flow).is_some()
-}
-
-fn reversed(flow: &FlowKey) -> FlowKey {
-    FlowKey {
+/// The reverse of `flow` is in `ZT_FLOWS`. Not inlined: the reversed key gets a frame
+/// of its own.
+#[inline(never)]
+fn reverse_captured(flow: &FlowKey) -> bool {
+    let reversed = FlowKey {
         saddr: flow.daddr,
         daddr: flow.saddr,
         sport: flow.dport,
         dport: flow.sport,
-    }
+    };
+    CAPTURED_FLOWS.get_ptr(&reversed).is_some()
 }
 
 /// Builds the lookup tuple for `pkt`, with the destination port replaced by `dport`.
+/// Built as nine words, every one of them defined: zeroing the union first would be a
+/// call to `memset` (one more frame on the verifier's stack budget, see `log_flow`), and
+/// writing only one variant leaves bytes the compiler may fill from an unset register,
+/// which the verifier refuses.
+#[inline(always)]
 fn tuple(pkt: &Packet, dport: u16) -> (bpf_sock_tuple, u32) {
-    // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
-    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    if pkt.v6 {
-        // SAFETY: writing the ipv6 member of the union.
-        unsafe {
-            t.__bindgen_anon_1.ipv6.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.saddr);
-            t.__bindgen_anon_1.ipv6.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(pkt.daddr);
-            t.__bindgen_anon_1.ipv6.sport = pkt.sport;
-            t.__bindgen_anon_1.ipv6.dport = dport;
-        }
-        (t, 36)
+    // Both ports in one word, at the same bytes as in the struct.
+    let ports = u32::from(pkt.flow.sport) | (u32::from(dport) << 16);
+    let (s, d) = (words(&pkt.flow.saddr), words(&pkt.flow.daddr));
+    let (w, size): ([u32; 9], u32) = if pkt.v6 {
+        ([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports], 36)
     } else {
-        let s = [pkt.saddr[12], pkt.saddr[13], pkt.saddr[14], pkt.saddr[15]];
-        let d = [pkt.daddr[12], pkt.daddr[13], pkt.daddr[14], pkt.daddr[15]];
-        // Writing a Copy member of a union is safe; only reads need `unsafe`.
-        t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(s);
-        t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(d);
-        t.__bindgen_anon_1.ipv4.sport = pkt.sport;
-        t.__bindgen_anon_1.ipv4.dport = dport;
-        (t, 12)
-    }
+        // IPv4 is saddr, daddr, ports: the last word of each mapped address.
+        ([s[3], d[3], ports, 0, 0, 0, 0, 0, 0], 12)
+    };
+    // SAFETY: bpf_sock_tuple is 36 bytes of plain data, 4-aligned, like [u32; 9].
+    (
+        unsafe { core::mem::transmute::<[u32; 9], bpf_sock_tuple>(w) },
+        size,
+    )
+}
+
+/// An IPv6 address as the four 32-bit words of `bpf_sock_tuple` (bytes kept in order).
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
 /// Takes the packet to a non-listening socket of exactly its flow, if one exists: marked,
 /// and assigned to it if `how` says so (see [`Take`] for why most packets are not).
 fn take_existing(ctx: &TcContext, pkt: &Packet, mark: u32, how: Take) -> bool {
-    let (mut t, size) = tuple(pkt, pkt.dport);
+    let (mut t, size) = tuple(pkt, pkt.flow.dport);
     // SAFETY: helper call with a valid context and a stack tuple of the given size.
     let sk = unsafe {
         bpf_skc_lookup_tcp(
@@ -418,7 +504,9 @@ fn take_existing(ctx: &TcContext, pkt: &Packet, mark: u32, how: Take) -> bool {
     taken
 }
 
-/// Assigns a SYN to ztunnel's transparent listener on `port`.
+/// Assigns a SYN to ztunnel's transparent listener on `port`. Not inlined, like
+/// `take_existing`: its tuple lives in a frame of its own.
+#[inline(never)]
 fn assign_listener(ctx: &TcContext, pkt: &Packet, port: u16, mark: u32) -> bool {
     let (mut t, size) = tuple(pkt, port.to_be());
     // SAFETY: as in assign_existing.
@@ -453,7 +541,9 @@ fn do_assign(ctx: &TcContext, sk: *mut bpf_sock, mark: u32) -> bool {
     true
 }
 
-/// The counters of `pod` on this CPU, created on first use.
+/// The counters of `pod` on this CPU, created on first use. Not inlined: the new entry's
+/// zeroes get a frame of their own, off the main one.
+#[inline(never)]
 fn counters(pod: &PodKey) -> Option<&'static mut PodCounters> {
     let ptr = match COUNTERS.get_ptr_mut(pod) {
         Some(p) => p,
@@ -466,10 +556,10 @@ fn counters(pod: &PodKey) -> Option<&'static mut PodCounters> {
     Some(unsafe { &mut *ptr })
 }
 
-fn count_packet(pod: &PodKey, pkt: &Packet) {
+fn count_packet(pod: &PodKey, len: u32) {
     if let Some(c) = counters(pod) {
         c.packets += 1;
-        c.bytes += pkt.len as u64;
+        c.bytes += len as u64;
     }
 }
 

@@ -24,8 +24,8 @@ pub fn request(
 /// body) of the answer.
 pub fn raw_request(ns: &Netns, addr: SocketAddr, req: Vec<u8>) -> anyhow::Result<(u16, String)> {
     let raw = ns.run(move || -> anyhow::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut s = TcpStream::connect_timeout(&addr, crate::scaled(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(crate::scaled(Duration::from_secs(10))))?;
         s.write_all(&req)?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;

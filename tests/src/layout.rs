@@ -3,10 +3,12 @@
 //! tested beside the layouts it meets in clusters.
 //!
 //! Two independent choices, made when the testbed is created ([`Layout`]):
-//! - [`PodAttach`]: a route per pod to its veth ([`PodAttach::Routed`]), or pods as ports
+//! - [`PodAttach`]: a route per pod to its veth ([`PodAttach::Routed`]), the same with the
+//!   pods' gateway address on every host-side veth ([`PodAttach::Ptp`]), or pods as ports
 //!   of a bridge on one subnet ([`PodAttach::Bridge`]);
 //! - [`Interconnect`]: pod ranges routed over the wire to the other node's address
-//!   ([`Interconnect::Direct`]), or through a VXLAN overlay ([`Interconnect::Vxlan`]).
+//!   ([`Interconnect::Direct`]), through a VXLAN overlay ([`Interconnect::Vxlan`]), or
+//!   through an L3 IP-in-IP tunnel device ([`Interconnect::Ipip`]).
 //!
 //! In every layout pod `k` (2-based) on node `i` has `10.i.0.k` and `fd00:i::k`, its
 //! host-side veth is `p<k>` in the node namespace, and node `i`'s pod ranges are
@@ -42,6 +44,26 @@ pub enum PodAttach {
     /// `p<k>` is a port of `cni0` (no address, no route of its own). Pods on one node
     /// reach each other at layer 2 through the bridge, not through the node's IP stack.
     Bridge,
+    /// The reference `ptp` CNI plugin (kindnet in kind, GKE's route-based clusters): pod
+    /// `k` on node `i` has `10.i.0.k/24` and `fd00:i::k/64` (no prefix route: the subnet
+    /// and the default go via the gateway), gateway `10.i.0.1` / `fd00:i::1`, which every
+    /// host-side veth `p<k>` carries as a real address of the node — see [`PtpGateway`]
+    /// for its prefix; the node has a `/32` and a `/128` route per pod to its veth. Unlike
+    /// [`PodAttach::Routed`], the host side carries a global address, as the node's own
+    /// uplink does.
+    Ptp(PtpGateway),
+}
+
+/// The prefix of the gateway address on every host-side veth of a [`PodAttach::Ptp`] node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PtpGateway {
+    /// `10.i.0.1/24` and `fd00:i::1/64` (each veth also gets the subnet's prefix route,
+    /// which the pods' `/32` routes override).
+    #[default]
+    Subnet,
+    /// `10.i.0.1/32` and `fd00:i::1/128`, the same on every veth (the plugin's own way,
+    /// kindnet's).
+    Host,
 }
 
 /// How a node reaches the pods of the other nodes.
@@ -60,6 +82,12 @@ pub enum Interconnect {
     /// sending that MAC to `192.168.0.j`. Pods get MTU 1450 on both veth ends; between
     /// nodes the wire carries only UDP 8472 for pod traffic (IPv6 too, over IPv4).
     Vxlan,
+    /// Calico's IPIP mode: an L3 tunnel device `tunl0` (no Ethernet header; MTU 1480)
+    /// with `10.i.0.0/32` and `fd00:i::/128`; node `j`'s ranges are routed
+    /// `via 192.168.0.j dev tunl0 onlink` (IPv6: `dev tunl0`). Pods get MTU 1480; between
+    /// nodes the wire carries pod traffic only as IP protocol 4 (IPv6 inside: 41). See
+    /// [`crate::tunnel`] for how the device is made on a kernel without `ipip`.
+    Ipip,
 }
 
 /// A testbed's network layout. `Layout::default()` is the original one (routed pods,
@@ -91,12 +119,28 @@ impl Layout {
         pods: PodAttach::Bridge,
         nodes: Interconnect::Vxlan,
     };
-    /// Every combination.
-    pub const ALL: [Layout; 4] = [
+    /// Calico in IPIP mode: routed pods, an L3 IP-in-IP tunnel between nodes.
+    pub const CALICO_IPIP: Layout = Layout {
+        pods: PodAttach::Routed,
+        nodes: Interconnect::Ipip,
+    };
+    /// The reference `ptp` plugin with the pods' `/24` gateway on every host veth.
+    pub const PTP: Layout = Layout {
+        pods: PodAttach::Ptp(PtpGateway::Subnet),
+        nodes: Interconnect::Direct,
+    };
+    /// The reference `ptp` plugin as kindnet runs it: one `/32` repeated on every veth.
+    pub const PTP_32: Layout = Layout {
+        pods: PodAttach::Ptp(PtpGateway::Host),
+        nodes: Interconnect::Direct,
+    };
+    /// Every layout the suites run on.
+    pub const ALL: [Layout; 5] = [
         Layout::ROUTED,
         Layout::BRIDGE,
         Layout::ROUTED_VXLAN,
         Layout::FLANNEL,
+        Layout::CALICO_IPIP,
     ];
 
     /// The node's interface on the wire: always `eth0`.
@@ -114,11 +158,17 @@ impl Layout {
         (self.nodes == Interconnect::Vxlan).then_some(VXLAN)
     }
 
-    /// The MTU of both ends of a pod's veth: 1450 under VXLAN, else 1500.
+    /// The L3 tunnel device (`tunl0`), if nodes are joined by IPIP.
+    pub fn tunnel(&self) -> Option<&'static str> {
+        (self.nodes == Interconnect::Ipip).then_some(crate::tunnel::DEVICE)
+    }
+
+    /// The MTU of both ends of a pod's veth: 1450 under VXLAN, 1480 under IPIP, else 1500.
     pub fn pod_mtu(&self) -> u32 {
         match self.nodes {
             Interconnect::Direct => 1500,
             Interconnect::Vxlan => 1450,
+            Interconnect::Ipip => crate::tunnel::MTU,
         }
     }
 
@@ -127,10 +177,13 @@ impl Layout {
         let p = match self.pods {
             PodAttach::Routed => "routed",
             PodAttach::Bridge => "bridge",
+            PodAttach::Ptp(PtpGateway::Subnet) => "ptp",
+            PodAttach::Ptp(PtpGateway::Host) => "ptp32",
         };
         let n = match self.nodes {
             Interconnect::Direct => "direct",
             Interconnect::Vxlan => "vxlan",
+            Interconnect::Ipip => "ipip",
         };
         format!("{p}+{n}")
     }
@@ -140,8 +193,8 @@ impl Layout {
         match (self.pods, v6) {
             (PodAttach::Routed, false) => Ipv4Addr::new(169, 254, 1, 1).into(),
             (PodAttach::Routed, true) => Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).into(),
-            (PodAttach::Bridge, false) => Ipv4Addr::new(10, index, 0, 1).into(),
-            (PodAttach::Bridge, true) => {
+            (PodAttach::Bridge | PodAttach::Ptp(_), false) => Ipv4Addr::new(10, index, 0, 1).into(),
+            (PodAttach::Bridge | PodAttach::Ptp(_), true) => {
                 Ipv6Addr::new(0xfd00, index as u16, 0, 0, 0, 0, 0, 1).into()
             }
         }
@@ -151,7 +204,7 @@ impl Layout {
     pub fn pod_prefix_len(&self) -> (u8, u8) {
         match self.pods {
             PodAttach::Routed => (32, 128),
-            PodAttach::Bridge => (24, 64),
+            PodAttach::Bridge | PodAttach::Ptp(_) => (24, 64),
         }
     }
 }
@@ -170,21 +223,13 @@ pub fn bridge_mac(index: u8) -> String {
 /// Devices a node needs before any pod or other node: the bridge, the VXLAN device.
 pub(crate) fn prepare_node(ns: &Netns, index: u8, layout: Layout) -> anyhow::Result<()> {
     if layout.pods == PodAttach::Bridge {
-        // Bridged IP packets must not be handed to iptables (CONFIG_BRIDGE_NETFILTER=y:
-        // the sysctls exist per namespace and default to 1 once br_netfilter is loaded).
-        for t in ["iptables", "ip6tables", "arptables"] {
-            let key = format!("net.bridge.bridge-nf-call-{t}");
-            if ns.run({
-                let p = format!("/proc/sys/{}", key.replace('.', "/"));
-                move || std::path::Path::new(&p).exists()
-            }) {
-                ns.sysctl(&key, "0")?;
-            }
-        }
+        // As kubeadm, kube-proxy and flannel leave a bridged node: br_netfilter on, FORWARD
+        // rules with conntrack.
+        crate::firewall::kube_bridge_node(ns)?;
         ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         ns.ip(&["link", "set", BRIDGE, "address", &bridge_mac(index)])?;
-        if layout.nodes == Interconnect::Vxlan {
-            ns.ip(&["link", "set", BRIDGE, "mtu", "1450"])?;
+        if layout.pod_mtu() != 1500 {
+            ns.ip(&["link", "set", BRIDGE, "mtu", &layout.pod_mtu().to_string()])?;
         }
         ns.ip(&["addr", "add", &format!("10.{index}.0.1/24"), "dev", BRIDGE])?;
         ns.ip(&[
@@ -228,6 +273,29 @@ pub(crate) fn prepare_node(ns: &Netns, index: u8, layout: Layout) -> anyhow::Res
         ns.ip(&["link", "set", VXLAN, "up"])?;
     }
     Ok(())
+}
+
+/// Node `index`'s end of the IPIP tunnel, in an [`Interconnect::Ipip`] layout: `tunl0`
+/// with the node's tunnel addresses. The device lives as long as the returned relay.
+pub(crate) fn start_tunnel(
+    ns: &Netns,
+    index: u8,
+    layout: Layout,
+) -> anyhow::Result<Option<crate::tunnel::Relay>> {
+    let Some(dev) = layout.tunnel() else {
+        return Ok(None);
+    };
+    let relay = crate::tunnel::Relay::start(ns, index)?;
+    ns.ip(&["addr", "add", &format!("10.{index}.0.0/32"), "dev", dev])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("fd00:{index}::/128"),
+        "dev",
+        dev,
+        "nodad",
+    ])?;
+    Ok(Some(relay))
 }
 
 /// Makes node `to`'s pods reachable from the node in `on`.
@@ -283,6 +351,12 @@ pub(crate) fn route_pods(
                 "-6", "route", "add", &net6, "via", &gw6, "dev", VXLAN, "onlink",
             ])
         }
+        Interconnect::Ipip => {
+            let dev = crate::tunnel::DEVICE;
+            let gw = to_ip.to_string();
+            on.ip(&["route", "add", &net4, "via", &gw, "dev", dev, "onlink"])?;
+            on.ip(&["-6", "route", "add", &net6, "dev", dev])
+        }
     }
 }
 
@@ -297,7 +371,7 @@ pub(crate) fn attach_pod(
     ip6: Ipv6Addr,
     layout: Layout,
 ) -> anyhow::Result<()> {
-    if layout.nodes == Interconnect::Vxlan {
+    if layout.pod_mtu() != 1500 {
         let mtu = layout.pod_mtu().to_string();
         node.ip(&["link", "set", host_if, "mtu", &mtu])?;
         pod.ip(&["link", "set", "eth0", "mtu", &mtu])?;
@@ -305,7 +379,78 @@ pub(crate) fn attach_pod(
     match layout.pods {
         PodAttach::Routed => attach_routed(node, pod, host_if, ip, ip6),
         PodAttach::Bridge => attach_bridged(node, pod, host_if, index, ip, ip6),
+        PodAttach::Ptp(gw) => attach_ptp(node, pod, host_if, index, ip, ip6, gw),
     }
+}
+
+/// As the reference `ptp` plugin wires a pod: the gateway as a real address on the host
+/// side, a host route to the pod, and in the pod a `/24` whose subnet goes via the gateway.
+fn attach_ptp(
+    node: &Netns,
+    pod: &Netns,
+    host_if: &str,
+    index: u8,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+    gateway: PtpGateway,
+) -> anyhow::Result<()> {
+    let (gw4, gw6) = (format!("10.{index}.0.1"), format!("fd00:{index}::1"));
+    let (len4, len6) = match gateway {
+        PtpGateway::Subnet => (24, 64),
+        PtpGateway::Host => (32, 128),
+    };
+    node.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+    node.ip(&["addr", "add", &format!("{gw4}/{len4}"), "dev", host_if])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{gw6}/{len6}"),
+        "dev",
+        host_if,
+        "nodad",
+    ])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if])?;
+    node.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", host_if])?;
+    pod.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    pod.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    pod.ip(&[
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+        "noprefixroute",
+    ])?;
+    pod.ip(&[
+        "addr",
+        "add",
+        &format!("{ip6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+        "noprefixroute",
+    ])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    for (v, gw, host, net) in [
+        (
+            "-4",
+            &gw4,
+            format!("{gw4}/32"),
+            format!("10.{index}.0.0/24"),
+        ),
+        (
+            "-6",
+            &gw6,
+            format!("{gw6}/128"),
+            format!("fd00:{index}::/64"),
+        ),
+    ] {
+        pod.ip(&[v, "route", "add", &host, "dev", "eth0"])?;
+        pod.ip(&[v, "route", "add", &net, "via", gw, "dev", "eth0"])?;
+        pod.ip(&[v, "route", "add", "default", "via", gw, "dev", "eth0"])?;
+    }
+    Ok(())
 }
 
 fn attach_routed(

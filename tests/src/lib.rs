@@ -9,6 +9,7 @@
 
 mod cleanup;
 pub mod cni;
+pub mod firewall;
 pub mod http;
 pub mod layout;
 mod netns;
@@ -17,10 +18,11 @@ pub mod procstat;
 pub mod sniffer;
 mod testbed;
 pub mod traffic;
+pub mod tunnel;
 pub mod ztunnel;
 
 pub use cleanup::remove_stale;
-pub use layout::{Interconnect, Layout, PodAttach};
+pub use layout::{Interconnect, Layout, PodAttach, PtpGateway};
 pub use netns::Netns;
 pub use testbed::{Node, Pod, Testbed};
 
@@ -56,10 +58,52 @@ pub fn watchdog(what: &'static str, budget: std::time::Duration) {
     });
 }
 
+/// How many times slower than native this machine runs the tests: `ZT_TEST_TIME_SCALE`
+/// (a whole number, default 1). `cargo xtask kernels` sets it in its QEMU guests, which run
+/// 10-35x slower under TCG. The testbed's helpers stretch every wait and timeout they take
+/// or use by it, so a test's own numbers stay the native ones.
+pub fn time_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| parse_time_scale(std::env::var("ZT_TEST_TIME_SCALE").ok().as_deref()))
+}
+
+/// `d` stretched by [`time_scale`].
+pub fn scaled(d: std::time::Duration) -> std::time::Duration {
+    d * time_scale()
+}
+
+/// Unset, empty or 1 → 1; anything else but a whole number from 1 to 1000 is a mistake
+/// worth stopping for, not silently running at native speed.
+fn parse_time_scale(v: Option<&str>) -> u32 {
+    match v.map(str::trim) {
+        None | Some("") => 1,
+        Some(s) => match s.parse::<u32>() {
+            Ok(n @ 1..=1000) => n,
+            _ => panic!("ZT_TEST_TIME_SCALE={s:?}: expected a whole number from 1 to 1000"),
+        },
+    }
+}
+
 /// A numeric knob of a long run from the environment (`BENCH_*`, `SOAK_*`), else `default`.
 pub fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+#[cfg(test)]
+mod time_scale_tests {
+    #[test]
+    fn parses_the_time_scale() {
+        assert_eq!(super::parse_time_scale(None), 1);
+        assert_eq!(super::parse_time_scale(Some("")), 1);
+        assert_eq!(super::parse_time_scale(Some(" 10 ")), 10);
+        for bad in ["0", "1.5", "-2", "x", "1001"] {
+            assert!(
+                std::panic::catch_unwind(|| super::parse_time_scale(Some(bad))).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -25,6 +25,7 @@ pub struct Patient {
 
 impl Patient {
     pub fn new(inner: TcpStream, timeout: Duration) -> io::Result<Patient> {
+        let timeout = crate::scaled(timeout);
         inner.set_read_timeout(Some(timeout))?;
         inner.set_write_timeout(Some(timeout))?;
         Ok(Patient { inner, timeout })
@@ -32,7 +33,8 @@ impl Patient {
 
     /// Connects from inside `ns`.
     pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> io::Result<Patient> {
-        let s = ns.run(move || TcpStream::connect_timeout(&dst, timeout))?;
+        let t = crate::scaled(timeout);
+        let s = ns.run(move || TcpStream::connect_timeout(&dst, t))?;
         Patient::new(s, timeout)
     }
 

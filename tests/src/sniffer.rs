@@ -139,6 +139,48 @@ impl Capture {
     }
 }
 
+impl Capture {
+    /// IPv4 packets of protocol 4 or 41 (IP-in-IP, IPv6-in-IPv4: an IPIP tunnel).
+    pub fn ipip(&self) -> usize {
+        self.frames
+            .iter()
+            .filter(|f| ipip_inner(f).is_some())
+            .count()
+    }
+
+    /// The packets inside the IPIP packets, as frames of their own (with an Ethernet
+    /// header made up for them), so that what the tunnel carried can be read like a wire.
+    pub fn decapsulated(&self) -> Capture {
+        let frames = self
+            .frames
+            .iter()
+            .filter_map(|f| ipip_inner(f))
+            .map(|(ethertype, inner)| {
+                let mut f = vec![0u8; 12];
+                f.extend_from_slice(&ethertype.to_be_bytes());
+                f.extend_from_slice(inner);
+                f
+            })
+            .collect();
+        Capture { frames }
+    }
+}
+
+/// The ethertype and bytes of the packet inside an IPv4 packet of protocol 4 or 41.
+fn ipip_inner(f: &[u8]) -> Option<(u16, &[u8])> {
+    if u16::from_be_bytes([*f.get(12)?, *f.get(13)?]) != 0x0800 {
+        return None;
+    }
+    let ethertype = match *f.get(23)? {
+        4 => 0x0800,
+        41 => 0x86dd,
+        _ => return None,
+    };
+    let ihl = ((f.get(14)? & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([*f.get(16)?, *f.get(17)?]) as usize;
+    Some((ethertype, f.get(14 + ihl..14 + total)?))
+}
+
 /// The destination port of an IPv4 or IPv6 UDP datagram in an Ethernet frame.
 fn udp_dport(f: &[u8]) -> Option<u16> {
     let l4 = match u16::from_be_bytes([*f.get(12)?, *f.get(13)?]) {

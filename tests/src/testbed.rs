@@ -33,6 +33,8 @@ pub struct Testbed {
     processes: Mutex<Vec<Child>>,
     /// Per-node ztunnel binaries, when not the shared one (see `Testbed::own_binaries`).
     pub(crate) binaries: Mutex<std::collections::HashMap<String, std::path::PathBuf>>,
+    /// The nodes' IPIP tunnel endpoints, in an IPIP layout.
+    tunnels: Vec<crate::tunnel::Relay>,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +88,7 @@ impl Testbed {
             layout,
             processes: Mutex::new(vec![]),
             binaries: Mutex::default(),
+            tunnels: vec![],
         })
     }
 
@@ -125,6 +128,8 @@ impl Testbed {
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         layout::prepare_node(&netns, index, self.layout)?;
+        self.tunnels
+            .extend(layout::start_tunnel(&netns, index, self.layout)?);
         // Routes to and from the nodes that already exist.
         for other in &self.nodes {
             layout::route_pods(&netns, other.index, other.ip, other.ip6, self.layout)?;
@@ -234,6 +239,8 @@ impl Drop for Testbed {
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/ztunnel/{}", node.netns.name()));
         }
+        // The tunnels' fds hold their namespaces: closed before the namespaces go.
+        self.tunnels.clear();
         self.pods.clear();
         self.nodes.clear();
     }
@@ -247,7 +254,7 @@ fn stop_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitSt
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
+    let deadline = Instant::now() + crate::scaled(grace);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return Some(status);
@@ -272,6 +279,11 @@ impl Node {
     /// The VXLAN device (`flannel.1`) in an overlay layout.
     pub fn vxlan(&self) -> Option<&'static str> {
         self.layout.vxlan()
+    }
+
+    /// The L3 tunnel device (`tunl0`) in an IPIP layout.
+    pub fn tunnel(&self) -> Option<&'static str> {
+        self.layout.tunnel()
     }
 }
 

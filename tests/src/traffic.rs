@@ -54,7 +54,7 @@ impl EchoServer {
 
     /// The (peer, local) addresses of the next accepted connection.
     pub fn next_accepted(&self, timeout: Duration) -> Option<(SocketAddr, SocketAddr)> {
-        self.accepted.recv_timeout(timeout).ok()
+        self.accepted.recv_timeout(crate::scaled(timeout)).ok()
     }
 
     /// Connections accepted so far and not yet taken.
@@ -65,6 +65,7 @@ impl EchoServer {
 
 /// Connects from inside `ns`.
 pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let timeout = crate::scaled(timeout);
     ns.run(move || {
         let s = TcpStream::connect_timeout(&dst, timeout)?;
         s.set_read_timeout(Some(timeout))?;
@@ -133,7 +134,7 @@ pub fn echoes(ns: &Netns, dst: SocketAddr) -> bool {
 
 /// Polls `f` every 100 ms until it holds; panics naming `what` after `timeout`.
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + crate::scaled(timeout);
     while std::time::Instant::now() < deadline {
         if f() {
             return;
@@ -219,7 +220,7 @@ impl Load {
                 ns.spawn(move || {
                     let mut report = LoadReport::default();
                     let msg = format!("load-{i}").into_bytes();
-                    let t = Duration::from_secs(5);
+                    let t = crate::scaled(Duration::from_secs(5));
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let started = std::time::Instant::now();
                         let r = TcpStream::connect_timeout(&dst, t).and_then(|mut s| {
@@ -270,7 +271,7 @@ pub fn ping(ns: &Netns, dst: std::net::IpAddr, timeout: Duration) -> std::io::Re
             pkt[2..4].copy_from_slice(&sum.to_be_bytes());
         }
         s.send_to(&pkt, &SockAddr::from(SocketAddr::new(dst, 0)))?;
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + crate::scaled(timeout);
         let mut buf = [0u8; 2048];
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());

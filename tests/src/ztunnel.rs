@@ -113,6 +113,22 @@ pub struct Ztunnel {
 }
 
 impl Ztunnel {
+    /// Waits until readiness (15021 in the node's namespace) answers 200.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let ready = std::net::SocketAddr::from(([127, 0, 0, 1], 15021));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = crate::http::get(&self.node.netns, ready, "/healthz/ready");
+            if matches!(got, Ok((200, _))) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("ztunnel on {} never ready: {got:?}", self.node.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -124,7 +140,7 @@ impl Ztunnel {
 
     /// Waits for a log line containing every one of `needles`, and returns it.
     pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         let needle = needles.join(" + ");
         let find = || {
             self.log_text()
@@ -257,7 +273,7 @@ impl Testbed {
             log,
         };
         // Only a "ready" written by this run counts.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(30));
         loop {
             let text = z.log_text();
             if text
@@ -355,7 +371,7 @@ impl Testbed {
             .stdout(file.try_clone()?)
             .stderr(file);
         let pid = self.spawn(cmd)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(30));
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.get(start..).is_some_and(|t| t.contains("serving")) {

@@ -118,9 +118,15 @@ impl NodeCapture {
                 }
             });
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("capture did not start");
+        // Loading runs the verifier, which takes seconds on a slow (emulated) machine.
+        match ready_rx.recv_timeout(ztunnel_tests::scaled(Duration::from_secs(30))) {
+            Ok(()) => {}
+            // the thread panicked with the reason ("capture start: ..."), printed above
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("capture did not start (see above)")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("capture did not start in time"),
+        }
         NodeCapture { tx }
     }
 

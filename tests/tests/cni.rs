@@ -15,10 +15,10 @@ use ztunnel_tests::cni::{
     UDP,
 };
 use ztunnel_tests::layout::icmp_too_big_sent;
-use ztunnel_tests::sniffer::Sniffer;
+use ztunnel_tests::sniffer::{Capture, Sniffer};
 use ztunnel_tests::traffic::{self, connect, echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
-use ztunnel_tests::{require_root, Layout, Netns, Node, Pod, Testbed};
+use ztunnel_tests::{require_root, Interconnect, Layout, Netns, Node, Pod, Testbed};
 
 const T: Duration = Duration::from_secs(5);
 const SHORT: Duration = Duration::from_millis(1500);
@@ -39,7 +39,8 @@ struct Cluster {
     plain: Pod,
     server: Pod,
     outside: Pod,
-    _echoes: Vec<EchoServer>,
+    /// Echo servers of `neighbour`, `plain`, `server`, `outside`, in that order.
+    servers: Vec<EchoServer>,
     config: std::path::PathBuf,
 }
 
@@ -76,7 +77,7 @@ fn cluster(layout: Layout, extra_yaml: &str) -> Cluster {
         plain,
         server,
         outside,
-        _echoes: echoes,
+        servers: echoes,
         config,
     }
 }
@@ -115,9 +116,19 @@ fn echoes(from: &Pod, to: SocketAddr, msg: &[u8]) -> bool {
 }
 
 /// The device where pod traffic between the nodes can be read in clear (before
-/// encapsulation, for an overlay).
+/// encapsulation, for an overlay; the wire for an IPIP tunnel, see [`on_the_carrier`]).
 fn carrier(tb: &Testbed) -> &'static str {
     tb.layout().vxlan().unwrap_or(tb.layout().uplink())
+}
+
+/// What the nodes' pods sent each other, from a capture on [`carrier`]: under IPIP the
+/// packets inside the tunnel's (and the wire must carry nothing else for them).
+fn on_the_carrier(tb: &Testbed, cap: Capture) -> Capture {
+    if tb.layout().tunnel().is_none() {
+        return cap;
+    }
+    assert!(cap.ipip() > 0, "nothing went through the tunnel");
+    cap.decapsulated()
 }
 
 /// Enrolled pods' TCP through ztunnel on `layout`: HBONE between the nodes (over the
@@ -126,6 +137,7 @@ fn carrier(tb: &Testbed) -> &'static str {
 fn mesh_on(layout: Layout) {
     let c = cluster(layout, "");
     let (za, _zb) = (c.start(&c.a), c.start(&c.b));
+    assert_roles(&c, layout);
     let sniff = Sniffer::start(&c.a.netns, carrier(&c.tb)).unwrap();
     let secret = b"cni-layout-secret-0123456789";
     for v6 in [false, true] {
@@ -162,7 +174,7 @@ fn mesh_on(layout: Layout) {
         layout.name()
     );
     std::thread::sleep(Duration::from_millis(200));
-    let cap = sniff.finish();
+    let cap = on_the_carrier(&c.tb, sniff.finish());
     assert!(
         !cap.contains_plaintext(secret),
         "{}: plaintext on the wire",
@@ -224,10 +236,61 @@ fn mesh_on(layout: Layout) {
     ));
 }
 
+/// What the host side carries does not decide: the enrolled pods' veths are pods'
+/// interfaces (ptp: with the gateway address on them), the uplink (its peer in the
+/// testbed's switch, as kind's is in the host) is the node's.
+fn assert_roles(c: &Cluster, layout: Layout) {
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let v: serde_json::Value = serde_json::from_str(
+        &ztunnel_tests::http::get(&c.a.netns, admin, "/debug/capture")
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    let role = |name: &str| {
+        v["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .map(|i| {
+                (
+                    i["role"].as_str().unwrap_or("").to_string(),
+                    i["attached"] == true,
+                )
+            })
+    };
+    for p in [&c.client, &c.neighbour] {
+        assert_eq!(
+            role(&p.host_if),
+            Some(("pod".to_string(), true)),
+            "{}: {}",
+            layout.name(),
+            p.host_if
+        );
+    }
+    assert_eq!(role(layout.uplink()), Some(("node".to_string(), true)));
+    assert!(v["pendingPods"].as_object().unwrap().is_empty(), "{v}");
+}
+
 #[test]
 fn mesh_on_routed_pods() {
     require_root!();
     mesh_on(Layout::ROUTED);
+}
+
+/// The reference `ptp` plugin (kindnet, GKE): the pods' `/24` gateway on every host veth.
+#[test]
+fn mesh_on_ptp_pods() {
+    require_root!();
+    mesh_on(Layout::PTP);
+}
+
+/// The same with one `/32` repeated on every host veth, as kindnet has it.
+#[test]
+fn mesh_on_ptp_pods_with_a_repeated_gateway() {
+    require_root!();
+    mesh_on(Layout::PTP_32);
 }
 
 #[test]
@@ -246,6 +309,81 @@ fn mesh_on_routed_pods_over_vxlan() {
 fn mesh_on_flannel_bridge_and_vxlan() {
     require_root!();
     mesh_on(Layout::FLANNEL);
+}
+
+/// Calico IPIP: cross-node traffic arrives on `tunl0`, an L3 device whose packets have no
+/// Ethernet header; HBONE to the server's node must be captured there.
+#[test]
+fn mesh_on_calico_ipip() {
+    require_root!();
+    mesh_on(Layout::CALICO_IPIP);
+}
+
+/// Plaintext from a pod outside the mesh on the other node, to an enrolled pod: captured
+/// on arrival (uplink, overlay or tunnel) and put through the destination's policy at
+/// 15006, which here admits only the `client` identity. The enrolled pod's server never
+/// sees the connection; `client`, next door, still gets through.
+fn plaintext_from_another_node_meets_inbound_policy(layout: Layout) {
+    let policy = "policies:\n- name: only-client\n  namespace: default\n  scope: Namespace\n  action: Allow\n  \
+                  rules:\n  - - - principals: [\"cluster.local/ns/default/sa/client\"]\n";
+    let c = cluster(layout, policy);
+    let (za, _zb) = (c.start(&c.a), c.start(&c.b));
+    let name = layout.name();
+    let sniff = Sniffer::start(&c.a.netns, layout.uplink()).unwrap();
+    let seen_before = c.servers[0].drain();
+    for v6 in [false, true] {
+        let dst = SocketAddr::new(c.neighbour.addr(v6), 8080);
+        assert!(
+            !echoes(&c.outside, dst, b"plaintext from afar"),
+            "{name}: plaintext from another node reached {dst} past the policy"
+        );
+    }
+    let line = za
+        .wait_for_line(&["denied by policy", "neighbour"], T)
+        .unwrap_or_else(|e| panic!("{name}: the plaintext was never put to the policy: {e}"));
+    assert!(!line.contains("sa/client"), "{line}");
+    let seen: Vec<_> = seen_before
+        .into_iter()
+        .chain(c.servers[0].drain())
+        .filter(|(peer, _)| [c.outside.addr(false), c.outside.addr(true)].contains(&peer.ip()))
+        .collect();
+    assert!(seen.is_empty(), "{name}: the server accepted {seen:?}");
+    // It did come from the other node, over the interconnect.
+    let wire = sniff.finish();
+    match layout.nodes {
+        Interconnect::Ipip => assert!(wire.ipip() > 0, "{name}: not through the tunnel"),
+        Interconnect::Vxlan => assert!(wire.udp_to(ztunnel_tests::layout::VXLAN_PORT) > 0),
+        Interconnect::Direct => assert!(!wire.tcp().is_empty()),
+    }
+    // The policy admits the identity it names.
+    assert!(
+        echoes(
+            &c.client,
+            SocketAddr::new(c.neighbour.ip.into(), 8080),
+            b"allowed"
+        ),
+        "{name}: client denied"
+    );
+}
+
+#[test]
+fn plaintext_over_the_wire_meets_inbound_policy() {
+    require_root!();
+    plaintext_from_another_node_meets_inbound_policy(Layout::ROUTED);
+}
+
+#[test]
+fn plaintext_over_vxlan_to_a_bridge_meets_inbound_policy() {
+    require_root!();
+    plaintext_from_another_node_meets_inbound_policy(Layout::FLANNEL);
+}
+
+/// Over an L3 tunnel (no Ethernet header on `tunl0`): before the program parsed such
+/// devices, the plaintext reached the pod past ztunnel.
+#[test]
+fn plaintext_over_an_ipip_tunnel_meets_inbound_policy() {
+    require_root!();
+    plaintext_from_another_node_meets_inbound_policy(Layout::CALICO_IPIP);
 }
 
 /// Same-node policy on a bridge: the destination's policy sees the source identity.

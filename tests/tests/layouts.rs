@@ -9,12 +9,13 @@ use std::time::Duration;
 use ztunnel_tests::cni::{
     self, FilterAction, Hook, Position, TcxCounter, U32Filter, U32Match, ICMP, ICMPV6, TCP, UDP,
 };
+use ztunnel_tests::firewall;
 use ztunnel_tests::layout::{self, VXLAN_PORT};
 use ztunnel_tests::sniffer::Sniffer;
 use ztunnel_tests::traffic::{
     bulk_echo, connect, echo_round_trip, echoes, eventually, ping, EchoServer,
 };
-use ztunnel_tests::{require_root, Layout, Node, Pod, Testbed};
+use ztunnel_tests::{require_root, Interconnect, Layout, Node, Pod, Testbed};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -67,7 +68,7 @@ fn bulk(from: &Pod, to: &Pod, v6: bool) {
         .unwrap_or_else(|e| panic!("4 MiB via {dst}: {e}"));
 }
 
-fn check_layout(layout: Layout) {
+fn check_layout(layout: Layout) -> Bed {
     let bed = bed(layout);
     let name = layout.name();
     assert_eq!(bed.tb.layout(), layout);
@@ -86,11 +87,15 @@ fn check_layout(layout: Layout) {
                 "kept as ports were added"
             );
             assert_eq!(l.mtu, layout.pod_mtu());
-            for t in ["iptables", "ip6tables", "arptables"] {
-                let key = format!("/proc/sys/net/bridge/bridge-nf-call-{t}");
-                let v = n.netns.run(move || std::fs::read_to_string(key));
-                assert_eq!(v.unwrap().trim(), "0", "{name}: bridge-nf-call-{t}");
+            // As on a kubeadm node: bridged frames go through iptables and conntrack.
+            for key in firewall::BR_NF_SYSCTLS {
+                let path = format!("/proc/sys/{}", key.replace('.', "/"));
+                let v = n.netns.run(move || std::fs::read_to_string(path));
+                assert_eq!(v.unwrap().trim(), "1", "{name}: {key}");
             }
+            let rules = firewall::ruleset(&n.netns).unwrap();
+            assert!(rules.contains("policy drop"), "{name}: {rules}");
+            assert!(rules.contains("ct state established,related"), "{name}");
         }
         if let Some(vx) = n.vxlan() {
             let l = layout::link(&n.netns, vx).unwrap();
@@ -98,6 +103,14 @@ fn check_layout(layout: Layout) {
             assert_eq!(l.mac, layout::vxlan_mac(n.index));
         } else {
             assert!(layout::link(&n.netns, "flannel.1").is_err());
+        }
+        if let Some(tun) = n.tunnel() {
+            let l = layout::link(&n.netns, tun).unwrap();
+            assert_eq!(l.mtu, 1480, "{name}: {tun} MTU (Calico's IPIP MTU)");
+            assert!(l.up);
+            assert_eq!(l.mac, "", "{name}: {tun} is an L3 device");
+        } else {
+            assert!(layout::link(&n.netns, "tunl0").is_err());
         }
     }
     for p in [&bed.client, &bed.near, &bed.far] {
@@ -123,6 +136,15 @@ fn check_layout(layout: Layout) {
         assert_eq!(local.ip(), bed.far.addr(v6));
     }
 
+    // Bridged frames between pods of one node went through the FORWARD chain (br_netfilter
+    // at work), and were accepted by its rules.
+    if layout.bridge().is_some() {
+        for family in ["ip", "ip6"] {
+            let n = firewall::forward_accepted(&bed.a.netns, family).unwrap();
+            assert!(n > 0, "{name}: nothing went through {family} FORWARD");
+        }
+    }
+
     // What crosses the wire between the nodes.
     let vx_before = n_packets(&bed.a, layout);
     let sniff = Sniffer::start(&bed.a.netns, bed.a.uplink()).unwrap();
@@ -138,8 +160,8 @@ fn check_layout(layout: Layout) {
         .iter()
         .filter(|(s, d, _)| *s == 8080 || *d == 8080)
         .count();
-    match layout.vxlan() {
-        Some(_) => {
+    match layout.nodes {
+        Interconnect::Vxlan => {
             assert_eq!(cap.tcp().len(), 0, "{name}: plain TCP on the wire");
             assert!(cap.udp_to(VXLAN_PORT) > 0, "{name}: no VXLAN on the wire");
             assert!(
@@ -148,9 +170,20 @@ fn check_layout(layout: Layout) {
             );
             assert!(n_packets(&bed.b, layout) > 0);
         }
-        None => {
+        Interconnect::Ipip => {
+            assert_eq!(cap.tcp().len(), 0, "{name}: plain TCP on the wire");
+            assert!(cap.ipip() > 0, "{name}: no IPIP on the wire");
+            let inner = cap.decapsulated();
+            assert!(
+                inner.contains_plaintext(b"on the wire"),
+                "{name}: the pods' TCP inside the tunnel"
+            );
+            assert_eq!(cap.udp_to(VXLAN_PORT), 0);
+        }
+        Interconnect::Direct => {
             assert!(tcp_8080 > 0, "{name}: pod TCP not seen on the wire");
             assert_eq!(cap.udp_to(VXLAN_PORT), 0);
+            assert_eq!(cap.ipip(), 0);
         }
     }
 
@@ -164,10 +197,21 @@ fn check_layout(layout: Layout) {
         bulk(&bed.far, &bed.near, v6);
         bulk(&bed.client, &bed.near, v6);
     }
+    let icmp = |n: &Node| {
+        n.netns.run(|| {
+            let t = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+            t.lines()
+                .filter(|l| l.starts_with("IcmpMsg"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        })
+    };
     assert_eq!(
         (too_big(&bed.a), too_big(&bed.b)),
         before,
-        "{name}: ICMP too big"
+        "{name}: ICMP too big (node a: {}; node b: {})",
+        icmp(&bed.a),
+        icmp(&bed.b)
     );
 
     // Same node: bridged pods talk at layer 2 (the frame carries the client's own MAC);
@@ -196,6 +240,7 @@ fn check_layout(layout: Layout) {
     for m in src_macs {
         assert_eq!(mac(&m), expected, "{name}: source MAC of same-node frames");
     }
+    bed
 }
 
 fn mac(b: &[u8; 6]) -> String {
@@ -216,25 +261,59 @@ fn n_packets(node: &Node, layout: Layout) -> u64 {
 #[test]
 fn routed_direct() {
     require_root!();
-    check_layout(Layout::ROUTED);
+    let _ = check_layout(Layout::ROUTED);
 }
 
 #[test]
 fn bridge_direct() {
     require_root!();
-    check_layout(Layout::BRIDGE);
+    let _ = check_layout(Layout::BRIDGE);
+}
+
+/// The reference `ptp` plugin: every host veth carries the pods' gateway as a global
+/// address of the node (a `/24`, or the same `/32` on every veth).
+#[test]
+fn ptp_direct() {
+    require_root!();
+    check_ptp(Layout::PTP, "10.1.0.1/24");
+}
+
+#[test]
+fn ptp32_direct() {
+    require_root!();
+    check_ptp(Layout::PTP_32, "10.1.0.1/32");
+}
+
+fn check_ptp(layout: Layout, gateway: &str) {
+    let bed = check_layout(layout);
+    for p in [&bed.client, &bed.near] {
+        let addrs = layout::run(
+            &bed.a.netns,
+            "ip",
+            &["-4", "-o", "addr", "show", "dev", &p.host_if],
+        )
+        .unwrap();
+        assert!(addrs.contains(gateway), "{}: {addrs}", p.host_if);
+    }
+    assert_eq!(bed.client.gateway(false).to_string(), "10.1.0.1");
 }
 
 #[test]
 fn routed_vxlan() {
     require_root!();
-    check_layout(Layout::ROUTED_VXLAN);
+    let _ = check_layout(Layout::ROUTED_VXLAN);
 }
 
 #[test]
 fn bridge_vxlan() {
     require_root!();
-    check_layout(Layout::FLANNEL);
+    let _ = check_layout(Layout::FLANNEL);
+}
+
+#[test]
+fn routed_ipip() {
+    require_root!();
+    check_layout(Layout::CALICO_IPIP);
 }
 
 #[test]

@@ -69,21 +69,7 @@ fn mesh(policies: &str) -> Mesh {
 }
 
 fn wait_ready(z: &Ztunnel) {
-    let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
-    for _ in 0..100 {
-        if matches!(
-            http::get(&z.node.netns, ready, "/healthz/ready"),
-            Ok((200, _))
-        ) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "ztunnel on {} never ready: {:?}",
-        z.node.name,
-        http::get(&z.node.netns, ready, "/healthz/ready")
-    );
+    z.wait_ready(T).unwrap();
 }
 
 fn round_trip(from: &Pod, to: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -289,7 +275,11 @@ fn admin_metrics_and_readiness() {
         "tcx"
     };
     assert_eq!(cap["attach"]["mode"], mode, "{cap}");
-    assert_eq!(cap["kernel"]["tcx"], true, "{cap}");
+    // Whether the kernel has TCX is reported (kernels before 6.6 do not: legacy only).
+    assert!(cap["kernel"]["tcx"].is_boolean(), "{cap}");
+    if mode == "tcx" {
+        assert_eq!(cap["kernel"]["tcx"], true, "{cap}");
+    }
     let role = |name: &str| {
         cap["interfaces"]
             .as_array()
@@ -459,7 +449,7 @@ fn a_deny_added_later_closes_a_live_connection() {
         "the connection stayed open: {n:?}"
     );
     assert!(
-        loaded.elapsed() < Duration::from_secs(1),
+        loaded.elapsed() < ztunnel_tests::scaled(Duration::from_secs(1)),
         "closed {:?} after the reload",
         loaded.elapsed()
     );

@@ -79,6 +79,39 @@ impl Mesh {
         std::fs::write(&self.config, self.yaml(behind)).unwrap();
     }
 
+    /// No waypoint, and these policies (`policies:` YAML, or "").
+    fn set_policies(&self, policies: &str) {
+        std::fs::write(&self.config, self.yaml(false) + policies).unwrap();
+    }
+
+    /// `rogue` (identity `client`, on node-a but in no workload record) opens an HBONE
+    /// stream straight to the server's node naming `source` as the client: the error, or
+    /// what a ping brought back.
+    fn rogue_connect(&self, source: Option<SocketAddr>) -> String {
+        let pod = SocketAddr::new(IpAddr::V4(self.server.ip), 8080);
+        let ca = self.ca("rogue-token");
+        self.rogue.netns.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let cert = waypoint::certificate(&ca, &id("client")).await.unwrap();
+                match waypoint::open(&cert, pod, &id("server"), source).await {
+                    Ok(mut s) => {
+                        let _ = s.write_all(b"ping").await;
+                        let mut buf = [0u8; 4];
+                        match s.read_exact(&mut buf).await {
+                            Ok(_) => format!("accepted: {}", String::from_utf8_lossy(&buf)),
+                            Err(e) => format!("accepted, then {e}"),
+                        }
+                    }
+                    Err(e) => e.to_string(),
+                }
+            })
+        })
+    }
+
     fn ca(&self, token: &str) -> Ca {
         Ca {
             url: self.cp.url.clone(),
@@ -224,26 +257,7 @@ fn skipping_the_waypoint_is_refused_at_the_destination() {
     eventually("mesh ready", WAIT, || echoes(&m.client.netns, vip()));
 
     // A workload with a valid mesh identity (`client`) dials the server's node itself.
-    let pod = SocketAddr::new(IpAddr::V4(m.server.ip), 8080);
-    let ca = m.ca("rogue-token");
-    let refused = m.rogue.netns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let cert = waypoint::certificate(&ca, &id("client")).await.unwrap();
-            match waypoint::open(&cert, pod, &id("server"), None).await {
-                Ok(mut s) => {
-                    // Not refused: prove whether bytes get through.
-                    let _ = s.write_all(b"ping").await;
-                    let mut buf = [0u8; 4];
-                    format!("accepted, read {:?}", s.read(&mut buf).await)
-                }
-                Err(e) => e.to_string(),
-            }
-        })
-    });
+    let refused = m.rogue_connect(None);
     assert!(refused.contains("401"), "{refused}");
     m.zb.wait_for_log(
         "not from the destination's waypoint",
@@ -295,4 +309,72 @@ fn adding_and_removing_the_waypoint_changes_new_connections_live() {
     let direct = delivered_from(&m.zb, client);
     assert!(!echoes(&m.client.netns, vip()));
     assert_eq!(delivered_from(&m.zb, client), direct);
+}
+
+/// The `forwarded` spoof: a holder of a valid mesh identity (`client`) dials the server's
+/// node from outside every mesh pod and names another pod's address (the waypoint pod's,
+/// identity `waypoint`), or none, as its source. Refused (403), logged, counted; the server
+/// never sees it. The same claim through the waypoint itself is what the other tests here
+/// rely on, and the client pod's own node keeps naming its pod (mesh.rs).
+#[test]
+fn a_forwarded_source_the_client_may_not_name_is_refused() {
+    require_root!();
+    let m = mesh();
+    let waypoint_pod = SocketAddr::new(IpAddr::V4(m.waypoint_pod.ip), 40000);
+    // The server takes connections only from the waypoint pod's address.
+    m.set_policies(&format!(
+        "policies:\n- name: only-waypoint-pod\n  namespace: default\n  scope: Namespace\n  \
+         action: Allow\n  rules:\n  - - - sourceIps: [\"{}/32\"]\n",
+        m.waypoint_pod.ip
+    ));
+    // In force once the rogue's own address is refused by it.
+    eventually("the sourceIps policy in force", WAIT, || {
+        m.rogue_connect(None).contains("401")
+    });
+    let spoofed = m.rogue_connect(Some(waypoint_pod));
+    assert!(spoofed.contains("403"), "{spoofed}");
+    m.zb.wait_for_log("refusing an HBONE stream", Duration::from_secs(5))
+        .unwrap();
+    m.zb.wait_for_log(
+        "reason=untrusted source: forwarded for=",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+
+    // Without any policy: its own address is fine, another pod's or none is not.
+    m.set_policies("");
+    eventually("the policy gone", WAIT, || {
+        m.rogue_connect(None) == "accepted: ping"
+    });
+    for (claim, reason) in [
+        (waypoint_pod, "forwarded_not_the_peer"),
+        (
+            SocketAddr::from(([0, 0, 0, 0], 40000)),
+            "forwarded_reserved_address",
+        ),
+    ] {
+        let r = m.rogue_connect(Some(claim));
+        assert!(r.contains("403"), "{claim}: {r}");
+        let metrics = ztunnel_tests::http::get(
+            &m.zb.node.netns,
+            SocketAddr::from(([127, 0, 0, 1], 15020)),
+            "/metrics",
+        )
+        .unwrap()
+        .1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.contains(&format!("reason=\"{reason}\"")) && !l.ends_with(" 0")),
+            "{reason}: {metrics}"
+        );
+    }
+    // The server saw only the rogue's honest connections, from its own address.
+    let seen = m._echo.drain();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter()
+            .all(|(peer, _)| peer.ip() == IpAddr::V4(m.rogue.ip)),
+        "{seen:?}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Developer and CI commands. `cargo xtask --help` lists them.
 
 mod fuzz;
+mod kernels;
 mod setup;
 
 use std::process::Command;
@@ -34,8 +35,16 @@ enum Cmd {
     /// connections, a 5-minute soak with RSS sampled, upgrades under load; into
     /// target/soak/results.{json,md}; fails if anything was lost or leaked. Not part of `test`.
     Soak,
+    /// Release build, then every listener under hostile load on the testbed (slow headers,
+    /// idle and reset floods, unauthenticated and oversized control-plane calls, a bad
+    /// token edit, a dead peer), each bounded; RSS before / peak / after and a mesh echo
+    /// beside each, into target/load/results.{json,md}. Not part of `test`.
+    Load,
     /// Runs each fuzz target (fuzz/) for a bounded time; fails on any crash. Not part of `test`.
     Fuzz(fuzz::FuzzArgs),
+    /// Boots Debian's 5.10, 6.1 and 6.12 kernels under QEMU and runs the end-to-end suites
+    /// inside each, legacy tc and TCX; one line per kernel and suite. CI runs `--smoke`.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,7 +56,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo(),
         Cmd::Bench => release_run("bench", "the benchmark"),
         Cmd::Soak => release_run("soak", "the soak"),
+        Cmd::Load => release_run("load", "the load suite"),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
+        Cmd::Kernels(args) => kernels::kernels(&args),
     }
 }
 
@@ -75,7 +86,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The end-to-end suites that exercise capture, run in both attachment modes.
-const LEGACY_SUITES: &[&str] = &["capture", "mesh", "faults", "node_proxy", "cni", "sockmap"];
+const LEGACY_SUITES: &[&str] = &[
+    "capture",
+    "mesh",
+    "faults",
+    "node_proxy",
+    "cni",
+    "sockmap",
+    "enrollment",
+    "unparsed",
+];
 
 fn demo() -> anyhow::Result<()> {
     setup::setup()?;
@@ -110,7 +130,7 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()

@@ -10,13 +10,15 @@ use anyhow::{bail, Context};
 
 use crate::run;
 
-/// Debian packages: the eBPF toolchain, and iproute2 for the testbed.
+/// Debian packages: the eBPF toolchain, and iproute2 and nftables (the bridge layouts'
+/// FORWARD rules, as kube-proxy and flannel write them) for the testbed.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "rust-web-src",
     "llvm-22-dev",
     "iproute2",
+    "nftables",
     "procps",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -50,7 +52,7 @@ fn install_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn installed(package: &str) -> bool {
+pub(crate) fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()

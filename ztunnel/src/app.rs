@@ -172,6 +172,9 @@ async fn serve(
             args.inbound_hbone_port,
         ];
         let (hbone_port, handshake_timeout) = (args.inbound_hbone_port, args.tls_handshake_timeout);
+        let workload_wait = args.workload_wait_timeout;
+        let hbone_limits = args.hbone_limits.clone();
+        let inbound_limits = crate::proxy::guards::InboundLimits::new(&hbone_limits);
         Arc::new(move || ProxyContext {
             node: node.clone(),
             store: store.clone(),
@@ -183,6 +186,8 @@ async fn serve(
                 certs.clone(),
                 PoolOptions {
                     metrics: metrics.pool(),
+                    keepalive: crate::proxy::guards::keepalive(&hbone_limits),
+                    tcp_keepalive: inbound_limits.tcp_keepalive,
                     ..Default::default()
                 },
             ),
@@ -191,6 +196,9 @@ async fn serve(
             listen_ports: listen_ports.clone(),
             hbone_port,
             handshake_timeout,
+            is_node_address: Arc::new(socket::is_node_address),
+            workload_wait,
+            limits: inbound_limits.clone(),
             draining: drain_rx.clone(),
         })
     };
@@ -290,7 +298,11 @@ async fn serve(
         l.set_nonblocking(true)?;
         let state = admin_state.clone();
         let handler = Arc::new(move |req| handler.handle(state.clone(), req));
-        tasks.spawn(admin::http::serve(TcpListener::from_std(l)?, handler));
+        tasks.spawn(admin::http::serve(
+            TcpListener::from_std(l)?,
+            handler,
+            args.http_limits.clone(),
+        ));
     }
     if !inherited.is_empty() {
         warn!(addresses = ?inherited.unused(), "inherited listeners this configuration does not use: closed");

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod limits;
+pub use limits::{ControlplaneLimits, HboneLimits, HttpLimits};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ztunnel",
@@ -25,7 +28,7 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a minimal control plane: Istio's CA API (gRPC over TLS) for the node proxies,
     /// signing the identities of the workloads the workload file places on each node.
-    Controlplane(ControlplaneArgs),
+    Controlplane(Box<ControlplaneArgs>),
     /// Show what a running ztunnel on this node knows, as tables (or JSON), from its admin
     /// endpoint.
     Debug(DebugArgs),
@@ -104,6 +107,13 @@ pub struct ControlplaneArgs {
     /// Longest validity granted to a workload certificate (e.g. `24h`, `90m`, `3600s`, `3600`).
     #[arg(long, env = "MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
+
+    /// Prometheus metrics (`/metrics`: refusals by limit); not served unless given.
+    #[arg(long, env = "CONTROLPLANE_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub limits: ControlplaneLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -353,6 +363,13 @@ pub struct RunArgs {
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// How long a connection from or to an enrolled pod waits for the pod's workload
+    /// record (Kubernetes enrollment can run ahead of xDS) before it is refused, logged and
+    /// counted (`unknown_source_workload`, `not_local_workload`); it is never passed in
+    /// plaintext meanwhile. 0 refuses at once. Istio's ztunnel waits 5 s.
+    #[arg(long, env = "WORKLOAD_WAIT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub workload_wait_timeout: Duration,
+
     /// Upgrades: if a ztunnel of this instance is running, take its listening sockets
     /// (no connection is refused or reset) once ready, and let it drain. `false`: refuse to
     /// start while another ztunnel of this instance runs.
@@ -368,6 +385,12 @@ pub struct RunArgs {
     /// taking over from the running one anyway.
     #[arg(long, env = "TAKEOVER_READY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub takeover_ready_timeout: Duration,
+
+    #[command(flatten)]
+    pub http_limits: HttpLimits,
+
+    #[command(flatten)]
+    pub hbone_limits: HboneLimits,
 }
 
 impl RunArgs {

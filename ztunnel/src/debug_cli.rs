@@ -233,7 +233,27 @@ fn capture(v: &Value) -> String {
         enrolled.join(", ")
     );
     for (uid, why) in v["pendingPods"].as_object().into_iter().flatten() {
-        out.push_str(&format!("not enrolled: {uid}: {}\n", s(why)));
+        out.push_str(&format!(
+            "not enrolled (held, its traffic dropped): {uid}: {}\n",
+            s(why)
+        ));
+    }
+    for (ip, c) in v["addressConflicts"].as_object().into_iter().flatten() {
+        let refused: Vec<String> = c["refused"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        let owner = match c["owner"].as_str() {
+            Some(o) => format!("kept on {o}"),
+            None => "no owner known, held".to_string(),
+        };
+        out.push_str(&format!(
+            "address conflict: {ip} of {}: {owner}; refused: {}\n",
+            s(&c["workload"]),
+            refused.join(", ")
+        ));
     }
     out.push_str(&sockmap_line(&v["sockmap"]));
     out.push('\n');

@@ -17,6 +17,7 @@ pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

@@ -28,7 +28,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Controlplane(args) => {
             ztunnel::logging::init(LogFormat::Text);
-            block_on(true, ztunnel::controlplane::run(args))
+            block_on(true, ztunnel::controlplane::run(*args))
         }
         Command::Debug(args) => ztunnel::debug_cli::run(args),
     };

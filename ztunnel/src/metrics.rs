@@ -218,6 +218,14 @@ pub struct Metrics {
     pub capture_bytes: Family<PodLabels, Gauge>,
     pub capture_dropped: Family<PodLabels, Gauge>,
     pub capture_spoofed: Family<PodLabels, Gauge>,
+    /// Workloads this node should capture but cannot (held: their traffic is dropped).
+    pub workloads_not_enrolled: Gauge,
+    /// Pod addresses more than one interface claims now, and the claims refused so far.
+    pub address_conflicts: Gauge,
+    pub address_claims_refused: Counter,
+    /// Node-wide: packets to or from enrolled pods whose TCP header the program could not
+    /// read (fragments, IPv6 extension-header chains), dropped.
+    pub capture_unparsed: Gauge,
     /// Sockmap acceleration, copied from its per-CPU counters at scrape time.
     pub sockmap_enabled: Gauge,
     pub sockmap_accelerated: Gauge,
@@ -249,6 +257,10 @@ impl Metrics {
             capture_bytes: Family::default(),
             capture_dropped: Family::default(),
             capture_spoofed: Family::default(),
+            workloads_not_enrolled: Gauge::default(),
+            address_conflicts: Gauge::default(),
+            address_claims_refused: Counter::default(),
+            capture_unparsed: Gauge::default(),
             sockmap_enabled: Gauge::default(),
             sockmap_accelerated: Gauge::default(),
             sockmap_fallback: Gauge::default(),
@@ -333,6 +345,26 @@ impl Metrics {
             m.capture_spoofed.clone(),
         );
         zt.register(
+            "workloads_not_enrolled",
+            "Workloads this node should capture but cannot (held: their TCP is dropped); /debug/capture says why",
+            m.workloads_not_enrolled.clone(),
+        );
+        zt.register(
+            "address_conflicts",
+            "Pod addresses claimed by more than one pod interface now",
+            m.address_conflicts.clone(),
+        );
+        zt.register(
+            "address_claims_refused",
+            "Claims of a pod's address by another interface, refused (the owner keeps it)",
+            m.address_claims_refused.clone(),
+        );
+        zt.register(
+            "capture_dropped_unparsed",
+            "Packets to or from enrolled pods that may be TCP but whose TCP header could not be read (IP fragments, IPv6 extension-header chains it cannot walk, cut-short headers), dropped",
+            m.capture_unparsed.clone(),
+        );
+        zt.register(
             "sockmap_enabled",
             "1 if the pod-ztunnel hops are accelerated with sockmap",
             m.sockmap_enabled.clone(),
@@ -346,6 +378,11 @@ impl Metrics {
             "sockmap_fallback_sockets",
             "Sockets in the map whose first send found no peer, so that direction stayed on TCP",
             m.sockmap_fallback.clone(),
+        );
+        zt.register(
+            "limit_hits",
+            "Work refused because a limit was reached (connections, handshakes, streams), by limit",
+            crate::limits::HITS.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -371,6 +408,17 @@ impl Metrics {
             .set(v.counters.accelerated_connections as i64);
         self.sockmap_fallback
             .set(v.counters.fallback_sockets as i64);
+    }
+
+    /// Enrollment's gauges, and the refused claims (a running total kept by the
+    /// enroller) at scrape time.
+    pub fn set_enrollment(&self, status: &crate::enroll::EnrollmentStatus, claims_refused: u64) {
+        self.workloads_not_enrolled.set(status.pending.len() as i64);
+        self.address_conflicts.set(status.conflicts.len() as i64);
+        let seen = self.address_claims_refused.get();
+        if claims_refused > seen {
+            self.address_claims_refused.inc_by(claims_refused - seen);
+        }
     }
 
     pub fn set_capture(

@@ -8,7 +8,7 @@
 use std::vec::Vec;
 
 use super::*;
-use crate::{POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_LOG_FLOWS};
+use crate::{POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_LOG_FLOWS};
 
 use Ask::*;
 use Listener::*;
@@ -28,6 +28,12 @@ const A: PodInfo = PodInfo {
 const B: PodInfo = PodInfo {
     ifindex: B_VETH,
     flags: BOTH,
+};
+/// Held: should be enrolled, cannot be (its interface unknown, or its address claimed
+/// twice); written with ifindex 0.
+const H: PodInfo = PodInfo {
+    ifindex: 0,
+    flags: POD_FLAG_HELD,
 };
 /// Not enrolled (also any address off the node).
 const NONE: PodInfo = PodInfo {
@@ -203,6 +209,36 @@ const TABLE: &[Row] = &[
         .want(AssignedListener(Outbound), TO_15001),
     row("not spoofed: only the source is checked", UPLINK, NONE, A, SYN, 80, LISTENING)
         .want(AssignedListener(InboundPlain), TO_15006),
+    // Held pods: never open. Whatever the interface (its own is unknown), the flow, a
+    // listening ztunnel or an owning socket: dropped, but for its node's own addresses.
+    row("held: its SYN to the world", C_VETH, H, NONE, SYN, 80, LISTENING | SOCKET)
+        .want(DropFailClosed, &[Node]),
+    row("held: its SYN seen on the uplink", UPLINK, H, NONE, SYN, 80, LISTENING)
+        .want(DropFailClosed, &[Node]),
+    row("held: a packet of a flow from before", C_VETH, H, NONE, ACK | PSH, 80, CAPTURED | REVERSE | SOCKET)
+        .want(DropFailClosed, &[Node]),
+    row("held: its SYN to an excluded port", C_VETH, H, NONE, SYN, 9100, EXCLUDED | LISTENING)
+        .want(DropFailClosed, &[Node]),
+    row("held: to an enrolled pod", C_VETH, H, B, SYN, 8080, LISTENING)
+        .want(DropFailClosed, &[Node]),
+    row("held: its reply to its node's probe passes", C_VETH, H, NONE, SYN | ACK, 8080, NODE)
+        .want(Direct, &[Node]),
+    row("held: its SYN to its node passes", C_VETH, H, NONE, SYN, 10250, NODE)
+        .want(Direct, &[Node]),
+    row("held: a SYN to it from another node", UPLINK, NONE, H, SYN, 8080, LISTENING)
+        .want(DropFailClosed, &[]),
+    row("held: HBONE to it from another node", UPLINK, NONE, H, SYN, 15008, LISTENING)
+        .want(DropFailClosed, &[]),
+    row("held: any packet to it", UPLINK, NONE, H, ACK, 8080, CAPTURED | SOCKET)
+        .want(DropFailClosed, &[]),
+    row("held: an enrolled pod's SYN to it", A_VETH, A, H, SYN, 8080, LISTENING)
+        .want(DropFailClosed, &[]),
+    row("held: an unenrolled pod's SYN to it", C_VETH, NONE, H, SYN, 8080, LISTENING)
+        .want(DropFailClosed, &[]),
+    row("held to held", C_VETH, H, H, SYN, 8080, NODE | LISTENING)
+        .want(DropFailClosed, &[]),
+    row("held: spoofing an enrolled pod is still spoofing", C_VETH, A, H, SYN, 8080, LISTENING)
+        .want(DropSpoofed, &[]),
     // Unenrolled traffic: not ztunnel's, unless its flow was captured before.
     row("unenrolled: C to the world", C_VETH, NONE, NONE, ACK, 80, NO)
         .want(Continue, &[Flow]),
@@ -361,6 +397,13 @@ fn counting() {
     );
     assert_eq!(facts(NONE, only(B_VETH, POD_FLAG_OUTBOUND)).charged(), None);
     assert_eq!(facts(NONE, NONE).charged(), None);
+    assert_eq!(facts(H, NONE).charged(), Some(End::Src));
+    assert_eq!(facts(NONE, H).charged(), Some(End::Dst));
+    assert_eq!(facts(A, H).charged(), Some(End::Src));
+    assert!(
+        !facts(H, NONE).spoofed(),
+        "a held pod's interface is unknown"
+    );
 }
 
 #[test]
@@ -369,4 +412,101 @@ fn listener_ports() {
     assert_eq!(InboundPlain.port(&SETTINGS), 15006);
     assert_eq!(InboundHbone.port(&SETTINGS), 15008);
     assert!(Outbound.is_outbound() && !InboundHbone.is_outbound() && !InboundPlain.is_outbound());
+}
+
+/// On the bridge's own device: rows of (name, facts, marked, answers, verdict, questions).
+/// The bridge's ifindex is not the pods' (it passes up their frames): no spoofing check.
+const BRIDGE: u32 = 5;
+
+#[test]
+fn on_the_bridge() {
+    #[rustfmt::skip]
+    let rows: &[(Row, bool)] = &[
+        (row("unmarked SYN: not taken at the port", BRIDGE, A, NONE, SYN, 80, LISTENING)
+            .want(Continue, &[]), false),
+        (row("marked non-SYN: found by the kernel's lookup", BRIDGE, A, B, ACK, 80, SOCKET)
+            .want(Continue, &[]), true),
+        (row("marked SYN-ACK", BRIDGE, A, B, SYN | ACK, 80, SOCKET).want(Continue, &[]), true),
+        (row("disabled", BRIDGE, A, NONE, SYN, 80, LISTENING).settings(DISABLED)
+            .want(Continue, &[]), true),
+        (row("marked SYN of a socket's tuple", BRIDGE, A, B, SYN, 80, SOCKET)
+            .want(Assigned, &[Socket(Assign)]), true),
+        (row("outbound SYN: 15001 again", BRIDGE, A, NONE, SYN, 80, LISTENING)
+            .want(Assigned, &[Socket(Assign), Node, Listen(15001)]), true),
+        (row("SYN next door, to an enrolled pod: 15001 (the source's)", BRIDGE, A, B, SYN, 80, LISTENING)
+            .want(Assigned, &[Socket(Assign), Node, Listen(15001)]), true),
+        (row("inbound plaintext: 15006 again", BRIDGE, NONE, B, SYN, 80, LISTENING)
+            .want(Assigned, &[Socket(Assign), Listen(15006)]), true),
+        (row("inbound HBONE: 15008 again", BRIDGE, NONE, B, SYN, 15008, LISTENING)
+            .want(Assigned, &[Socket(Assign), Listen(15008)]), true),
+        (row("no listener any more: dropped", BRIDGE, A, NONE, SYN, 80, NO)
+            .want(DropFailClosed, &[Socket(Assign), Node, Listen(15001)]), true),
+        (row("marked but no listener fits: dropped", BRIDGE, A, NONE, SYN, 80, NODE)
+            .want(DropFailClosed, &[Socket(Assign), Node]), true),
+        (row("marked, neither end enrolled: dropped", BRIDGE, NONE, NONE, SYN, 80, LISTENING)
+            .want(DropFailClosed, &[Socket(Assign)]), true),
+    ];
+    for (r, marked) in rows {
+        let mut a = Answers {
+            row: r,
+            asked: Vec::new(),
+        };
+        assert_eq!(
+            decide_on_bridge(&r.facts, *marked, &mut a),
+            r.want,
+            "{}",
+            r.name
+        );
+        assert_eq!(a.asked, r.asks, "{}: questions", r.name);
+    }
+}
+
+#[test]
+fn unparsed() {
+    let f = |ifindex, src, dst, settings| Facts {
+        settings,
+        ..row("", ifindex, src, dst, 0, 0, NO).facts
+    };
+    let rows = [
+        (
+            "from an enrolled pod",
+            f(A_VETH, A, NONE, SETTINGS),
+            DropUnparsed,
+        ),
+        (
+            "to an enrolled pod",
+            f(UPLINK, NONE, B, SETTINGS),
+            DropUnparsed,
+        ),
+        (
+            "between enrolled pods",
+            f(A_VETH, A, B, SETTINGS),
+            DropUnparsed,
+        ),
+        (
+            "spoofed: still a spoof",
+            f(C_VETH, A, NONE, SETTINGS),
+            DropSpoofed,
+        ),
+        (
+            "unenrolled both ends",
+            f(C_VETH, NONE, NONE, SETTINGS),
+            Continue,
+        ),
+        (
+            "outbound-only destination",
+            f(C_VETH, NONE, only(B_VETH, POD_FLAG_OUTBOUND), SETTINGS),
+            Continue,
+        ),
+        (
+            "inbound-only source",
+            f(A_VETH, only(A_VETH, POD_FLAG_INBOUND), NONE, SETTINGS),
+            Continue,
+        ),
+        ("capture disabled", f(A_VETH, A, B, DISABLED), Continue),
+    ];
+    for (name, facts, want) in rows {
+        assert_eq!(decide_unparsed(&facts), want, "{name}");
+    }
+    assert!(!DropUnparsed.counted());
 }

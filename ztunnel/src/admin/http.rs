@@ -11,9 +11,12 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{HeaderMap, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
+
+use crate::config::HttpLimits;
+use crate::limits::Cap;
 
 pub type Body = Full<Bytes>;
 
@@ -79,8 +82,12 @@ where
     }
 }
 
-/// Serves `handler` on `listener` until the task is dropped.
-pub async fn serve<H, F>(listener: TcpListener, handler: Arc<H>)
+/// Serves `handler` on `listener` until the task is dropped, within `limits`: at most
+/// `http_max_connections` at once (one past it is closed as soon as accepted), each
+/// closed when its next request's headers (or, once they are in, its body) take longer
+/// than `http_header_timeout` — which also closes a kept-alive connection left idle that
+/// long — with a read buffer of `http_max_buffer_bytes`.
+pub async fn serve<H, F>(listener: TcpListener, handler: Arc<H>, limits: HttpLimits)
 where
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -89,17 +96,31 @@ where
         Ok(a) => format!("HTTP endpoint {a}"),
         Err(_) => "HTTP endpoint".to_string(),
     };
+    let cap = Cap::new("http_connections", limits.http_max_connections);
+    let mut conn = hyper::server::conn::http1::Builder::new();
+    conn.timer(TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout)
+        // hyper refuses less than 8 KiB.
+        .max_buf_size(limits.http_max_buffer_bytes.max(8192));
+    let body_timeout = limits.http_header_timeout;
     loop {
         let (stream, _) = accept_with_backoff(&what, || listener.accept()).await;
+        let Some(permit) = cap.admit() else {
+            continue; // dropped: closed at once, nothing read
+        };
         let handler = handler.clone();
+        let conn = conn.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let body = match read_body(&parts.headers, body).await {
-                        Ok(body) => body,
-                        Err(refusal) => return Ok::<_, Infallible>(refusal),
+                    let read = tokio::time::timeout(body_timeout, read_body(&parts.headers, body));
+                    let body = match read.await {
+                        Ok(Ok(body)) => body,
+                        Ok(Err(refusal)) => return Ok::<_, Infallible>(refusal),
+                        Err(_) => return Ok(body_too_slow()),
                     };
                     let query = parts
                         .uri
@@ -123,14 +144,19 @@ where
                     Ok::<_, Infallible>(handler(req).await)
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
                 debug!("admin connection error: {e}");
             }
         });
     }
+}
+
+/// 408 for a body not sent within the header timeout; closes the connection.
+fn body_too_slow() -> Response<Body> {
+    let mut r = text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n");
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// The request's body, at most [`MAX_BODY`] bytes; else the answer to send instead: 413

@@ -12,6 +12,10 @@ use super::*;
 /// Serves, on a free loopback port, a handler that answers with the path and the length of
 /// the body it was given.
 async fn start() -> SocketAddr {
+    start_with(HttpLimits::default()).await
+}
+
+async fn start_with(limits: HttpLimits) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handler = Arc::new(|req: Req| async move {
@@ -20,7 +24,7 @@ async fn start() -> SocketAddr {
             format!("{} {} bytes\n", req.path, req.body.len()),
         )
     });
-    tokio::spawn(serve(listener, handler));
+    tokio::spawn(serve(listener, handler, limits));
     addr
 }
 
@@ -137,4 +141,123 @@ async fn failed_accepts_back_off() {
     .await;
     assert_eq!(got, 4);
     assert!(started.elapsed() >= ACCEPT_BACKOFF * 3);
+}
+
+/// Reads until the server closes the connection; what it sent first.
+async fn until_closed(conn: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the server never closed the connection");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn quick(max_connections: usize) -> HttpLimits {
+    HttpLimits {
+        http_max_connections: max_connections,
+        http_header_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    }
+}
+
+/// The slow-header attack: a request line and then nothing. The server closes it.
+#[tokio::test]
+async fn a_client_dripping_headers_is_closed() {
+    let addr = start_with(quick(16)).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /ready HTTP/1.1\r\nhost: t")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut c).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+}
+
+/// A kept-alive connection left idle is closed; a connection that never sends is too.
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let addr = start_with(quick(16)).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(until_closed(&mut silent).await, "");
+}
+
+/// A body sent slower than the timeout is answered 408 and the connection closed.
+#[tokio::test]
+async fn a_dripped_body_is_refused() {
+    let addr = start_with(quick(16)).await;
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\nxx")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+/// Past the connection cap a new connection is closed before anything is read, and
+/// counted; once one closes, new ones are served again.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once() {
+    let limits = HttpLimits {
+        http_max_connections: 2,
+        ..HttpLimits::default()
+    };
+    let addr = start_with(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        // A request served proves the server accepted it (and holds its permit).
+        c.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(c);
+    }
+    let before = crate::limits::hits("http_connections");
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let _ = third.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert_eq!(until_closed(&mut third).await, "", "refused unread");
+    assert!(crate::limits::hits("http_connections") > before);
+    drop(held.pop());
+    // The permit comes back when the server sees the close: retry until it has.
+    loop {
+        let answer = exchange(
+            addr,
+            b"GET /b HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n".to_vec(),
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A request head larger than the buffer is refused, not buffered.
+#[tokio::test]
+async fn a_huge_request_head_is_refused() {
+    let addr = start_with(HttpLimits::default()).await;
+    let mut req = b"GET /a HTTP/1.1\r\nhost: t\r\nx-big: ".to_vec();
+    req.resize(req.len() + 64 * 1024, b'a');
+    req.extend_from_slice(b"\r\n\r\n");
+    let answer = exchange(addr, req).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
 }

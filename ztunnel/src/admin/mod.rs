@@ -106,12 +106,16 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
 pub async fn metrics(state: Arc<AdminState>, req: Req) -> Response<Body> {
     match req.path.as_str() {
         "/metrics" | "/stats/prometheus" => {
-            let (counters, sockmap) = {
+            let (counters, sockmap, unparsed) = {
                 let cap = state.capture.lock().await;
-                (cap.counters(), cap.sockmap())
+                (cap.counters(), cap.sockmap(), cap.dropped_unparsed())
             };
             state.metrics.set_capture(&counters);
+            state.metrics.capture_unparsed.set(unparsed as i64);
             state.metrics.set_sockmap(&sockmap);
+            state
+                .metrics
+                .set_enrollment(&state.enroller.status(), state.enroller.claims_refused());
             Response::builder()
                 .header(
                     "content-type",

@@ -42,6 +42,7 @@ pub async fn capture(s: &AdminState) -> Value {
         .map(|(ip, c)| (ip.to_string(), c))
         .collect();
     let cfg = cap.config();
+    let status = s.enroller.status();
     let attach = match cap.attach_mode() {
         crate::capture::AttachMode::Tcx => json!({"mode": "tcx", "position": "first"}),
         crate::capture::AttachMode::Legacy { priority } => json!({
@@ -57,7 +58,11 @@ pub async fn capture(s: &AdminState) -> Value {
         "kernel": cap.features(),
         "pinDir": cap.pin_dir().display().to_string(),
         "interfaces": cap.inventory(),
-        "pendingPods": s.enroller.status().pending,
+        // Pods this node should capture but cannot, with why: held (never open).
+        "pendingPods": status.pending,
+        // Addresses more than one pod interface claims: who keeps each, who was refused.
+        "addressConflicts": status.conflicts,
+        "claimsRefused": s.enroller.claims_refused(),
         "settings": {
             "captureMark": format!("{:#x}", cfg.routing.mark),
             "proxyMark": format!("{:#x}", cfg.proxy_mark),
@@ -71,6 +76,7 @@ pub async fn capture(s: &AdminState) -> Value {
         "enrolled": cap.enrolled(),
         "counters": counters,
         "sockmap": cap.sockmap(),
+        "droppedUnparsed": cap.dropped_unparsed(),
     })
 }
 
@@ -87,7 +93,9 @@ pub fn not_ready(s: &AdminState) -> Vec<String> {
     }
     let status = s.enroller.status();
     for (uid, why) in &status.pending {
-        reasons.push(format!("workload {uid} not enrolled: {why}"));
+        reasons.push(format!(
+            "workload {uid} not enrolled (held: its traffic is dropped): {why}"
+        ));
     }
     let certs: BTreeMap<String, CertState> = s
         .certs

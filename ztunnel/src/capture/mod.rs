@@ -12,21 +12,23 @@ pub mod legacy_tc;
 mod links;
 #[cfg(test)]
 mod object_tests;
+mod pinning;
 pub mod routing;
 pub mod sockmap;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use ztunnel_ebpf_common::{
-    maps, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, IFACE_BRIDGE_PORT,
-    POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
+    maps, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, DROP_UNPARSED,
+    IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
+    SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
 };
 
 pub use interfaces::{PodInterfaces, Role};
@@ -106,6 +108,8 @@ pub struct EnrolledPod {
     pub ifindex: u32,
     pub outbound: bool,
     pub inbound: bool,
+    /// Held: should be enrolled, cannot be; every packet from or to it is dropped.
+    pub held: bool,
 }
 
 /// The loaded and attached capture programs of this node.
@@ -116,8 +120,14 @@ pub struct Capture {
     features: features::Features,
     links: links::Links,
     ifaces: BpfHashMap<MapData, u32, IfaceInfo>,
+    drops: PerCpuArray<MapData, u64>,
     /// The node's interfaces at the last refresh.
     inventory: Vec<InterfaceView>,
+    /// Links whose peer holds a pod this node enrolls (the last enrollment pass): their
+    /// role is `pod`.
+    pod_links: BTreeSet<u32>,
+    /// Enrolled addresses on a bridge port whose MAC this process pinned.
+    pins: BTreeMap<IpAddr, pinning::Pin>,
     /// A netlink connection with strict dump checking, to read pods' namespaces.
     strict_netlink: rtnetlink::Handle,
     pods: BpfHashMap<MapData, PodKey, PodInfo>,
@@ -184,6 +194,10 @@ impl Capture {
         let pods = take_hash(&mut ebpf, maps::PODS)?;
         let node_addrs = take_hash(&mut ebpf, maps::NODE_ADDRS)?;
         let ifaces = take_hash(&mut ebpf, maps::IFACES)?;
+        let drops = PerCpuArray::try_from(
+            ebpf.take_map(maps::DROPS)
+                .with_context(|| format!("map {} missing", maps::DROPS))?,
+        )?;
         let counters = PerCpuHashMap::try_from(
             ebpf.take_map(maps::COUNTERS)
                 .context("counters map missing")?,
@@ -219,7 +233,10 @@ impl Capture {
             features,
             links,
             ifaces,
+            drops,
             inventory: vec![],
+            pod_links: BTreeSet::new(),
+            pins: BTreeMap::new(),
             strict_netlink: interfaces::strict_connection()?,
             pods,
             node_addrs,
@@ -248,14 +265,16 @@ impl Capture {
                 self.links.forget(&name);
             }
         }
+        // Bridges and their ports in `ZT_IFACES` before anything is attached: on a bridge's
+        // own device the program must know it is one (it only re-assigns there).
+        self.sync_iface_infos(&iface_infos(&links))?;
         let mut inventory = vec![];
-        let mut bridge_ports = BTreeMap::new();
         for l in &links {
-            let role = Role::of(l);
+            let role = Role::of(l, &self.pod_links);
             let bridge = l
                 .master
                 .and_then(|m| links.iter().find(|b| b.index == m))
-                .filter(|b| Role::of(b) == Role::Bridge);
+                .filter(|b| b.kind.as_deref() == Some("bridge"));
             if role.attached() {
                 let outcome = self
                     .links
@@ -263,9 +282,6 @@ impl Capture {
                     .await?;
                 if outcome != AttachOutcome::AlreadyAttached {
                     info!(interface = %l.name, ?role, ?outcome, "capture attached");
-                }
-                if let Some(mac) = bridge.and_then(|b| b.mac) {
-                    bridge_ports.insert(l.index, mac);
                 }
             }
             inventory.push(InterfaceView {
@@ -277,7 +293,6 @@ impl Capture {
                 bridge: bridge.map(|b| b.name.clone()),
             });
         }
-        self.sync_bridge_ports(&bridge_ports)?;
         self.inventory = inventory;
         let keys: Vec<PodKey> = addresses.iter().map(|a| key(*a)).collect();
         let old: Vec<PodKey> = self.node_addrs.keys().filter_map(Result::ok).collect();
@@ -290,19 +305,16 @@ impl Capture {
         self.follow_log_filter()
     }
 
-    /// Brings `ZT_IFACES` in line with the bridge ports found: ifindex → bridge MAC.
-    fn sync_bridge_ports(&mut self, ports: &BTreeMap<u32, [u8; 6]>) -> anyhow::Result<()> {
+    /// Brings `ZT_IFACES` in line with the interfaces found: ifindex → what the program
+    /// must know of it (a bridge port's bridge MAC, no MAC header).
+    fn sync_iface_infos(&mut self, infos: &BTreeMap<u32, IfaceInfo>) -> anyhow::Result<()> {
         let old: Vec<u32> = self.ifaces.keys().filter_map(Result::ok).collect();
-        for i in old.iter().filter(|i| !ports.contains_key(i)) {
+        for i in old.iter().filter(|i| !infos.contains_key(i)) {
             self.ifaces.remove(i)?;
         }
-        for (i, mac) in ports {
-            let info = IfaceInfo {
-                bridge_mac: *mac,
-                flags: IFACE_BRIDGE_PORT,
-            };
-            if self.ifaces.get(i, 0).ok() != Some(info) {
-                self.ifaces.insert(i, info, 0)?;
+        for (i, info) in infos {
+            if self.ifaces.get(i, 0).ok() != Some(*info) {
+                self.ifaces.insert(i, *info, 0)?;
             }
         }
         Ok(())
@@ -312,6 +324,21 @@ impl Capture {
     pub async fn pod_interfaces(&self) -> anyhow::Result<PodInterfaces> {
         let links = routing::retry_busy(|| interfaces::links(&self.netlink)).await?;
         Ok(interfaces::pod_interfaces(&self.strict_netlink, &links).await)
+    }
+
+    /// The links whose peer holds a pod this node enrolls, as the last enrollment pass
+    /// found them: they are shown as pods' interfaces.
+    pub fn set_pod_links(&mut self, links: BTreeSet<u32>) {
+        for i in &mut self.inventory {
+            if matches!(i.role, Role::Pod | Role::Node) {
+                i.role = if links.contains(&i.ifindex) && i.kind.as_deref() == Some("veth") {
+                    Role::Pod
+                } else {
+                    Role::Node
+                };
+            }
+        }
+        self.pod_links = links;
     }
 
     /// Turns the program's per-flow log records on or off to match the log filter, which
@@ -355,6 +382,31 @@ impl Capture {
                 .with_context(|| format!("enrolling {a}"))?;
             debug!(address = %a, interface, ifindex, "pod address enrolled");
         }
+        if let Err(e) = self.pin_owner(addresses, ifindex).await {
+            warn!(
+                interface,
+                "pinning the pod's MAC on its bridge failed: {e:#}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Holds a pod this node should enroll but cannot (its interface unknown, or its
+    /// address claimed by several): never open, the program drops every TCP packet from
+    /// it (but to the node's own addresses) and to it, on every interface it sees.
+    pub fn hold(&mut self, addresses: &[IpAddr]) -> anyhow::Result<()> {
+        let held = PodInfo {
+            ifindex: 0,
+            flags: POD_FLAG_HELD,
+        };
+        for a in addresses {
+            if self.pods.get(&key(*a), 0).ok() != Some(held) {
+                self.pods
+                    .insert(key(*a), held, 0)
+                    .with_context(|| format!("holding {a}"))?;
+                info!(address = %a, "pod address held: its traffic is dropped until it is enrolled");
+            }
+        }
         Ok(())
     }
 
@@ -382,6 +434,7 @@ impl Capture {
                 ifindex: info.ifindex,
                 outbound: info.flags & POD_FLAG_OUTBOUND != 0,
                 inbound: info.flags & POD_FLAG_INBOUND != 0,
+                held: info.flags & POD_FLAG_HELD != 0,
             })
             .collect();
         v.sort_by_key(|p| p.address);
@@ -404,6 +457,15 @@ impl Capture {
             out.insert(addr(k), c);
         }
         out
+    }
+
+    /// Packets to or from enrolled pods dropped because their TCP header could not be
+    /// read (`ZT_DROPS`), summed over CPUs.
+    pub fn dropped_unparsed(&self) -> u64 {
+        self.drops
+            .get(&DROP_UNPARSED, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Sockmap acceleration: on or why not, and its counters.
@@ -470,6 +532,20 @@ fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
         .default_map_pin_directory(map_dir)
         .load(CAPTURE_OBJECT)
         .context("loading the capture object")
+}
+
+/// What the program must know of attached link `l` beyond its index, if anything: that it
+/// is a port of a bridge with MAC `bridge_mac`, that it has no MAC header.
+fn iface_info(l: &interfaces::Link, bridge_mac: Option<[u8; 6]>) -> Option<IfaceInfo> {
+    let mut info = IfaceInfo::default();
+    if let Some(mac) = bridge_mac {
+        info.bridge_mac = mac;
+        info.flags |= IFACE_BRIDGE_PORT;
+    }
+    if l.l3 {
+        info.flags |= IFACE_L3;
+    }
+    (info.flags != 0).then_some(info)
 }
 
 /// `SETTINGS_LOG_FLOWS` if the log filter shows the program's debug records.
@@ -543,5 +619,83 @@ pub fn addr(k: PodKey) -> IpAddr {
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
+    }
+}
+
+/// What `ZT_IFACES` must say about `links`: each bridge (its MAC, [`IFACE_BRIDGE`]) and
+/// each attached link that needs more than its index ([`iface_info`]).
+fn iface_infos(links: &[interfaces::Link]) -> BTreeMap<u32, IfaceInfo> {
+    // Whether a veth is a pod's or the node's does not matter here (both are attached).
+    let role = |l: &interfaces::Link| Role::of(l, &BTreeSet::new());
+    let bridge_mac = |index: u32| {
+        links
+            .iter()
+            .find(|b| b.index == index && role(b) == Role::Bridge)
+            .and_then(|b| b.mac)
+    };
+    let mut out = BTreeMap::new();
+    for l in links {
+        let info = match role(l) {
+            Role::Bridge => l.mac.map(|bridge_mac| IfaceInfo {
+                bridge_mac,
+                flags: IFACE_BRIDGE,
+            }),
+            role if role.attached() => iface_info(l, l.master.and_then(bridge_mac)),
+            _ => None,
+        };
+        if let Some(info) = info {
+            out.insert(l.index, info);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod iface_tests {
+    use super::*;
+
+    fn link(name: &str, index: u32, kind: &str, master: Option<u32>, mac: u8) -> interfaces::Link {
+        interfaces::Link {
+            name: name.into(),
+            index,
+            kind: Some(kind.into()),
+            master,
+            peer_netnsid: (kind == "veth").then_some(1),
+            peer_index: None,
+            mac: Some([2, 0, 0, 0, 0, mac]),
+            loopback: false,
+            l3: false,
+        }
+    }
+
+    /// The bridge and its pod ports are listed, each with the bridge's MAC; a port of a
+    /// bridge that is not listed, and other links, are not.
+    #[test]
+    fn bridges_and_their_ports() {
+        let links = [
+            link("cni0", 3, "bridge", None, 0xb),
+            link("p2", 4, "veth", Some(3), 0x4),
+            link("p3", 5, "veth", Some(9), 0x5),
+            link("flannel.1", 6, "vxlan", None, 0x6),
+            link("p4", 7, "veth", None, 0x7),
+        ];
+        let mac = [2, 0, 0, 0, 0, 0xb];
+        let want = BTreeMap::from([
+            (
+                3,
+                IfaceInfo {
+                    bridge_mac: mac,
+                    flags: IFACE_BRIDGE,
+                },
+            ),
+            (
+                4,
+                IfaceInfo {
+                    bridge_mac: mac,
+                    flags: IFACE_BRIDGE_PORT,
+                },
+            ),
+        ]);
+        assert_eq!(iface_infos(&links), want);
     }
 }

@@ -256,3 +256,65 @@ fn sockmap_is_off_unless_asked_for() {
     );
     assert!(!run(&["--sockmap", "false"]).sockmap);
 }
+
+/// The limits are flags of their commands, with the documented defaults.
+#[test]
+fn limits_are_flags_with_defaults() {
+    let cli = Cli::try_parse_from([
+        "ztunnel",
+        "controlplane",
+        "--config",
+        "w.yaml",
+        "--ca-dir",
+        "/ca",
+        "--tokens-file",
+        "t",
+        "--max-connections",
+        "10",
+        "--max-xds-streams-per-token",
+        "2",
+        "--request-timeout",
+        "5s",
+    ])
+    .unwrap();
+    let Command::Controlplane(args) = cli.command else {
+        panic!("not controlplane")
+    };
+    assert_eq!(args.limits.max_connections, 10);
+    assert_eq!(args.limits.max_xds_streams_per_token, 2);
+    assert_eq!(args.limits.request_timeout, Duration::from_secs(5));
+    assert_eq!(args.limits.max_csr_bytes, 64 * 1024);
+    assert_eq!(args.metrics_addr, None);
+
+    let cli = Cli::try_parse_from([
+        "ztunnel",
+        "run",
+        "--node-name",
+        "n",
+        "--http-max-connections",
+        "3",
+        "--hbone-keepalive-interval",
+        "0",
+        "--hbone-max-pending-handshakes-per-source",
+        "4",
+    ])
+    .unwrap();
+    let Command::Run(args) = cli.command else {
+        panic!("not run")
+    };
+    assert_eq!(args.http_limits.http_max_connections, 3);
+    assert_eq!(
+        args.http_limits.http_header_timeout,
+        Duration::from_secs(10)
+    );
+    assert_eq!(args.hbone_limits.hbone_keepalive_interval, Duration::ZERO);
+    assert_eq!(
+        args.hbone_limits.hbone_keepalive_timeout,
+        Duration::from_secs(20)
+    );
+    assert_eq!(args.hbone_limits.hbone_max_pending_handshakes_per_source, 4);
+    assert_eq!(
+        args.hbone_limits.hbone_tcp_keepalive,
+        Duration::from_secs(180)
+    );
+}

@@ -43,7 +43,8 @@ impl Outcome {
         match self.reason() {
             Some(Reason::PolicyDenied(_))
             | Some(Reason::PolicyChanged(_))
-            | Some(Reason::BypassedWaypoint(_)) => "DENY",
+            | Some(Reason::BypassedWaypoint(_))
+            | Some(Reason::UntrustedSource(_)) => "DENY",
             Some(Reason::UpstreamConnect(_)) | Some(Reason::TunnelConnect(_)) => "CONNECT",
             _ => "-",
         }
@@ -65,6 +66,13 @@ pub enum Reason {
     BypassedWaypoint(String),
     #[error("{0} is no mesh workload of this node")]
     NotLocalWorkload(String),
+    /// An enrolled pod's connection whose workload record did not arrive in time: it is
+    /// refused, never passed in plaintext.
+    #[error("no mesh workload of this node has the source address {0}")]
+    UnknownSourceWorkload(String),
+    /// An HBONE stream naming a source its client may not speak for.
+    #[error("untrusted source: {0}")]
+    UntrustedSource(crate::proxy::source::Untrusted),
     #[error("no certificate for {identity}: {error}")]
     NoCertificate { identity: String, error: String },
     #[error("denied by policy: {0}")]
@@ -97,6 +105,8 @@ impl Reason {
             Reason::NoWaypoint(_) => "no_waypoint",
             Reason::BypassedWaypoint(_) => "bypassed_waypoint",
             Reason::NotLocalWorkload(_) => "not_local_workload",
+            Reason::UnknownSourceWorkload(_) => "unknown_source_workload",
+            Reason::UntrustedSource(u) => u.name(),
             Reason::NoCertificate { .. } => "no_certificate",
             Reason::PolicyDenied(_) => "policy_denied",
             Reason::PolicyChanged(_) => "policy_changed",

@@ -20,15 +20,17 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::metadata::MetadataMap;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use super::guard::{capped_incoming, Authenticate};
 use super::tokens::{Caller, Tokens};
+use crate::config::ControlplaneLimits;
 use crate::identity::ca::{requested_sans, CaError, CertificateAuthority, ServerCertPem};
 use crate::identity::ca_client::{impersonated_identity, IMPERSONATED_IDENTITY};
 use crate::identity::Identity;
+use crate::limits::Cap;
 use crate::proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -39,7 +41,7 @@ use crate::xds::LocalConfig;
 /// next request.
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
-    tokens: watch::Receiver<Arc<Tokens>>,
+    auth: Authenticate,
     workloads: watch::Receiver<Arc<LocalConfig>>,
 }
 
@@ -51,32 +53,9 @@ impl CaService {
     ) -> Self {
         CaService {
             ca,
-            tokens,
+            auth: Authenticate::new(tokens),
             workloads,
         }
-    }
-
-    /// Who is calling, from `authorization: Bearer <token>`.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <token>` header")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header is not `Bearer <token>`")
-            })?;
-        let tokens = self.tokens.borrow().clone();
-        tokens
-            .caller_of(token)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
     }
 
     /// The identity `caller` may be issued for `req`, or why none.
@@ -149,7 +128,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = self.authenticate(request.metadata())?;
+        let caller = super::guard::caller(&request, &self.auth)?.caller;
         let req = request.into_inner();
         let identity = self.identity_for(&caller, &req).inspect_err(
             |s| warn!(%caller, reason = %s.message(), "certificate request refused"),
@@ -275,26 +254,48 @@ pub fn serve_with_xds(
     listener: TcpListener,
     cert: &ServerCertPem,
 ) -> anyhow::Result<RunningCaServer> {
+    serve_with_limits(service, xds, listener, cert, &ControlplaneLimits::default())
+}
+
+/// [`serve_with_xds`] within `limits`. Every call is authenticated by an interceptor
+/// before its body is read; each service decodes messages only up to its own size.
+pub fn serve_with_limits(
+    service: CaService,
+    xds: Option<super::xds_server::XdsService>,
+    listener: TcpListener,
+    cert: &ServerCertPem,
+    limits: &ControlplaneLimits,
+) -> anyhow::Result<RunningCaServer> {
     let local_addr = listener.local_addr()?;
     let identity = tonic::transport::Identity::from_pem(cert.chain.concat(), &cert.key);
+    let tls = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(limits.tls_handshake_timeout);
     let mut builder = Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(identity))
-        .context("CA server TLS settings")?;
-    let router = builder
-        .add_service(IstioCertificateServiceServer::new(service))
-        .add_optional_service(xds.map(super::xds_server::XdsService::into_server));
-    let (tx, rx) = oneshot::channel::<()>();
-    // tonic's own `TcpIncoming` hands accept errors (EMFILE...) to a loop that retries at
-    // once: back off instead.
-    let what = format!("CA/xDS server {local_addr}");
-    let incoming = futures::stream::unfold(listener, move |listener| {
-        let what = what.clone();
-        async move {
-            let (tcp, _) =
-                crate::admin::http::accept_with_backoff(&what, || listener.accept()).await;
-            Some((Ok::<_, std::io::Error>(tcp), listener))
-        }
+        .tls_config(tls)
+        .context("CA server TLS settings")?
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+        .http2_max_local_error_reset_streams(Some(limits.max_local_resets))
+        .http2_max_header_list_size(limits.max_header_bytes);
+    let auth = service.auth.clone();
+    let ca =
+        IstioCertificateServiceServer::new(service).max_decoding_message_size(limits.max_csr_bytes);
+    let xds = xds.map(|x| {
+        tonic::service::interceptor::InterceptedService::new(x.into_server(limits), auth.clone())
     });
+    let router = builder
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ca,
+            auth.clone(),
+        ))
+        .add_optional_service(xds);
+    let (tx, rx) = oneshot::channel::<()>();
+    let cap = Cap::new("controlplane_connections", limits.max_connections);
+    let incoming = capped_incoming(listener, cap);
     let task = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async {

@@ -4,6 +4,7 @@
 //! both come from the same local YAML file the node proxies can read standalone.
 
 pub mod ca_server;
+pub mod guard;
 pub mod tokens;
 pub mod xds_server;
 
@@ -14,7 +15,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::info;
 
-pub use ca_server::{serve, serve_with_xds, serving_ips, CaService, RunningCaServer};
+pub use ca_server::{
+    serve, serve_with_limits, serve_with_xds, serving_ips, CaService, RunningCaServer,
+};
 pub use tokens::Tokens;
 
 use crate::config::ControlplaneArgs;
@@ -25,6 +28,9 @@ pub const ISTIOD_DNS_NAME: &str = "istiod.istio-system.svc";
 
 /// How often the workload and token files are checked for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often freed memory is handed back to the kernel (glibc's malloc_trim).
+const MALLOC_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Validity of the CA's own TLS certificate (a new one is made at every start).
 const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -50,14 +56,50 @@ pub async fn run(args: ControlplaneArgs) -> anyhow::Result<()> {
         &[ISTIOD_DNS_NAME.to_string(), "localhost".to_string()],
         SERVING_CERT_TTL,
     )?;
-    let xds = xds_server::XdsService::new(tokens.clone(), workloads.clone());
+    let xds = xds_server::XdsService::with_limits(tokens.clone(), workloads.clone(), &args.limits);
     let ca_service = CaService::new(ca, tokens, workloads);
-    let server = serve_with_xds(ca_service, Some(xds), listener, &cert)?;
+    let server = serve_with_limits(ca_service, Some(xds), listener, &cert, &args.limits)?;
+    // As the node proxy does: memory freed after a burst (a flood of calls, a large xDS
+    // request) goes back to the kernel instead of staying in glibc's arenas.
+    tokio::spawn(crate::memory::return_freed_memory(MALLOC_TRIM_INTERVAL));
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr).await?;
+    }
     info!(addr = %server.local_addr(), max_cert_ttl = ?args.max_cert_ttl, "serving istio.v1.auth.IstioCertificateService and delta xDS (AggregatedDiscoveryService)");
 
     wait_for_signal().await?;
     info!("shutting down");
     server.shutdown().await
+}
+
+/// `/metrics`: the limits' refusal counters (`ztunnel_limit_hits_total`), in the same
+/// HTTP server (and limits) as the node proxy's metrics.
+async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.sub_registry_with_prefix("ztunnel").register(
+        "limit_hits",
+        "Work refused because a limit was reached, or a call without a valid token, by limit",
+        crate::limits::HITS.clone(),
+    );
+    let registry = Arc::new(registry);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    let handler = Arc::new(move |_req: crate::admin::http::Req| {
+        let registry = registry.clone();
+        async move {
+            let mut text = String::new();
+            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+            crate::admin::http::text(hyper::StatusCode::OK, text)
+        }
+    });
+    tokio::spawn(crate::admin::http::serve(
+        listener,
+        handler,
+        crate::config::HttpLimits::default(),
+    ));
+    info!(%addr, "serving metrics");
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -73,3 +115,6 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod limits_tests;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::identity::Identity;
 
@@ -59,13 +59,29 @@ impl fmt::Display for Caller {
     }
 }
 
+/// The shortest token not warned about: 16 bytes of a random token are 128 bits when
+/// each byte is random, fewer when it is text; `openssl rand -hex 32` makes 64.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A token's SHA-256. Only digests are kept and compared: every comparison is between
+/// 32-byte values, in constant time, so neither a guessed token's length nor how much of it
+/// was right shows in the answer's timing.
+pub type Digest = [u8; 32];
+
+pub fn digest(token: &str) -> Digest {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
 /// Token → caller.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Tokens {
-    entries: Vec<(String, Caller)>,
+    entries: Vec<(Digest, Caller)>,
+    /// Callers whose token is shorter than [`MIN_TOKEN_LEN`] (warned about at load).
+    short: Vec<String>,
 }
 
-// Never print the secrets themselves.
+// Never print the secrets themselves (nor their digests).
 impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let callers: Vec<String> = self.entries.iter().map(|(_, c)| c.to_string()).collect();
@@ -79,7 +95,7 @@ impl Tokens {
     /// ignored. A token may appear only once; an identity must be in `trust_domain` (this
     /// CA could not sign it otherwise, so the line is a mistake).
     pub fn parse(src: &str, trust_domain: &str) -> Result<Tokens, TokensError> {
-        let mut entries: Vec<(String, Caller)> = Vec::new();
+        let mut tokens = Tokens::default();
         for (i, line) in src.lines().enumerate() {
             let err = |message: String| TokensError {
                 file: None,
@@ -98,14 +114,18 @@ impl Tokens {
                 )));
             };
             let caller = parse_caller(who, trust_domain).map_err(err)?;
-            if let Some((_, other)) = entries.iter().find(|(t, _)| t == token) {
+            let d = digest(token);
+            if let Some((_, other)) = tokens.entries.iter().find(|(t, _)| *t == d) {
                 return Err(err(format!(
                     "the token of {caller} is already given to {other}: tokens must be unique"
                 )));
             }
-            entries.push((token.to_string(), caller));
+            if token.len() < MIN_TOKEN_LEN {
+                tokens.short.push(format!("line {} ({caller})", i + 1));
+            }
+            tokens.entries.push((d, caller));
         }
-        Ok(Tokens { entries })
+        Ok(tokens)
     }
 
     pub fn load(path: &Path, trust_domain: &str) -> Result<Tokens, TokensError> {
@@ -123,12 +143,15 @@ impl Tokens {
         Tokens::parse(&src, trust_domain).map_err(with_file)
     }
 
-    /// Who holds a token. Every entry is compared in constant time so the answer's timing
-    /// does not reveal how much of a guessed token was right.
+    /// Who holds a token. Every entry is compared, each in constant time.
     pub fn caller_of(&self, token: &str) -> Option<&Caller> {
+        self.caller_of_digest(&digest(token))
+    }
+
+    pub fn caller_of_digest(&self, d: &Digest) -> Option<&Caller> {
         let mut found = None;
         for (t, caller) in &self.entries {
-            if constant_time_eq(t.as_bytes(), token.as_bytes()) {
+            if constant_time_eq(t, d) {
                 found = Some(caller);
             }
         }
@@ -145,6 +168,90 @@ impl Tokens {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Where tokens shorter than [`MIN_TOKEN_LEN`] are: `line N (caller)`.
+    pub fn short_tokens(&self) -> &[String] {
+        &self.short
+    }
+
+    /// What of these tokens a file that does not parse still grants: an entry stays only
+    /// if `src` has exactly one line starting with its token and that line, on its own,
+    /// gives it to the same caller. So an edit that removes a token and also breaks
+    /// another line revokes the removed token at once; nothing is added or changed until
+    /// the file parses again.
+    pub fn still_in(&self, src: &str, trust_domain: &str) -> Tokens {
+        let mut lines: std::collections::HashMap<Digest, Vec<Option<Caller>>> = Default::default();
+        for line in src.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let caller = match fields.as_slice() {
+                [_, who] => parse_caller(who, trust_domain).ok(),
+                _ => None,
+            };
+            lines.entry(digest(fields[0])).or_default().push(caller);
+        }
+        let entries = self
+            .entries
+            .iter()
+            .filter(|(d, caller)| {
+                matches!(lines.get(d).map(Vec::as_slice), Some([Some(c)]) if c == caller)
+            })
+            .cloned()
+            .collect();
+        Tokens {
+            entries,
+            short: Vec::new(),
+        }
+    }
+}
+
+/// What a reload of the tokens file publishes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The file parsed: exactly its tokens.
+    Valid(Tokens),
+    /// It did not: the tokens it still grants ([`Tokens::still_in`]), and how many of the
+    /// current ones that revokes.
+    Invalid {
+        kept: Tokens,
+        revoked: usize,
+        error: TokensError,
+    },
+    /// It cannot be read (missing, permissions, not UTF-8 is Invalid): no tokens at all,
+    /// every caller refused until it can be.
+    Unreadable(String),
+}
+
+impl Reload {
+    /// The decision, from the current tokens and what reading the file gave.
+    pub fn decide(current: &Tokens, read: Result<String, String>, trust_domain: &str) -> Reload {
+        let src = match read {
+            Ok(src) => src,
+            Err(e) => return Reload::Unreadable(e),
+        };
+        match Tokens::parse(&src, trust_domain) {
+            Ok(t) => Reload::Valid(t),
+            Err(error) => {
+                let kept = current.still_in(&src, trust_domain);
+                Reload::Invalid {
+                    revoked: current.len() - kept.len(),
+                    kept,
+                    error,
+                }
+            }
+        }
+    }
+
+    /// The tokens to publish.
+    pub fn tokens(&self) -> Tokens {
+        match self {
+            Reload::Valid(t) | Reload::Invalid { kept: t, .. } => t.clone(),
+            Reload::Unreadable(_) => Tokens::default(),
+        }
     }
 }
 
@@ -182,16 +289,48 @@ fn is_node_name(s: &str) -> bool {
         })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
+/// Equal-length digests only, so no length to leak; every byte is looked at.
+fn constant_time_eq(a: &Digest, b: &Digest) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Loads `path` (which must be valid now) and republishes it whenever its contents change
-/// to another valid version; an invalid edit is logged and the last good tokens kept.
-/// Polls, like `xds::watch`, so ConfigMap/Secret symlink swaps are seen.
+/// What is wrong with how the file is kept, worth a warning: readable by everyone (the
+/// tokens are secrets), tokens shorter than [`MIN_TOKEN_LEN`].
+pub fn warnings(path: &Path, tokens: &Tokens) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = Vec::new();
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            w.push(format!(
+                "{} is readable by every user (mode {:o}): the tokens in it are secrets; chmod o-r",
+                path.display(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+    }
+    if !tokens.short_tokens().is_empty() {
+        w.push(format!(
+            "tokens shorter than {MIN_TOKEN_LEN} characters, easier to guess: {} (e.g. `openssl rand -hex 32` makes a good one)",
+            tokens.short_tokens().join(", ")
+        ));
+    }
+    w
+}
+
+/// How often an unreadable tokens file is complained about again (beside each change).
+const UNREADABLE_REPEAT: Duration = Duration::from_secs(60);
+
+/// Loads `path` (which must be valid now) and checks it every `interval`, publishing what
+/// [`Reload::decide`] decides whenever its contents change:
+/// - valid: exactly its tokens;
+/// - invalid (a typo): only the current tokens it still grants, line for line, so a token
+///   removed in the same edit is refused at the next check; nothing new until it parses;
+/// - unreadable or missing: no tokens, every caller refused, logged as an error at once and
+///   every minute while it lasts.
+///
+/// So a revoked token is refused within `interval` of the write that removed it,
+/// whatever else the write did. Polls, like `xds::watch`, so ConfigMap/Secret symlink
+/// swaps are seen.
 pub fn watch_tokens(
     path: &Path,
     trust_domain: &str,
@@ -202,26 +341,67 @@ pub fn watch_tokens(
     let mut last = std::fs::read(&path).ok();
     let initial = Tokens::load(&path, &trust_domain)?;
     info!(path = %path.display(), tokens = initial.len(), "tokens loaded");
+    for w in warnings(&path, &initial) {
+        warn!("tokens file: {w}");
+    }
     let (tx, rx) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
+        let mut unreadable_since_log: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let Ok(bytes) = tokio::fs::read(&path).await else {
-                continue;
-            };
-            if last.as_deref() == Some(bytes.as_slice()) {
-                continue;
-            }
-            last = Some(bytes);
-            match Tokens::load(&path, &trust_domain) {
-                Ok(tokens) => {
-                    info!(path = %path.display(), tokens = tokens.len(), "tokens reloaded");
-                    tx.send_replace(Arc::new(tokens));
+            let read = match tokio::fs::read(&path).await {
+                Ok(bytes) => {
+                    if last.as_deref() == Some(bytes.as_slice()) {
+                        continue;
+                    }
+                    last = Some(bytes.clone());
+                    unreadable_since_log = None;
+                    // Not UTF-8 is a bad edit, not a missing file: lines still decide.
+                    Ok(String::from_utf8(bytes)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
                 }
-                Err(e) => error!("{e}; keeping the previous tokens"),
+                Err(e) => {
+                    // Seen again once readable, even with the same bytes as before.
+                    last = None;
+                    Err(e.to_string())
+                }
+            };
+            let current = tx.borrow().clone();
+            let decision = Reload::decide(&current, read, &trust_domain);
+            match &decision {
+                Reload::Valid(tokens) => {
+                    info!(path = %path.display(), tokens = tokens.len(), "tokens reloaded");
+                    for w in warnings(&path, tokens) {
+                        warn!("tokens file: {w}");
+                    }
+                }
+                Reload::Invalid {
+                    kept,
+                    revoked,
+                    error,
+                } => error!(
+                    kept = kept.len(),
+                    revoked,
+                    "{error}; keeping only the tokens the file still grants line for line, \
+                     adding nothing until it parses"
+                ),
+                Reload::Unreadable(e) => {
+                    let due = unreadable_since_log.is_none_or(|t| t.elapsed() >= UNREADABLE_REPEAT);
+                    if due {
+                        error!(
+                            path = %path.display(),
+                            "tokens file cannot be read ({e}): refusing every caller until it can"
+                        );
+                        unreadable_since_log = Some(std::time::Instant::now());
+                    }
+                }
+            }
+            let next = decision.tokens();
+            if *current != next {
+                tx.send_replace(Arc::new(next));
             }
         }
     });
@@ -229,102 +409,5 @@ pub fn watch_tokens(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TD: &str = "cluster.local";
-
-    fn node(n: &str) -> Caller {
-        Caller::Node(n.to_string())
-    }
-
-    #[test]
-    fn parses_pairs_comments_and_blank_lines() {
-        let t = Tokens::parse(
-            "# node tokens\n\nsecret-a node-a\n  secret-b\tnode-b  # no\n",
-            TD,
-        )
-        .unwrap_err();
-        assert_eq!(t.line, Some(4), "{t}");
-        let t =
-            Tokens::parse("# node tokens\n\nsecret-a node-a\n  secret-b\tnode-b\n", TD).unwrap();
-        assert_eq!(t.caller_of("secret-a"), Some(&node("node-a")));
-        assert_eq!(t.caller_of("secret-b"), Some(&node("node-b")));
-        assert_eq!(t.caller_of("secret-c"), None);
-        assert_eq!(t.caller_of("secret-"), None);
-        assert!(
-            !format!("{t:?}").contains("secret"),
-            "Debug must not leak tokens"
-        );
-    }
-
-    #[test]
-    fn parses_identity_tokens() {
-        let t = Tokens::parse(
-            "w1 spiffe://cluster.local/ns/default/sa/waypoint\n\
-             w2 spiffe://cluster.local/ns/default/sa/waypoint\n\
-             n ip-10-0-0-1.ec2.internal\n",
-            TD,
-        )
-        .unwrap();
-        let waypoint = Caller::Identity(Identity::new(TD, "default", "waypoint"));
-        // Replicas of one waypoint may each have their own token.
-        assert_eq!(t.caller_of("w1"), Some(&waypoint));
-        assert_eq!(t.caller_of("w2"), Some(&waypoint));
-        assert_eq!(t.caller_of("n"), Some(&node("ip-10-0-0-1.ec2.internal")));
-        assert_eq!(
-            waypoint.to_string(),
-            "spiffe://cluster.local/ns/default/sa/waypoint"
-        );
-        assert!(format!("{t:?}").contains("sa/waypoint"), "{t:?}");
-    }
-
-    #[test]
-    fn refuses_bad_identities_and_node_names_naming_the_line() {
-        let cases = [
-            (
-                "t spiffe://example.org/ns/a/sa/b",
-                "trust domain cluster.local",
-            ),
-            ("t spiffe://cluster.local/ns/a", "invalid SPIFFE identity"),
-            (
-                "t spiffe:cluster.local/ns/a/sa/b",
-                "invalid SPIFFE identity",
-            ),
-            ("t https://cluster.local/ns/a/sa/b", "neither a node name"),
-            ("t Node-A", "neither a node name"),
-            ("t node..a", "neither a node name"),
-            ("t -node", "neither a node name"),
-        ];
-        for (line, want) in cases {
-            let e = Tokens::parse(&format!("ok node-a\n{line}\n"), TD).unwrap_err();
-            assert_eq!(e.line, Some(2), "{line}: {e}");
-            assert!(e.to_string().contains(want), "{line}: {e}");
-            assert!(e.to_string().contains("line 2"), "{line}: {e}");
-        }
-    }
-
-    #[test]
-    fn reports_bad_lines_with_their_number() {
-        let e = Tokens::parse("a node-a\nlonely\n", TD).unwrap_err();
-        assert_eq!(e.line, Some(2));
-        assert!(e.to_string().contains("line 2"), "{e}");
-        assert!(e.to_string().contains("found 1 field"), "{e}");
-        assert!(e.to_string().contains("spiffe://cluster.local/ns/"), "{e}");
-        let e = Tokens::parse("a node-a\n\na node-b\n", TD).unwrap_err();
-        assert_eq!(e.line, Some(3));
-        assert!(e.to_string().contains("unique"), "{e}");
-        let e = Tokens::parse("a node-a\na spiffe://cluster.local/ns/x/sa/y\n", TD).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("spiffe://cluster.local/ns/x/sa/y is already given to node node-a"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn load_names_the_file() {
-        let e = Tokens::load(Path::new("/nonexistent/tokens"), TD).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/tokens"), "{e}");
-    }
-}
+#[path = "tokens_tests.rs"]
+mod tests;

@@ -22,11 +22,13 @@ use std::sync::Arc;
 use futures::channel::mpsc;
 use futures::{SinkExt, Stream};
 use tokio::sync::watch;
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::tokens::{Caller, Tokens};
+use super::guard::{self, Authenticate, Authenticated};
+use super::tokens::{Caller, Digest, Tokens};
+use crate::config::ControlplaneLimits;
+use crate::limits::{KeyPermit, PerKey};
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -42,6 +44,11 @@ use crate::xds::LocalConfig;
 pub struct XdsService {
     tokens: watch::Receiver<Arc<Tokens>>,
     config: watch::Receiver<Arc<LocalConfig>>,
+    auth: Authenticate,
+    /// Streams per token.
+    streams: PerKey<Digest>,
+    max_initial_resources: usize,
+    snapshots: SnapshotCache,
 }
 
 impl XdsService {
@@ -49,13 +56,55 @@ impl XdsService {
         tokens: watch::Receiver<Arc<Tokens>>,
         config: watch::Receiver<Arc<LocalConfig>>,
     ) -> Self {
-        XdsService { tokens, config }
+        Self::with_limits(tokens, config, &ControlplaneLimits::default())
     }
 
-    /// The tonic service to add to a server (`Server::builder().add_service(..)`).
-    pub fn into_server(self) -> AggregatedDiscoveryServiceServer<XdsService> {
-        // A full push of a large mesh exceeds tonic's 4 MiB default.
-        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20)
+    pub fn with_limits(
+        tokens: watch::Receiver<Arc<Tokens>>,
+        config: watch::Receiver<Arc<LocalConfig>>,
+        limits: &ControlplaneLimits,
+    ) -> Self {
+        XdsService {
+            auth: Authenticate::new(tokens.clone()),
+            tokens,
+            config,
+            streams: PerKey::new("xds_streams_per_token", limits.max_xds_streams_per_token),
+            max_initial_resources: limits.max_initial_resources,
+            snapshots: SnapshotCache::default(),
+        }
+    }
+
+    /// The tonic service to add to a server (`Server::builder().add_service(..)`). Responses
+    /// are not bounded (a full push of a large mesh exceeds tonic's 4 MiB); requests are.
+    pub fn into_server(
+        self,
+        limits: &ControlplaneLimits,
+    ) -> AggregatedDiscoveryServiceServer<XdsService> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(limits.max_xds_request_bytes)
+            .max_encoding_message_size(usize::MAX)
+    }
+}
+
+/// The snapshot of the current workload file, built once per version of it and shared by
+/// every stream (not once per stream: a thousand streams would hold a thousand copies).
+#[derive(Clone, Default)]
+struct SnapshotCache(Arc<std::sync::Mutex<Option<Cached>>>);
+
+/// A workload file version and its snapshot.
+type Cached = (Arc<LocalConfig>, Arc<Snapshot>);
+
+impl SnapshotCache {
+    fn of(&self, cfg: &Arc<LocalConfig>) -> Arc<Snapshot> {
+        let mut cached = self.0.lock().expect("poisoned");
+        if let Some((c, s)) = cached.as_ref() {
+            if Arc::ptr_eq(c, cfg) {
+                return s.clone();
+            }
+        }
+        let s = Arc::new(Snapshot::of(cfg));
+        *cached = Some((cfg.clone(), s.clone()));
+        s
     }
 }
 
@@ -69,17 +118,21 @@ impl AggregatedDiscoveryService for XdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let token = bearer_token(request.metadata())?;
-        let caller = self
-            .tokens
-            .borrow()
-            .caller_of(&token)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
-        let (tx, rx) = mpsc::channel(16);
+        let Authenticated { caller, token } = guard::caller(&request, &self.auth)?;
+        let permit = self.streams.admit(token, &caller).ok_or_else(|| {
+            Status::resource_exhausted(
+                "this token already holds the most xDS streams allowed at once",
+            )
+        })?;
+        // One response waiting beside the one being sent: a client that does not read
+        // holds two pushes, not a queue of them.
+        let (tx, rx) = mpsc::channel(1);
         let conn = Connection {
             caller,
             token,
+            _permit: permit,
+            max_initial_resources: self.max_initial_resources,
+            snapshots: self.snapshots.clone(),
             tokens: self.tokens.clone(),
             config: self.config.clone(),
             tx,
@@ -90,22 +143,6 @@ impl AggregatedDiscoveryService for XdsService {
         tokio::spawn(conn.run(request.into_inner()));
         Ok(Response::new(Box::pin(rx)))
     }
-}
-
-/// `authorization: Bearer <token>`, as the CA reads it.
-fn bearer_token(metadata: &MetadataMap) -> Result<String, Status> {
-    let header = metadata
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` header"))?;
-    header
-        .to_str()
-        .ok()
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_string())
-        .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer <token>`"))
 }
 
 /// Everything served, by type URL then resource name: `(version, body)`.
@@ -167,7 +204,10 @@ fn hash(bytes: &[u8]) -> u64 {
 /// One client stream.
 struct Connection {
     caller: Caller,
-    token: String,
+    token: Digest,
+    _permit: KeyPermit<Digest>,
+    max_initial_resources: usize,
+    snapshots: SnapshotCache,
     tokens: watch::Receiver<Arc<Tokens>>,
     config: watch::Receiver<Arc<LocalConfig>>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -179,7 +219,7 @@ struct Connection {
 
 impl Connection {
     async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        self.snapshot = Arc::new(Snapshot::of(&self.config.borrow_and_update()));
+        self.snapshot = self.snapshots.of(&self.config.borrow_and_update());
         info!(caller = %self.caller, "xDS stream open");
         let why = loop {
             tokio::select! {
@@ -191,20 +231,25 @@ impl Connection {
                     }
                     Ok(None) => break "the client closed the stream".to_string(),
                     // Mostly a client killed or a network gone, not a bug of either side.
-                    Err(s) => break format!("the connection ended without closing the stream ({})", s.message()),
+                    Err(s) => {
+                        // A message refused (too large, undecodable) is told to the client;
+                        // a client gone cannot hear it, which costs nothing.
+                        let _ = self.tx.try_send(Err(s.clone()));
+                        break format!("the stream failed ({})", s.message());
+                    }
                 },
                 changed = self.config.changed() => {
                     if changed.is_err() {
                         break "the workload file watcher stopped".to_string();
                     }
-                    self.snapshot = Arc::new(Snapshot::of(&self.config.borrow_and_update()));
+                    self.snapshot = self.snapshots.of(&self.config.borrow_and_update());
                     if let Err(e) = self.push_all().await {
                         break e;
                     }
                 }
                 changed = self.tokens.changed() => {
                     let revoked = changed.is_err()
-                        || self.tokens.borrow_and_update().caller_of(&self.token) != Some(&self.caller);
+                        || self.tokens.borrow_and_update().caller_of_digest(&self.token) != Some(&self.caller);
                     if revoked {
                         let _ = self.tx.send(Err(Status::unauthenticated("bearer token revoked"))).await;
                         break "its token was revoked".to_string();
@@ -237,6 +282,28 @@ impl Connection {
         // A (re)subscription: the client tells what it already has. Always answer, even
         // with nothing, so it knows it is in sync.
         debug!(caller = %self.caller, %type_url, known = req.initial_resource_versions.len(), "xDS subscribe");
+        // What the client says it has is kept only until it is answered, and names this
+        // server never had are answered as removed once: bounded by this and by the
+        // request size limit.
+        if req.initial_resource_versions.len() > self.max_initial_resources {
+            crate::limits::hit(
+                "xds_initial_resources",
+                format_args!(
+                    "{} sent {} initial_resource_versions, more than {}: stream closed",
+                    self.caller,
+                    req.initial_resource_versions.len(),
+                    self.max_initial_resources
+                ),
+            );
+            let _ = self
+                .tx
+                .send(Err(Status::resource_exhausted(format!(
+                    "more than {} initial_resource_versions",
+                    self.max_initial_resources
+                ))))
+                .await;
+            return Err("too many initial_resource_versions".to_string());
+        }
         self.subscribed
             .insert(type_url, req.initial_resource_versions);
         self.push(type_url, true).await

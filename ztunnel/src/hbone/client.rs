@@ -8,6 +8,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
+use super::keepalive::Keepalive;
 use super::{authority, client_builder, forwarded_value, H2Stream, HboneError};
 use super::{HEADER_BAGGAGE, HEADER_FORWARDED, HEADER_SOURCE_PORT, HEADER_TRACEPARENT};
 
@@ -71,9 +72,34 @@ pub async fn handshake<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = client_builder().handshake(io).await?;
+    handshake_with(io, None).await
+}
+
+/// [`handshake`], PINGing the peer per `keepalive`: when a PING goes unanswered the
+/// connection is closed and the driver ends (so a pool sees it dead).
+pub async fn handshake_with<IO>(
+    io: IO,
+    keepalive: Option<Keepalive>,
+) -> Result<(SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = client_builder().handshake(io).await?;
+    let pings = keepalive.and_then(|k| Some((conn.ping_pong()?, k)));
     let driver = tokio::spawn(async move {
-        let r = conn.await;
+        let dead = async move {
+            match pings {
+                Some((pp, k)) => super::keepalive::unanswered(pp, k).await,
+                None => std::future::pending().await,
+            }
+        };
+        let r = tokio::select! {
+            r = conn => r,
+            why = dead => {
+                tracing::debug!(%why, "HBONE client connection closed");
+                Ok(())
+            }
+        };
         if let Err(e) = &r {
             tracing::debug!(error = %e, "HBONE client connection ended with error");
         }

@@ -10,6 +10,7 @@ pub const HBONE_PORT: u16 = 15008;
 
 pub mod client;
 pub mod copy;
+pub mod keepalive;
 pub mod server;
 pub mod stream;
 
@@ -17,9 +18,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue};
 
-pub use client::{connect_stream, connect_stream_with_data, handshake, ConnectRequest};
+pub use client::{
+    connect_stream, connect_stream_with_data, handshake, handshake_with, ConnectRequest,
+};
 pub use copy::{copy_bidirectional, relay_tunnel};
-pub use server::{serve_connection, serve_connection_until, InboundRequest};
+pub use keepalive::Keepalive;
+pub use server::{
+    serve_connection, serve_connection_until, serve_connection_with, InboundRequest, ServerOptions,
+};
 pub use stream::H2Stream;
 
 // Flow-control windows. HTTP/2's 64 KiB default caps a stream at 64 KiB per round trip,
@@ -112,12 +118,17 @@ pub fn forwarded_value(src: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&s).expect("IP addresses are valid header values")
 }
 
-fn server_builder() -> h2::server::Builder {
+fn server_builder(max_streams: u32) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(max_streams)
+        // Rapid reset: a client resetting streams before they are accepted, or making
+        // the server reset them, past these counts gets GOAWAY (h2's defaults, said here
+        // so that a change of defaults cannot turn them off).
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(1024))
         .max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }
@@ -138,6 +149,9 @@ pub(crate) mod tests;
 
 #[cfg(test)]
 mod bad_input_tests;
+
+#[cfg(test)]
+mod limits_tests;
 
 #[cfg(test)]
 mod header_tests {

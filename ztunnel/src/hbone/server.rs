@@ -12,6 +12,8 @@ use h2::RecvStream;
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::keepalive::Keepalive;
+use super::SERVER_MAX_CONCURRENT_STREAMS;
 use super::{forwarded_for, parse_authority, server_builder, source_port, H2Stream, HboneError};
 use super::{HEADER_BAGGAGE, HEADER_TRACEPARENT};
 use crate::identity::Identity;
@@ -30,8 +32,10 @@ pub struct InboundRequest {
 }
 
 impl InboundRequest {
-    /// The original client's address, when sent: the IP from `forwarded: for=`, the port
-    /// from `ztunnel-source-port` (0 when not sent).
+    /// The original client's address as the client *claims* it: the IP from
+    /// `forwarded: for=`, the port from `ztunnel-source-port` (0 when not sent). Unverified:
+    /// the inbound proxy believes it only where it is consistent with `peer`
+    /// (`crate::proxy::source`).
     pub fn source(&self) -> Option<SocketAddr> {
         let ip = forwarded_for(&self.headers)?;
         Some(SocketAddr::new(ip, source_port(&self.headers).unwrap_or(0)))
@@ -115,13 +119,61 @@ where
     H: Fn(InboundRequest) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_with(io, peer, handler, drain, ServerOptions::default()).await
+}
+
+/// Per-connection limits of the server side.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerOptions {
+    /// Streams at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams: u32,
+    /// PINGs to the client; an unanswered one closes the connection.
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_streams: SERVER_MAX_CONCURRENT_STREAMS,
+            keepalive: None,
+        }
+    }
+}
+
+/// [`serve_connection_until`] within `opts`.
+pub async fn serve_connection_with<IO, H, F>(
+    io: IO,
+    peer: Identity,
+    handler: H,
+    drain: impl Future<Output = ()>,
+    opts: ServerOptions,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(InboundRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let handler = Arc::new(handler);
-    let mut conn = server_builder().handshake::<_, Bytes>(io).await?;
+    let mut conn = server_builder(opts.max_streams)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let pings = opts.keepalive.and_then(|k| Some((conn.ping_pong()?, k)));
+    let dead = std::pin::pin!(async move {
+        match pings {
+            Some((pp, k)) => super::keepalive::unanswered(pp, k).await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut dead = dead.fuse();
     let drain = std::pin::pin!(drain);
     let mut drain = drain.fuse();
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
+            why = &mut dead => {
+                tracing::debug!(%peer, %why, "HBONE connection closed");
+                return Err(HboneError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, why)));
+            }
             () = &mut drain => {
                 tracing::debug!(%peer, "draining: GOAWAY sent");
                 conn.graceful_shutdown();

@@ -6,7 +6,8 @@
 //! | `Authorization{name=1, namespace=2, scope=3, action=4, rules=5}` | [`Authorization`] |
 //! | `Rule{clauses=1}` (older protos: `Group{rules=1}`)               | [`Rule`]          |
 //! | `Clause{matches=2}` (older protos: `Rules{matches=2}`)           | [`Clause`]        |
-//! | `Match{namespaces=1, not_namespaces=2, principals=3, not_principals=4, source_ips=5, not_source_ips=6, destination_ips=7, not_destination_ips=8, destination_ports=9, not_destination_ports=10}` | [`Match`] |
+//! | `Match{namespaces=1, not_namespaces=2, principals=3, not_principals=4, source_ips=5, not_source_ips=6, destination_ips=7, not_destination_ips=8, destination_ports=9, not_destination_ports=10, service_accounts=11, not_service_accounts=12}` | [`Match`] |
+//! | `ServiceAccountMatch{namespace=1, serviceAccount=2}` | [`ServiceAccountMatch`] |
 //! | `StringMatch{exact=1, prefix=2, suffix=3, presence=4}` | [`StringMatch`]        |
 //! | `Address{address=1 (bytes), length=2}`          | `ipnet::IpNet`                |
 //!
@@ -82,6 +83,10 @@ pub struct Clause {
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
+    /// Source identities by namespace and service account (istiod writes an
+    /// AuthorizationPolicy's `serviceAccounts` source field here).
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
     /// Source identities written without `spiffe://`, as Istio writes them
     /// (`cluster.local/ns/default/sa/sleep`).
     pub principals: Vec<StringMatch>,
@@ -96,6 +101,24 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+}
+
+/// One service account, matched as Istio matches it: exactly the namespace and the name
+/// of the source's identity, whatever its trust domain. A source without an identity
+/// (plaintext) matches no service account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl ServiceAccountMatch {
+    pub fn matches(&self, id: Option<&crate::identity::Identity>) -> bool {
+        id.is_some_and(|id| {
+            id.namespace == self.namespace && id.service_account == self.service_account
+        })
+    }
 }
 
 /// String matcher. In YAML either upstream's tagged form (`{Exact: x}`, `{Prefix: x}`,
@@ -285,6 +308,8 @@ impl Match {
             n.contains(&conn.dst_ip)
         }) && check(&self.namespaces, &self.not_namespaces, |m| {
             m.matches(namespace)
+        }) && check(&self.service_accounts, &self.not_service_accounts, |m| {
+            m.matches(conn.src_identity.as_ref())
         }) && check(&self.principals, &self.not_principals, |m| {
             m.matches_principal(&principal)
         })

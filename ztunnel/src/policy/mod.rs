@@ -13,7 +13,9 @@ use std::net::IpAddr;
 
 use tracing::debug;
 
-pub use authorization::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
+pub use authorization::{
+    Action, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
+};
 pub use store::{PolicyStore, DEFAULT_ROOT_NAMESPACE};
 
 use crate::identity::Identity;

@@ -1,3 +1,5 @@
+use std::net::SocketAddr;
+
 use super::*;
 use crate::state::Workload;
 
@@ -206,6 +208,66 @@ fn principal_wildcards_and_forms() {
             "{pattern} vs {src:?}"
         );
     }
+}
+
+/// `serviceAccounts` / `notServiceAccounts` as Istio matches them: namespace and name
+/// exactly, any trust domain, never a source without identity; alone, beside other fields
+/// (AND-ed with them) and in DENY policies. Rows: action | match (`SA` is default/sleep) |
+/// source identity (`trust-domain/namespace/sa`, `-` for none) | source IP:destination
+/// port | verdict.
+#[test]
+fn service_accounts() {
+    let rows = [
+        // DENY using them.
+        "Deny | serviceAccounts: [SA] | cluster.local/default/sleep | 10.0.0.1:80 | deny",
+        "Deny | serviceAccounts: [SA] | cluster.local/default/other | 10.0.0.1:80 | allow",
+        // The trust domain is not part of the match; the namespace is.
+        "Deny | serviceAccounts: [SA] | td.example/default/sleep | 10.0.0.1:80 | deny",
+        "Deny | serviceAccounts: [SA] | cluster.local/other/sleep | 10.0.0.1:80 | allow",
+        "Deny | serviceAccounts: [SA] | - | 10.0.0.1:80 | allow",
+        "Deny | notServiceAccounts: [SA] | cluster.local/default/sleep | 10.0.0.1:80 | allow",
+        "Deny | notServiceAccounts: [SA] | cluster.local/default/other | 10.0.0.1:80 | deny",
+        "Deny | notServiceAccounts: [SA] | - | 10.0.0.1:80 | deny",
+        "Deny | serviceAccounts: [SA], destinationPorts: [22] | cluster.local/default/sleep | 10.0.0.1:22 | deny",
+        "Deny | serviceAccounts: [SA], destinationPorts: [22] | cluster.local/default/sleep | 10.0.0.1:80 | allow",
+        // ALLOW using them alone.
+        "Allow | serviceAccounts: [SA] | cluster.local/default/sleep | 10.0.0.1:80 | allow",
+        "Allow | serviceAccounts: [SA] | cluster.local/default/other | 10.0.0.1:80 | deny",
+        "Allow | serviceAccounts: [SA] | - | 10.0.0.1:80 | deny",
+        "Allow | serviceAccounts: [SA, {namespace: api, serviceAccount: api}] | cluster.local/api/api | 10.0.0.1:80 | allow",
+        "Allow | notServiceAccounts: [SA] | cluster.local/default/sleep | 10.0.0.1:80 | deny",
+        "Allow | notServiceAccounts: [SA] | cluster.local/default/other | 10.0.0.1:80 | allow",
+        // ALLOW using them beside other fields: all must hold.
+        "Allow | serviceAccounts: [SA], destinationPorts: [80] | cluster.local/default/sleep | 10.0.0.1:80 | allow",
+        "Allow | serviceAccounts: [SA], destinationPorts: [80] | cluster.local/default/sleep | 10.0.0.1:81 | deny",
+        "Allow | serviceAccounts: [SA], destinationPorts: [80] | cluster.local/default/other | 10.0.0.1:80 | deny",
+        "Allow | serviceAccounts: [SA], sourceIps: [10.0.0.0/24] | cluster.local/default/sleep | 10.0.9.9:80 | deny",
+        "Allow | serviceAccounts: [SA], namespaces: [default] | cluster.local/default/other | 10.0.0.1:80 | deny",
+        "Allow | principals: ['cluster.local/ns/default/*'], notServiceAccounts: [SA] | cluster.local/default/other | 10.0.0.1:80 | allow",
+        "Allow | principals: ['cluster.local/ns/default/*'], notServiceAccounts: [SA] | cluster.local/default/sleep | 10.0.0.1:80 | deny",
+    ];
+    for row in rows {
+        let f: Vec<&str> = row.split(" | ").collect();
+        let (action, m, src, to, want) = (f[0], f[1], f[2], f[3], f[4] == "allow");
+        let m = m.replace("SA", "{namespace: default, serviceAccount: sleep}");
+        let yaml = format!(
+            "[{{name: p, namespace: default, scope: Global, action: {action}, rules: [[[{{{m}}}]]]}}]"
+        );
+        let src_id = (src != "-").then(|| {
+            let p: Vec<&str> = src.split('/').collect();
+            Identity::new(p[0], p[1], p[2])
+        });
+        let to: SocketAddr = to.parse().unwrap();
+        let c = Connection::new(src_id, to.ip(), ip("10.0.0.2"), to.port());
+        assert_eq!(
+            allowed(&store(&yaml), &c, &dst("default", &[])),
+            want,
+            "{row}"
+        );
+    }
+    // A service account needs both halves.
+    let half = "[{name: p, namespace: default, scope: Global, rules: [[[{serviceAccounts: [{namespace: default}]}]]]}]";
+    assert!(serde_yaml::from_str::<Vec<Authorization>>(half).is_err());
 }
 
 #[test]

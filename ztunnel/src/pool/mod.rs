@@ -88,6 +88,11 @@ pub struct PoolOptions {
     pub connect_timeout: Duration,
     /// Where connections are counted (`Metrics::pool`); by default counters nobody reads.
     pub metrics: PoolMetrics,
+    /// HTTP/2 PINGs on each connection: one unanswered closes it, and the pool drops it
+    /// (its driver has ended) at the next checkout or reaper pass. Default: none.
+    pub keepalive: Option<hbone::Keepalive>,
+    /// TCP keepalive idle time on each connection's socket.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 impl Default for PoolOptions {
@@ -97,6 +102,8 @@ impl Default for PoolOptions {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             metrics: PoolMetrics::default(),
+            keepalive: None,
+            tcp_keepalive: None,
         }
     }
 }
@@ -170,12 +177,16 @@ struct Conn {
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     broken: AtomicBool,
+    /// Set when the driver has ended (before the reaper is woken).
+    ended: Arc<AtomicBool>,
     _counted: Counted,
 }
 
 impl Conn {
     fn is_dead(&self) -> bool {
-        self.broken.load(Ordering::Relaxed) || self.driver.is_finished()
+        self.broken.load(Ordering::Relaxed)
+            || self.ended.load(Ordering::Acquire)
+            || self.driver.is_finished()
     }
 
     /// Claims a stream slot if the connection has one free.
@@ -212,6 +223,9 @@ struct PoolInner {
     opts: PoolOptions,
     keys: Mutex<HashMap<PoolKey, KeyConns>>,
     dials: AtomicU64,
+    /// Wakes the reaper when a connection's driver ends (peer closed, PING unanswered),
+    /// so a dead connection is let go of (and no longer counted) at once.
+    reap_now: Arc<tokio::sync::Notify>,
 }
 
 impl Pool {
@@ -223,6 +237,7 @@ impl Pool {
             opts,
             keys: Mutex::new(HashMap::new()),
             dials: AtomicU64::new(0),
+            reap_now: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner)));
         Pool { inner }
@@ -344,10 +359,19 @@ async fn dial(inner: &PoolInner, key: &PoolKey) -> Result<Conn, ConnectError> {
         .dial(key.dst)
         .await
         .map_err(ConnectError::Dial)?;
+    crate::proxy::guards::set_tcp_keepalive(&tcp, inner.opts.tcp_keepalive);
     let tls = tls::connect(config, key.dst, tcp).await?;
-    let (send, driver) = hbone::handshake(tls)
+    let (send, driver) = hbone::handshake_with(tls, inner.opts.keepalive)
         .await
         .map_err(ConnectError::Handshake)?;
+    let (reap_now, ended) = (inner.reap_now.clone(), Arc::new(AtomicBool::new(false)));
+    let ended_flag = ended.clone();
+    let driver = tokio::spawn(async move {
+        let r = driver.await.unwrap_or(Ok(()));
+        ended_flag.store(true, Ordering::Release);
+        reap_now.notify_one();
+        r
+    });
     tracing::debug!(src = %key.src, dst = %key.dst, "HBONE connection established");
     inner.opts.metrics.opened.inc();
     Ok(Conn {
@@ -356,6 +380,7 @@ async fn dial(inner: &PoolInner, key: &PoolKey) -> Result<Conn, ConnectError> {
         active: AtomicUsize::new(0),
         idle_since: Mutex::new(Instant::now()),
         broken: AtomicBool::new(false),
+        ended,
         _counted: Counted::new(&inner.opts.metrics.active),
     })
 }
@@ -369,8 +394,14 @@ async fn reap_idle(pool: Weak<PoolInner>) {
         }
         None => return,
     };
+    let Some(reap_now) = pool.upgrade().map(|p| p.reap_now.clone()) else {
+        return;
+    };
     loop {
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = reap_now.notified() => {}
+        }
         let Some(inner) = pool.upgrade() else { return };
         let idle_timeout = inner.opts.idle_timeout;
         let mut keys = inner.keys.lock().expect("poisoned");

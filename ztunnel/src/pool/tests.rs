@@ -310,3 +310,47 @@ async fn connections_are_counted_in_the_metrics() {
     drop(f.pool);
     eventually("connections of a dropped pool", || counts() == (3, 0)).await;
 }
+
+/// A peer that stops answering (its node died, its path did): the pooled connection's
+/// PING goes unanswered, the connection is closed and the pool no longer holds it.
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_evicted() {
+    let ca = test_ca();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_cert = cert(&ca, "httpbin");
+    tokio::spawn(async move {
+        let mut frozen = Vec::new();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let config = tls::server_config(&server_cert).unwrap();
+            let (tls, _) = tls::accept(config, tcp).await.unwrap();
+            // Handshake, then never poll the connection again: no PONG, no answer.
+            let conn = h2::server::handshake(tls).await.unwrap();
+            frozen.push(conn);
+        }
+    });
+    let opts = PoolOptions {
+        keepalive: Some(hbone::Keepalive {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+        }),
+        ..Default::default()
+    };
+    let pool = Pool::new(
+        Arc::new(TestDialer::default()),
+        Arc::new(TestCerts(ca)),
+        opts,
+    );
+    let key = PoolKey::new(id("sleep"), vec![id("httpbin")], addr);
+    let before = crate::limits::hits("hbone_keepalive_timeout");
+    let (p, k) = (pool.clone(), key.clone());
+    let stuck = tokio::spawn(async move { p.connect(&k, &echo()).await.map(|_| ()) });
+    eventually("the connection is up", || pool.connection_count(&key) == 1).await;
+    eventually("the silent connection is evicted", || {
+        pool.connection_count(&key) == 0
+    })
+    .await;
+    assert!(crate::limits::hits("hbone_keepalive_timeout") > before);
+    assert!(stuck.await.unwrap().is_err(), "its stream failed, not hung");
+}

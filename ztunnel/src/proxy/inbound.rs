@@ -8,28 +8,26 @@
 //!
 //! A workload with a waypoint of its own accepts connections only from that waypoint's
 //! identity (`through_waypoint`); they are then authorized with it as the source.
+//!
+//! The source address of an HBONE stream is what its client names only where that is
+//! consistent with the client's identity (`super::source`); otherwise the stream is
+//! refused (403). A destination pod whose workload record has not arrived yet (enrollment
+//! ahead of xDS) is waited for, at most `ProxyContext::workload_wait`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::labels::{End, Record};
+use super::source::{tunnelled_source, Claim};
 use super::{authorize, relay, relay_tunnel, ProxyContext};
 use crate::connections::{Direction, Outcome, Reason};
-use crate::hbone::{serve_connection_until, InboundRequest};
+use crate::hbone::{forwarded_for, serve_connection_with, source_port, InboundRequest};
 use crate::identity::Identity;
 use crate::state::Workload;
-
-/// The local, in-mesh workload owning `ip`, if it is one of this node's.
-fn local_workload(ctx: &ProxyContext, ip: IpAddr) -> Option<Arc<Workload>> {
-    ctx.store
-        .snapshot()
-        .workload_by_ip(ip)
-        .filter(|w| w.node == ctx.node)
-}
 
 /// A workload behind a waypoint of its own refuses what did not come through it.
 fn through_waypoint(
@@ -44,6 +42,13 @@ fn through_waypoint(
 }
 
 pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
+    // Before anything else, handshakes in progress are bounded (in all and per client
+    // address): one past the bound is closed unread, counted and logged by the limit
+    // (not per connection, which a flood would turn into a flood of log lines).
+    let Some(pending) = ctx.limits.admit(peer.ip()) else {
+        return;
+    };
+    super::guards::set_tcp_keepalive(&stream, ctx.limits.tcp_keepalive);
     // A tunnel that never carried a stream is an attempt of its own: it is logged and
     // counted when it fails; each stream it carries is one afterwards.
     let failed = |dialed: Option<SocketAddr>, outcome: Outcome| {
@@ -61,7 +66,7 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         }
     };
     // Which pod the client dialed decides which certificate we present.
-    let Some(workload) = local_workload(&ctx, dialed.ip()).filter(|w| w.in_mesh()) else {
+    let Some((_, workload)) = ctx.local_workload(dialed.ip(), Workload::in_mesh).await else {
         let why = Reason::NotLocalWorkload(dialed.ip().to_string());
         return failed(Some(dialed), Outcome::Denied(why));
     };
@@ -99,15 +104,17 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
             )
         }
     };
+    drop(pending);
     // (A client of a foreign trust domain was refused by the handshake: tls::verifier.)
     debug!(%peer, client = %client, server = %identity, "HBONE connection");
     let handler_ctx = ctx.clone();
     let drained = ctx.drained();
-    let result = serve_connection_until(
+    let result = serve_connection_with(
         tls,
         client,
         move |req| deliver(handler_ctx.clone(), workload.clone(), peer, req),
         drained,
+        ctx.limits.server,
     )
     .await;
     if let Err(e) = result {
@@ -122,17 +129,39 @@ async fn deliver(
     req: InboundRequest,
 ) {
     let target = req.target;
-    let src = req.source().unwrap_or(SocketAddr::new(tunnel.ip(), 0));
+    let client = req.peer.clone();
+    let state = ctx.store.snapshot();
+    let claim = Claim {
+        ip: forwarded_for(&req.headers),
+        port: source_port(&req.headers),
+    };
+    let src = tunnelled_source(
+        &state,
+        &dialed,
+        &client,
+        tunnel,
+        claim,
+        &*ctx.is_node_address,
+    );
+    // Refused claims are recorded with the address the stream really came from.
+    let recorded = src.clone().unwrap_or(SocketAddr::new(tunnel.ip(), 0));
     let mut conn = ctx
         .connections
-        .accept(Direction::Inbound, src, Some(target));
+        .accept(Direction::Inbound, recorded, Some(target));
     // The tunnel was authenticated as this pod: it may only carry traffic to this pod.
     if !dialed.workload_ips.contains(&target.ip().to_canonical()) {
         req.reject(StatusCode::BAD_REQUEST);
         return conn.finish(Outcome::Denied(Reason::WrongTarget(target.to_string())));
     }
-    let client = req.peer.clone();
-    let source = ctx.store.snapshot().workload_by_ip(src.ip());
+    let src = match src {
+        Ok(src) => src,
+        Err(why) => {
+            info!(%tunnel, peer = %client, %claim, "refusing an HBONE stream: {why}");
+            req.reject(StatusCode::FORBIDDEN);
+            return conn.finish(Outcome::Denied(Reason::UntrustedSource(why)));
+        }
+    };
+    let source = state.workload_by_ip(src.ip());
     let server_id = dialed.identity();
     let record = Record {
         direction: Direction::Inbound,
@@ -165,7 +194,7 @@ async fn deliver(
         }
     };
     conn.identify(record.info(), record.labels(), Some(authz));
-    let up = match ctx.dialer.connect(Some(src), target).await {
+    let up = match dial_upstream(&ctx, src, target).await {
         Ok(s) => s,
         Err(e) => {
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
@@ -178,6 +207,28 @@ async fn deliver(
     };
     let relay = relay_tunnel(conn.count_upstream(up), tunnel_stream);
     conn.relay(relay).await
+}
+
+/// The dial to the pod, bounded by `--upstream-connect-timeout`.
+async fn dial_upstream(
+    ctx: &ProxyContext,
+    src: SocketAddr,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let timeout = ctx.limits.upstream_connect_timeout;
+    match tokio::time::timeout(timeout, ctx.dialer.connect(Some(src), target)).await {
+        Ok(r) => r,
+        Err(_) => {
+            crate::limits::hit(
+                "upstream_connect_timeout",
+                format_args!("a dial to {target} took longer than {timeout:?}"),
+            );
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {timeout:?}"),
+            ))
+        }
+    }
 }
 
 pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
@@ -193,7 +244,7 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
             )))
         }
     };
-    let Some(workload) = local_workload(&ctx, dst.ip()) else {
+    let Some((_, workload)) = ctx.local_workload(dst.ip(), |_| true).await else {
         return conn.finish(Outcome::Denied(Reason::NotLocalWorkload(
             dst.ip().to_string(),
         )));

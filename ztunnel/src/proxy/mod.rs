@@ -9,11 +9,13 @@
 //! original-source dialer — are in the context, so the handlers run in tests without
 //! root or capture.
 
+pub mod guards;
 pub mod inbound;
 pub mod labels;
 pub mod outbound;
 pub mod route;
 pub mod socket;
+pub mod source;
 pub mod workers;
 
 use std::net::{IpAddr, SocketAddr};
@@ -50,6 +52,14 @@ pub struct ProxyContext {
     /// Bound on an inbound mTLS handshake: a client that connects and sends nothing
     /// must not hold a task and a socket forever.
     pub handshake_timeout: std::time::Duration,
+    /// Whether an address is this node's own (loopback included): never believed as the
+    /// source an HBONE client names ([`source`]).
+    pub is_node_address: source::NodeAddress,
+    /// How long a connection waits for the workload record of an enrolled pod it comes
+    /// from or goes to (enrollment can run ahead of xDS) before it is refused.
+    pub workload_wait: std::time::Duration,
+    /// The inbound HBONE listener's limits (shared counts across threads).
+    pub limits: guards::InboundLimits,
     /// Turns true when this process drains (stop, or a new ztunnel took over).
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
@@ -88,6 +98,26 @@ impl ProxyContext {
             listen_ports: &self.listen_ports,
             is_local: &socket::is_local,
         }
+    }
+
+    /// The workload of this node at `ip` that `usable` accepts, waiting for its record
+    /// (at most [`workload_wait`](Self::workload_wait)) when the state has none yet.
+    pub async fn local_workload(
+        &self,
+        ip: IpAddr,
+        usable: impl Fn(&Workload) -> bool,
+    ) -> Option<(Arc<crate::state::ProxyState>, Arc<Workload>)> {
+        let found = self
+            .store
+            .wait_for(self.workload_wait, |s| {
+                s.workload_by_ip(ip)
+                    .filter(|w| w.node == self.node && usable(w))
+            })
+            .await;
+        if found.is_none() {
+            debug!(%ip, waited = ?self.workload_wait, "no workload record of this node for the address");
+        }
+        found
     }
 
     /// Completes once this process starts draining.

@@ -10,6 +10,11 @@
 //! → outside the mesh: plain passthrough with the pod's address as source;
 //! → refused: nothing dialed.
 //! Each path finishes the attempt's [`ConnectionResult`] exactly once.
+//!
+//! Only enrolled pods' connections reach this listener, so a source the state has no mesh
+//! workload of this node for is one whose record has not arrived yet (Kubernetes
+//! enrollment runs ahead of xDS): it is waited for (`ProxyContext::workload_wait`), then
+//! refused (`unknown_source_workload`), never passed in plaintext.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,7 +44,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             )))
         }
     };
-    let route = ctx.planner().plan(&ctx.store.snapshot(), peer, dst);
+    let Some((state, _)) = ctx.local_workload(peer.ip(), Workload::in_mesh).await else {
+        return conn.finish(Outcome::Denied(Reason::UnknownSourceWorkload(
+            peer.ip().to_string(),
+        )));
+    };
+    let route = ctx.planner().plan(&state, peer, dst);
     match route {
         Route::Hbone { src, up } => hbone(&ctx, conn, stream, peer, dst, &src, &up).await,
         Route::SameNode { src, up } => same_node(&ctx, conn, stream, peer, dst, &src, &up).await,

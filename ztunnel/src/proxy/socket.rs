@@ -146,6 +146,21 @@ pub fn is_local(dst: SocketAddr) -> bool {
     std::net::TcpListener::bind(SocketAddr::new(dst.ip(), 0)).is_ok()
 }
 
+/// Whether `ip` is one of this node's own addresses (loopback included): binding to it
+/// succeeds only then (without `IP_TRANSPARENT`; no port is taken). A node that allows
+/// binding any address (`ip_nonlocal_bind`) answers yes for all: claims are then refused,
+/// which fails closed.
+pub fn is_node_address(ip: IpAddr) -> bool {
+    let addr = SocketAddr::new(ip, 0);
+    let Ok(s) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) else {
+        return true; // cannot tell: do not believe it
+    };
+    if setsockopt_int(&s, libc::SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1).is_err() {
+        return true;
+    }
+    s.bind(&addr.into()).is_ok()
+}
+
 /// IPv4-mapped IPv6 addresses as plain IPv4.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
     match a {

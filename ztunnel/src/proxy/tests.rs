@@ -74,6 +74,7 @@ type Intended = Arc<Mutex<HashMap<SocketAddr, SocketAddr>>>;
 struct Node {
     ctx: Arc<ProxyContext>,
     metrics: Arc<Metrics>,
+    _drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -107,6 +108,10 @@ impl Node {
 
 struct Mesh {
     store: Arc<StateStore>,
+    /// The mesh's certificates (one CA), for tests that play a client of their own.
+    certs: Arc<SecretManager>,
+    /// node-b's HBONE listener.
+    hbone_b: SocketAddr,
     a: Node,
     b: Node,
     outbound: SocketAddr,
@@ -119,9 +124,11 @@ fn node(
     certs: &Arc<SecretManager>,
     original_dst: OriginalDst,
     tunnels: SocketAddr,
+    workload_wait: Duration,
 ) -> Node {
     let metrics = Arc::new(Metrics::new());
-    let (_, draining) = tokio::sync::watch::channel(false);
+    // Kept by the node: a dropped sender reads as "draining" (GOAWAY on every connection).
+    let (drain, draining) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(ProxyContext {
         node: name.into(),
         store: store.clone(),
@@ -138,9 +145,17 @@ fn node(
         listen_ports: vec![15001, 15006, 15008],
         hbone_port: 15008,
         handshake_timeout: T,
+        // The "node" of these tests: where every tunnel comes from.
+        is_node_address: Arc::new(|ip| ip == std::net::IpAddr::from([127, 0, 0, 1])),
+        workload_wait,
+        limits: Default::default(),
         draining,
     });
-    Node { ctx, metrics }
+    Node {
+        ctx,
+        metrics,
+        _drain: drain,
+    }
 }
 
 async fn mesh(policies: &str) -> Mesh {
@@ -151,6 +166,11 @@ async fn mesh(policies: &str) -> Mesh {
 /// A mesh whose two nodes have their own view of it (a node that has not heard of a
 /// change yet, or disagrees). `Mesh::store` is node-a's.
 async fn mesh_seen_as(node_a: &str, node_b: &str) -> Mesh {
+    mesh_waiting(node_a, node_b, Duration::ZERO).await
+}
+
+/// [`mesh_seen_as`] whose nodes wait `workload_wait` for missing workload records.
+async fn mesh_waiting(node_a: &str, node_b: &str, workload_wait: Duration) -> Mesh {
     let view = |yaml: &str| {
         let store = Arc::new(StateStore::default());
         LocalConfig::from_yaml(yaml).unwrap().apply_to(&store);
@@ -180,6 +200,7 @@ async fn mesh_seen_as(node_a: &str, node_b: &str) -> Mesh {
                 .ok_or_else(|| std::io::Error::other("no original destination"))
         }),
         hbone_b.local_addr().unwrap(),
+        workload_wait,
     );
     // Every tunnel node-b accepts was dialed to the server pod.
     let dialed: SocketAddr = format!("{SERVER}:15008").parse().unwrap();
@@ -189,12 +210,16 @@ async fn mesh_seen_as(node_a: &str, node_b: &str) -> Mesh {
         &certs,
         Arc::new(move |_: &TcpStream| Ok(dialed)),
         "127.0.0.1:9".parse().unwrap(),
+        workload_wait,
     );
     let outbound = out.local_addr().unwrap();
+    let hbone_addr = hbone_b.local_addr().unwrap();
     tokio::spawn(accept_loop(out, a.ctx.clone(), outbound::handle));
     tokio::spawn(accept_loop(hbone_b, b.ctx.clone(), inbound::handle_hbone));
     Mesh {
         store,
+        certs,
+        hbone_b: hbone_addr,
         a,
         b,
         outbound,
@@ -447,3 +472,6 @@ async fn a_waypoint_given_later_closes_the_connections_that_skipped_it() {
     })
     .await;
 }
+
+mod forwarded;
+mod workload_wait;

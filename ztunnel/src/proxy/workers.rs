@@ -201,6 +201,9 @@ pub(crate) fn test_context() -> Arc<dyn Fn() -> ProxyContext + Send + Sync> {
         listen_ports: vec![],
         hbone_port: 15008,
         handshake_timeout: Duration::from_secs(1),
+        is_node_address: Arc::new(crate::proxy::socket::is_node_address),
+        workload_wait: Duration::ZERO,
+        limits: Default::default(),
         draining: draining.clone(),
     })
 }

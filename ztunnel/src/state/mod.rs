@@ -123,6 +123,40 @@ impl StateStore {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
+
+    /// Waits, at most `timeout`, for a state in which `find` finds something: the record
+    /// of a pod capture already knows (Kubernetes enrollment runs ahead of xDS). Returns
+    /// what was found with the state it was found in, or `None` when the time ran out.
+    pub async fn wait_for<T>(
+        &self,
+        timeout: std::time::Duration,
+        find: impl Fn(&ProxyState) -> Option<T>,
+    ) -> Option<(Arc<ProxyState>, T)> {
+        // Subscribed before the first look, so an update in between is not missed.
+        let mut updates = self.subscribe();
+        let look = || {
+            let state = self.snapshot();
+            find(&state).map(|t| (state, t))
+        };
+        if let Some(found) = look() {
+            return Some(found);
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => return None,
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        return None; // the store is gone: nothing will arrive
+                    }
+                    if let Some(found) = look() {
+                        return Some(found);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

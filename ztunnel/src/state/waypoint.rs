@@ -202,6 +202,21 @@ impl ProxyState {
                 .any(|s| s == *id)
     }
 
+    /// Whether `id` is the identity of a waypoint of `dst`: its own, or that of a service
+    /// it backs. Such a waypoint forwards other clients' connections to `dst`, so the
+    /// source it names for them (HBONE's `forwarded`) is believed.
+    pub fn is_waypoint_of(&self, dst: &Workload, id: &Identity) -> bool {
+        let services = dst
+            .services
+            .keys()
+            .filter_map(|key| self.service(key)?.waypoint.clone());
+        dst.waypoint
+            .iter()
+            .cloned()
+            .chain(services)
+            .any(|gw| self.is_waypoint_identity(&gw, id))
+    }
+
     /// Whether `w` is one of the workloads that make up `gw` (its own traffic must not be
     /// sent back to it).
     pub fn is_waypoint_instance(&self, gw: &GatewayAddress, w: &Workload) -> bool {

@@ -3,7 +3,10 @@
 //! the server's against the destination's expected identities, and hands the client's to the
 //! server so policy can authorize it.
 
+mod read_ahead;
 mod verifier;
+
+pub use read_ahead::ReadAhead;
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::sign::SingleCertAndKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::identity::cert::{identity_from_cert, CertError};
 use crate::identity::{Identity, WorkloadCertificate};
@@ -32,8 +35,8 @@ pub use tokio_rustls::{
 /// peak RSS by 6 / 2 MiB.
 const READ_AHEAD: usize = 256 * 1024;
 
-/// What TLS runs over: the connection, read ahead.
-pub type TlsIo<IO> = BufReader<IO>;
+/// What TLS runs over: the connection, read ahead once the handshake is done.
+pub type TlsIo<IO> = ReadAhead<IO>;
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -140,9 +143,11 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let name = ServerName::IpAddress(dst.ip().into());
-    Ok(tokio_rustls::TlsConnector::from(config)
-        .connect(name, BufReader::with_capacity(READ_AHEAD, io))
-        .await?)
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, ReadAhead::new(io))
+        .await?;
+    stream.get_mut().0.enable(READ_AHEAD);
+    Ok(stream)
 }
 
 /// Server handshake; returns the stream and the client's verified identity.
@@ -153,10 +158,12 @@ pub async fn accept<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let stream = tokio_rustls::TlsAcceptor::from(config)
-        .accept(BufReader::with_capacity(READ_AHEAD, io))
+    let mut stream = tokio_rustls::TlsAcceptor::from(config)
+        .accept(ReadAhead::new(io))
         .await?;
     let peer = peer_identity(stream.get_ref().1)?;
+    // Only now: a client that never completes the handshake costs no buffer.
+    stream.get_mut().0.enable(READ_AHEAD);
     Ok((stream, peer))
 }
 

@@ -22,7 +22,9 @@ pub use to_proto::{
     workload_to_proto,
 };
 
-use crate::policy::{Action, Authorization, Clause, Match, Rule, Scope, StringMatch};
+use crate::policy::{
+    Action, Authorization, Clause, Match, Rule, Scope, ServiceAccountMatch, StringMatch,
+};
 use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -132,6 +134,13 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
     let protocol = match enum_value::<wpb::TunnelProtocol>("tunnelProtocol", w.tunnel_protocol)? {
         wpb::TunnelProtocol::None => Protocol::TCP,
         wpb::TunnelProtocol::Hbone => Protocol::HBONE,
+        // A sidecar's own mTLS: neither plaintext nor HBONE would reach it as it expects.
+        wpb::TunnelProtocol::LegacyIstioMtls => {
+            return Err(ConvertError::new(
+                "tunnelProtocol",
+                "LEGACY_ISTIO_MTLS (sidecar mTLS) is not supported by this proxy",
+            ))
+        }
     };
     let status = match enum_value::<wpb::WorkloadStatus>("status", w.status)? {
         wpb::WorkloadStatus::Healthy => HealthStatus::Healthy,
@@ -277,6 +286,8 @@ fn match_from_proto(m: &spb::Match) -> Result<Match> {
     Ok(Match {
         namespaces: string_matches("namespaces", &m.namespaces)?,
         not_namespaces: string_matches("notNamespaces", &m.not_namespaces)?,
+        service_accounts: service_accounts("serviceAccounts", &m.service_accounts)?,
+        not_service_accounts: service_accounts("notServiceAccounts", &m.not_service_accounts)?,
         principals: string_matches("principals", &m.principals)?,
         not_principals: string_matches("notPrincipals", &m.not_principals)?,
         source_ips: cidrs("sourceIps", &m.source_ips)?,
@@ -302,6 +313,25 @@ fn string_matches(field: &str, v: &[spb::StringMatch]) -> Result<Vec<StringMatch
                 format!("{field}[{i}]"),
                 "a string match without exact, prefix, suffix or presence",
             )),
+        })
+        .collect()
+}
+
+fn service_accounts(
+    field: &str,
+    v: &[spb::ServiceAccountMatch],
+) -> Result<Vec<ServiceAccountMatch>> {
+    v.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            // An empty half would match no identity: a DENY would silently never apply.
+            let at = |f: &str| format!("{field}[{i}].{f}");
+            require(&at("namespace"), &m.namespace)?;
+            require(&at("serviceAccount"), &m.service_account)?;
+            Ok(ServiceAccountMatch {
+                namespace: m.namespace.clone(),
+                service_account: m.service_account.clone(),
+            })
         })
         .collect()
 }

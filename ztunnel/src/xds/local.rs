@@ -29,6 +29,7 @@
 //!   action: Allow                  # Allow | Deny
 //!   rules:                         # rules (OR) > clauses (AND) > matches (OR)
 //!   - - - principals: ["cluster.local/ns/default/sa/sleep"]
+//!   - - - serviceAccounts: [{namespace: default, serviceAccount: curl}]   # or: a 2nd rule
 //! ```
 //!
 //! Upstream's older form, a bare list of workloads with a single `workloadIp`, is accepted

@@ -30,6 +30,10 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str) -> Fixture {
+        Self::with_limits(name, ControlplaneLimits::default()).await
+    }
+
+    async fn with_limits(name: &str, limits: ControlplaneLimits) -> Fixture {
         let dir = std::env::temp_dir().join(format!(
             "ztunnel-xdss-{name}-{}-{}",
             std::process::id(),
@@ -47,7 +51,7 @@ impl Fixture {
         let tokens = watch_tokens(&dir.join("tokens"), "cluster.local", interval).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc = XdsService::new(tokens, config).into_server();
+        let svc = XdsService::with_limits(tokens, config, &limits).into_server(&limits);
         tokio::spawn(async move {
             Server::builder()
                 .add_service(svc)
@@ -292,4 +296,80 @@ async fn served_next_to_the_ca_over_tls() {
     assert!(snap.policies.get("default/p").is_some());
     task.abort();
     server.shutdown().await.unwrap();
+}
+
+/// One token holds at most so many streams at once; another token is not affected, and a
+/// stream that ends gives its place back.
+#[tokio::test]
+async fn streams_per_token_are_capped() {
+    let limits = ControlplaneLimits {
+        max_xds_streams_per_token: 2,
+        ..ControlplaneLimits::default()
+    };
+    let f = Fixture::with_limits("per-token", limits).await;
+    let (tx1, mut s1) = f.subscribe(Some("tok-a"), HashMap::new()).await.unwrap();
+    let (_tx2, mut s2) = f.subscribe(Some("tok-a"), HashMap::new()).await.unwrap();
+    next(&mut s1).await.unwrap();
+    next(&mut s2).await.unwrap();
+    let before = crate::limits::hits("xds_streams_per_token");
+    let third = f.subscribe(Some("tok-a"), HashMap::new()).await;
+    assert_eq!(
+        third.err().map(|s| s.code()),
+        Some(tonic::Code::ResourceExhausted)
+    );
+    assert!(crate::limits::hits("xds_streams_per_token") > before);
+    let (_tx, mut other) = f.subscribe(Some("tok-wp"), HashMap::new()).await.unwrap();
+    next(&mut other).await.unwrap();
+    // The client ends a stream: its place comes back once the server has seen it go.
+    drop(tx1);
+    while s1.message().await.is_ok_and(|m| m.is_some()) {}
+    loop {
+        match f.subscribe(Some("tok-a"), HashMap::new()).await {
+            Ok((_tx, mut s)) => {
+                next(&mut s).await.unwrap();
+                break;
+            }
+            Err(s) => assert_eq!(s.code(), tonic::Code::ResourceExhausted),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a client says it holds is bounded: past the limit its stream ends; within it,
+/// names the server never had are answered as removed once, and not kept.
+#[tokio::test]
+async fn initial_resource_versions_are_bounded() {
+    let limits = ControlplaneLimits {
+        max_initial_resources: 10,
+        ..ControlplaneLimits::default()
+    };
+    let f = Fixture::with_limits("initial", limits).await;
+    let unknown = |n: usize| -> HashMap<String, String> {
+        (0..n)
+            .map(|i| (format!("junk-{i}"), "v".to_string()))
+            .collect()
+    };
+    let before = crate::limits::hits("xds_initial_resources");
+    let (_tx, mut s) = f.subscribe(Some("tok-a"), unknown(11)).await.unwrap();
+    let refused = next(&mut s).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(crate::limits::hits("xds_initial_resources") > before);
+
+    let (tx, mut s) = f.subscribe(Some("tok-a"), unknown(10)).await.unwrap();
+    let first = next(&mut s).await.unwrap();
+    let mut removed = first.removed_resources.clone();
+    removed.sort();
+    let mut want: Vec<String> = unknown(10).into_keys().collect();
+    want.sort();
+    assert_eq!(removed, want, "unknown names: removed, once");
+    assert_eq!(names(&first).len(), 3);
+    // A resubscription on the same stream knows nothing of them any more.
+    tx.unbounded_send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        initial_resource_versions: versions_of(&first),
+        ..Default::default()
+    })
+    .unwrap();
+    let again = next(&mut s).await.unwrap();
+    assert!(again.removed_resources.is_empty() && again.resources.is_empty());
 }

@@ -348,7 +348,7 @@ async fn k8s_nothing_is_decided_before_the_first_list() {
         .enrolled
         .lock()
         .unwrap()
-        .insert("10.1.0.77".parse().unwrap(), "old".into());
+        .insert("10.1.0.77".parse().unwrap(), ("old".into(), 3));
     let h = harness(api, target);
     h.routes(&[("10.1.0.1", "a")]);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -138,7 +138,10 @@ impl ControlPlane {
                 .tls_config(ServerTlsConfig::new().identity(id))
                 .unwrap();
         }
-        let router = builder.add_service(XdsService::new(tokens, config).into_server());
+        let router = builder.add_service(
+            XdsService::new(tokens, config)
+                .into_server(&crate::config::ControlplaneLimits::default()),
+        );
         self.task = Some(tokio::spawn(async move {
             router
                 .serve_with_incoming(TcpIncoming::from(listener))

@@ -53,6 +53,8 @@ policies:
         notPrincipals: ["*bad", "evil*"]
         namespaces: [{Exact: default}]
         notNamespaces: [{Presence: {}}]
+        serviceAccounts: [{namespace: default, serviceAccount: sleep}]
+        notServiceAccounts: [{namespace: other, serviceAccount: bad}]
         sourceIps: [10.0.0.0/8, "fd00::/64"]
         notSourceIps: [10.1.2.3]
         destinationIps: [192.168.0.0/16]
@@ -118,6 +120,7 @@ fn proto_to_state_and_back_is_lossless() {
                 ports: vec![wpb::Port {
                     service_port: 80,
                     target_port: 8080,
+                    ..Default::default()
                 }],
             },
         )]
@@ -194,6 +197,7 @@ fn invalid_workloads_name_the_field() {
         ports: vec![wpb::Port {
             service_port: 80,
             target_port: 70000,
+            ..Default::default()
         }],
     };
     let e = err(workload_from_proto(&wpb::Workload {
@@ -228,6 +232,7 @@ fn invalid_services_and_policies_name_the_field() {
         addresses: vec![wpb::NetworkAddress {
             network: String::new(),
             address: vec![1; 5],
+            ..Default::default()
         }],
         ..Default::default()
     }));
@@ -255,6 +260,7 @@ fn invalid_services_and_policies_name_the_field() {
                 wpb::NetworkAddress {
                     network: String::new(),
                     address: vec![10, 0, 0, 1],
+                    ..Default::default()
                 },
             )),
             hbone_mtls_port: 0,
@@ -317,6 +323,164 @@ fn invalid_services_and_policies_name_the_field() {
         ..policy(spb::Match::default())
     }));
     assert_eq!(e, "name: missing (required)");
+    let e = err(authorization_from_proto(&policy(spb::Match {
+        not_service_accounts: vec![spb::ServiceAccountMatch {
+            namespace: "ns".into(),
+            service_account: String::new(),
+        }],
+        ..Default::default()
+    })));
+    assert_eq!(
+        e,
+        "rules[0].clauses[0].matches[1].notServiceAccounts[0].serviceAccount: missing (required)"
+    );
+}
+
+/// What istiod sends for `from: [{source: {serviceAccounts: [ns/sa]}}]`: the field numbers
+/// of upstream's proto (11 and 12 on `Match`, 1 and 2 on `ServiceAccountMatch`), written
+/// by hand so a renumbered proto cannot pass.
+#[test]
+fn service_accounts_arrive_with_upstreams_field_numbers() {
+    // Match { service_accounts (11): {namespace: "a", serviceAccount: "b"},
+    //         not_service_accounts (12): {namespace: "c", serviceAccount: "d"} }
+    let wire = [
+        0x5a, 6, 0x0a, 1, b'a', 0x12, 1, b'b', 0x62, 6, 0x0a, 1, b'c', 0x12, 1, b'd',
+    ];
+    let m = spb::Match::decode(wire.as_slice()).unwrap();
+    let policy = spb::Authorization {
+        name: "p".into(),
+        namespace: "ns".into(),
+        action: spb::Action::Deny as i32,
+        rules: vec![spb::Rule {
+            clauses: vec![spb::Clause { matches: vec![m] }],
+        }],
+        ..Default::default()
+    };
+    let a = authorization_from_proto(&policy).unwrap();
+    let got = &a.rules[0].clauses[0].matches[0];
+    let sa = |ns: &str, name: &str| ServiceAccountMatch {
+        namespace: ns.into(),
+        service_account: name.into(),
+    };
+    assert_eq!(got.service_accounts, vec![sa("a", "b")]);
+    assert_eq!(got.not_service_accounts, vec![sa("c", "d")]);
+    // Not an empty match: a DENY with it applies.
+    assert!(!got.is_empty());
+    assert_eq!(match_to_wire(got), wire);
+}
+
+fn match_to_wire(m: &Match) -> Vec<u8> {
+    let a = Authorization {
+        name: "p".into(),
+        namespace: "ns".into(),
+        scope: Scope::Global,
+        action: Action::Allow,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![m.clone()],
+            }],
+        }],
+        dry_run: false,
+    };
+    authorization_to_proto(&a).rules[0].clauses[0].matches[0].encode_to_vec()
+}
+
+/// Fields of upstream's current protos this proxy does not act on still parse, and the
+/// resource converts as if they were absent.
+#[test]
+fn newer_upstream_fields_parse_and_change_nothing() {
+    let ext = || wpb::Extension {
+        name: "x".into(),
+        config: Some(prost_types::Any {
+            type_url: "type.googleapis.com/x".into(),
+            value: vec![1, 2],
+        }),
+    };
+    let plain = wpb::Workload {
+        uid: "c//Pod/ns/a".into(),
+        namespace: "ns".into(),
+        services: [(
+            "ns/a.ns.svc.cluster.local".to_string(),
+            wpb::PortList {
+                ports: vec![wpb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    app_protocol: 0,
+                }],
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut extended = plain.clone();
+    extended.extensions = vec![ext()];
+    extended.services.values_mut().for_each(|l| {
+        l.ports[0].app_protocol = wpb::AppProtocol::Http2 as i32;
+    });
+    let decoded = wpb::Workload::decode(extended.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(
+        workload_from_proto(&decoded).unwrap(),
+        workload_from_proto(&plain).unwrap()
+    );
+
+    let svc = wpb::Service {
+        namespace: "ns".into(),
+        hostname: "h".into(),
+        addresses: vec![wpb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 1],
+            length: None,
+        }],
+        ..Default::default()
+    };
+    let extended = wpb::Service {
+        extensions: vec![ext()],
+        ingress_use_waypoint: true,
+        weighted_waypoints: vec![wpb::WeightedWaypoint {
+            destination: None,
+            weight: 3,
+        }],
+        visibility: wpb::service::Visibility::Namespace as i32,
+        ..svc.clone()
+    };
+    let decoded = wpb::Service::decode(extended.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(decoded, extended);
+    assert_eq!(
+        service_from_proto(&decoded).unwrap(),
+        service_from_proto(&svc).unwrap()
+    );
+
+    let policy = spb::Authorization {
+        name: "p".into(),
+        namespace: "ns".into(),
+        extensions: vec![ext()],
+        rules: vec![spb::Rule {
+            clauses: vec![spb::Clause {
+                matches: vec![spb::Match {
+                    destination_ports: vec![80],
+                    extensions: vec![ext()],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    let decoded = spb::Authorization::decode(policy.encode_to_vec().as_slice()).unwrap();
+    let a = authorization_from_proto(&decoded).unwrap();
+    assert_eq!(a.rules[0].clauses[0].matches[0].destination_ports, vec![80]);
+}
+
+/// A sidecar's workload (Istio mTLS, not HBONE) is refused by name, never taken as
+/// plaintext or HBONE.
+#[test]
+fn legacy_istio_mtls_workloads_are_refused() {
+    let e = err(workload_from_proto(&wpb::Workload {
+        uid: "c//Pod/ns/a".into(),
+        namespace: "ns".into(),
+        tunnel_protocol: wpb::TunnelProtocol::LegacyIstioMtls as i32,
+        ..Default::default()
+    }));
+    assert!(e.starts_with("tunnelProtocol: LEGACY_ISTIO_MTLS"), "{e}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use prost::Message;
 
-use crate::policy::{Action, Authorization, Match, Scope, StringMatch};
+use crate::policy::{Action, Authorization, Match, Scope, ServiceAccountMatch, StringMatch};
 use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -73,6 +73,7 @@ pub fn service_to_proto(s: &Service) -> wpb::Service {
             .map(|v| wpb::NetworkAddress {
                 network: v.network.clone(),
                 address: ip_bytes(&v.address),
+                ..Default::default()
             })
             .collect(),
         ports: ports_to_proto(&s.ports),
@@ -88,6 +89,7 @@ fn waypoint_to_proto(g: &GatewayAddress) -> wpb::GatewayAddress {
         GatewayDestination::Address(a) => Destination::Address(wpb::NetworkAddress {
             network: a.network.clone(),
             address: ip_bytes(&a.address),
+            ..Default::default()
         }),
         GatewayDestination::Hostname(h) => Destination::Hostname(wpb::NamespacedHostname {
             namespace: h.namespace.clone(),
@@ -127,6 +129,7 @@ pub fn authorization_to_proto(a: &Authorization) -> spb::Authorization {
             })
             .collect(),
         dry_run: a.dry_run,
+        ..Default::default()
     }
 }
 
@@ -164,9 +167,19 @@ fn match_to_proto(m: &Match) -> spb::Match {
             .collect()
     };
     let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+    let accounts = |v: &[ServiceAccountMatch]| {
+        v.iter()
+            .map(|m| spb::ServiceAccountMatch {
+                namespace: m.namespace.clone(),
+                service_account: m.service_account.clone(),
+            })
+            .collect()
+    };
     spb::Match {
         namespaces: strings(&m.namespaces),
         not_namespaces: strings(&m.not_namespaces),
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
         principals: strings(&m.principals),
         not_principals: strings(&m.not_principals),
         source_ips: cidrs(&m.source_ips),
@@ -175,6 +188,7 @@ fn match_to_proto(m: &Match) -> spb::Match {
         not_destination_ips: cidrs(&m.not_destination_ips),
         destination_ports: ports(&m.destination_ports),
         not_destination_ports: ports(&m.not_destination_ports),
+        ..Default::default()
     }
 }
 
@@ -197,6 +211,7 @@ fn ports_to_proto(ports: &PortMap) -> Vec<wpb::Port> {
         .map(|(s, t)| wpb::Port {
             service_port: u32::from(*s),
             target_port: u32::from(*t),
+            ..Default::default()
         })
         .collect()
 }

@@ -166,6 +166,32 @@ fn applies_to_the_state_end_to_end() {
     assert_eq!(snap.workloads_on_node("node-b").len(), 2);
 }
 
+/// `serviceAccounts` in the workload file, as upstream's local config writes them: a DENY
+/// on one service account refuses it and no other.
+#[test]
+fn service_account_rules_load_and_apply() {
+    // deny-admin gains a second rule: `sleep`, on any port.
+    let yaml = FULL.replace(
+        "  - - - destinationPorts: [15000]\n",
+        "  - - - destinationPorts: [15000]\n  - - - serviceAccounts: [{namespace: default, serviceAccount: sleep}]\n",
+    );
+    let cfg = LocalConfig::from_yaml(&yaml).unwrap();
+    let store = StateStore::default();
+    cfg.apply_to(&store);
+    let snap = store.snapshot();
+    let echo = snap.workload_by_ip(ip("10.0.2.7")).unwrap();
+    let sleep = snap.workload_by_ip(ip("10.0.1.5")).unwrap();
+    let from = |id| Connection::new(Some(id), ip("10.0.1.5"), ip("10.0.2.7"), 8080);
+    let d = snap.policies.evaluate(&from(sleep.identity()), &echo);
+    assert!(!d.allowed, "{d}");
+    assert_eq!(d.policy.as_deref(), Some("istio-system/deny-admin"));
+    // Another service account of the same namespace is not denied by it (only by the
+    // ALLOW that admits sleep alone).
+    let other = crate::identity::Identity::new("cluster.local", "default", "echo");
+    let d = snap.policies.evaluate(&from(other), &echo);
+    assert_ne!(d.policy.as_deref(), Some("istio-system/deny-admin"));
+}
+
 #[test]
 fn empty_inputs() {
     for src in ["", "# nothing\n", "{}", "workloads: []\n"] {

@@ -1,0 +1,118 @@
+//! The inbound HBONE listener's limits (`--hbone-*`, see `config::limits`): pending TLS
+//! handshakes in all and per client address, per-connection streams and PINGs, the
+//! upstream dial's time, TCP keepalive.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::config::HboneLimits;
+use crate::hbone::{Keepalive, ServerOptions};
+use crate::limits::{Cap, KeyPermit, PerKey};
+
+#[derive(Clone)]
+pub struct InboundLimits {
+    pending: Cap,
+    pending_per_source: PerKey<IpAddr>,
+    pub server: ServerOptions,
+    pub upstream_connect_timeout: Duration,
+    pub tcp_keepalive: Option<Duration>,
+}
+
+/// A handshake in progress, counted until dropped.
+pub struct Pending {
+    _all: OwnedSemaphorePermit,
+    _source: KeyPermit<IpAddr>,
+}
+
+impl InboundLimits {
+    /// Shared by every data-path thread (clones share the counts).
+    pub fn new(l: &HboneLimits) -> Self {
+        InboundLimits {
+            pending: Cap::new("hbone_pending_handshakes", l.hbone_max_pending_handshakes),
+            pending_per_source: PerKey::new(
+                "hbone_pending_handshakes_per_source",
+                l.hbone_max_pending_handshakes_per_source,
+            ),
+            server: ServerOptions {
+                max_streams: l.hbone_max_streams_per_connection,
+                keepalive: keepalive(l),
+            },
+            upstream_connect_timeout: l.upstream_connect_timeout,
+            tcp_keepalive: (!l.hbone_tcp_keepalive.is_zero()).then_some(l.hbone_tcp_keepalive),
+        }
+    }
+
+    /// Room for one more handshake from `source`, or `None` (counted, logged).
+    pub fn admit(&self, source: IpAddr) -> Option<Pending> {
+        let source_permit = self.pending_per_source.admit(source, &source)?;
+        let all = self.pending.admit()?;
+        Some(Pending {
+            _all: all,
+            _source: source_permit,
+        })
+    }
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits::new(&HboneLimits::default())
+    }
+}
+
+/// The PING settings, none when the interval is 0.
+pub fn keepalive(l: &HboneLimits) -> Option<Keepalive> {
+    (!l.hbone_keepalive_interval.is_zero()).then_some(Keepalive {
+        interval: l.hbone_keepalive_interval,
+        timeout: l.hbone_keepalive_timeout,
+    })
+}
+
+/// TCP keepalive on an HBONE connection's socket, so a peer gone without a word is
+/// noticed even where no PING is sent (Istio's ztunnel: 180 s idle).
+pub fn set_tcp_keepalive(s: &tokio::net::TcpStream, idle: Option<Duration>) {
+    let Some(idle) = idle else { return };
+    let ka = socket2::TcpKeepalive::new().with_time(idle);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_handshakes_are_capped_in_all_and_per_source() {
+        let l = InboundLimits::new(&HboneLimits {
+            hbone_max_pending_handshakes: 3,
+            hbone_max_pending_handshakes_per_source: 2,
+            ..HboneLimits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        let a1 = l.admit(a).unwrap();
+        let _a2 = l.admit(a).unwrap();
+        assert!(l.admit(a).is_none(), "per source");
+        let _b1 = l.admit(b).unwrap();
+        assert!(l.admit(c).is_none(), "in all");
+        drop(a1);
+        assert!(l.admit(c).is_some(), "a finished handshake frees its place");
+    }
+
+    #[test]
+    fn zero_turns_pings_and_tcp_keepalive_off() {
+        let l = InboundLimits::new(&HboneLimits {
+            hbone_keepalive_interval: Duration::ZERO,
+            hbone_tcp_keepalive: Duration::ZERO,
+            ..HboneLimits::default()
+        });
+        assert_eq!(l.server.keepalive, None);
+        assert_eq!(l.tcp_keepalive, None);
+        let d = InboundLimits::default();
+        assert_eq!(d.server.keepalive, Some(Keepalive::default()));
+        assert_eq!(d.tcp_keepalive, Some(Duration::from_secs(180)));
+    }
+}
