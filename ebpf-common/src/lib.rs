@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod decide;
+pub mod last_hop;
 pub mod parse;
 pub mod sockmap;
 
@@ -60,6 +61,15 @@ macro_rules! with_map_names {
             /// Sockmap: each accelerated socket's [`SockState`](crate::sockmap::SockState)
             /// (socket storage, a BTF map: not pinned; the programs keep it alive).
             SOCK_STATE = "ZT_SOCK_STATE",
+            /// The last hop: ztunnel's verdict for a forwarded connection into an enrolled
+            /// pod, [`FlowKey`](crate::FlowKey) with `sport` 0 → `LAST_HOP_*` (LRU); see
+            /// [`last_hop`](crate::last_hop).
+            LAST_HOP = "ZT_LAST_HOP",
+            /// The last hop's questions to ztunnel: a ring buffer of
+            /// [`LastHopEvent`](crate::last_hop::LastHopEvent).
+            LAST_HOP_EVENTS = "ZT_LAST_HOP_EV",
+            /// The last hop's counters, per CPU, by `last_hop::LAST_HOP_*` index.
+            LAST_HOP_COUNT = "ZT_LAST_HOP_CNT",
         }
     };
 }
@@ -87,6 +97,8 @@ pub const VERDICT_CONTINUE: i32 = -1;
 
 /// Name of the TC program in the object file.
 pub const CAPTURE_PROGRAM: &str = "zt_capture";
+/// Name of the TC egress program of pods' interfaces (see [`last_hop`]).
+pub const LAST_HOP_PROGRAM: &str = "zt_last_hop";
 /// Name of the sock_ops program (sockmap: puts the hops' sockets in `ZT_SOCKS`).
 pub const SOCKOPS_PROGRAM: &str = "zt_sockops";
 /// Name of the sk_msg program (sockmap: redirects sends to the peer socket).
@@ -143,12 +155,10 @@ pub struct Settings {
     /// Packet mark set on every assigned packet; an `ip rule fwmark` sends it to a
     /// `local` route so the kernel delivers it to the assigned socket.
     pub capture_mark: u32,
-    /// `SO_MARK` ztunnel puts on its own sockets. Informational: written by the loader,
-    /// never read by the program, which needs no test for it — ztunnel's own packets leave
-    /// through egress hooks, and the program runs only at ingress (the replies to its
-    /// sockets are assigned back to them by the socket lookup, whatever their mark). Kept
-    /// so the layout of maps pinned by a running ztunnel stays the same across upgrades;
-    /// a reader of the map (bpftool) sees which mark must not overlap `capture_mark`.
+    /// `SO_MARK` ztunnel puts on its own sockets. The capture program (ingress) never
+    /// needs it: the replies to ztunnel's sockets are assigned back to them by the socket
+    /// lookup, whatever their mark. The last-hop program (egress) does: a SYN carrying it
+    /// is ztunnel delivering a connection it authorized.
     pub proxy_mark: u32,
     pub outbound_port: u16,
     pub inbound_plain_port: u16,
@@ -163,6 +173,11 @@ pub const SETTINGS_ENABLED: u16 = 1;
 /// ztunnel's log filter shows those records: each one is a ring-buffer write in the packet
 /// path and a wake-up of ztunnel's main thread, for a line that would be thrown away.
 pub const SETTINGS_LOG_FLOWS: u16 = 2;
+
+/// `Settings::flags`: connections from the node's own sockets (kubelet's probes,
+/// hostNetwork pods) to enrolled pods meet the pod's policy at the last hop like any
+/// other source, instead of being exempt (`--host-probes policy`).
+pub const SETTINGS_HOST_UNDER_POLICY: u16 = 4;
 
 /// What the program needs to know about an interface beyond its index.
 #[repr(C)]
@@ -238,4 +253,5 @@ mod user {
     unsafe impl aya::Pod for super::sockmap::SockKey {}
     unsafe impl aya::Pod for super::sockmap::SockmapSettings {}
     unsafe impl aya::Pod for super::sockmap::SockmapCounters {}
+    unsafe impl aya::Pod for super::last_hop::LastHopEvent {}
 }

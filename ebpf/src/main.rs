@@ -20,18 +20,20 @@
 #![no_std]
 #![no_main]
 
+mod last_hop;
 mod sockmap;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT},
     helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use ztunnel_ebpf_common::{
     decide::{decide, decide_on_bridge, decide_unparsed, End, Facts, Lookups, Take, Verdict},
+    last_hop::LAST_HOP_COUNTERS,
     parse::{self, Reader, L4},
     sockmap::{SockKey, SockmapCounters, SockmapSettings},
     FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, DROP_REASONS, DROP_UNPARSED,
@@ -108,6 +110,21 @@ macro_rules! capture_maps {
     };
     // A BTF map, defined in `sockmap` (socket storage needs BTF).
     (@map SOCK_STATE $name:tt) => {};
+    (@map LAST_HOP $name:tt) => {
+        #[map(name = $name)]
+        static LAST_HOP: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
+    };
+    (@map LAST_HOP_EVENTS $name:tt) => {
+        /// 256 KiB (a power-of-two number of pages, as the kernel requires): room for
+        /// about 5,900 questions of 36 bytes and their 8-byte headers. When it is full
+        /// the SYN is dropped unasked and its retransmission asks again.
+        #[map(name = $name)]
+        static LAST_HOP_EVENTS: RingBuf = RingBuf::pinned(1 << 18, 0);
+    };
+    (@map LAST_HOP_COUNT $name:tt) => {
+        #[map(name = $name)]
+        static LAST_HOP_COUNT: PerCpuArray<u64> = PerCpuArray::pinned(LAST_HOP_COUNTERS, 0);
+    };
 }
 ztunnel_ebpf_common::with_map_names!(capture_maps);
 

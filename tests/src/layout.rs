@@ -143,6 +143,50 @@ impl Layout {
         Layout::CALICO_IPIP,
     ];
 
+    /// Every layout there is, for the layout matrix (`cargo xtask layouts`).
+    pub const MATRIX: [Layout; 7] = [
+        Layout::ROUTED,
+        Layout::PTP,
+        Layout::PTP_32,
+        Layout::BRIDGE,
+        Layout::ROUTED_VXLAN,
+        Layout::FLANNEL,
+        Layout::CALICO_IPIP,
+    ];
+
+    /// The layout named `name`, as [`Layout::name`] spells it (`ptp+direct`), or by the
+    /// CNI it stands for: `routed` (Calico), `ptp` and `ptp32` (kindnet, GKE), `bridge`
+    /// (flannel host-gw), `routed-vxlan` (Calico VXLAN), `flannel`, `ipip` (Calico IPIP).
+    pub fn parse(name: &str) -> Option<Layout> {
+        let by_alias = match name {
+            "routed" | "calico" => Some(Layout::ROUTED),
+            "ptp" | "kindnet" | "gke" => Some(Layout::PTP),
+            "ptp32" => Some(Layout::PTP_32),
+            "bridge" | "host-gw" => Some(Layout::BRIDGE),
+            "routed-vxlan" | "calico-vxlan" => Some(Layout::ROUTED_VXLAN),
+            "flannel" => Some(Layout::FLANNEL),
+            "ipip" | "calico-ipip" => Some(Layout::CALICO_IPIP),
+            _ => None,
+        };
+        by_alias.or_else(|| Layout::MATRIX.into_iter().find(|l| l.name() == name))
+    }
+
+    /// The layout of [`crate::Testbed::new`]: `TESTBED_LAYOUT` when set (so that every
+    /// suite can be run on every layout), else [`Layout::ROUTED`]. An unknown name panics
+    /// with the list of known ones rather than quietly testing the default.
+    pub fn from_env() -> Layout {
+        match std::env::var("TESTBED_LAYOUT") {
+            Ok(name) if !name.is_empty() => Layout::parse(&name).unwrap_or_else(|| {
+                let known: Vec<String> = Layout::MATRIX.iter().map(|l| l.name()).collect();
+                panic!(
+                    "TESTBED_LAYOUT={name}: unknown layout (known: {})",
+                    known.join(", ")
+                )
+            }),
+            _ => Layout::ROUTED,
+        }
+    }
+
     /// The node's interface on the wire: always `eth0`.
     pub fn uplink(&self) -> &'static str {
         UPLINK
@@ -610,4 +654,20 @@ pub fn run(ns: &Netns, program: &str, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_layout_parses_back_from_its_name() {
+        for l in Layout::MATRIX {
+            assert_eq!(Layout::parse(&l.name()), Some(l), "{}", l.name());
+        }
+        assert_eq!(Layout::parse("kindnet"), Some(Layout::PTP));
+        assert_eq!(Layout::parse("ipip"), Some(Layout::CALICO_IPIP));
+        assert_eq!(Layout::parse("ptp+ipip"), None);
+        assert_eq!(Layout::parse("nonsense"), None);
+    }
 }

@@ -11,6 +11,7 @@ mod cleanup;
 pub mod cni;
 pub mod firewall;
 pub mod http;
+pub mod kube_proxy;
 pub mod layout;
 mod netns;
 pub mod patient;

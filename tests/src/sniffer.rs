@@ -108,17 +108,35 @@ impl Sniffer {
     }
 }
 
+/// The device of a node where the TCP its pods exchange with other nodes can be read: the
+/// VXLAN device (before encapsulation) under VXLAN, else the uplink (under IPIP, read the
+/// capture through [`Capture::pod_traffic`]).
+pub fn carrier(layout: crate::Layout) -> &'static str {
+    layout.vxlan().unwrap_or(layout.uplink())
+}
+
 impl Capture {
     /// (source port, destination port, payload) of every TCP segment.
     pub fn tcp(&self) -> Vec<(u16, u16, &[u8])> {
         self.frames.iter().filter_map(|f| tcp_segment(f)).collect()
     }
 
-    /// Whether `needle` appears in any TCP payload.
+    /// Whether `needle` appears anywhere in a frame: in a TCP payload, or inside an
+    /// encapsulation (VXLAN, IPIP) that carries one. Only encryption hides it.
     pub fn contains_plaintext(&self, needle: &[u8]) -> bool {
-        self.tcp()
+        self.frames
             .iter()
-            .any(|(_, _, p)| p.windows(needle.len()).any(|w| w == needle))
+            .any(|f| f.windows(needle.len()).any(|w| w == needle))
+    }
+
+    /// What the nodes' pods sent each other, from a capture on [`carrier`]: under IPIP the
+    /// packets inside the tunnel's, elsewhere the capture as it is.
+    pub fn pod_traffic(self, layout: crate::Layout) -> Capture {
+        if layout.tunnel().is_some() {
+            self.decapsulated()
+        } else {
+            self
+        }
     }
 
     /// UDP datagrams to `port` (outer headers: VXLAN's are to 8472).

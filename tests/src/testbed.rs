@@ -66,10 +66,11 @@ pub struct Pod {
 }
 
 impl Testbed {
-    /// A new, empty testbed whose namespaces are named `zt<pid>-<n>-…`, in the default
-    /// layout ([`Layout::ROUTED`]: routed pods, direct routes between nodes).
+    /// A new, empty testbed whose namespaces are named `zt<pid>-<n>-…`, in the layout
+    /// `TESTBED_LAYOUT` names ([`Layout::from_env`]; `cargo xtask layouts` sets it), by
+    /// default [`Layout::ROUTED`] (routed pods, direct routes between nodes).
     pub fn new() -> anyhow::Result<Testbed> {
-        Testbed::with_layout(Layout::default())
+        Testbed::with_layout(Layout::from_env())
     }
 
     /// A new, empty testbed in `layout` (see [`crate::layout`]).

@@ -18,7 +18,7 @@ fn config(ns: &Netns) -> CaptureConfig {
         instance: ns.name().to_string(),
         bpffs_root: "/sys/fs/bpf".into(),
         routing: RoutingConfig {
-            mark: 0x4000,
+            mark: 0x1000,
             table: 15010,
             priority: 100,
         },
@@ -28,6 +28,7 @@ fn config(ns: &Netns) -> CaptureConfig {
         inbound_hbone_port: 15008,
         excluded_ports: vec![9999],
         attach: tc_attach(),
+        host_under_policy: false,
         tc_priority: 1,
         // Capture alone: the listeners here are the test's, not ztunnel's relay.
         sockmap: Default::default(),

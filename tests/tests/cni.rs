@@ -15,7 +15,7 @@ use ztunnel_tests::cni::{
     UDP,
 };
 use ztunnel_tests::layout::icmp_too_big_sent;
-use ztunnel_tests::sniffer::{Capture, Sniffer};
+use ztunnel_tests::sniffer::{self, Capture, Sniffer};
 use ztunnel_tests::traffic::{self, connect, echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Interconnect, Layout, Netns, Node, Pod, Testbed};
@@ -115,20 +115,17 @@ fn echoes(from: &Pod, to: SocketAddr, msg: &[u8]) -> bool {
     }
 }
 
-/// The device where pod traffic between the nodes can be read in clear (before
-/// encapsulation, for an overlay; the wire for an IPIP tunnel, see [`on_the_carrier`]).
 fn carrier(tb: &Testbed) -> &'static str {
-    tb.layout().vxlan().unwrap_or(tb.layout().uplink())
+    sniffer::carrier(tb.layout())
 }
 
-/// What the nodes' pods sent each other, from a capture on [`carrier`]: under IPIP the
-/// packets inside the tunnel's (and the wire must carry nothing else for them).
+/// What the nodes' pods sent each other, from a capture on [`carrier`] (under IPIP there
+/// must have been tunnelled packets to read).
 fn on_the_carrier(tb: &Testbed, cap: Capture) -> Capture {
-    if tb.layout().tunnel().is_none() {
-        return cap;
+    if tb.layout().tunnel().is_some() {
+        assert!(cap.ipip() > 0, "nothing went through the tunnel");
     }
-    assert!(cap.ipip() > 0, "nothing went through the tunnel");
-    cap.decapsulated()
+    cap.pod_traffic(tb.layout())
 }
 
 /// Enrolled pods' TCP through ztunnel on `layout`: HBONE between the nodes (over the

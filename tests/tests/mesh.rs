@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ztunnel_tests::http::{self, ADMIN};
-use ztunnel_tests::sniffer::Sniffer;
+use ztunnel_tests::sniffer::{self, Sniffer};
 use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Node, Pod, Testbed};
@@ -91,7 +91,8 @@ fn round_trip_from(
 fn mesh_traffic_is_tls_on_the_wire_and_passthrough_is_not() {
     require_root!();
     let m = mesh("");
-    let sniff = Sniffer::start(&m.a.netns, "eth0").unwrap();
+    let layout = m.tb.layout();
+    let sniff = Sniffer::start(&m.a.netns, sniffer::carrier(layout)).unwrap();
     let secret = b"mesh-secret-payload-0123456789";
     let (echo, client) =
         round_trip_from(&m.client, SocketAddr::new(m.server.ip.into(), 8080), secret).unwrap();
@@ -102,7 +103,7 @@ fn mesh_traffic_is_tls_on_the_wire_and_passthrough_is_not() {
         open
     );
     std::thread::sleep(Duration::from_millis(200));
-    let cap = sniff.finish();
+    let cap = sniff.finish().pod_traffic(layout);
     assert!(
         !cap.contains_plaintext(secret),
         "mesh payload crossed the wire in plaintext"

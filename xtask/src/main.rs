@@ -2,6 +2,7 @@
 
 mod fuzz;
 mod kernels;
+mod layouts;
 mod setup;
 
 use std::process::Command;
@@ -45,6 +46,10 @@ enum Cmd {
     /// Boots Debian's 5.10, 6.1 and 6.12 kernels under QEMU and runs the end-to-end suites
     /// inside each, legacy tc and TCX; one line per kernel and suite. CI runs `--smoke`.
     Kernels(kernels::KernelsArgs),
+    /// Runs the end-to-end suites once per testbed layout (routed, ptp, bridge, VXLAN,
+    /// IPIP) and attachment mode on this machine's kernel; one line per layout and suite.
+    /// Not part of `test`.
+    Layouts(layouts::LayoutsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Load => release_run("load", "the load suite"),
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::Kernels(args) => kernels::kernels(&args),
+        Cmd::Layouts(args) => layouts::layouts(&args),
     }
 }
 
@@ -77,7 +83,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // kernels before 6.6 (`TC_ATTACH` reaches every ztunnel the tests start).
     println!("\n== the capture suites again with --tc-attach legacy ==\n");
     let legacy = run(Command::new("cargo")
-        .args(["test", "-p", "ztunnel-tests", "--no-fail-fast"])
+        // --workspace, as above: with -p the features of shared dependencies differ and
+        // every test executable would be built again.
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(LEGACY_SUITES.iter().flat_map(|s| ["--test", s]))
         .args(args)
         .env("ZTUNNEL_BIN", &bin)
@@ -95,6 +103,7 @@ const LEGACY_SUITES: &[&str] = &[
     "sockmap",
     "enrollment",
     "unparsed",
+    "bypass",
 ];
 
 fn demo() -> anyhow::Result<()> {

@@ -92,6 +92,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             cgroup: args.sockmap_cgroup.clone(),
             excluded_ports: args.sockmap_exclude_ports.clone(),
         },
+        host_under_policy: args.host_probes == crate::config::HostProbes::Policy,
     })
     .await
     .context("starting capture")?;
@@ -237,6 +238,13 @@ async fn serve(
     ));
     enroller.reconcile().await;
     tasks.spawn(memory::return_freed_memory(args.malloc_trim_interval));
+    if let Some((questions, answers)) = capture.lock().await.last_hop_responder() {
+        tasks.spawn(crate::proxy::last_hop::answer(
+            Arc::new(context()),
+            questions,
+            answers,
+        ));
+    }
     tasks.spawn(enforce_on_live_connections(
         store.clone(),
         connections.clone(),

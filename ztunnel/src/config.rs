@@ -207,8 +207,11 @@ pub struct RunArgs {
     #[arg(long, env = "BPFFS_ROOT", default_value = "/sys/fs/bpf")]
     pub bpffs_root: PathBuf,
 
-    /// Packet mark the capture program sets on packets it hands to ztunnel.
-    #[arg(long, env = "CAPTURE_MARK", default_value = "0x4000", value_parser = parse_u32)]
+    /// Packet mark the capture program sets on packets it hands to ztunnel; an `ip rule`
+    /// routes packets with this mark locally. Must be a bit nothing else on the node sets:
+    /// not kube-proxy's 0x4000 (masquerade) or 0x8000 (drop), Calico's and Cilium's
+    /// 0xffff0000, Cilium's 0x0f00, the AWS VPC CNI's 0x80, nor the proxy mark.
+    #[arg(long, env = "CAPTURE_MARK", default_value = "0x1000", value_parser = parse_u32)]
     pub capture_mark: u32,
 
     /// SO_MARK of ztunnel's own sockets (upstream's 1337); must not overlap the capture mark.
@@ -251,7 +254,7 @@ pub struct RunArgs {
 
     /// How the capture program is attached to interfaces: `auto` uses TCX links where the
     /// kernel has them (Linux 6.6 and later) and legacy tc otherwise (a clsact qdisc and a
-    /// direct-action cls_bpf filter, any kernel from 5.8); `tcx` or `legacy` force one.
+    /// direct-action cls_bpf filter, any kernel from 5.10); `tcx` or `legacy` force one.
     /// Either way ztunnel runs before the CNI's programs and passes on what it does not take.
     #[arg(long, env = "TC_ATTACH", value_enum, default_value = "auto")]
     pub tc_attach: crate::capture::TcAttach,
@@ -262,6 +265,14 @@ pub struct RunArgs {
     #[arg(long, env = "TC_PRIORITY", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub tc_priority: u16,
+
+    /// New connections from the node's own sockets (kubelet's probes, hostNetwork pods)
+    /// to enrolled pods, at the last hop into the pod: `exempt` lets them in without
+    /// policy (Istio exempts them too, SNATing them to 169.254.7.127); `policy` judges them
+    /// by the pod's policy like any other source outside the mesh, the node's address as
+    /// their source (probes then need a policy that allows it).
+    #[arg(long, env = "HOST_PROBES", value_enum, default_value = "exempt")]
+    pub host_probes: HostProbes,
 
     /// Sockmap acceleration: the kernel moves bytes between an enrolled pod's socket and
     /// ztunnel's (the plaintext hops: outbound capture, delivery, the same-node path)
@@ -495,3 +506,12 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests;
+
+/// `--host-probes`: what the last hop does with the node's own connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostProbes {
+    /// Let them in without policy.
+    Exempt,
+    /// Judge them by the pod's policy.
+    Policy,
+}

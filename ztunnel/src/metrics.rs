@@ -226,6 +226,9 @@ pub struct Metrics {
     /// Node-wide: packets to or from enrolled pods whose TCP header the program could not
     /// read (fragments, IPv6 extension-header chains), dropped.
     pub capture_unparsed: Gauge,
+    /// The last hop into enrolled pods: SYNs it judged, by verdict, copied from its
+    /// per-CPU counters at scrape time.
+    pub last_hop_syns: Family<ResultLabels, Gauge>,
     /// Sockmap acceleration, copied from its per-CPU counters at scrape time.
     pub sockmap_enabled: Gauge,
     pub sockmap_accelerated: Gauge,
@@ -261,6 +264,7 @@ impl Metrics {
             address_conflicts: Gauge::default(),
             address_claims_refused: Counter::default(),
             capture_unparsed: Gauge::default(),
+            last_hop_syns: Family::default(),
             sockmap_enabled: Gauge::default(),
             sockmap_accelerated: Gauge::default(),
             sockmap_fallback: Gauge::default(),
@@ -365,6 +369,11 @@ impl Metrics {
             m.capture_unparsed.clone(),
         );
         zt.register(
+            "last_hop_syns",
+            "New connections into enrolled pods that did not come through ztunnel, judged at the pod's interface after the node's NAT (Service VIP, NodePort, hostPort), by result: allowed and denied by a cached policy verdict, from_node (the node's own, exempt), asked (dropped while ztunnel was asked) and waiting (dropped while an answer was pending)",
+            m.last_hop_syns.clone(),
+        );
+        zt.register(
             "sockmap_enabled",
             "1 if the pod-ztunnel hops are accelerated with sockmap",
             m.sockmap_enabled.clone(),
@@ -400,6 +409,22 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    pub fn set_last_hop(&self, c: &crate::capture::last_hop::LastHopCounters) {
+        for (result, n) in [
+            ("allowed", c.allowed),
+            ("from_node", c.from_node),
+            ("denied", c.denied),
+            ("asked", c.asked),
+            ("waiting", c.waiting),
+        ] {
+            self.last_hop_syns
+                .get_or_create(&ResultLabels {
+                    result: result.into(),
+                })
+                .set(n as i64);
+        }
     }
 
     pub fn set_sockmap(&self, v: &crate::capture::sockmap::SockmapView) {

@@ -10,7 +10,7 @@
 
 mod fetch;
 mod guest;
-mod report;
+pub(crate) mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ pub const SERIES: &[Series] = &[
     },
 ];
 
-const DEFAULT_SUITES: &str = "capture,mesh,cni,faults,node_proxy";
+const DEFAULT_SUITES: &str = "capture,mesh,cni,faults,node_proxy,bypass";
 /// What CI runs on every submission: the kernels most nodes run that lack TCX.
 const SMOKE_KERNELS: &str = "5.10,6.1";
 const SMOKE_SUITES: &str = "capture,mesh";
@@ -245,7 +245,7 @@ pub fn parse_kernels(arg: &str) -> anyhow::Result<Vec<Series>> {
     Ok(out)
 }
 
-fn parse_suites(arg: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn parse_suites(arg: &str) -> anyhow::Result<Vec<String>> {
     let suites: Vec<String> = arg
         .split(',')
         .map(str::trim)
@@ -262,7 +262,7 @@ fn parse_suites(arg: &str) -> anyhow::Result<Vec<String>> {
 /// The whole workspace, as `cargo xtask test` builds it: with `-p` the features of shared
 /// dependencies differ, and CI, which runs the smoke right after the tests, would build
 /// ztunnel and much of its dependencies a second time.
-fn build_tests(suites: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+pub(crate) fn build_tests(suites: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     run(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
     let out = Command::new("cargo")
         .args(["test", "--workspace", "--no-run", "--message-format=json"])
@@ -311,7 +311,7 @@ fn test_executables(cargo_json: &str) -> BTreeMap<String, PathBuf> {
 }
 
 /// The target directory, honouring CARGO_TARGET_DIR as cargo does.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let root = crate::workspace_root();
     std::env::var_os("CARGO_TARGET_DIR")
         .map(|d| root.join(d))

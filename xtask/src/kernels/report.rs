@@ -18,6 +18,19 @@ pub enum Outcome {
     NoResult(String),
 }
 
+impl Outcome {
+    /// The word of a result line: `passed`, `FAILED`, `TIMED OUT`, ….
+    pub fn verdict(&self) -> String {
+        match self {
+            Outcome::Passed => "passed".to_string(),
+            Outcome::Failed => "FAILED".to_string(),
+            Outcome::TimedOut => "TIMED OUT".to_string(),
+            Outcome::Crashed(rc) => format!("CRASHED (exit {rc})"),
+            Outcome::NoResult(why) => format!("NO RESULT ({why})"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SuiteResult {
     pub kernel: String,
@@ -82,13 +95,7 @@ impl SuiteResult {
     /// "6.1  6.1.158-1  legacy  capture  passed  6 passed, 0 failed, 0 ignored  66 s", then
     /// one indented line per failed test.
     pub fn line(&self) -> String {
-        let verdict = match &self.outcome {
-            Outcome::Passed => "passed".to_string(),
-            Outcome::Failed => "FAILED".to_string(),
-            Outcome::TimedOut => "TIMED OUT".to_string(),
-            Outcome::Crashed(rc) => format!("CRASHED (exit {rc})"),
-            Outcome::NoResult(why) => format!("NO RESULT ({why})"),
-        };
+        let verdict = self.outcome.verdict();
         let c = self.counts;
         let mut s = format!(
             "{:<5} {:<16} {:<6} {:<11} {:<10} {} passed, {} failed, {} ignored  {} s",

@@ -106,10 +106,12 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
 pub async fn metrics(state: Arc<AdminState>, req: Req) -> Response<Body> {
     match req.path.as_str() {
         "/metrics" | "/stats/prometheus" => {
-            let (counters, sockmap, unparsed) = {
+            let (counters, sockmap, unparsed, last_hop) = {
                 let cap = state.capture.lock().await;
-                (cap.counters(), cap.sockmap(), cap.dropped_unparsed())
+                let v = (cap.counters(), cap.sockmap(), cap.dropped_unparsed());
+                (v.0, v.1, v.2, cap.last_hop_counters())
             };
+            state.metrics.set_last_hop(&last_hop);
             state.metrics.set_capture(&counters);
             state.metrics.capture_unparsed.set(unparsed as i64);
             state.metrics.set_sockmap(&sockmap);

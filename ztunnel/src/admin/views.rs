@@ -72,11 +72,17 @@ pub async fn capture(s: &AdminState) -> Value {
             "inboundPlaintextPort": cfg.inbound_plain_port,
             "inboundHbonePort": cfg.inbound_hbone_port,
             "excludedPorts": cfg.excluded_ports,
+            "hostProbes": if cfg.host_under_policy { "policy" } else { "exempt" },
         },
         "enrolled": cap.enrolled(),
         "counters": counters,
         "sockmap": cap.sockmap(),
         "droppedUnparsed": cap.dropped_unparsed(),
+        // Connections into enrolled pods judged after the node's NAT (VIP, NodePort).
+        "lastHop": {
+            "syns": cap.last_hop_counters(),
+            "cachedVerdicts": cap.last_hop_cached(),
+        },
     })
 }
 

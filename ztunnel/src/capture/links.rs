@@ -1,5 +1,7 @@
-//! Attachments of the capture program to interfaces: TCX links pinned in bpffs, or
-//! legacy tc filters (kernels before 6.6, or `--tc-attach legacy`).
+//! Attachments of a TC program to interfaces: TCX links pinned in bpffs, or legacy tc
+//! filters (kernels before 6.6, or `--tc-attach legacy`). Two sets of them ([`Hook`]): the
+//! capture program at the ingress of pods' interfaces and the node's links, the last-hop
+//! program at the egress of enrolled pods' interfaces.
 //!
 //! Either way the attachment outlives ztunnel: a TCX link through its pin, a filter
 //! because it belongs to the interface. That is what makes capture fail closed: when
@@ -21,7 +23,7 @@ use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use tracing::{info, warn};
-use ztunnel_ebpf_common::CAPTURE_PROGRAM;
+use ztunnel_ebpf_common::{CAPTURE_PROGRAM, LAST_HOP_PROGRAM};
 
 use super::legacy_tc::{self, FILTER_HANDLE};
 
@@ -33,6 +35,43 @@ pub enum AttachMode {
     Tcx,
     /// A clsact qdisc and a direct-action cls_bpf filter at this priority.
     Legacy { priority: u16 },
+}
+
+/// Which program, on which side of the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The capture program, at ingress.
+    Capture,
+    /// The last-hop program, at egress.
+    LastHop,
+}
+
+impl Hook {
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Capture => TcAttachType::Ingress,
+            Hook::LastHop => TcAttachType::Egress,
+        }
+    }
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Capture => CAPTURE_PROGRAM,
+            Hook::LastHop => LAST_HOP_PROGRAM,
+        }
+    }
+
+    /// The pin directory's subdirectories: TCX links, markers of qdiscs ztunnel added.
+    fn dirs(self) -> (&'static str, &'static str) {
+        match self {
+            Hook::Capture => ("links", "qdiscs"),
+            Hook::LastHop => ("egress-links", "egress-qdiscs"),
+        }
+    }
+
+    fn egress(self) -> bool {
+        self == Hook::LastHop
+    }
 }
 
 enum Attachment {
@@ -48,8 +87,9 @@ struct Attached {
     ifindex: u32,
 }
 
-/// The interfaces the capture program is attached to (ingress).
+/// The interfaces one program is attached to.
 pub struct Links {
+    hook: Hook,
     mode: AttachMode,
     /// TCX pins, one per interface name.
     pins: PathBuf,
@@ -63,7 +103,7 @@ pub struct Links {
     spare: Spare,
 }
 
-/// Loads another instance of the capture object.
+/// Loads another instance of the object.
 pub type Spare = Box<dyn Fn() -> anyhow::Result<aya::Ebpf> + Send + Sync>;
 
 /// How an interface came to be captured.
@@ -79,16 +119,18 @@ pub enum AttachOutcome {
 impl Links {
     pub fn new(
         dir: &Path,
+        hook: Hook,
         mode: AttachMode,
         netlink: rtnetlink::Handle,
         spare: Spare,
     ) -> anyhow::Result<Self> {
-        let pins = dir.join("links");
-        let qdiscs = dir.join("qdiscs");
+        let (pins, qdiscs) = hook.dirs();
+        let (pins, qdiscs) = (dir.join(pins), dir.join(qdiscs));
         for d in [&pins, &qdiscs] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         Ok(Links {
+            hook,
             mode,
             pins,
             qdiscs,
@@ -149,13 +191,18 @@ impl Links {
         if pin.exists() {
             match adopt(prog, &pin) {
                 Ok(link) => {
-                    if is_first(prog, ifname) {
-                        info!(interface = ifname, "adopted pinned capture link");
+                    if is_first(prog, ifname, self.hook) {
+                        info!(
+                            interface = ifname,
+                            program = self.hook.program(),
+                            "adopted pinned link"
+                        );
                         return Ok((link, AttachOutcome::Adopted));
                     }
                     warn!(
                         interface = ifname,
-                        "another program runs before the capture program; moving it to the head"
+                        program = self.hook.program(),
+                        "another program runs before ours; moving it to the head"
                     );
                     let pinned = self.move_to_head(prog, ifname, link, &pin)?;
                     return Ok((pinned, AttachOutcome::Adopted));
@@ -163,13 +210,14 @@ impl Links {
                 Err(e) => {
                     warn!(
                         interface = ifname,
-                        "pinned capture link unusable, replacing it: {e:#}"
+                        program = self.hook.program(),
+                        "pinned link unusable, replacing it: {e:#}"
                     );
                     let _ = std::fs::remove_file(&pin);
                 }
             }
         }
-        let link = attach_first(prog, ifname)?;
+        let link = attach_first(prog, ifname, self.hook)?;
         Ok((pin_link(link, &pin)?, AttachOutcome::Attached))
     }
 
@@ -187,14 +235,14 @@ impl Links {
     ) -> anyhow::Result<FdLink> {
         let mut spare = (self.spare)().context("loading a second instance of the program")?;
         let spare_prog: &mut SchedClassifier = spare
-            .program_mut(CAPTURE_PROGRAM)
-            .context("capture program missing from the object")?
+            .program_mut(self.hook.program())
+            .context("program missing from the object")?
             .try_into()?;
         spare_prog.load()?;
-        let holder = attach_first(spare_prog, ifname)?;
+        let holder = attach_first(spare_prog, ifname, self.hook)?;
         let _ = std::fs::remove_file(pin);
         drop(old);
-        let ours = attach_first(prog, ifname)?;
+        let ours = attach_first(prog, ifname, self.hook)?;
         let pinned = pin_link(ours, pin)?;
         drop(holder);
         Ok(pinned)
@@ -217,15 +265,15 @@ impl Links {
                 if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).context(format!("adding a clsact qdisc to {ifname}")),
         }
-        let existing = legacy_tc::filters(&self.netlink, ifindex, false).await?;
+        let existing = legacy_tc::filters(&self.netlink, ifindex, self.hook.egress()).await?;
         let ours = existing
             .iter()
             .find(|f| f.priority == priority && f.handle == FILTER_HANDLE);
         let outcome = match ours {
-            Some(f) if f.is_ours(priority, CAPTURE_PROGRAM) => {
+            Some(f) if f.is_ours(priority, self.hook.program()) => {
                 let link = SchedClassifierLink::attached(
                     ifname,
-                    TcAttachType::Ingress,
+                    self.hook.attach_type(),
                     priority,
                     TcHandle::from(FILTER_HANDLE),
                     None,
@@ -234,7 +282,12 @@ impl Links {
                     .attach_to_link(link)
                     .with_context(|| format!("replacing the program of the filter on {ifname}"))?;
                 keep_filter(prog, id)?;
-                info!(interface = ifname, priority, "adopted capture filter");
+                info!(
+                    interface = ifname,
+                    priority,
+                    program = self.hook.program(),
+                    "adopted filter"
+                );
                 AttachOutcome::Adopted
             }
             Some(f) => bail!(
@@ -257,14 +310,16 @@ impl Links {
                 let id = prog
                     .attach_with_options(
                         ifname,
-                        TcAttachType::Ingress,
+                        self.hook.attach_type(),
                         TcAttachOptions::Netlink(NlOptions {
                             priority,
                             handle: TcHandle::from(FILTER_HANDLE),
                             classid: None,
                         }),
                     )
-                    .with_context(|| format!("attaching the capture filter to {ifname}"))?;
+                    .with_context(|| {
+                        format!("attaching the {} filter to {ifname}", self.hook.program())
+                    })?;
                 keep_filter(prog, id)?;
                 AttachOutcome::Attached
             }
@@ -272,11 +327,12 @@ impl Links {
         for f in existing.iter().filter(|f| f.priority < priority) {
             warn!(
                 interface = ifname,
-                "tc filter {} {:?} at priority {} runs before the capture program: packets it \
-                 ends the chain for never reach ztunnel",
+                "tc filter {} {:?} at priority {} runs before {}: packets it ends the chain \
+                 for never reach it",
                 f.kind,
                 f.name,
-                f.priority
+                f.priority,
+                self.hook.program()
             );
         }
         Ok(outcome)
@@ -285,23 +341,28 @@ impl Links {
     /// Removes our legacy filter from `ifname` (and the clsact qdisc if we added it and
     /// nothing else filters there). `priority` `None`: whichever priority it was left at.
     async fn remove_filter(&self, ifname: &str, ifindex: u32, priority: Option<u16>) {
-        let Ok(filters) = legacy_tc::filters(&self.netlink, ifindex, false).await else {
+        let Ok(filters) = legacy_tc::filters(&self.netlink, ifindex, self.hook.egress()).await
+        else {
             return;
         };
         for f in filters
             .iter()
-            .filter(|f| f.is_ours(priority.unwrap_or(f.priority), CAPTURE_PROGRAM))
+            .filter(|f| f.is_ours(priority.unwrap_or(f.priority), self.hook.program()))
         {
             // A link value for an existing filter detaches it when dropped.
             match SchedClassifierLink::attached(
                 ifname,
-                TcAttachType::Ingress,
+                self.hook.attach_type(),
                 f.priority,
                 TcHandle::from(f.handle),
                 None,
             ) {
                 Ok(link) => drop(link),
-                Err(e) => warn!(interface = ifname, "removing the capture filter: {e}"),
+                Err(e) => warn!(
+                    interface = ifname,
+                    program = self.hook.program(),
+                    "removing the filter: {e}"
+                ),
             }
         }
         let marker = self.qdiscs.join(pin_name(ifname));
@@ -394,16 +455,16 @@ fn pin_name(ifname: &str) -> String {
     ifname.replace('%', "%25").replace('.', "%2e")
 }
 
-fn attach_first(prog: &mut SchedClassifier, ifname: &str) -> anyhow::Result<FdLink> {
+fn attach_first(prog: &mut SchedClassifier, ifname: &str, hook: Hook) -> anyhow::Result<FdLink> {
     let id = prog
         .attach_with_options(
             ifname,
-            TcAttachType::Ingress,
+            hook.attach_type(),
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
-        .with_context(|| format!("attaching the capture program to {ifname}"))?;
+        .with_context(|| format!("attaching {} to {ifname}", hook.program()))?;
     let link = prog.take_link(id)?;
-    FdLink::try_from(link).context("capture link is not a TCX link")
+    FdLink::try_from(link).context("the link is not a TCX link")
 }
 
 fn pin_link(link: FdLink, pin: &Path) -> anyhow::Result<FdLink> {
@@ -423,12 +484,12 @@ fn adopt(prog: &mut SchedClassifier, pin: &Path) -> anyhow::Result<FdLink> {
     Ok(FdLink::try_from(link)?)
 }
 
-/// Whether this process's program is the first of the interface's TCX ingress chain.
-fn is_first(prog: &SchedClassifier, ifname: &str) -> bool {
+/// Whether this process's program is the first of the interface's TCX chain of `hook`.
+fn is_first(prog: &SchedClassifier, ifname: &str, hook: Hook) -> bool {
     let Ok(ours) = prog.info().map(|i| i.id()) else {
         return true;
     };
-    match SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) {
+    match SchedClassifier::query_tcx(ifname, hook.attach_type()) {
         Ok((_, progs)) => progs.first().is_none_or(|p| p.id() == ours),
         Err(_) => true,
     }

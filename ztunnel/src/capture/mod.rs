@@ -8,6 +8,7 @@
 mod bpffs;
 pub mod features;
 pub mod interfaces;
+pub mod last_hop;
 pub mod legacy_tc;
 mod links;
 #[cfg(test)]
@@ -28,7 +29,7 @@ use tracing::{debug, info, warn};
 use ztunnel_ebpf_common::{
     maps, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, DROP_UNPARSED,
     IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
-    SETTINGS_ENABLED, SETTINGS_LOG_FLOWS,
+    SETTINGS_ENABLED, SETTINGS_HOST_UNDER_POLICY, SETTINGS_LOG_FLOWS,
 };
 
 pub use interfaces::{PodInterfaces, Role};
@@ -63,6 +64,9 @@ pub struct CaptureConfig {
     pub tc_priority: u16,
     /// Sockmap acceleration of the pod ↔ ztunnel hops.
     pub sockmap: sockmap::SockmapConfig,
+    /// The node's own connections to enrolled pods meet their policy at the last hop,
+    /// instead of being exempt (`--host-probes policy`).
+    pub host_under_policy: bool,
 }
 
 /// The attachment asked for (`--tc-attach`).
@@ -138,6 +142,7 @@ pub struct Capture {
     written: Settings,
     netlink: rtnetlink::Handle,
     sockmap: sockmap::Sockmap,
+    last_hop: last_hop::LastHop,
 }
 
 impl Capture {
@@ -190,6 +195,15 @@ impl Capture {
             .try_into()?;
         prog.load()
             .context("loading the capture program (verifier)")?;
+        let spare_dir = map_dir.clone();
+        let netlink = routing::connect()?;
+        let last_hop = last_hop::LastHop::start(
+            &mut ebpf,
+            &dir,
+            mode,
+            netlink.clone(),
+            Box::new(move || load(&spare_dir)),
+        )?;
 
         let pods = take_hash(&mut ebpf, maps::PODS)?;
         let node_addrs = take_hash(&mut ebpf, maps::NODE_ADDRS)?;
@@ -216,16 +230,21 @@ impl Capture {
             outbound_port: cfg.outbound_port,
             inbound_plain_port: cfg.inbound_plain_port,
             inbound_hbone_port: cfg.inbound_hbone_port,
-            flags: SETTINGS_ENABLED | flow_log_flag(),
+            flags: SETTINGS_ENABLED
+                | flow_log_flag()
+                | if cfg.host_under_policy {
+                    SETTINGS_HOST_UNDER_POLICY
+                } else {
+                    0
+                },
         };
         settings.set(0, written, 0)?;
         let sockmap = sockmap::Sockmap::start(&mut ebpf, &cfg.sockmap);
 
-        let netlink = routing::connect()?;
         routing::install(&netlink, cfg.routing).await?;
         let spare_dir = map_dir.clone();
         let spare: links::Spare = Box::new(move || load(&spare_dir));
-        let links = links::Links::new(&dir, mode, netlink.clone(), spare)?;
+        let links = links::Links::new(&dir, links::Hook::Capture, mode, netlink.clone(), spare)?;
         let mut capture = Capture {
             cfg,
             dir,
@@ -245,6 +264,7 @@ impl Capture {
             written,
             netlink,
             sockmap,
+            last_hop,
         };
         capture.refresh().await?;
         info!(dir = %capture.dir.display(), "capture programs loaded");
@@ -259,10 +279,12 @@ impl Capture {
             routing::retry_busy(|| interfaces::scan(&self.netlink)).await?;
         let existing: Vec<(String, u32)> =
             links.iter().map(|l| (l.name.clone(), l.index)).collect();
-        self.links.remove_stale(&existing);
-        for (name, idx) in self.links.interfaces() {
-            if !existing.contains(&(name.clone(), idx)) {
-                self.links.forget(&name);
+        for links in [&mut self.links, self.last_hop.links()] {
+            links.remove_stale(&existing);
+            for (name, idx) in links.interfaces() {
+                if !existing.contains(&(name.clone(), idx)) {
+                    links.forget(&name);
+                }
             }
         }
         // Bridges and their ports in `ZT_IFACES` before anything is attached: on a bridge's
@@ -372,6 +394,16 @@ impl Capture {
         self.links
             .attach(program(&mut self.ebpf)?, interface, ifindex)
             .await?;
+        // The last hop before the address is enrolled: the moment the program at ingress
+        // starts sending its new connections to ztunnel, the ones that arrive around it
+        // (a Service VIP, a NodePort) are judged too.
+        let outcome = self
+            .last_hop
+            .attach(&mut self.ebpf, interface, ifindex)
+            .await?;
+        if outcome != AttachOutcome::AlreadyAttached {
+            debug!(interface, ?outcome, "last hop attached");
+        }
         for a in addresses {
             let info = PodInfo {
                 ifindex,
@@ -468,6 +500,22 @@ impl Capture {
             .unwrap_or(0)
     }
 
+    /// The last hop's counters.
+    pub fn last_hop_counters(&self) -> last_hop::LastHopCounters {
+        self.last_hop.counters()
+    }
+
+    /// The last hop's questions, for the task that answers them, and where the answers go.
+    pub fn last_hop_responder(&mut self) -> Option<(last_hop::Questions, last_hop::Answers)> {
+        let answers = self.last_hop.answers();
+        self.last_hop.take_questions().map(|q| (q, answers))
+    }
+
+    /// Verdicts the last hop holds now.
+    pub fn last_hop_cached(&self) -> usize {
+        self.last_hop.answers().len()
+    }
+
     /// Sockmap acceleration: on or why not, and its counters.
     pub fn sockmap(&self) -> sockmap::SockmapView {
         self.sockmap.view()
@@ -505,6 +553,9 @@ impl Capture {
 
     /// Removes everything this instance installed: links, routing, pinned maps.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        // The egress filters first: the ingress side removes a clsact qdisc it added
+        // only once nothing filters on it.
+        self.last_hop.links().detach_all().await;
         self.links.detach_all().await;
         routing::uninstall(&self.netlink, self.cfg.routing).await?;
         std::fs::remove_dir_all(&self.dir).ok();
@@ -516,6 +567,7 @@ impl Capture {
     /// (new connections wait, fail closed) until the next ztunnel adopts them.
     pub fn retain(mut self) {
         self.links.retain_all();
+        self.last_hop.links().retain_all();
         info!(dir = %self.dir.display(), "capture retained for the next ztunnel");
     }
 }

@@ -1,10 +1,10 @@
 //! The built capture object against the names user space uses: the maps it defines are
-//! exactly `maps::ALL` (plus aya-log's), and its program is `CAPTURE_PROGRAM`.
+//! exactly `maps::ALL` (plus aya-log's), and its TC programs are `CAPTURE_PROGRAM` and `LAST_HOP_PROGRAM`.
 
 use std::collections::BTreeSet;
 
 use aya_obj::{EbpfSectionKind, Object, ProgramSection};
-use ztunnel_ebpf_common::{maps, CAPTURE_PROGRAM};
+use ztunnel_ebpf_common::{maps, CAPTURE_PROGRAM, LAST_HOP_PROGRAM};
 
 use super::CAPTURE_OBJECT;
 
@@ -52,18 +52,20 @@ fn other_maps_are_only_data_sections() {
 }
 
 #[test]
-fn has_the_capture_program() {
+fn has_the_tc_programs() {
     let obj = object();
     let names: Vec<&String> = obj.programs.keys().collect();
-    let prog = obj
-        .programs
-        .get(CAPTURE_PROGRAM)
-        .unwrap_or_else(|| panic!("{CAPTURE_PROGRAM} not among {names:?}"));
-    assert!(
-        matches!(prog.section, ProgramSection::SchedClassifier),
-        "{CAPTURE_PROGRAM} is a {:?}",
-        prog.section
-    );
+    for name in [CAPTURE_PROGRAM, LAST_HOP_PROGRAM] {
+        let prog = obj
+            .programs
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not among {names:?}"));
+        assert!(
+            matches!(prog.section, ProgramSection::SchedClassifier),
+            "{name} is a {:?}",
+            prog.section
+        );
+    }
 }
 
 #[test]

@@ -105,11 +105,7 @@ async fn remove_rules(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()>
     for version in [IpVersion::V4, IpVersion::V6] {
         let rules: Vec<_> = handle.rule().get(version).execute().try_collect().await?;
         for rule in rules {
-            let ours = rule.attributes.contains(&RuleAttribute::FwMark(cfg.mark))
-                && rule
-                    .attributes
-                    .contains(&RuleAttribute::Priority(cfg.priority));
-            if ours {
+            if is_ours(&rule.attributes, cfg) {
                 handle
                     .rule()
                     .del(rule)
@@ -120,6 +116,16 @@ async fn remove_rules(handle: &Handle, cfg: RoutingConfig) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// A capture rule this or an earlier ztunnel installed: at our priority, with our mark or
+/// pointing at our table. The table counts too so that a rule left by a ztunnel with
+/// another `--capture-mark` (before 0x1000 the default was 0x4000, kube-proxy's
+/// masquerade mark) is replaced, not left to route other marked packets locally.
+fn is_ours(attributes: &[RuleAttribute], cfg: RoutingConfig) -> bool {
+    attributes.contains(&RuleAttribute::Priority(cfg.priority))
+        && (attributes.contains(&RuleAttribute::FwMark(cfg.mark))
+            || attributes.contains(&RuleAttribute::Table(cfg.table)))
 }
 
 /// A route dump request for every table of one family: zero is the wildcard of every
@@ -193,4 +199,33 @@ pub async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u3
         .into_iter()
         .find(|(n, _)| n == name)
         .map(|(_, i)| i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_is_ours_by_priority_and_mark_or_table() {
+        let cfg = RoutingConfig {
+            mark: 0x1000,
+            table: 15010,
+            priority: 100,
+        };
+        let rule = |mark: u32, table: u32, prio: u32| {
+            vec![
+                RuleAttribute::Table(table),
+                RuleAttribute::FwMark(mark),
+                RuleAttribute::FwMask(mark),
+                RuleAttribute::Priority(prio),
+            ]
+        };
+        assert!(is_ours(&rule(0x1000, 15010, 100), cfg));
+        // an older default mark, our table: replaced on upgrade
+        assert!(is_ours(&rule(0x4000, 15010, 100), cfg));
+        assert!(is_ours(&rule(0x1000, 200, 100), cfg));
+        // someone else's rule at another priority, or another mark and table
+        assert!(!is_ours(&rule(0x1000, 15010, 101), cfg));
+        assert!(!is_ours(&rule(0x4000, 200, 100), cfg));
+    }
 }

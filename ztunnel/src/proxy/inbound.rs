@@ -251,30 +251,9 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
     };
     let source = ctx.store.snapshot().workload_by_ip(peer.ip());
     let dst_id = workload.identity();
-    let record = Record {
-        direction: Direction::Inbound,
-        src: End {
-            addr: Some(peer),
-            workload: source.as_deref(),
-            identity: None,
-        },
-        dst: End {
-            addr: Some(dst),
-            workload: Some(&workload),
-            identity: Some(&dst_id),
-        },
-        service: None,
-        dst_addr: dst,
-        target: dst,
-        mtls: false,
-    };
-    // No identity: policies that require one (strict mTLS) refuse it, and so does a
-    // waypoint of the workload's own. Closing the accepted socket is the refusal.
-    if let Err(denied) = through_waypoint(&ctx, &workload, None) {
-        conn.identify(record.info(), record.labels(), None);
-        return conn.finish(Outcome::Denied(denied));
-    }
-    let authz = match authorize(&ctx, None::<&Identity>, peer.ip(), dst, &workload) {
+    let record = plaintext_record(peer, dst, source.as_deref(), &workload, &dst_id);
+    // Closing the accepted socket is the refusal.
+    let authz = match authorize_plaintext(&ctx, peer, dst, &workload) {
         Ok(a) => a,
         Err(denied) => {
             conn.identify(record.info(), record.labels(), None);
@@ -288,4 +267,44 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
     };
     let relay = relay(conn.count(stream), up);
     conn.relay(relay).await
+}
+
+/// The checks of a plaintext connection from `peer` (no identity) to `workload`: policies
+/// that require an identity (strict mTLS) refuse it, and so does a waypoint of the
+/// workload's own. Also what the last hop asks of a forwarded connection.
+pub(super) fn authorize_plaintext(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    workload: &Workload,
+) -> Result<crate::connections::Authz, Reason> {
+    through_waypoint(ctx, workload, None)?;
+    authorize(ctx, None::<&Identity>, peer.ip(), dst, workload)
+}
+
+/// How a plaintext connection from `peer` to `workload` at `dst` is recorded.
+pub(super) fn plaintext_record<'a>(
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source: Option<&'a Workload>,
+    workload: &'a Workload,
+    dst_id: &'a Identity,
+) -> Record<'a> {
+    Record {
+        direction: Direction::Inbound,
+        src: End {
+            addr: Some(peer),
+            workload: source,
+            identity: None,
+        },
+        dst: End {
+            addr: Some(dst),
+            workload: Some(workload),
+            identity: Some(dst_id),
+        },
+        service: None,
+        dst_addr: dst,
+        target: dst,
+        mtls: false,
+    }
 }

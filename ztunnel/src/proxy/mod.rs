@@ -12,6 +12,7 @@
 pub mod guards;
 pub mod inbound;
 pub mod labels;
+pub mod last_hop;
 pub mod outbound;
 pub mod route;
 pub mod socket;
