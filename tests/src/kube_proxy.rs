@@ -70,7 +70,13 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// routed before OUTPUT's DNAT, by the node's default route; the testbed's nodes have
 /// none, so the Service range gets the route a default one would give it (the uplink).
 pub fn install(ns: &Netns, services: &[Service]) -> anyhow::Result<()> {
-    ns.ip(&["route", "replace", SERVICE_CIDR, "dev", crate::layout::UPLINK])?;
+    ns.ip(&[
+        "route",
+        "replace",
+        SERVICE_CIDR,
+        "dev",
+        crate::layout::UPLINK,
+    ])?;
     let mut child = ns
         .command("nft")?
         .args(["-f", "-"])

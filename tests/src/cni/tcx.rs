@@ -41,6 +41,20 @@ fn attach_type(hook: Hook) -> u32 {
     }
 }
 
+/// Whether this kernel has TCX links (6.6 and later): before, a CNI's programs are tc
+/// filters only, and the fake CNI's TCX counters have nothing to attach to.
+pub fn tcx_supported() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut v = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    (major, minor) >= (6, 6)
+}
+
 /// A TCX program of the fake CNI on one interface: counts every packet by IP protocol
 /// (IPv4 protocol, IPv6 first next header; [`OTHER`] for the rest) in a 256-slot array
 /// and returns `TCX_NEXT`, so the chain (and legacy tc filters) carry on. Dropping it

@@ -7,10 +7,12 @@
 
 mod bpffs;
 pub mod features;
+mod iface_infos;
 pub mod interfaces;
 pub mod last_hop;
 pub mod legacy_tc;
 mod links;
+mod logs;
 #[cfg(test)]
 mod object_tests;
 mod pinning;
@@ -28,9 +30,12 @@ use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use ztunnel_ebpf_common::{
     maps, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, CAPTURE_PROGRAM, DROP_UNPARSED,
-    IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND,
-    SETTINGS_ENABLED, SETTINGS_HOST_UNDER_POLICY, SETTINGS_LOG_FLOWS,
+    POD_FLAG_HELD, POD_FLAG_INBOUND, POD_FLAG_OUTBOUND, SETTINGS_ENABLED,
+    SETTINGS_HOST_UNDER_POLICY, SETTINGS_LOG_FLOWS,
 };
+
+use iface_infos::iface_infos;
+use logs::{flow_log_flag, spawn_log_forwarder};
 
 pub use interfaces::{PodInterfaces, Role};
 pub use links::{AttachMode, AttachOutcome};
@@ -586,29 +591,6 @@ fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
         .context("loading the capture object")
 }
 
-/// What the program must know of attached link `l` beyond its index, if anything: that it
-/// is a port of a bridge with MAC `bridge_mac`, that it has no MAC header.
-fn iface_info(l: &interfaces::Link, bridge_mac: Option<[u8; 6]>) -> Option<IfaceInfo> {
-    let mut info = IfaceInfo::default();
-    if let Some(mac) = bridge_mac {
-        info.bridge_mac = mac;
-        info.flags |= IFACE_BRIDGE_PORT;
-    }
-    if l.l3 {
-        info.flags |= IFACE_L3;
-    }
-    (info.flags != 0).then_some(info)
-}
-
-/// `SETTINGS_LOG_FLOWS` if the log filter shows the program's debug records.
-fn flow_log_flag() -> u16 {
-    if crate::logging::shows(PROGRAM_LOG_TARGET, log::Level::Debug) {
-        SETTINGS_LOG_FLOWS
-    } else {
-        0
-    }
-}
-
 fn take_hash<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
@@ -635,30 +617,6 @@ pub(crate) fn set_ports(
     Ok(())
 }
 
-/// Forwards aya-log records from the programs to `log`, which `tracing` picks up.
-fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    use tokio::io::unix::AsyncFd;
-    // SAFETY: the logger owns its ring-buffer fd and keeps it open while registered.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("eBPF logs unavailable: {e}");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-}
-
 pub fn key(ip: IpAddr) -> PodKey {
     match ip {
         IpAddr::V4(a) => PodKey::v4(a.octets()),
@@ -671,83 +629,5 @@ pub fn addr(k: PodKey) -> IpAddr {
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
-    }
-}
-
-/// What `ZT_IFACES` must say about `links`: each bridge (its MAC, [`IFACE_BRIDGE`]) and
-/// each attached link that needs more than its index ([`iface_info`]).
-fn iface_infos(links: &[interfaces::Link]) -> BTreeMap<u32, IfaceInfo> {
-    // Whether a veth is a pod's or the node's does not matter here (both are attached).
-    let role = |l: &interfaces::Link| Role::of(l, &BTreeSet::new());
-    let bridge_mac = |index: u32| {
-        links
-            .iter()
-            .find(|b| b.index == index && role(b) == Role::Bridge)
-            .and_then(|b| b.mac)
-    };
-    let mut out = BTreeMap::new();
-    for l in links {
-        let info = match role(l) {
-            Role::Bridge => l.mac.map(|bridge_mac| IfaceInfo {
-                bridge_mac,
-                flags: IFACE_BRIDGE,
-            }),
-            role if role.attached() => iface_info(l, l.master.and_then(bridge_mac)),
-            _ => None,
-        };
-        if let Some(info) = info {
-            out.insert(l.index, info);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod iface_tests {
-    use super::*;
-
-    fn link(name: &str, index: u32, kind: &str, master: Option<u32>, mac: u8) -> interfaces::Link {
-        interfaces::Link {
-            name: name.into(),
-            index,
-            kind: Some(kind.into()),
-            master,
-            peer_netnsid: (kind == "veth").then_some(1),
-            peer_index: None,
-            mac: Some([2, 0, 0, 0, 0, mac]),
-            loopback: false,
-            l3: false,
-        }
-    }
-
-    /// The bridge and its pod ports are listed, each with the bridge's MAC; a port of a
-    /// bridge that is not listed, and other links, are not.
-    #[test]
-    fn bridges_and_their_ports() {
-        let links = [
-            link("cni0", 3, "bridge", None, 0xb),
-            link("p2", 4, "veth", Some(3), 0x4),
-            link("p3", 5, "veth", Some(9), 0x5),
-            link("flannel.1", 6, "vxlan", None, 0x6),
-            link("p4", 7, "veth", None, 0x7),
-        ];
-        let mac = [2, 0, 0, 0, 0, 0xb];
-        let want = BTreeMap::from([
-            (
-                3,
-                IfaceInfo {
-                    bridge_mac: mac,
-                    flags: IFACE_BRIDGE,
-                },
-            ),
-            (
-                4,
-                IfaceInfo {
-                    bridge_mac: mac,
-                    flags: IFACE_BRIDGE_PORT,
-                },
-            ),
-        ]);
-        assert_eq!(iface_infos(&links), want);
     }
 }

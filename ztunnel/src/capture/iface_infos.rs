@@ -1,0 +1,100 @@
+//! What `ZT_IFACES` tells the capture program about interfaces beyond their index: which
+//! are bridges, which are bridge ports (and their bridge's MAC), which have no MAC header.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ztunnel_ebpf_common::{IfaceInfo, IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3};
+
+use super::interfaces::{self, Role};
+
+/// What the program must know of attached link `l` beyond its index, if anything: that it
+/// is a port of a bridge with MAC `bridge_mac`, that it has no MAC header.
+fn iface_info(l: &interfaces::Link, bridge_mac: Option<[u8; 6]>) -> Option<IfaceInfo> {
+    let mut info = IfaceInfo::default();
+    if let Some(mac) = bridge_mac {
+        info.bridge_mac = mac;
+        info.flags |= IFACE_BRIDGE_PORT;
+    }
+    if l.l3 {
+        info.flags |= IFACE_L3;
+    }
+    (info.flags != 0).then_some(info)
+}
+
+/// What `ZT_IFACES` must say about `links`: each bridge (its MAC, [`IFACE_BRIDGE`]) and
+/// each attached link that needs more than its index ([`iface_info`]).
+pub(super) fn iface_infos(links: &[interfaces::Link]) -> BTreeMap<u32, IfaceInfo> {
+    // Whether a veth is a pod's or the node's does not matter here (both are attached).
+    let role = |l: &interfaces::Link| Role::of(l, &BTreeSet::new());
+    let bridge_mac = |index: u32| {
+        links
+            .iter()
+            .find(|b| b.index == index && role(b) == Role::Bridge)
+            .and_then(|b| b.mac)
+    };
+    let mut out = BTreeMap::new();
+    for l in links {
+        let info = match role(l) {
+            Role::Bridge => l.mac.map(|bridge_mac| IfaceInfo {
+                bridge_mac,
+                flags: IFACE_BRIDGE,
+            }),
+            role if role.attached() => iface_info(l, l.master.and_then(bridge_mac)),
+            _ => None,
+        };
+        if let Some(info) = info {
+            out.insert(l.index, info);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod iface_tests {
+    use super::*;
+
+    fn link(name: &str, index: u32, kind: &str, master: Option<u32>, mac: u8) -> interfaces::Link {
+        interfaces::Link {
+            name: name.into(),
+            index,
+            kind: Some(kind.into()),
+            master,
+            peer_netnsid: (kind == "veth").then_some(1),
+            peer_index: None,
+            mac: Some([2, 0, 0, 0, 0, mac]),
+            loopback: false,
+            l3: false,
+        }
+    }
+
+    /// The bridge and its pod ports are listed, each with the bridge's MAC; a port of a
+    /// bridge that is not listed, and other links, are not.
+    #[test]
+    fn bridges_and_their_ports() {
+        let links = [
+            link("cni0", 3, "bridge", None, 0xb),
+            link("p2", 4, "veth", Some(3), 0x4),
+            link("p3", 5, "veth", Some(9), 0x5),
+            link("flannel.1", 6, "vxlan", None, 0x6),
+            link("p4", 7, "veth", None, 0x7),
+        ];
+        let mac = [2, 0, 0, 0, 0, 0xb];
+        let want = BTreeMap::from([
+            (
+                3,
+                IfaceInfo {
+                    bridge_mac: mac,
+                    flags: IFACE_BRIDGE,
+                },
+            ),
+            (
+                4,
+                IfaceInfo {
+                    bridge_mac: mac,
+                    flags: IFACE_BRIDGE_PORT,
+                },
+            ),
+        ]);
+        assert_eq!(iface_infos(&links), want);
+    }
+}
