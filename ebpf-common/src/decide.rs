@@ -18,8 +18,9 @@
 //!    one of its original-source upstream sockets) → taken: a SYN is assigned to it; any
 //!    other packet is only marked (see [`Take`]).
 //! 3. Not a SYN: the flow (either direction) was captured, so its socket is gone (ztunnel
-//!    died) → drop (fail closed: nothing leaves in plaintext); otherwise it is a flow
-//!    opened before enrollment → direct (enrolling never resets).
+//!    died, or a late packet of a closed flow) → drop (fail closed: nothing leaves in
+//!    plaintext); otherwise it is a flow opened before enrollment → direct (enrolling
+//!    never resets).
 //! 4. A SYN: excluded destination port → direct; from an enrolled pod to anything but the
 //!    node's own addresses → outbound listener; to an enrolled pod from anything but an
 //!    enrolled pod → HBONE listener if the port is the HBONE port, else the plaintext
@@ -196,9 +197,14 @@ pub enum Verdict {
     AssignedListener(Listener),
     /// An enrolled pod's address on a foreign interface: dropped, counted on the source.
     DropSpoofed,
-    /// Ours but no ztunnel socket to take it, or from or to a held pod: dropped (fail
-    /// closed), counted on the [`Facts::charged`] end.
+    /// A SYN ztunnel should take but cannot (no listener), or a packet from or to a held
+    /// pod: dropped (fail closed), counted on the [`Facts::charged`] end as
+    /// `dropped_no_proxy`.
     DropFailClosed,
+    /// Any other packet of a flow ztunnel captured whose socket is gone (ztunnel died, or
+    /// the packet came late, after both ends closed): dropped (fail closed), counted on the
+    /// [`Facts::charged`] end as `dropped_socket_gone`.
+    DropSocketGone,
     /// To or from an enrolled pod, possibly TCP, but its TCP header cannot be read (a
     /// fragment, an IPv6 extension-header chain the program cannot walk, a header cut
     /// short: `parse::L4::Unparsed`): dropped, counted in `ZT_DROPS`, never passed
@@ -274,7 +280,7 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
     //    before enrollment: let it finish on the direct path.
     if !f.is_syn() {
         if look.flow_captured() || look.reverse_captured() {
-            return Verdict::DropFailClosed;
+            return Verdict::DropSocketGone;
         }
         return Verdict::Direct;
     }

@@ -234,11 +234,15 @@ pub struct PodCounters {
     /// Packets (and bytes) of this pod's TCP seen by the capture program, either direction.
     pub packets: u64,
     pub bytes: u64,
-    /// SYNs dropped because no ztunnel listener was there (fail closed).
+    /// SYNs dropped because no ztunnel listener was there (fail closed), and packets from
+    /// or to a held pod.
     pub dropped_no_proxy: u64,
     /// Packets carrying this pod's address that arrived on another interface than its
     /// own veth (another pod spoofing it): dropped.
     pub dropped_spoofed: u64,
+    /// Other packets of captured flows whose ztunnel socket is gone (ztunnel died, or they
+    /// came late, after the flow closed): dropped.
+    pub dropped_socket_gone: u64,
 }
 
 #[cfg(feature = "user")]

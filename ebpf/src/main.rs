@@ -264,14 +264,18 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
             }
             TC_ACT_SHOT
         }
-        Verdict::DropFailClosed => {
+        Verdict::DropFailClosed | Verdict::DropSocketGone => {
             let charged = match facts.charged() {
                 Some(End::Src) => Some(pkt.src()),
                 Some(End::Dst) => Some(pkt.dst()),
                 None => None,
             };
             if let Some(c) = charged.and_then(counters) {
-                c.dropped_no_proxy += 1;
+                if verdict == Verdict::DropSocketGone {
+                    c.dropped_socket_gone += 1;
+                } else {
+                    c.dropped_no_proxy += 1;
+                }
             }
             TC_ACT_SHOT
         }

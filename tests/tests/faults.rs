@@ -309,7 +309,13 @@ fn handover_under_load_refuses_and_resets_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     let dropped = syns_dropped(&p) - dropped_before;
-    eprintln!("handover under load: {report:?}, SYNs dropped by capture: {dropped}");
+    let late: u64 = [(&p.a, &p.client), (&p.b, &p.server)]
+        .iter()
+        .map(|(node, pod)| capture_counter(node, pod, "dropped_socket_gone").unwrap())
+        .sum();
+    eprintln!(
+        "handover under load: {report:?}, SYNs dropped by capture: {dropped}, late packets of closed flows dropped: {late}"
+    );
     assert!(report.ok > 50, "the load ran: {report:?}");
     assert_eq!(
         report.failed(),

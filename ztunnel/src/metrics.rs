@@ -218,6 +218,7 @@ pub struct Metrics {
     pub capture_bytes: Family<PodLabels, Gauge>,
     pub capture_dropped: Family<PodLabels, Gauge>,
     pub capture_spoofed: Family<PodLabels, Gauge>,
+    pub capture_socket_gone: Family<PodLabels, Gauge>,
     /// Workloads this node should capture but cannot (held: their traffic is dropped).
     pub workloads_not_enrolled: Gauge,
     /// Pod addresses more than one interface claims now, and the claims refused so far.
@@ -260,6 +261,7 @@ impl Metrics {
             capture_bytes: Family::default(),
             capture_dropped: Family::default(),
             capture_spoofed: Family::default(),
+            capture_socket_gone: Family::default(),
             workloads_not_enrolled: Gauge::default(),
             address_conflicts: Gauge::default(),
             address_claims_refused: Counter::default(),
@@ -340,8 +342,13 @@ impl Metrics {
         );
         zt.register(
             "capture_dropped_no_proxy",
-            "SYNs dropped because ztunnel was not listening (fail closed)",
+            "SYNs dropped because ztunnel was not listening (fail closed), and packets from or to a held pod",
             m.capture_dropped.clone(),
+        );
+        zt.register(
+            "capture_dropped_socket_gone",
+            "Other packets of captured flows whose ztunnel socket is gone (ztunnel died, or late packets of a closed flow), dropped",
+            m.capture_socket_gone.clone(),
         );
         zt.register(
             "capture_dropped_spoofed",
@@ -468,6 +475,9 @@ impl Metrics {
             self.capture_spoofed
                 .get_or_create(&l)
                 .set(c.dropped_spoofed as i64);
+            self.capture_socket_gone
+                .get_or_create(&l)
+                .set(c.dropped_socket_gone as i64);
         }
     }
 }

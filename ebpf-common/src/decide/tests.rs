@@ -255,7 +255,7 @@ const TABLE: &[Row] = &[
     row("unenrolled since: its socket takes the captured flow", C_VETH, NONE, NONE, ACK, 80, CAPTURED | SOCKET)
         .want(Marked, &[Flow, Socket(Mark)]),
     row("unenrolled since: socket gone, fail closed", C_VETH, NONE, NONE, ACK, 80, CAPTURED)
-        .want(DropFailClosed, &[Flow, Socket(Mark), Flow]),
+        .want(DropSocketGone, &[Flow, Socket(Mark), Flow]),
     row("unenrolled since: a SYN reusing the tuple goes direct", C_VETH, NONE, NONE, SYN, 80, CAPTURED | LISTENING)
         .want(Direct, &[Flow, Socket(Assign), Excluded]),
     // A socket owns the exact tuple: a SYN is assigned to it, anything else only marked
@@ -285,13 +285,13 @@ const TABLE: &[Row] = &[
         .want(Direct, NOT_CAPTURED),
     // Fail closed: a captured flow whose socket is gone, a SYN without a listener.
     row("fail closed: A's packet of a captured flow", A_VETH, A, NONE, ACK, 80, CAPTURED)
-        .want(DropFailClosed, &[Socket(Mark), Flow]),
+        .want(DropSocketGone, &[Socket(Mark), Flow]),
     row("fail closed: B's reply to a captured flow", B_VETH, B, NONE, ACK | PSH, 80, REVERSE)
-        .want(DropFailClosed, &[Socket(Mark), Flow, Reverse]),
+        .want(DropSocketGone, &[Socket(Mark), Flow, Reverse]),
     row("fail closed: an RST", UPLINK, NONE, B, RST, 80, CAPTURED)
-        .want(DropFailClosed, &[Socket(Mark), Flow]),
+        .want(DropSocketGone, &[Socket(Mark), Flow]),
     row("fail closed: an excluded port does not exempt a captured flow", A_VETH, A, NONE, ACK, 9100, EXCLUDED | CAPTURED)
-        .want(DropFailClosed, &[Socket(Mark), Flow]),
+        .want(DropSocketGone, &[Socket(Mark), Flow]),
     row("fail closed: A's SYN, no listener", A_VETH, A, NONE, SYN, 80, NO)
         .want(DropFailClosed, TO_15001),
     row("fail closed: SYN to B, no listener", UPLINK, NONE, B, SYN, 80, NO)
@@ -374,6 +374,7 @@ fn counting() {
         Marked,
         AssignedListener(Outbound),
         DropFailClosed,
+        DropSocketGone,
     ] {
         assert!(v.counted(), "{v:?}");
     }

@@ -108,6 +108,7 @@ pub struct Counters {
     pub bytes: u64,
     pub dropped_no_proxy: u64,
     pub dropped_spoofed: u64,
+    pub dropped_socket_gone: u64,
 }
 
 /// An enrolled pod address, as read back from the kernel map.
@@ -490,6 +491,7 @@ impl Capture {
                 c.bytes += v.bytes;
                 c.dropped_no_proxy += v.dropped_no_proxy;
                 c.dropped_spoofed += v.dropped_spoofed;
+                c.dropped_socket_gone += v.dropped_socket_gone;
             }
             out.insert(addr(k), c);
         }
