@@ -34,8 +34,9 @@ use LastHopVerdict::*;
 fn last_hop_table() {
     // (settings flags, dst flags, syn, from ztunnel, from node, excluded, cached,
     //  queue full) → (verdict, asked)
+    type Given = (u16, u32, bool, bool, bool, bool, u8, bool);
     #[rustfmt::skip]
-    let rows: &[((u16, u32, bool, bool, bool, bool, u8, bool), (LastHopVerdict, bool))] = &[
+    let rows: &[(Given, (LastHopVerdict, bool))] = &[
         // not enabled, not a SYN, not enrolled: not the last hop's business
         ((0, POD, true, false, false, false, 0, false), (Continue, false)),
         ((ON, POD, false, false, false, false, 0, false), (Continue, false)),

@@ -18,10 +18,13 @@ use super::ProxyContext;
 use crate::capture::last_hop::{Answers, Question, Questions};
 use crate::connections::{Direction, Outcome, Reason};
 
-/// Answers questions until the program's ring buffer fails; forgets every answer when the
-/// state changes (a policy, a workload), so each is asked again.
+/// Answers questions until the program's ring buffer fails; forgets every answer when
+/// what they were decided from changes (the policies, this node's workloads), so each is
+/// asked again. Other changes of the state (a remote endpoint, a service) keep them: every
+/// forgotten answer costs the next connection of its key a retransmitted SYN.
 pub async fn answer(ctx: Arc<ProxyContext>, mut questions: Questions, answers: Answers) {
     let mut changes = ctx.store.subscribe();
+    let mut decided_from = fingerprint(&ctx);
     loop {
         tokio::select! {
             batch = questions.next() => match batch {
@@ -42,7 +45,11 @@ pub async fn answer(ctx: Arc<ProxyContext>, mut questions: Questions, answers: A
                 if changed.is_err() {
                     return;
                 }
-                answers.clear();
+                let now = fingerprint(&ctx);
+                if now != decided_from {
+                    decided_from = now;
+                    answers.clear();
+                }
             }
         }
     }
@@ -86,4 +93,17 @@ async fn judge(ctx: &ProxyContext, q: Question) -> Result<(), ()> {
             Err(())
         }
     }
+}
+
+/// A digest of what the answers depend on: the policies and the workloads of this node
+/// (the only possible destinations: their waypoints, namespaces, addresses).
+fn fingerprint(ctx: &ProxyContext) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let state = ctx.store.snapshot();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{:?}", state.policies).hash(&mut h);
+    for w in state.workloads_on_node(&ctx.node) {
+        format!("{w:?}").hash(&mut h);
+    }
+    h.finish()
 }
