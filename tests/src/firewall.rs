@@ -56,6 +56,11 @@ pub fn kube_bridge_node(ns: &Netns) -> anyhow::Result<()> {
             format!("{key}: br_netfilter is not available (CONFIG_BRIDGE_NETFILTER, or `modprobe br_netfilter`)")
         })?;
     }
+    nft_apply(ns, &forward_rules())
+}
+
+/// Applies `rules` (`nft -f` syntax) inside `ns`.
+pub fn nft_apply(ns: &Netns, rules: &str) -> anyhow::Result<()> {
     let mut child = ns
         .command("nft")?
         .args(["-f", "-"])
@@ -69,7 +74,7 @@ pub fn kube_bridge_node(ns: &Netns) -> anyhow::Result<()> {
         .stdin
         .take()
         .context("nft stdin")?
-        .write_all(forward_rules().as_bytes())?;
+        .write_all(rules.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         anyhow::bail!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim());

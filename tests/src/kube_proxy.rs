@@ -13,8 +13,6 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use anyhow::Context;
-
 use crate::netns::Netns;
 
 /// kube-proxy's masquerade mark (`--iptables-masquerade-bit` 14).
@@ -77,25 +75,7 @@ pub fn install(ns: &Netns, services: &[Service]) -> anyhow::Result<()> {
         "dev",
         crate::layout::UPLINK,
     ])?;
-    let mut child = ns
-        .command("nft")?
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (install nftables: cargo xtask setup)")?;
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(rules(services).as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        anyhow::bail!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    crate::firewall::nft_apply(ns, &rules(services))
 }
 
 /// A ClusterIP in the testbed's Service range ([`SERVICE_CIDR`]).
