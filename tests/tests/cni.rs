@@ -513,7 +513,7 @@ fn cni_keeps_its_rules(layout: Layout) {
         "the CNI's filter missed an excluded port"
     );
     assert!(
-        count(&on_client, TCP) > tcp,
+        count(&on_client, TCP) > tcp || !tcx,
         "the CNI's program missed an excluded port"
     );
     drop(excluded);
