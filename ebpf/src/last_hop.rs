@@ -93,13 +93,16 @@ fn key(flow: &FlowKey) -> FlowKey {
     }
 }
 
-/// Queues the question, then records it as asked. Not inlined: the event and the key get
-/// a frame of their own (see `log_flow` in main.rs on the stack budget).
+/// Records the question as asked, then queues it: in that order, so that ztunnel's answer
+/// (which may come at once, from another CPU) is never overwritten by the pending mark.
+/// Not inlined: the event and the key get a frame of their own (see `log_flow` in main.rs
+/// on the stack budget).
 #[inline(never)]
 fn ask(flow: &FlowKey) -> bool {
     let Some(mut entry) = LAST_HOP_EVENTS.reserve::<LastHopEvent>(0) else {
         return false;
     };
+    let _ = LAST_HOP.insert(&key(flow), &LAST_HOP_PENDING, 0);
     entry.write(LastHopEvent {
         saddr: flow.saddr,
         daddr: flow.daddr,
@@ -107,6 +110,5 @@ fn ask(flow: &FlowKey) -> bool {
         dport: flow.dport,
     });
     entry.submit(0);
-    let _ = LAST_HOP.insert(&key(flow), &LAST_HOP_PENDING, 0);
     true
 }
