@@ -16,7 +16,9 @@
 //!    was never captured → continue: not ztunnel's packet.
 //! 2. A non-listening socket owns the packet's exact tuple (ztunnel's accepted socket, or
 //!    one of its original-source upstream sockets) → taken: a SYN is assigned to it; any
-//!    other packet is only marked (see [`Take`]).
+//!    other packet is only marked (see [`Take`]); a SYN-ACK also has its flow remembered
+//!    (ztunnel's own connection, e.g. its delivery to a pod with the client's address:
+//!    after a crash its packets are dropped like a captured flow's, never passed on).
 //! 3. Not a SYN: the flow (either direction) was captured, so its socket is gone (ztunnel
 //!    died, or a late packet of a closed flow) → drop (fail closed: nothing leaves in
 //!    plaintext); otherwise it is a flow opened before enrollment → direct (enrolling
@@ -91,6 +93,11 @@ impl Facts {
     /// A pure SYN: the first packet of a new connection (not a SYN-ACK).
     pub fn is_syn(&self) -> bool {
         self.tcp_flags & TCP_SYN != 0 && self.tcp_flags & TCP_ACK == 0
+    }
+
+    /// A SYN-ACK: the server's answer to a SYN.
+    pub fn is_syn_ack(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
     }
 
     /// The source address is an enrolled pod's, and the packet did not come from that
@@ -192,6 +199,11 @@ pub enum Verdict {
     /// Any other packet of a socket owning its tuple: marked, taken up the stack, found
     /// there by the kernel's own lookup.
     Marked,
+    /// A SYN-ACK to a socket owning its tuple (ztunnel's own connection being opened):
+    /// marked like [`Verdict::Marked`], and the flow as ztunnel opened it (the reverse of
+    /// this packet) remembered in `ZT_FLOWS`, so that step 3 drops its packets once the
+    /// socket is gone.
+    MarkedOpening,
     /// A SYN assigned to a listener: taken up the stack, the flow remembered in
     /// `ZT_FLOWS`.
     AssignedListener(Listener),
@@ -274,7 +286,14 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
             return Verdict::Assigned;
         }
     } else if look.take_existing(Take::Mark) {
-        return Verdict::Marked;
+        // A SYN-ACK to a ztunnel socket answers one of ztunnel's own connections (its
+        // delivery to a pod, with the client's address; a dial upstream): remembered, so
+        // that once the socket is gone the flow's packets are dropped, not passed on.
+        return if f.is_syn_ack() {
+            Verdict::MarkedOpening
+        } else {
+            Verdict::Marked
+        };
     }
     // 3. Ours but its socket is gone: never let it out in plaintext. Else a flow from
     //    before enrollment: let it finish on the direct path.

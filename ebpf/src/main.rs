@@ -240,6 +240,10 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     Ok(match verdict {
         Verdict::Continue | Verdict::Direct => VERDICT_CONTINUE,
         Verdict::Assigned | Verdict::Marked => taken(ctx, &iface),
+        Verdict::MarkedOpening => {
+            remember_reverse(&pkt.flow);
+            taken(ctx, &iface)
+        }
         Verdict::AssignedListener(listener) => {
             let _ = CAPTURED_FLOWS.insert(&pkt.flow, &1, 0);
             let outbound = listener.is_outbound();
@@ -460,6 +464,19 @@ fn reverse_captured(flow: &FlowKey) -> bool {
         dport: flow.sport,
     };
     CAPTURED_FLOWS.get_ptr(&reversed).is_some()
+}
+
+/// Remembers in `ZT_FLOWS` the flow whose reverse `flow` is (a connection ztunnel opened,
+/// answered by this SYN-ACK). Not inlined, like `reverse_captured`.
+#[inline(never)]
+fn remember_reverse(flow: &FlowKey) {
+    let opened = FlowKey {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+    };
+    let _ = CAPTURED_FLOWS.insert(&opened, &1, 0);
 }
 
 /// Builds the lookup tuple for `pkt`, with the destination port replaced by `dport`.

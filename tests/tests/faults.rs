@@ -217,9 +217,10 @@ fn a_thousand_concurrent_connections_and_no_fd_leak() {
 
 /// The server side of a captured connection: the server pod keeps writing after its
 /// node's ztunnel is killed. Its socket's packets (addressed to the client pod, whose own
-/// tuple ztunnel kept) must not leave the node in plaintext. They do not: the killed
-/// process's delivery socket lingers in the kernel as an orphan, the program hands the
-/// server's packets to it by their tuple, and it answers with a reset.
+/// tuple ztunnel kept) must not leave the node in plaintext. The killed process's delivery
+/// socket lingers a while as an orphan that takes them and resets; once it is gone they
+/// are dropped because the program remembered the delivery flow at its SYN-ACK. Without
+/// that, Debian's 6.1 under QEMU let them out.
 #[test]
 fn kill_on_the_server_side_leaks_nothing() {
     require_root!();

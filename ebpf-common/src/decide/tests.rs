@@ -262,8 +262,10 @@ const TABLE: &[Row] = &[
     // (the kernel's early demux finds the same socket and its cached route).
     row("A's packet of a captured flow", A_VETH, A, NONE, ACK | PSH, 80, SOCKET)
         .want(Marked, &[Socket(Mark)]),
-    row("B's reply to ztunnel's original-source socket", B_VETH, B, NONE, SYN | ACK, 80, SOCKET)
-        .want(Marked, &[Socket(Mark)]),
+    row("B's SYN-ACK to ztunnel's original-source socket: remembered", B_VETH, B, NONE, SYN | ACK, 80, SOCKET)
+        .want(MarkedOpening, &[Socket(Mark)]),
+    row("a SYN-ACK from afar to ztunnel's upstream socket: remembered", UPLINK, NONE, A, SYN | ACK, 80, SOCKET)
+        .want(MarkedOpening, &[Socket(Mark)]),
     row("a SYN whose tuple a socket owns (TIME_WAIT reuse)", A_VETH, A, NONE, SYN, 80, SOCKET | LISTENING)
         .want(Assigned, &[Socket(Assign)]),
     row("a SYN with ECN bits is assigned too", A_VETH, A, NONE, SYN | ECE | CWR, 80, SOCKET)
@@ -372,6 +374,7 @@ fn counting() {
         Direct,
         Assigned,
         Marked,
+        MarkedOpening,
         AssignedListener(Outbound),
         DropFailClosed,
         DropSocketGone,
