@@ -20,8 +20,8 @@ mod sys;
 mod tcx;
 
 pub use tcx::{
-    prog_name, tcx_prog_ids, tcx_programs, tcx_supported, Position, TcxCounter, COUNTER_NAME, ICMP,
-    ICMPV6, OTHER, TCP, UDP,
+    pin_array_map, prog_name, tcx_prog_ids, tcx_programs, tcx_supported, Position, TcxCounter,
+    COUNTER_NAME, ICMP, ICMPV6, OTHER, TCP, UDP,
 };
 
 static SINKS: AtomicU32 = AtomicU32::new(0);

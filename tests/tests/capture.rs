@@ -404,3 +404,31 @@ fn a_pod_spoofing_an_enrolled_neighbours_address_is_dropped() {
     assert_eq!(seen.recv_timeout(T).unwrap().1, dst);
     cap.shutdown();
 }
+
+/// A map left pinned by a build with another layout (here `ZT_DROPS` as an array of 4-byte
+/// values) is replaced, not reused: the new program loads and its counters read.
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced() {
+    require_root!();
+    let mut tb = Testbed::new().unwrap();
+    let node = tb.add_node("node").unwrap();
+    let cfg = config(&node.netns);
+    let maps = cfg
+        .bpffs_root
+        .join("ztunnel")
+        .join(&cfg.instance)
+        .join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let stale = maps.join("ZT_DROPS");
+    ztunnel_tests::cni::pin_array_map(&stale, 4, 1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg2 = cfg.clone();
+    let capture = node.netns.run(move || {
+        rt.block_on(async move { Capture::start(cfg2).await.map(|c| c.dropped_unparsed()) })
+    });
+    assert_eq!(capture.unwrap(), 0);
+    let _ = std::fs::remove_dir_all(cfg.bpffs_root.join("ztunnel").join(&cfg.instance));
+}

@@ -11,6 +11,7 @@ pub(super) const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 pub(super) const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 pub(super) const BPF_PROG_QUERY: u32 = 16;
 pub(super) const BPF_LINK_CREATE: u32 = 28;
+pub(super) const BPF_OBJ_PIN: u32 = 6;
 pub(super) const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub(super) const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub(super) const BPF_TCX_INGRESS: u32 = 46;
@@ -114,7 +115,17 @@ pub(super) union Attr {
     pub(super) info: InfoByFd,
     pub(super) query: Query,
     pub(super) link_create: LinkCreate,
+    pub(super) obj_pin: ObjPin,
     pub(super) _size: [u64; 32],
+}
+
+/// `BPF_OBJ_PIN`'s part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct ObjPin {
+    pub(super) pathname: u64,
+    pub(super) bpf_fd: u32,
+    pub(super) file_flags: u32,
 }
 
 const _: () = {

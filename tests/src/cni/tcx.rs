@@ -41,6 +41,38 @@ fn attach_type(hook: Hook) -> u32 {
     }
 }
 
+/// Pins a new array map (`key_size` 4) with values of `value_size` bytes at `path`: what an
+/// older build may have left where ztunnel pins its maps.
+pub fn pin_array_map(
+    path: &std::path::Path,
+    value_size: u32,
+    max_entries: u32,
+) -> anyhow::Result<()> {
+    let mut a = attr();
+    a.map_create = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name: name16("stale"),
+    };
+    let map = bpf(BPF_MAP_CREATE, &mut a)
+        .map(fd)
+        .context("creating the map")?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut a = attr();
+    a.obj_pin = ObjPin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: map.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut a).with_context(|| format!("pinning {}", path.display()))?;
+    Ok(())
+}
+
 /// Whether this kernel has TCX links (6.6 and later): before, a CNI's programs are tc
 /// filters only, and the fake CNI's TCX counters have nothing to attach to.
 pub fn tcx_supported() -> bool {

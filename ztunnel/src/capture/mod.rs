@@ -181,6 +181,7 @@ impl Capture {
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;
 
+        drop_incompatible_pins(&map_dir)?;
         let mut ebpf = match load(&map_dir) {
             Ok(e) => e,
             Err(e) => {
@@ -584,6 +585,28 @@ fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
         .program_mut(CAPTURE_PROGRAM)
         .context("capture program")?
         .try_into()?)
+}
+
+/// Removes pinned maps whose layout (key size, value size, entries) is not this build's.
+/// aya reuses a pinned map as it finds it, so after an upgrade that changed a map, the
+/// verifier would refuse the new program (an access past the old value's end) or its
+/// user-space view would not fit. A replaced map starts empty: pods are enrolled again on
+/// the next pass, counters start over.
+fn drop_incompatible_pins(map_dir: &std::path::Path) -> anyhow::Result<()> {
+    let obj = aya_obj::Object::parse(CAPTURE_OBJECT).context("parsing the capture object")?;
+    for (name, def) in &obj.maps {
+        let pin = map_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        let built = (def.key_size(), def.value_size(), def.max_entries());
+        if pinned != built {
+            warn!(map = %name, ?pinned, ?built, "pinned map has another layout (key, value, entries): replaced");
+            std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn load(map_dir: &std::path::Path) -> anyhow::Result<Ebpf> {
