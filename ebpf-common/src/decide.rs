@@ -22,7 +22,10 @@
 //! 3. Not a SYN: the flow (either direction) was captured, so its socket is gone (ztunnel
 //!    died, or a late packet of a closed flow) → drop (fail closed: nothing leaves in
 //!    plaintext); otherwise it is a flow opened before enrollment → direct (enrolling
-//!    never resets).
+//!    never resets). "Captured" is asked of `ZT_FLOWS` and then, for a packet from an
+//!    enrolled pod on its own interface, of the pod's own socket: `ZT_FLOWS` is an LRU
+//!    that any pod can flush with a flood of SYNs, the pod socket's mark
+//!    (`ZT_CAPTURED_SK`, see [`Verdict::marks_pod_socket`]) lives as long as the socket.
 //! 4. A SYN: excluded destination port → direct; from an enrolled pod to anything but the
 //!    node's own addresses → outbound listener; to an enrolled pod from anything but an
 //!    enrolled pod → HBONE listener if the port is the HBONE port, else the plaintext
@@ -107,6 +110,12 @@ impl Facts {
         self.src.flags != 0 && self.src.ifindex != 0 && self.src.ifindex != self.ifindex
     }
 
+    /// The packet comes from an enrolled pod through that pod's own interface: the pod's
+    /// socket of the flow can be looked up in the pod's namespace.
+    pub fn from_own_pod(&self) -> bool {
+        self.src.flags != 0 && self.src.ifindex != 0 && self.src.ifindex == self.ifindex
+    }
+
     /// Which end's counters record a drop for lack of a ztunnel socket: the source if it
     /// is captured outbound (or held), else the destination if it is captured inbound (or
     /// held).
@@ -140,6 +149,9 @@ pub trait Lookups {
     /// A non-listening socket owns the packet's exact tuple: give the packet the capture
     /// mark and, for [`Take::Assign`], assign it to that socket. True if it was taken.
     fn take_existing(&mut self, how: Take) -> bool;
+    /// The pod's own socket of the packet's flow (in the pod's namespace; the packet is
+    /// [`Facts::from_own_pod`]) carries the mark of a captured connection.
+    fn pod_socket_captured(&mut self) -> bool;
     /// The destination port is in `ZT_EXCL_PORTS`.
     fn port_excluded(&mut self) -> bool;
     /// The destination address is in `ZT_NODE_ADDRS`.
@@ -225,6 +237,21 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The program marks the sending pod's own socket as captured (`ZT_CAPTURED_SK`): for
+    /// a pod's SYN handed to the outbound listener (its socket is the connecting one), and
+    /// for every other packet a pod sends to a ztunnel socket (the first one after a
+    /// delivered connection is established is what marks the pod's server side; the
+    /// kernel keeps no storage on a socket still in its handshake). Once marked, step 3
+    /// drops the socket's packets whenever no ztunnel socket owns them, whatever
+    /// `ZT_FLOWS` still holds.
+    pub fn marks_pod_socket(self, f: &Facts) -> bool {
+        f.from_own_pod()
+            && matches!(
+                self,
+                Verdict::AssignedListener(Listener::Outbound) | Verdict::Assigned | Verdict::Marked
+            )
+    }
+
     /// The packet is counted (packets, bytes) on its enrolled ends: it went past the
     /// address checks, whatever happened next.
     pub fn counted(self) -> bool {
@@ -298,7 +325,10 @@ pub fn decide<L: Lookups>(f: &Facts, look: &mut L) -> Verdict {
     // 3. Ours but its socket is gone: never let it out in plaintext. Else a flow from
     //    before enrollment: let it finish on the direct path.
     if !f.is_syn() {
-        if look.flow_captured() || look.reverse_captured() {
+        if look.flow_captured()
+            || look.reverse_captured()
+            || (f.from_own_pod() && look.pod_socket_captured())
+        {
             return Verdict::DropSocketGone;
         }
         return Verdict::Direct;

@@ -61,6 +61,13 @@ macro_rules! with_map_names {
             /// Sockmap: each accelerated socket's [`SockState`](crate::sockmap::SockState)
             /// (socket storage, a BTF map: not pinned; the programs keep it alive).
             SOCK_STATE = "ZT_SOCK_STATE",
+            /// The pod sockets whose connections ztunnel captured: socket storage (a BTF
+            /// map, pinned), one `u32` per socket, set to 1 by the capture program on the
+            /// pod's own socket, found in the pod's namespace
+            /// ([`IfaceInfo::peer_netnsid`](crate::IfaceInfo)). Unlike `ZT_FLOWS` it is
+            /// not a bounded table that a flood of SYNs can empty: after a crash, a pod
+            /// socket that carries it sends nothing past ztunnel.
+            CAPTURED_SOCKETS = "ZT_CAPTURED_SK",
             /// The last hop: ztunnel's verdict for a forwarded connection into an enrolled
             /// pod, [`FlowKey`](crate::FlowKey) with `sport` 0 → `LAST_HOP_*` (LRU); see
             /// [`last_hop`](crate::last_hop).
@@ -187,6 +194,10 @@ pub struct IfaceInfo {
     pub bridge_mac: [u8; 6],
     /// `IFACE_*` bits.
     pub flags: u16,
+    /// With `IFACE_PEER_NETNS`: the id, in the node's namespace, of the namespace holding
+    /// this veth's peer (the pod's), as `bpf_skc_lookup_tcp` takes it to find the pod's
+    /// own socket of a flow.
+    pub peer_netnsid: i32,
 }
 
 /// `IfaceInfo::flags`: the interface is a port of a Linux bridge (a bridge CNI's pod
@@ -199,6 +210,9 @@ pub const IFACE_BRIDGE_PORT: u16 = 1;
 /// `ARPHRD_NONE` and the tunnel types). At TC its packets start at the IP header, so the
 /// program reads them from offset 0 instead of past an Ethernet header.
 pub const IFACE_L3: u16 = 2;
+/// `IfaceInfo::flags`: `peer_netnsid` is the namespace of this veth's peer (a pod's
+/// interface), where the program looks up the pod's own sockets.
+pub const IFACE_PEER_NETNS: u16 = 8;
 
 /// `ZT_DROPS` index: packets to or from an enrolled pod that may be TCP but whose TCP
 /// header the program cannot read (fragments, IPv6 extension-header chains it cannot walk,

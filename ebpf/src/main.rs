@@ -20,6 +20,7 @@
 #![no_std]
 #![no_main]
 
+mod captured_sockets;
 mod last_hop;
 mod sockmap;
 
@@ -37,7 +38,8 @@ use ztunnel_ebpf_common::{
     parse::{self, Reader, L4},
     sockmap::{SockKey, SockmapCounters, SockmapSettings},
     FlowKey, IfaceInfo, PodCounters, PodInfo, PodKey, Settings, DROP_REASONS, DROP_UNPARSED,
-    IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, SETTINGS_LOG_FLOWS, VERDICT_CONTINUE,
+    IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, IFACE_PEER_NETNS, SETTINGS_LOG_FLOWS,
+    VERDICT_CONTINUE,
 };
 
 /// Defines one static per map of `ztunnel_ebpf_common::with_map_names!`, named from that
@@ -108,8 +110,9 @@ macro_rules! capture_maps {
         #[map(name = $name)]
         static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
     };
-    // A BTF map, defined in `sockmap` (socket storage needs BTF).
+    // BTF maps, defined in `sockmap` and `captured_sockets` (socket storage needs BTF).
     (@map SOCK_STATE $name:tt) => {};
+    (@map CAPTURED_SOCKETS $name:tt) => {};
     (@map LAST_HOP $name:tt) => {
         #[map(name = $name)]
         static LAST_HOP: LruHashMap<FlowKey, u8> = LruHashMap::pinned(65536, 0);
@@ -131,13 +134,13 @@ ztunnel_ebpf_common::with_map_names!(capture_maps);
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const TCP_STATE_LISTEN: u32 = 10;
+pub(crate) const TCP_STATE_LISTEN: u32 = 10;
 
 /// The fields of a TCP packet the decision needs. It lives in `SCRATCH`, not on the
 /// stack: kernels before 6.9 allow 512 bytes of stack for a whole call chain (each frame
 /// rounded up to 32 bytes), and the packet's addresses alone are 64 bytes per copy.
 #[repr(C)]
-struct Packet {
+pub(crate) struct Packet {
     /// The addresses and ports (network byte order), which are also the flow's key.
     flow: FlowKey,
     v6: bool,
@@ -211,7 +214,12 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         let mark = settings.capture_mark;
         // SAFETY: reading a field of the context's __sk_buff.
         let marked = mark != 0 && unsafe { (*ctx.skb.skb).mark } & mark == mark;
-        let mut kernel = Kernel { ctx, pkt, mark };
+        let mut kernel = Kernel {
+            ctx,
+            pkt,
+            mark,
+            netnsid: None,
+        };
         return Ok(match decide_on_bridge(&facts, marked, &mut kernel) {
             Verdict::Assigned => TC_ACT_OK,
             Verdict::DropFailClosed => TC_ACT_SHOT,
@@ -219,16 +227,23 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
         });
     }
     // Decide, looking up (and assigning to sockets) as the decision asks.
+    let netnsid = (iface.flags & IFACE_PEER_NETNS != 0).then_some(iface.peer_netnsid);
     let verdict = decide(
         &facts,
         &mut Kernel {
             ctx,
             pkt,
             mark: settings.capture_mark,
+            netnsid,
         },
     );
 
     // Act.
+    if let Some(netnsid) = netnsid {
+        if verdict.marks_pod_socket(&facts) {
+            captured_sockets::pod_socket(ctx, pkt, netnsid, true);
+        }
+    }
     if verdict.counted() {
         if facts.src_outbound() {
             count_packet(pkt.src(), pkt.len);
@@ -322,6 +337,8 @@ struct Kernel<'a> {
     ctx: &'a TcContext,
     pkt: &'a Packet,
     mark: u32,
+    /// The namespace of the arrival interface's peer (a pod's), if it is a pod's veth.
+    netnsid: Option<i32>,
 }
 
 impl Lookups for Kernel<'_> {
@@ -344,6 +361,10 @@ impl Lookups for Kernel<'_> {
     }
     fn assign_listener(&mut self, port: u16) -> bool {
         assign_listener(self.ctx, self.pkt, port, self.mark)
+    }
+    fn pod_socket_captured(&mut self) -> bool {
+        self.netnsid
+            .is_some_and(|n| captured_sockets::pod_socket(self.ctx, self.pkt, n, false))
     }
 }
 
@@ -486,10 +507,23 @@ fn remember_reverse(flow: &FlowKey) {
 /// which the verifier refuses.
 #[inline(always)]
 fn tuple(pkt: &Packet, dport: u16) -> (bpf_sock_tuple, u32) {
+    let f = &pkt.flow;
+    tuple_from(&f.saddr, &f.daddr, f.sport, dport, pkt.v6)
+}
+
+/// A lookup tuple of these addresses and ports (network byte order), as [`tuple`].
+#[inline(always)]
+pub(crate) fn tuple_from(
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    sport: u16,
+    dport: u16,
+    v6: bool,
+) -> (bpf_sock_tuple, u32) {
     // Both ports in one word, at the same bytes as in the struct.
-    let ports = u32::from(pkt.flow.sport) | (u32::from(dport) << 16);
-    let (s, d) = (words(&pkt.flow.saddr), words(&pkt.flow.daddr));
-    let (w, size): ([u32; 9], u32) = if pkt.v6 {
+    let ports = u32::from(sport) | (u32::from(dport) << 16);
+    let (s, d) = (words(saddr), words(daddr));
+    let (w, size): ([u32; 9], u32) = if v6 {
         ([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports], 36)
     } else {
         // IPv4 is saddr, daddr, ports: the last word of each mapped address.

@@ -16,6 +16,7 @@ pub mod layout;
 mod netns;
 pub mod patient;
 pub mod procstat;
+pub mod raw;
 pub mod sniffer;
 mod testbed;
 pub mod traffic;

@@ -406,3 +406,144 @@ fn sigterm_drains_live_connections_then_exits() {
         "the drain should not have needed its deadline"
     );
 }
+
+/// Which end of a connection a flood-then-kill attack aims at.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    /// The client's connection, captured by its node's outbound listener.
+    Client,
+    /// The server's connection, delivered by its node's ztunnel.
+    Server,
+}
+
+/// The attack on `ZT_FLOWS` as a bounded table: a pod on the victim's node floods it with
+/// captured SYNs (far more flows than its 65,536 entries), then that node's ztunnel is
+/// killed. The victim pod does not hear ztunnel's reset (a firewall in its namespace drops
+/// it, as a lost segment would), so it goes on sending into the connection: its segments
+/// find no ztunnel socket and no `ZT_FLOWS` entry. The mark on its own socket still says
+/// the connection was captured: nothing leaves in plaintext, and the drops are counted.
+fn flood_then_kill_leaks_nothing(victim: Victim) {
+    let mut tb = Testbed::new().unwrap();
+    let a = tb.add_node("node-a").unwrap();
+    let b = tb.add_node("node-b").unwrap();
+    let client = tb.add_pod(&a, "client").unwrap();
+    let server = tb.add_pod(&b, "server").unwrap();
+    let (node, flooder_node) = match victim {
+        Victim::Client => (&a, &a),
+        Victim::Server => (&b, &b),
+    };
+    let flooder = tb.add_pod(flooder_node, "flooder").unwrap();
+    let config = tb
+        .write_config(
+            "workloads.yaml",
+            &local_config(
+                &[
+                    WorkloadSpec::mesh(&client, "default", "client"),
+                    WorkloadSpec::mesh(&server, "default", "server"),
+                    WorkloadSpec::mesh(&flooder, "default", "flooder"),
+                ],
+                "",
+            ),
+        )
+        .unwrap();
+    let za = tb.start_ztunnel(&a, &config, &[]).unwrap();
+    let zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
+    let (z, victim_pod, peer_ip) = match victim {
+        Victim::Client => (&za, &client, server.ip),
+        Victim::Server => (&zb, &server, client.ip),
+    };
+    let marker: &'static [u8] = b"FLOODED-THEN-KILLED-PLAINTEXT";
+    // The server accepts, answers once, then (server side) keeps talking.
+    let listener = server
+        .netns
+        .run(|| std::net::TcpListener::bind("0.0.0.0:9090"))
+        .unwrap();
+    let talks = matches!(victim, Victim::Server);
+    let (go, killed) = std::sync::mpsc::channel::<()>();
+    let server_side = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        if talks {
+            s.write_all(marker).unwrap();
+            // Then again once its node's ztunnel is dead.
+            let _ = killed.recv();
+            talk(&mut s, marker);
+        } else {
+            // Hold the connection open while the client talks.
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    });
+    let mut c = connect(&client.netns, SocketAddr::new(server.ip.into(), 9090), T).unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello", "the connection works through the mesh");
+    if matches!(victim, Victim::Server) {
+        let mut first = vec![0u8; marker.len()];
+        c.read_exact(&mut first).unwrap();
+    }
+    // The victim never hears that its peer (ztunnel) went away.
+    ztunnel_tests::firewall::nft_apply(
+        &victim_pod.netns,
+        &format!(
+            "table inet deaf {{\n chain input {{\n type filter hook input priority 0;\n \
+             ip saddr {peer_ip} tcp flags & (fin | rst) != 0 drop\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    // The flood: four times the table's size, every SYN captured.
+    let flows_before = capture_counter(node, &flooder, "outbound_flows").unwrap();
+    ztunnel_tests::raw::syn_flood(&flooder.netns, flooder.ip, 4 * 65_536);
+    let flooded = capture_counter(node, &flooder, "outbound_flows").unwrap() - flows_before;
+    assert!(
+        flooded > 65_536,
+        "the flood filled ZT_FLOWS several times over ({flooded} SYNs captured)"
+    );
+    let layout = tb.layout();
+    let sniff = Sniffer::start(&node.netns, sniffer::carrier(layout)).unwrap();
+    let dropped_before = capture_counter(node, victim_pod, "dropped_socket_gone").unwrap();
+    tb.kill(z.pid);
+    let _ = go.send(());
+    if matches!(victim, Victim::Client) {
+        talk(&mut c, marker);
+    }
+    drop(c);
+    let _ = server_side.join();
+    std::thread::sleep(Duration::from_millis(200));
+    let cap = sniff.finish().pod_traffic(layout);
+    assert!(
+        !cap.contains_plaintext(marker),
+        "{victim:?}: after a flood and a kill, the victim's segments left the node in plaintext"
+    );
+    // The counters are pinned: a new ztunnel shows what the program dropped meanwhile.
+    let _z = tb.start_ztunnel(node, &config, &[]).unwrap();
+    let dropped = capture_counter(node, victim_pod, "dropped_socket_gone").unwrap();
+    assert!(
+        dropped > dropped_before,
+        "{victim:?}: the victim's segments are counted as dropped (socket gone)"
+    );
+}
+
+/// Writes `marker` every 50 ms for 2 s, or until the connection fails.
+fn talk(s: &mut std::net::TcpStream, marker: &[u8]) {
+    for _ in 0..40 {
+        if s.write_all(marker).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn flood_then_kill_on_the_client_side_leaks_nothing() {
+    require_root!();
+    flood_then_kill_leaks_nothing(Victim::Client);
+}
+
+#[test]
+fn flood_then_kill_on_the_server_side_leaks_nothing() {
+    require_root!();
+    flood_then_kill_leaks_nothing(Victim::Server);
+}

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use ztunnel_tests::http;
+use ztunnel_tests::{http, raw};
 use ztunnel_tests::sniffer::Sniffer;
 use ztunnel_tests::traffic::{echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
@@ -145,47 +145,6 @@ fn tcp_behind_ipv6_extension_headers_is_captured_and_meets_policy() {
     m.zb.wait_for_log("connection denied by policy", T).unwrap();
 }
 
-/// The Internet checksum of `parts` (ones' complement sum of 16-bit words).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let bytes: Vec<u8> = parts.concat();
-    let mut sum: u32 = 0;
-    for c in bytes.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        sum += u32::from(w);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// A TCP SYN carrying `payload`, with its checksum over `pseudo` (the pseudo-header).
-fn syn(pseudo: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut tcp = vec![
-        0xc3, 0x50, 0x1f, 0x90, 0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
-    ];
-    tcp.extend_from_slice(payload);
-    let sum = checksum(&[pseudo, &tcp]);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    tcp
-}
-
-/// Sends raw IP packets (headers included) from inside `pod`.
-fn send_raw(pod: &Pod, v6: bool, dst: IpAddr, packets: Vec<Vec<u8>>) {
-    pod.netns.run(move || {
-        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-        let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).unwrap();
-        let to = SockAddr::from(SocketAddr::new(dst, 0));
-        for p in packets {
-            s.send_to(&p, &to).unwrap();
-        }
-    });
-}
-
 fn dropped_unparsed(z: &Ztunnel) -> u64 {
     let (_, body) = http::get(
         &z.node.netns,
@@ -211,7 +170,7 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
     let (s, d) = (m.client.ip.octets(), m.server.ip.octets());
     let tcp_len = 20 + marker.len();
     let pseudo = [&s[..], &d[..], &[0, 6], &(tcp_len as u16).to_be_bytes()].concat();
-    let tcp = syn(&pseudo, marker);
+    let tcp = raw::tcp_syn(&pseudo, 50000, 8080, marker);
     let ip4 = |frag: u16, body: &[u8]| {
         let total = (20 + body.len()) as u16;
         let mut h = vec![0x45, 0];
@@ -224,8 +183,8 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
         h.extend_from_slice(body);
         h
     };
-    send_raw(
-        &m.client,
+    raw::send(
+        &m.client.netns,
         false,
         m.server.ip.into(),
         vec![ip4(0x2000, &tcp[..8]), ip4(1, &tcp[8..])],
@@ -241,7 +200,7 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
         &[0, 0, 0, 6],
     ]
     .concat();
-    let tcp = syn(&pseudo, marker6);
+    let tcp = raw::tcp_syn(&pseudo, 50000, 8080, marker6);
     let ip6 = |frag: u16, body: &[u8]| {
         let mut h = vec![0x60, 0, 0, 0];
         h.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
@@ -254,8 +213,8 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
         h.extend_from_slice(body);
         h
     };
-    send_raw(
-        &m.client,
+    raw::send(
+        &m.client.netns,
         true,
         m.server.ip6.into(),
         vec![ip6(1, &tcp[..24]), ip6(3 << 3, &tcp[24..])],
@@ -286,4 +245,106 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
         echo_round_trip(&mut ok.unwrap(), b"still fine").unwrap(),
         b"still fine"
     );
+}
+
+/// The outbound flows captured from `addr` (any family) on `z`'s node.
+fn outbound_flows(z: &Ztunnel, addr: IpAddr) -> u64 {
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let (_, body) = http::get(&z.node.netns, admin, "/debug/capture").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["counters"][addr.to_string()]["outbound_flows"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// An options-style extension header (hop-by-hop, destination options, mobility and the
+/// like: next header, length in 8-octet units beyond the first, then PadN to fill).
+fn options_header(next: u8) -> Vec<u8> {
+    vec![next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// Every kind of IPv6 extension header, alone and chained, before a SYN that carries a
+/// marker, sent raw by the denied client to the server. A chain that ends in TCP is
+/// captured like any SYN: handed to ztunnel (counted as an outbound flow of the client),
+/// so the client meets the server's policy. A chain longer than the program walks is
+/// dropped and counted. No marker crosses the wire in plaintext, whatever the header.
+#[test]
+fn syns_behind_every_kind_of_extension_header_are_captured_or_dropped() {
+    require_root!();
+    let m = bed();
+    let (s6, d6) = (m.client.ip6, m.server.ip6);
+    use ztunnel_tests::raw::{ipv6, pseudo_v6, tcp_syn};
+    const HOP: u8 = 0;
+    const TCP: u8 = 6;
+    const ROUTING: u8 = 43;
+    const AH: u8 = 51;
+    const DSTOPTS: u8 = 60;
+    const MOBILITY: u8 = 135;
+    // A routing header of type 0 with no segments left: the receiver skips it and reads
+    // the TCP behind it.
+    let routing = |next: u8| vec![next, 0, 0, 0, 0, 0, 0, 0];
+    // AH: next header, length in 4-octet units minus 2 (24 bytes here), SPI, sequence, ICV.
+    let ah = |next: u8| {
+        let mut h = vec![next, 4, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 1];
+        h.extend_from_slice(&[0; 12]);
+        h
+    };
+    let cases: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("hop-by-hop", HOP, options_header(TCP)),
+        ("destination options", DSTOPTS, options_header(TCP)),
+        ("routing", ROUTING, routing(TCP)),
+        ("authentication header", AH, ah(TCP)),
+        ("mobility", MOBILITY, options_header(TCP)),
+        (
+            "hop-by-hop, routing, destination options",
+            HOP,
+            [options_header(ROUTING), routing(DSTOPTS), options_header(TCP)].concat(),
+        ),
+    ];
+    let sniff = Sniffer::start(&m.a.netns, "eth0").unwrap();
+    let mut markers = Vec::new();
+    for (i, (name, first, headers)) in cases.iter().enumerate() {
+        let before = outbound_flows(&m.za, m.client.ip6.into());
+        let marker = format!("ext-{i}-{name}-marker").into_bytes();
+        let sport = 51000 + i as u16;
+        let tcp = tcp_syn(&pseudo_v6(s6, d6, 20 + marker.len()), sport, 8080, &marker);
+        let packet = ipv6(s6, d6, *first, &[headers.clone(), tcp].concat());
+        raw::send(&m.client.netns, true, d6.into(), vec![packet]);
+        ztunnel_tests::traffic::eventually(
+            &format!("{name}: the SYN is handed to ztunnel"),
+            T,
+            || outbound_flows(&m.za, m.client.ip6.into()) > before,
+        );
+        markers.push((name.to_string(), marker));
+    }
+    // Nine destination-options headers: more than the program walks. Dropped, counted.
+    let before = dropped_unparsed(&m.za);
+    let marker = b"ext-chain-too-long-marker".to_vec();
+    let mut chain = Vec::new();
+    for _ in 0..8 {
+        chain.extend(options_header(DSTOPTS));
+    }
+    chain.extend(options_header(TCP));
+    let tcp = tcp_syn(&pseudo_v6(s6, d6, 20 + marker.len()), 51999, 8080, &marker);
+    raw::send(
+        &m.client.netns,
+        true,
+        d6.into(),
+        vec![ipv6(s6, d6, DSTOPTS, &[chain, tcp].concat())],
+    );
+    ztunnel_tests::traffic::eventually("the long chain is dropped and counted", T, || {
+        dropped_unparsed(&m.za) > before
+    });
+    markers.push(("nine headers".into(), marker));
+    std::thread::sleep(Duration::from_millis(300));
+    let cap = sniff.finish();
+    for (name, mk) in &markers {
+        assert!(
+            !cap.frames
+                .iter()
+                .any(|f| f.windows(mk.len()).any(|w| w == &mk[..])),
+            "{name}: the SYN crossed the wire in plaintext"
+        );
+    }
+    assert!(m.echo.drain().is_empty(), "the server saw a connection");
 }

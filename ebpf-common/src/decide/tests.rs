@@ -67,6 +67,7 @@ enum Ask {
     Excluded,
     Node,
     Listen(u16),
+    PodSocket,
 }
 
 /// Answers of the lookups (bits), in the order [`Lookups`] lists them.
@@ -77,6 +78,7 @@ const SOCKET: u8 = 4;
 const EXCLUDED: u8 = 8;
 const NODE: u8 = 16;
 const LISTENING: u8 = 32;
+const POD_SOCKET: u8 = 64;
 
 /// One row: the facts, the answers to the lookups, and what must come out.
 #[derive(Clone, Copy)]
@@ -159,6 +161,9 @@ impl Lookups for Answers<'_> {
     fn assign_listener(&mut self, port: u16) -> bool {
         self.answer(Listen(port), LISTENING)
     }
+    fn pod_socket_captured(&mut self) -> bool {
+        self.answer(PodSocket, POD_SOCKET)
+    }
 }
 
 /// A pod enrolled with only some of the flags.
@@ -186,6 +191,8 @@ const TO_15006: &[Ask] = &[Socket(Assign), Excluded, Listen(15006)];
 const TO_15008: &[Ask] = &[Socket(Assign), Excluded, Listen(15008)];
 /// A non-SYN without a socket, of a flow not captured either way.
 const NOT_CAPTURED: &[Ask] = &[Socket(Mark), Flow, Reverse];
+/// The same, from an enrolled pod on its own interface: its own socket is asked too.
+const NOT_CAPTURED_POD: &[Ask] = &[Socket(Mark), Flow, Reverse, PodSocket];
 
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
@@ -278,13 +285,24 @@ const TABLE: &[Row] = &[
         .want(Marked, &[Socket(Mark)]),
     // Pre-enrollment flows: never reset, they finish on the direct path.
     row("pre-enrollment: A's flow goes on direct", A_VETH, A, NONE, ACK | PSH, 80, NO)
-        .want(Direct, NOT_CAPTURED),
+        .want(Direct, NOT_CAPTURED_POD),
     row("pre-enrollment: a flow to B goes on direct", UPLINK, NONE, B, ACK, 80, NO)
         .want(Direct, NOT_CAPTURED),
     row("pre-enrollment: B's SYN-ACK is not a SYN", B_VETH, B, NONE, SYN | ACK, 80, LISTENING)
-        .want(Direct, NOT_CAPTURED),
+        .want(Direct, NOT_CAPTURED_POD),
     row("pre-enrollment: FIN", A_VETH, A, NONE, FIN | ACK, 80, NO)
+        .want(Direct, NOT_CAPTURED_POD),
+    // A flood of SYNs emptied ZT_FLOWS, then ztunnel died: the pod's own socket says.
+    row("flushed: A's captured socket, its flow gone from ZT_FLOWS", A_VETH, A, NONE, ACK | PSH, 80, POD_SOCKET)
+        .want(DropSocketGone, NOT_CAPTURED_POD),
+    row("flushed: B's socket of a delivered connection", B_VETH, B, NONE, ACK, 80, POD_SOCKET)
+        .want(DropSocketGone, NOT_CAPTURED_POD),
+    row("pod socket: not asked off the pod's interface", UPLINK, NONE, B, ACK, 80, POD_SOCKET)
         .want(Direct, NOT_CAPTURED),
+    row("pod socket: not asked of a pod whose interface is unknown", UPLINK, only(0, BOTH), NONE, ACK, 80, POD_SOCKET)
+        .want(Direct, NOT_CAPTURED),
+    row("pod socket: ZT_FLOWS answers first", A_VETH, A, NONE, ACK, 80, CAPTURED | POD_SOCKET)
+        .want(DropSocketGone, &[Socket(Mark), Flow]),
     // Fail closed: a captured flow whose socket is gone, a SYN without a listener.
     row("fail closed: A's packet of a captured flow", A_VETH, A, NONE, ACK, 80, CAPTURED)
         .want(DropSocketGone, &[Socket(Mark), Flow]),
@@ -408,6 +426,33 @@ fn counting() {
         !facts(H, NONE).spoofed(),
         "a held pod's interface is unknown"
     );
+}
+
+/// Which verdicts mark the sending pod's socket: what a pod sends to ztunnel, from its own
+/// interface; never a packet seen elsewhere, dropped, or left on the direct path.
+#[test]
+fn marking_pod_sockets() {
+    let facts = |ifindex, src| row("", ifindex, src, NONE, ACK, 80, NO).facts;
+    let own = facts(A_VETH, A);
+    for v in [Marked, Assigned, AssignedListener(Outbound)] {
+        assert!(v.marks_pod_socket(&own), "{v:?}");
+    }
+    for v in [
+        Continue,
+        Direct,
+        MarkedOpening,
+        AssignedListener(InboundPlain),
+        AssignedListener(InboundHbone),
+        DropFailClosed,
+        DropSocketGone,
+        DropSpoofed,
+        DropUnparsed,
+    ] {
+        assert!(!v.marks_pod_socket(&own), "{v:?}");
+    }
+    assert!(!Marked.marks_pod_socket(&facts(UPLINK, NONE)), "not a pod's");
+    assert!(!Marked.marks_pod_socket(&facts(UPLINK, only(0, BOTH))), "interface unknown");
+    assert!(!Marked.marks_pod_socket(&facts(C_VETH, NONE)), "not enrolled");
 }
 
 #[test]

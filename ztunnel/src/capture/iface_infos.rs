@@ -1,14 +1,18 @@
 //! What `ZT_IFACES` tells the capture program about interfaces beyond their index: which
-//! are bridges, which are bridge ports (and their bridge's MAC), which have no MAC header.
+//! are bridges, which are bridge ports (and their bridge's MAC), which have no MAC header,
+//! and in which namespace a veth's peer (a pod's interface) is.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ztunnel_ebpf_common::{IfaceInfo, IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3};
+use ztunnel_ebpf_common::{
+    IfaceInfo, IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, IFACE_PEER_NETNS,
+};
 
 use super::interfaces::{self, Role};
 
 /// What the program must know of attached link `l` beyond its index, if anything: that it
-/// is a port of a bridge with MAC `bridge_mac`, that it has no MAC header.
+/// is a port of a bridge with MAC `bridge_mac`, that it has no MAC header, that its peer
+/// is in another namespace (where the program finds a pod's own sockets).
 fn iface_info(l: &interfaces::Link, bridge_mac: Option<[u8; 6]>) -> Option<IfaceInfo> {
     let mut info = IfaceInfo::default();
     if let Some(mac) = bridge_mac {
@@ -17,6 +21,10 @@ fn iface_info(l: &interfaces::Link, bridge_mac: Option<[u8; 6]>) -> Option<Iface
     }
     if l.l3 {
         info.flags |= IFACE_L3;
+    }
+    if let Some(nsid) = l.peer_netnsid.filter(|_| l.has_peer_namespace()) {
+        info.flags |= IFACE_PEER_NETNS;
+        info.peer_netnsid = nsid;
     }
     (info.flags != 0).then_some(info)
 }
@@ -38,6 +46,7 @@ pub(super) fn iface_infos(links: &[interfaces::Link]) -> BTreeMap<u32, IfaceInfo
             Role::Bridge => l.mac.map(|bridge_mac| IfaceInfo {
                 bridge_mac,
                 flags: IFACE_BRIDGE,
+                peer_netnsid: 0,
             }),
             role if role.attached() => iface_info(l, l.master.and_then(bridge_mac)),
             _ => None,
@@ -67,8 +76,8 @@ mod iface_tests {
         }
     }
 
-    /// The bridge and its pod ports are listed, each with the bridge's MAC; a port of a
-    /// bridge that is not listed, and other links, are not.
+    /// The bridge and its pod ports are listed, each with the bridge's MAC; every veth with
+    /// its peer's namespace; other links are not.
     #[test]
     fn bridges_and_their_ports() {
         let links = [
@@ -85,13 +94,31 @@ mod iface_tests {
                 IfaceInfo {
                     bridge_mac: mac,
                     flags: IFACE_BRIDGE,
+                    peer_netnsid: 0,
                 },
             ),
             (
                 4,
                 IfaceInfo {
                     bridge_mac: mac,
-                    flags: IFACE_BRIDGE_PORT,
+                    flags: IFACE_BRIDGE_PORT | IFACE_PEER_NETNS,
+                    peer_netnsid: 1,
+                },
+            ),
+            (
+                5,
+                IfaceInfo {
+                    bridge_mac: [0; 6],
+                    flags: IFACE_PEER_NETNS,
+                    peer_netnsid: 1,
+                },
+            ),
+            (
+                7,
+                IfaceInfo {
+                    bridge_mac: [0; 6],
+                    flags: IFACE_PEER_NETNS,
+                    peer_netnsid: 1,
                 },
             ),
         ]);
