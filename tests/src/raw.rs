@@ -53,7 +53,9 @@ pub fn tcp_syn(pseudo: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8>
     let mut tcp = Vec::with_capacity(20 + payload.len());
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend_from_slice(&[
+        0, 0, 0x10, 0, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
     tcp.extend_from_slice(payload);
     let sum = checksum(&[pseudo, &tcp]);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());

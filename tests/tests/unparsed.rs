@@ -7,10 +7,10 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use ztunnel_tests::{http, raw};
 use ztunnel_tests::sniffer::Sniffer;
 use ztunnel_tests::traffic::{echo_round_trip, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::{http, raw};
 use ztunnel_tests::{require_root, Node, Pod, Testbed};
 
 const T: Duration = Duration::from_secs(5);
@@ -298,7 +298,12 @@ fn syns_behind_every_kind_of_extension_header_are_captured_or_dropped() {
         (
             "hop-by-hop, routing, destination options",
             HOP,
-            [options_header(ROUTING), routing(DSTOPTS), options_header(TCP)].concat(),
+            [
+                options_header(ROUTING),
+                routing(DSTOPTS),
+                options_header(TCP),
+            ]
+            .concat(),
         ),
     ];
     let sniff = Sniffer::start(&m.a.netns, "eth0").unwrap();

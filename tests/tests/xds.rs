@@ -81,4 +81,40 @@ fn nodes_follow_the_control_plane_over_xds() {
     zs[0]
         .wait_for_line(&["connection complete", "sa/late"], T)
         .unwrap();
+
+    // A DENY on `serviceAccounts` (AuthorizationPolicy's source field, istiod's
+    // ServiceAccountMatch) crosses xDS and is enforced: the client's account is refused,
+    // another account of the same namespace is not. Before the field was carried, the rule
+    // arrived empty and was never enforced.
+    let denied_before = metric(&b, "ztunnel_authorization_decisions_total{result=\"deny\"}");
+    let deny_sa = "policies:\n- name: deny-client-sa\n  namespace: default\n  scope: Namespace\n  \
+                   action: Deny\n  rules:\n  - - - serviceAccounts: \
+                   [{namespace: default, serviceAccount: client}]\n";
+    std::fs::write(&config, local_config(&more, deny_sa)).unwrap();
+    eventually("serviceAccounts DENY enforced", WAIT, || {
+        !echoes(&client.netns, dst)
+    });
+    assert!(!echoes(&client.netns, dst));
+    assert!(
+        echoes(&late.netns, dst),
+        "another service account is not denied"
+    );
+    zs[1]
+        .wait_for_line(&["connection denied by policy", "sa/client"], T)
+        .unwrap();
+    assert!(
+        metric(&b, "ztunnel_authorization_decisions_total{result=\"deny\"}") > denied_before,
+        "the refusal is counted"
+    );
+}
+
+/// A ztunnel metric's value, by a line prefix, summed over the lines it starts.
+fn metric(node: &ztunnel_tests::Node, prefix: &str) -> u64 {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, body) = ztunnel_tests::http::get(&node.netns, metrics, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }

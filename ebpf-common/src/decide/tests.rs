@@ -450,9 +450,18 @@ fn marking_pod_sockets() {
     ] {
         assert!(!v.marks_pod_socket(&own), "{v:?}");
     }
-    assert!(!Marked.marks_pod_socket(&facts(UPLINK, NONE)), "not a pod's");
-    assert!(!Marked.marks_pod_socket(&facts(UPLINK, only(0, BOTH))), "interface unknown");
-    assert!(!Marked.marks_pod_socket(&facts(C_VETH, NONE)), "not enrolled");
+    assert!(
+        !Marked.marks_pod_socket(&facts(UPLINK, NONE)),
+        "not a pod's"
+    );
+    assert!(
+        !Marked.marks_pod_socket(&facts(UPLINK, only(0, BOTH))),
+        "interface unknown"
+    );
+    assert!(
+        !Marked.marks_pod_socket(&facts(C_VETH, NONE)),
+        "not enrolled"
+    );
 }
 
 #[test]

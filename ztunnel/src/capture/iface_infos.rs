@@ -4,9 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ztunnel_ebpf_common::{
-    IfaceInfo, IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, IFACE_PEER_NETNS,
-};
+use ztunnel_ebpf_common::{IfaceInfo, IFACE_BRIDGE, IFACE_BRIDGE_PORT, IFACE_L3, IFACE_PEER_NETNS};
 
 use super::interfaces::{self, Role};
 
