@@ -126,6 +126,17 @@ pub struct HboneLimits {
     #[arg(long, env = "HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 1000)]
     pub hbone_max_streams_per_connection: u32,
 
+    /// Streams a peer may reset before ztunnel accepts them, per inbound HBONE connection,
+    /// after which the connection is closed with GOAWAY (HTTP/2 rapid reset); counted as
+    /// `ztunnel_limit_hits_total{limit="hbone_resets"}`.
+    #[arg(long, env = "HBONE_MAX_PENDING_RESETS", default_value_t = 20)]
+    pub hbone_max_pending_resets: usize,
+
+    /// Streams ztunnel may reset for a peer's errors, per inbound HBONE connection, before
+    /// closing it with GOAWAY (counted like the above).
+    #[arg(long, env = "HBONE_MAX_LOCAL_RESETS", default_value_t = 1024)]
+    pub hbone_max_local_resets: usize,
+
     /// Time an inbound stream's dial to the destination pod may take before the stream is
     /// refused (503).
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -21,7 +21,7 @@ async fn the_stream_limit_is_announced() {
     let (c, s) = tokio::io::duplex(1 << 16);
     let opts = ServerOptions {
         max_streams: 7,
-        keepalive: None,
+        ..ServerOptions::default()
     };
     tokio::spawn(serve_connection_with(
         s,
@@ -49,6 +49,7 @@ async fn an_unanswered_ping_closes_the_connection() {
             interval: Duration::from_millis(20),
             timeout: Duration::from_millis(50),
         }),
+        ..ServerOptions::default()
     };
     let server = tokio::spawn(serve_connection_with(
         s,
@@ -65,4 +66,48 @@ async fn an_unanswered_ping_closes_the_connection() {
         .unwrap();
     let err = ended.unwrap_err().to_string();
     assert!(err.contains("PING"), "{err}");
+}
+
+/// Rapid reset: a client that opens streams and resets each at once, faster than the
+/// server accepts them, is cut off with GOAWAY once past the configured count, and the
+/// limit hit is counted.
+#[tokio::test]
+async fn a_rapid_reset_client_is_cut_off_and_counted() {
+    let before = crate::limits::hits("hbone_resets");
+    let (c, s) = tokio::io::duplex(1 << 20);
+    let opts = ServerOptions {
+        max_pending_resets: 3,
+        ..ServerOptions::default()
+    };
+    let server = tokio::spawn(serve_connection_with(
+        s,
+        id("client"),
+        |req: InboundRequest| async move { req.reject(StatusCode::FORBIDDEN) },
+        std::future::pending(),
+        opts,
+    ));
+    let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+    let client = tokio::spawn(conn);
+    // Each stream's HEADERS and RST_STREAM go out back to back: the server reads them in
+    // one batch, before its accept loop can take the stream.
+    for _ in 0..200 {
+        let Ok(ready) = send.clone().ready().await else {
+            break;
+        };
+        send = ready;
+        let Ok((_resp, mut body)) = send.send_request(connect_req(), false) else {
+            break;
+        };
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    assert!(ended.is_err(), "the connection ends in an error");
+    assert!(
+        crate::limits::hits("hbone_resets") > before,
+        "and is counted"
+    );
+    client.abort();
 }

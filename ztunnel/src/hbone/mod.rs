@@ -118,17 +118,16 @@ pub fn forwarded_value(src: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&s).expect("IP addresses are valid header values")
 }
 
-fn server_builder(max_streams: u32) -> h2::server::Builder {
+fn server_builder(opts: &server::ServerOptions) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(max_streams)
+        .max_concurrent_streams(opts.max_streams)
         // Rapid reset: a client resetting streams before they are accepted, or making
-        // the server reset them, past these counts gets GOAWAY (h2's defaults, said here
-        // so that a change of defaults cannot turn them off).
-        .max_pending_accept_reset_streams(20)
-        .max_local_error_reset_streams(Some(1024))
+        // the server reset them, past these counts gets GOAWAY.
+        .max_pending_accept_reset_streams(opts.max_pending_resets)
+        .max_local_error_reset_streams(Some(opts.max_local_resets))
         .max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }

@@ -127,6 +127,10 @@ where
 pub struct ServerOptions {
     /// Streams at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams: u32,
+    /// Streams the client may reset before they are accepted, then GOAWAY (rapid reset).
+    pub max_pending_resets: usize,
+    /// Streams the server may reset for the client's errors, then GOAWAY.
+    pub max_local_resets: usize,
     /// PINGs to the client; an unanswered one closes the connection.
     pub keepalive: Option<Keepalive>,
 }
@@ -135,9 +139,18 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_streams: SERVER_MAX_CONCURRENT_STREAMS,
+            // h2's defaults, said here so that a change of defaults cannot turn them off.
+            max_pending_resets: 20,
+            max_local_resets: 1024,
             keepalive: None,
         }
     }
+}
+
+/// h2 ended the connection itself, with ENHANCE_YOUR_CALM: one of its reset guards
+/// (pending-accept or local-error resets) counted past its limit.
+fn reset_guard_tripped(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_library() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
 }
 
 /// [`serve_connection_until`] within `opts`.
@@ -154,9 +167,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let mut conn = server_builder(opts.max_streams)
-        .handshake::<_, Bytes>(io)
-        .await?;
+    let mut conn = server_builder(&opts).handshake::<_, Bytes>(io).await?;
     let pings = opts.keepalive.and_then(|k| Some((conn.ping_pong()?, k)));
     let dead = std::pin::pin!(async move {
         match pings {
@@ -184,7 +195,15 @@ where
         let (request, respond) = match next {
             Ok(r) => r,
             Err(e) if e.is_reset() => continue, // one stream failed; the connection is fine
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                if reset_guard_tripped(&e) {
+                    crate::limits::hit(
+                        "hbone_resets",
+                        format_args!("HBONE peer {peer} reset too many streams: GOAWAY"),
+                    );
+                }
+                return Err(e.into());
+            }
         };
         if request.method() != Method::CONNECT {
             answer(respond, StatusCode::METHOD_NOT_ALLOWED);

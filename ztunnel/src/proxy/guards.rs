@@ -37,6 +37,8 @@ impl InboundLimits {
             ),
             server: ServerOptions {
                 max_streams: l.hbone_max_streams_per_connection,
+                max_pending_resets: l.hbone_max_pending_resets,
+                max_local_resets: l.hbone_max_local_resets,
                 keepalive: keepalive(l),
             },
             upstream_connect_timeout: l.upstream_connect_timeout,
