@@ -243,7 +243,9 @@ impl Verdict {
     /// delivered connection is established is what marks the pod's server side; the
     /// kernel keeps no storage on a socket still in its handshake). Once marked, step 3
     /// drops the socket's packets whenever no ztunnel socket owns them, whatever
-    /// `ZT_FLOWS` still holds.
+    /// `ZT_FLOWS` still holds. (The program narrows [`Verdict::Marked`] further: only a
+    /// packet to a socket ztunnel opened, once per flow; an outbound pod socket was marked
+    /// at its SYN.)
     pub fn marks_pod_socket(self, f: &Facts) -> bool {
         f.from_own_pod()
             && matches!(

@@ -20,7 +20,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::{tuple_from, Packet, TCP_STATE_LISTEN};
+use ztunnel_ebpf_common::FlowKey;
+
+use crate::{tuple_from, Packet, CAPTURED_FLOWS, TCP_STATE_LISTEN};
+
+/// `ZT_FLOWS` value of a flow ztunnel opened whose pod socket carries the mark.
+const FLOW_POD_MARKED: u8 = 2;
 
 const TCP_STATE_TIME_WAIT: u32 = 6;
 const TCP_STATE_NEW_SYN_RECV: u32 = 12;
@@ -108,4 +113,30 @@ pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool) -> bo
     // SAFETY: every socket returned by the lookup is released exactly once.
     unsafe { bpf_sk_release(sk as *mut _) };
     marked
+}
+
+/// Marks the pod's socket of a connection ztunnel delivered (`pkt` is the pod's packet to
+/// ztunnel's socket), once: the flow's `ZT_FLOWS` entry, written at the pod's SYN-ACK,
+/// records that it was done, so later packets cost a map lookup instead of a socket
+/// lookup in the pod's namespace. An entry flushed meanwhile only means marking again.
+#[inline(never)]
+pub fn mark_delivered_once(ctx: &TcContext, pkt: &Packet, netnsid: i32) {
+    let f = &pkt.flow;
+    let opened = FlowKey {
+        saddr: f.daddr,
+        daddr: f.saddr,
+        sport: f.dport,
+        dport: f.sport,
+    };
+    let entry = CAPTURED_FLOWS.get_ptr_mut(&opened);
+    // SAFETY: the pointer comes from a successful lookup; a u8 written in place.
+    if entry.is_some_and(|e| unsafe { *e } == FLOW_POD_MARKED) {
+        return;
+    }
+    if pod_socket(ctx, pkt, netnsid, true) {
+        if let Some(e) = entry {
+            // SAFETY: as above.
+            unsafe { *e = FLOW_POD_MARKED };
+        }
+    }
 }

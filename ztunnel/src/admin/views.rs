@@ -83,6 +83,8 @@ pub async fn capture(s: &AdminState) -> Value {
             "syns": cap.last_hop_counters(),
             "cachedVerdicts": cap.last_hop_cached(),
         },
+        // Runs and time per program; counted only while kernel.bpf_stats_enabled=1.
+        "programStats": crate::capture::program_stats::program_stats(),
     })
 }
 

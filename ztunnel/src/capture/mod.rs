@@ -16,6 +16,7 @@ mod logs;
 #[cfg(test)]
 mod object_tests;
 mod pinning;
+pub mod program_stats;
 pub mod routing;
 pub mod sockmap;
 
