@@ -13,9 +13,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
-    helpers::generated::{
-        bpf_sk_fullsock, bpf_sk_release, bpf_sk_storage_get, bpf_skc_lookup_tcp,
-    },
+    helpers::generated::{bpf_sk_fullsock, bpf_sk_release, bpf_sk_storage_get, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
 };
