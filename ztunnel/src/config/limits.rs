@@ -126,6 +126,17 @@ pub struct HboneLimits {
     #[arg(long, env = "HBONE_MAX_STREAMS_PER_CONNECTION", default_value_t = 1000)]
     pub hbone_max_streams_per_connection: u32,
 
+    /// Established (authenticated) inbound HBONE connections at once; one more is closed
+    /// right after its handshake. Each may hold a 256 KiB read buffer and, in data its
+    /// streams have not delivered yet, up to the HTTP/2 connection window (16 MiB).
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub hbone_max_connections: usize,
+
+    /// Of those, from one client address (a pod; ztunnel's pool opens one connection per
+    /// 100 streams).
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    pub hbone_max_connections_per_source: usize,
+
     /// Streams a peer may reset before ztunnel accepts them, per inbound HBONE connection,
     /// after which the connection is closed with GOAWAY (HTTP/2 rapid reset); counted as
     /// `ztunnel_limit_hits_total{limit="hbone_resets"}`.

@@ -1,6 +1,6 @@
 //! The inbound HBONE listener's limits (`--hbone-*`, see `config::limits`): pending TLS
-//! handshakes in all and per client address, per-connection streams and PINGs, the
-//! upstream dial's time, TCP keepalive.
+//! handshakes and established connections, each in all and per client address;
+//! per-connection streams, resets and PINGs; the upstream dial's time; TCP keepalive.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -15,6 +15,8 @@ use crate::limits::{Cap, KeyPermit, PerKey};
 pub struct InboundLimits {
     pending: Cap,
     pending_per_source: PerKey<IpAddr>,
+    connections: Cap,
+    connections_per_source: PerKey<IpAddr>,
     pub server: ServerOptions,
     pub upstream_connect_timeout: Duration,
     pub tcp_keepalive: Option<Duration>,
@@ -35,6 +37,11 @@ impl InboundLimits {
                 "hbone_pending_handshakes_per_source",
                 l.hbone_max_pending_handshakes_per_source,
             ),
+            connections: Cap::new("hbone_connections", l.hbone_max_connections),
+            connections_per_source: PerKey::new(
+                "hbone_connections_per_source",
+                l.hbone_max_connections_per_source,
+            ),
             server: ServerOptions {
                 max_streams: l.hbone_max_streams_per_connection,
                 max_pending_resets: l.hbone_max_pending_resets,
@@ -50,6 +57,17 @@ impl InboundLimits {
     pub fn admit(&self, source: IpAddr) -> Option<Pending> {
         let source_permit = self.pending_per_source.admit(source, &source)?;
         let all = self.pending.admit()?;
+        Some(Pending {
+            _all: all,
+            _source: source_permit,
+        })
+    }
+
+    /// Room for one more established (authenticated) connection from `source`, held for
+    /// the connection's life, or `None` (counted, logged).
+    pub fn admit_connection(&self, source: IpAddr) -> Option<Pending> {
+        let source_permit = self.connections_per_source.admit(source, &source)?;
+        let all = self.connections.admit()?;
         Some(Pending {
             _all: all,
             _source: source_permit,
@@ -102,6 +120,31 @@ mod tests {
         assert!(l.admit(c).is_none(), "in all");
         drop(a1);
         assert!(l.admit(c).is_some(), "a finished handshake frees its place");
+    }
+
+    #[test]
+    fn established_connections_are_capped_in_all_and_per_source() {
+        let l = InboundLimits::new(&HboneLimits {
+            hbone_max_connections: 3,
+            hbone_max_connections_per_source: 2,
+            ..HboneLimits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        let before = crate::limits::hits("hbone_connections_per_source");
+        let a1 = l.admit_connection(a).unwrap();
+        let _a2 = l.admit_connection(a).unwrap();
+        assert!(l.admit_connection(a).is_none(), "per source");
+        assert!(crate::limits::hits("hbone_connections_per_source") > before);
+        let _b1 = l.admit_connection(b).unwrap();
+        assert!(l.admit_connection(c).is_none(), "in all");
+        assert!(l.admit(c).is_some(), "handshakes are counted apart");
+        drop(a1);
+        assert!(
+            l.admit_connection(c).is_some(),
+            "a closed connection frees its place"
+        );
     }
 
     #[test]
