@@ -20,7 +20,7 @@ fn nodes_follow_the_control_plane_over_xds() {
     let cp_node = tb.add_node("cp").unwrap();
     let client = tb.add_pod(&a, "client").unwrap();
     let server = tb.add_pod(&b, "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, 8080).unwrap();
+    let echo = EchoServer::start(&server.netns, 8080).unwrap();
     let workloads = [
         WorkloadSpec::mesh(&client, "default", "client"),
         WorkloadSpec::mesh(&server, "default", "server"),
@@ -94,7 +94,12 @@ fn nodes_follow_the_control_plane_over_xds() {
     eventually("serviceAccounts DENY enforced", WAIT, || {
         !echoes(&client.netns, dst)
     });
+    echo.drain();
     assert!(!echoes(&client.netns, dst));
+    assert!(
+        echo.drain().is_empty(),
+        "the server saw a connection the policy denies"
+    );
     assert!(
         echoes(&late.netns, dst),
         "another service account is not denied"

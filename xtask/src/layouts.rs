@@ -28,7 +28,7 @@ const LAYOUTS: &[&str] = &[
     "routed+ipip",
 ];
 
-const DEFAULT_SUITES: &str = "capture,mesh,faults,sockmap,waypoints,node_proxy,unparsed,bypass";
+const DEFAULT_SUITES: &str = "capture,mesh,faults,sockmap,waypoints,node_proxy,unparsed,bypass,xds";
 
 #[derive(clap::Args)]
 pub struct LayoutsArgs {
