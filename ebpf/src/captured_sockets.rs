@@ -20,7 +20,7 @@ use aya_ebpf::{
 
 use ztunnel_ebpf_common::FlowKey;
 
-use crate::{tuple_from, Packet, CAPTURED_FLOWS, TCP_STATE_LISTEN};
+use crate::{sockets::tuple_from, Packet, CAPTURED_FLOWS, TCP_STATE_LISTEN};
 
 /// `ZT_FLOWS` value of a flow ztunnel opened whose pod socket carries the mark.
 const FLOW_POD_MARKED: u8 = 2;
