@@ -74,7 +74,7 @@ impl LastHop {
             ebpf.take_map(maps::LAST_HOP_EVENTS)
                 .with_context(|| format!("map {} missing", maps::LAST_HOP_EVENTS))?,
         )?;
-        let answers = Answers(Arc::new(Mutex::new(verdicts)));
+        let answers = Answers(Arc::new(Mutex::new((verdicts, 0))));
         answers.clear();
         // SAFETY: the ring buffer owns its fd and keeps it open while registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -192,34 +192,46 @@ impl Questions {
     }
 }
 
-/// Writes verdicts into the program's cache.
+/// Writes verdicts into the program's cache. Beside the map, the number of times it was
+/// cleared: a verdict is written only if no clear came between the start of its judging
+/// and its writing, so one decided from the old state never outlives the clear.
 #[derive(Clone)]
-pub struct Answers(Arc<Mutex<BpfHashMap<MapData, FlowKey, u8>>>);
+pub struct Answers(Arc<Mutex<(BpfHashMap<MapData, FlowKey, u8>, u64)>>);
 
 impl Answers {
-    /// Caches the verdict for `q`'s (source address, destination, port).
-    pub fn answer(&self, q: &Question, allow: bool) -> anyhow::Result<()> {
+    /// The clears so far; pass it to [`Answers::answer`] with a verdict judged after.
+    pub fn generation(&self) -> u64 {
+        self.0.lock().unwrap().1
+    }
+
+    /// Caches the verdict for `q`'s (source address, destination, port), unless the cache
+    /// was cleared since `generation` (the verdict is then dropped: the client's next SYN
+    /// asks again). True if it was written.
+    pub fn answer(&self, q: &Question, allow: bool, generation: u64) -> anyhow::Result<bool> {
         let v = if allow { LAST_HOP_ALLOW } else { LAST_HOP_DENY };
-        self.0
-            .lock()
-            .unwrap()
-            .insert(q.key(), v, 0)
-            .context("writing a last-hop verdict")
+        let mut m = self.0.lock().unwrap();
+        if m.1 != generation {
+            return Ok(false);
+        }
+        m.0.insert(q.key(), v, 0)
+            .context("writing a last-hop verdict")?;
+        Ok(true)
     }
 
     /// Forgets every verdict (the policies or the workloads changed): each key is asked
     /// again on its next SYN.
     pub fn clear(&self) {
         let mut m = self.0.lock().unwrap();
-        let keys: Vec<FlowKey> = m.keys().filter_map(Result::ok).collect();
+        m.1 += 1;
+        let keys: Vec<FlowKey> = m.0.keys().filter_map(Result::ok).collect();
         for k in keys {
-            let _ = m.remove(&k);
+            let _ = m.0.remove(&k);
         }
     }
 
-    /// How many verdicts are cached (for the admin view).
+    /// How many verdicts are cached (for the admin view; walks the map).
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().keys().count()
+        self.0.lock().unwrap().0.keys().count()
     }
 
     pub fn is_empty(&self) -> bool {

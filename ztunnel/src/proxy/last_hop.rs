@@ -56,6 +56,8 @@ pub async fn answer(ctx: Arc<ProxyContext>, mut questions: Questions, answers: A
 }
 
 async fn answer_one(ctx: &ProxyContext, answers: &Answers, q: Question) {
+    // Read before judging: a clear after this point voids the verdict.
+    let generation = answers.generation();
     let allowed = match judge(ctx, q).await {
         Ok(()) => {
             info!(src = %q.src.ip(), dst = %q.dst, "last hop: forwarded connections allowed by policy");
@@ -63,7 +65,7 @@ async fn answer_one(ctx: &ProxyContext, answers: &Answers, q: Question) {
         }
         Err(()) => false,
     };
-    if let Err(e) = answers.answer(&q, allowed) {
+    if let Err(e) = answers.answer(&q, allowed, generation) {
         warn!(src = %q.src.ip(), dst = %q.dst, "last hop: {e:#}");
     }
 }
