@@ -174,6 +174,10 @@ async fn serve(
         ];
         let (hbone_port, handshake_timeout) = (args.inbound_hbone_port, args.tls_handshake_timeout);
         let workload_wait = args.workload_wait_timeout;
+        let (pool_max_streams, pool_idle) = (
+            usize::from(args.pool_max_streams_per_connection),
+            args.pool_unused_release_timeout,
+        );
         let hbone_limits = args.hbone_limits.clone();
         let inbound_limits = crate::proxy::guards::InboundLimits::new(&hbone_limits);
         Arc::new(move || ProxyContext {
@@ -186,6 +190,8 @@ async fn serve(
                 Arc::new(dialer),
                 certs.clone(),
                 PoolOptions {
+                    max_streams_per_conn: pool_max_streams,
+                    idle_timeout: pool_idle,
                     metrics: metrics.pool(),
                     keepalive: crate::proxy::guards::keepalive(&hbone_limits),
                     tcp_keepalive: inbound_limits.tcp_keepalive,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod istio_names;
 pub mod limits;
 pub use limits::{ControlplaneLimits, HboneLimits, HttpLimits};
 
@@ -118,6 +119,8 @@ pub struct ControlplaneArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines (`plain`, Istio's ztunnel's name for it, is the same).
+    #[value(alias = "plain")]
     Text,
     Json,
 }
@@ -380,6 +383,17 @@ pub struct RunArgs {
     /// plaintext meanwhile. 0 refuses at once. Istio's ztunnel waits 5 s.
     #[arg(long, env = "WORKLOAD_WAIT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub workload_wait_timeout: Duration,
+
+    /// Streams (tunnelled connections) a pooled HBONE connection carries before the pool
+    /// opens another to the same peer (Istio's ztunnel: 100).
+    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub pool_max_streams_per_connection: u16,
+
+    /// A pooled HBONE connection that carried nothing this long is closed (Istio's
+    /// ztunnel: 5 minutes; here 1 minute, sooner giving back a peer's resources).
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub pool_unused_release_timeout: Duration,
 
     /// Upgrades: if a ztunnel of this instance is running, take its listening sockets
     /// (no connection is refused or reset) once ready, and let it drain. `false`: refuse to

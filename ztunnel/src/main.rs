@@ -15,10 +15,21 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
 }
 
 fn main() -> std::process::ExitCode {
+    // Istio's ztunnel's setting names, read as ours (before the command line is parsed).
+    let istio = ztunnel::config::istio_names::istio_overrides(|k| std::env::var(k).ok());
+    for (k, v) in &istio.set {
+        std::env::set_var(k, v);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
             ztunnel::logging::init(args.log_format);
+            for (k, v) in &istio.set {
+                tracing::info!("{k}={v} (from Istio's setting name)");
+            }
+            for w in &istio.warnings {
+                tracing::warn!("{w}");
+            }
             // Process tuning is the deployment's (Dockerfile, DaemonSet): say what it is.
             if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
                 tracing::debug!(tunables = ?t, "GLIBC_TUNABLES");

@@ -318,3 +318,53 @@ fn limits_are_flags_with_defaults() {
         Duration::from_secs(180)
     );
 }
+
+/// Istio's spellings: `LOG_FORMAT=plain`, the pool's settings; `ISTIO_META_ISTIO_VERSION`
+/// is the version istiod sees, ours only when it is not given.
+#[test]
+fn istio_spellings_and_settings() {
+    let run = |extra: &[&str]| {
+        let mut argv = vec!["ztunnel", "run", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not run")
+        };
+        args
+    };
+    assert_eq!(run(&["--log-format", "plain"]).log_format, LogFormat::Text);
+    let d = run(&[]);
+    assert_eq!(d.pool_max_streams_per_connection, 100);
+    assert_eq!(d.pool_unused_release_timeout, Duration::from_secs(60));
+    let p = run(&[
+        "--pool-max-streams-per-connection",
+        "20",
+        "--pool-unused-release-timeout",
+        "5m",
+    ]);
+    assert_eq!(p.pool_max_streams_per_connection, 20);
+    assert_eq!(p.pool_unused_release_timeout, Duration::from_secs(300));
+    assert!(Cli::try_parse_from([
+        "ztunnel",
+        "run",
+        "--node-name",
+        "n1",
+        "--pool-max-streams-per-connection",
+        "0"
+    ])
+    .is_err());
+
+    let version = |meta: Option<&str>| {
+        let mut x = crate::xds::client::XdsConfig::for_run("https://istiod:15012", &d);
+        if let Some(v) = meta {
+            x.metadata.insert("ISTIO_VERSION".into(), v.into());
+        }
+        let node = x.node();
+        let fields = node.metadata.unwrap().fields;
+        match fields["ISTIO_VERSION"].kind.clone() {
+            Some(prost_types::value::Kind::StringValue(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(version(Some("1.27.1")), "1.27.1");
+    assert_eq!(version(None), env!("CARGO_PKG_VERSION"));
+}

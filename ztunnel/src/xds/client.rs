@@ -123,10 +123,15 @@ impl XdsConfig {
             ("INSTANCE_IPS", ips.join(",")),
             ("NODE_NAME", self.node_name.clone()),
             ("CLUSTER_ID", self.cluster_id.clone()),
-            ("ISTIO_VERSION", env!("CARGO_PKG_VERSION").to_string()),
         ] {
             fields.insert(k.to_string(), v);
         }
+        // The version istiod sees: `ISTIO_META_ISTIO_VERSION` when the deployment sets it
+        // (Istio's chart does), so istiod treats us as the Istio release it was installed
+        // with; else ours.
+        fields
+            .entry("ISTIO_VERSION".to_string())
+            .or_insert_with(|| env!("CARGO_PKG_VERSION").to_string());
         Node {
             id: format!(
                 "ztunnel~{ip}~{}.{ns}~{ns}.svc.{}",
