@@ -50,6 +50,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let store = Arc::new(StateStore::default());
+    store.update(|s| s.set_network(&args.network));
     let _config_task = match &args.local_xds_path {
         Some(path) => Some(
             crate::xds::watch::follow(path.clone(), store.clone())

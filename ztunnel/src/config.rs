@@ -196,6 +196,13 @@ pub struct RunArgs {
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
+    /// The network this node is on (Istio's `global.network`, which istiod writes on every
+    /// workload). Addresses without a network (a pod's, an original destination's) are
+    /// looked up on it; a service whose endpoints are all on other networks is refused,
+    /// naming them (network gateways are not supported).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+
     /// Extra xDS node metadata: every `ISTIO_META_<NAME>` environment variable, as
     /// upstream's DaemonSet passes them (read once, at start).
     #[arg(skip = istio_meta_from_env())]

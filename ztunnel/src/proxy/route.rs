@@ -103,7 +103,8 @@ impl Planner<'_> {
             Ok(up) => up,
             Err(e @ ResolveError::NoHealthyEndpoints { .. })
             | Err(e @ ResolveError::NoSuchPort { .. })
-            | Err(e @ ResolveError::NoWorkloadIp { .. }) => {
+            | Err(e @ ResolveError::NoWorkloadIp { .. })
+            | Err(e @ ResolveError::OtherNetworks { .. }) => {
                 return Route::Refuse(Refusal::NoEndpoint(e.to_string()))
             }
         };

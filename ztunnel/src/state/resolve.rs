@@ -41,15 +41,17 @@ pub enum ResolveError {
     NoSuchPort { service: String, port: u16 },
     #[error("workload {uid} has no IP address")]
     NoWorkloadIp { uid: String },
+    #[error("service {service} has endpoints only on other networks ({networks}), and network gateways are not supported")]
+    OtherNetworks { service: String, networks: String },
 }
 
 impl ProxyState {
-    /// Resolves an original destination on the default network.
+    /// Resolves an original destination on this node's network.
     ///
     /// `Ok(None)`: the IP is neither a workload nor a service VIP (outside the mesh; pass
     /// through). Service VIPs are load balanced at random over healthy endpoints.
     pub fn resolve(&self, dst: SocketAddr) -> Result<Option<Upstream>, ResolveError> {
-        self.resolve_in("", dst)
+        self.resolve_in(self.network(), dst)
     }
 
     pub fn resolve_in(
@@ -85,9 +87,26 @@ impl ProxyState {
             .endpoints(&key)
             .into_iter()
             .filter(|(w, _)| w.is_healthy() && !w.workload_ips.is_empty())
+            .filter(|(w, _)| w.network == self.network())
             .filter_map(|(w, ep)| Some((svc.target_port(port, &ep.ports)?, w)))
             .collect();
         if candidates.is_empty() {
+            // Endpoints on other networks would need a network gateway (double HBONE),
+            // which is not built: refused, never dialled directly.
+            let mut elsewhere: Vec<String> = self
+                .endpoints(&key)
+                .iter()
+                .filter(|(w, _)| w.is_healthy() && w.network != self.network())
+                .map(|(w, _)| format!("{:?}", w.network))
+                .collect();
+            if !elsewhere.is_empty() {
+                elsewhere.sort();
+                elsewhere.dedup();
+                return Err(ResolveError::OtherNetworks {
+                    service: key.to_string(),
+                    networks: elsewhere.join(", "),
+                });
+            }
             // Tell "nothing listens on that port" from "nobody is up" for the logs.
             let any_healthy = self.endpoints(&key).iter().any(|(w, _)| w.is_healthy());
             return Err(if any_healthy {

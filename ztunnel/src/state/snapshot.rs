@@ -22,6 +22,9 @@ pub struct ProxyState {
     /// services arrive independently over xDS (a workload may name a service not yet seen).
     endpoints: HashMap<NamespacedHostname, BTreeMap<String, Endpoint>>,
     pub policies: PolicyStore,
+    /// The network of this node (`NETWORK`, Istio's `global.network`; "" when none is
+    /// set): an address without one is looked up on it.
+    network: String,
 }
 
 impl ProxyState {
@@ -35,7 +38,19 @@ impl ProxyState {
 
     pub fn clear(&mut self) {
         let root = self.policies.root_namespace().to_string();
+        let network = std::mem::take(&mut self.network);
         *self = ProxyState::with_root_namespace(&root);
+        self.network = network;
+    }
+
+    /// This node's network.
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// Sets this node's network (from `NETWORK`).
+    pub fn set_network(&mut self, network: &str) {
+        self.network = network.to_string();
     }
 
     // ---- workloads ----
@@ -92,9 +107,9 @@ impl ProxyState {
         self.workloads_by_addr.get(addr).cloned()
     }
 
-    /// The workload owning `ip` on the default network.
+    /// The workload owning `ip` on this node's network.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.workload_by_addr(&NetworkAddress::new("", ip.to_canonical()))
+        self.workload_by_addr(&NetworkAddress::new(&self.network, ip.to_canonical()))
     }
 
     /// The workloads this node's ztunnel serves, sorted by uid.

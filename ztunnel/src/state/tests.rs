@@ -349,3 +349,59 @@ fn workload_defaults() {
     assert!(!w.in_mesh() && w.is_healthy());
     let _: BTreeMap<NamespacedHostname, PortMap> = w.services;
 }
+
+/// `NETWORK`: addresses without a network are looked up on the node's; a service's
+/// endpoints on other networks are never picked, and a service with only those is refused
+/// naming them (no network gateways); `clear` keeps the node's network.
+#[test]
+fn the_nodes_network() {
+    let on = |net: &str, w: Workload| Workload {
+        network: net.into(),
+        ..w
+    };
+    let s = StateStore::default();
+    s.update(|st| st.set_network("net1"));
+    let svc = |net: &str| Service {
+        vips: vec![NetworkAddress::new(net, ip("10.96.0.10"))],
+        ..echo_service(&[(80, 8080)])
+    };
+    s.replace_all(
+        [
+            on(
+                "net1",
+                workload("e1", "10.0.0.1", &[(echo(), &[(80, 8080)])]),
+            ),
+            on(
+                "net2",
+                workload("e2", "10.0.0.2", &[(echo(), &[(80, 8080)])]),
+            ),
+        ],
+        [svc("net1")],
+        [],
+    );
+    let snap = s.snapshot();
+    assert_eq!(snap.network(), "net1", "kept across replace_all");
+    assert_eq!(snap.workload_by_ip(ip("10.0.0.1")).unwrap().name, "e1");
+    assert!(
+        snap.workload_by_ip(ip("10.0.0.2")).is_none(),
+        "another network's address is not this one's"
+    );
+    for _ in 0..50 {
+        let up = snap.resolve(sa("10.96.0.10:80")).unwrap().unwrap();
+        assert_eq!(up.workload.name, "e1", "only this network's endpoints");
+    }
+    s.remove_workload("Kubernetes//Pod/default/e1");
+    let err = s.snapshot().resolve(sa("10.96.0.10:80")).unwrap_err();
+    assert_eq!(
+        err,
+        ResolveError::OtherNetworks {
+            service: echo().to_string(),
+            networks: "\"net2\"".into()
+        }
+    );
+    // Without NETWORK, a workload istiod put on a network is not found: the setting is
+    // what makes a node on a named network work at all.
+    let plain = StateStore::default();
+    plain.replace_all([on("net1", workload("e1", "10.0.0.1", &[]))], [], []);
+    assert!(plain.snapshot().workload_by_ip(ip("10.0.0.1")).is_none());
+}
