@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub mod process;
+
 /// A label value shared by every connection that carries it: cloning it is a reference
 /// count, not an allocation.
 pub type Label = std::sync::Arc<String>;
@@ -189,6 +191,12 @@ pub struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: String,
+    pub tag: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -272,8 +280,20 @@ impl Metrics {
             sockmap_fallback: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(process::ProcessMetrics));
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
+        // Istio's build gauge: the Istio release this proxy stands in for (what
+        // ISTIO_META_ISTIO_VERSION says, as istiod is told; else our own version).
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel".into(),
+                tag: std::env::var("ISTIO_META_ISTIO_VERSION")
+                    .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
+            })
+            .set(1);
+        istio.register("build", "Istio component build info", build);
         istio.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -504,6 +524,31 @@ mod tests {
         assert!(text.contains("reporter=\"source\""));
         assert!(text.contains("source_workload=\"sleep\""));
         assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"));
+    }
+
+    /// What Istio's dashboards and `istioctl` read beside the traffic metrics: the build
+    /// gauge and the process's own figures.
+    #[test]
+    fn build_and_process_metrics() {
+        let text = Metrics::new().encode();
+        assert!(
+            text.contains(&format!(
+                "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+                std::env::var("ISTIO_META_ISTIO_VERSION")
+                    .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into())
+            )),
+            "{text}"
+        );
+        for name in [
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(&format!("\n{name}")), "{name}: {text}");
+        }
     }
 
     #[test]

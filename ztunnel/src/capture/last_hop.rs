@@ -196,7 +196,10 @@ impl Questions {
 /// cleared: a verdict is written only if no clear came between the start of its judging
 /// and its writing, so one decided from the old state never outlives the clear.
 #[derive(Clone)]
-pub struct Answers(Arc<Mutex<(BpfHashMap<MapData, FlowKey, u8>, u64)>>);
+pub struct Answers(Arc<Mutex<(Verdicts, u64)>>);
+
+/// The program's verdict cache (`ZT_LAST_HOP`).
+type Verdicts = BpfHashMap<MapData, FlowKey, u8>;
 
 impl Answers {
     /// The clears so far; pass it to [`Answers::answer`] with a verdict judged after.
