@@ -258,10 +258,27 @@ fn admin_metrics_and_readiness() {
         dump["workloads"][0]["workloadIps"].is_array(),
         "upstream field names"
     );
+    // Istio's shape (`istioctl ztunnel-config certificates` reads it): state, the chain and
+    // the roots, each certificate as base64 PEM with serial and validity.
     let certs = dump["certificates"].as_array().unwrap();
-    assert!(certs.iter().any(
-        |c| c["identity"] == "spiffe://cluster.local/ns/default/sa/client" && c["state"] == "ready"
-    ));
+    let client = certs
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/client")
+        .unwrap_or_else(|| panic!("{dump}"));
+    assert_eq!(client["state"], "Available", "{client}");
+    let leaf = &client["certChain"][0];
+    assert!(
+        leaf["pem"].as_str().is_some_and(|p| !p.is_empty()),
+        "{client}"
+    );
+    assert!(leaf["expirationTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert!(
+        !client["rootCerts"].as_array().unwrap().is_empty(),
+        "{client}"
+    );
+    assert!(dump["version"]["version"].is_string(), "{dump}");
     // Only this node's workloads have certificates here.
     assert!(!certs
         .iter()

@@ -1,6 +1,7 @@
 //! The node-local admin endpoint (127.0.0.1:15000 only), metrics (15020) and readiness
 //! (15021): what a person on call needs to see what this node's ztunnel knows and does.
 
+mod cert_dump;
 pub mod http;
 mod views;
 pub use views::not_ready;

@@ -20,10 +20,17 @@ pub async fn config_dump(s: &AdminState) -> Value {
     let enrollment = s.enroller.status();
     json!({
         "config": {"nodeName": s.node},
+        // Upstream's BuildInfo fields that this build can fill in.
+        "version": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "istioVersion": std::env::var("ISTIO_META_ISTIO_VERSION")
+                .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
+            "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        },
         "workloads": workloads,
         "services": services,
         "policies": policies,
-        "certificates": s.certs.snapshot(),
+        "certificates": super::cert_dump::certificates(&s.certs),
         "enrolled": enrollment.enrolled,
         "pendingEnrollment": enrollment.pending,
         "xds": s.xds.as_ref().map(|x| x.borrow().clone()),

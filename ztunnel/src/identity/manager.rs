@@ -271,6 +271,21 @@ impl SecretManager {
             .collect()
     }
 
+    /// Every identity with its certificate (if any) and last error, sorted, for
+    /// `/config_dump`.
+    pub fn held(&self) -> Vec<(String, Option<Arc<WorkloadCertificate>>, Option<String>)> {
+        let entries = self.inner.entries.lock().expect("poisoned");
+        let mut out: Vec<_> = entries
+            .iter()
+            .map(|(id, entry)| {
+                let p = entry.rx.borrow();
+                (id.to_string(), p.cert.clone(), p.last_error.clone())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Every identity with its state and validity, sorted, for the admin page.
     pub fn snapshot(&self) -> Vec<CertSnapshot> {
         let entries = self.inner.entries.lock().expect("poisoned");
