@@ -20,6 +20,9 @@ use crate::metrics::{AttemptLabels, Label, Metrics, TcpLabels, KNOWN};
 
 mod outcome;
 
+#[cfg(test)]
+mod access_log_tests;
+
 pub use outcome::{Outcome, Reason};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -368,20 +371,30 @@ impl ConnectionResult {
             .inc();
         let reason = outcome.reason().map(ToString::to_string);
         let reason = reason.as_deref().unwrap_or("-");
+        // Istio's ztunnel's fields, under its names (log pipelines built for it read
+        // these), then ours: the upstream address dialled, outcome and reason.
+        let hbone = info.protocol == "HBONE";
         info!(
             target: "access",
-            direction = ?info.direction,
+            direction = match info.direction {
+                Direction::Outbound => "outbound",
+                Direction::Inbound => "inbound",
+            },
             src.addr = %info.src,
             src.workload = %dash(&info.src_workload),
+            src.namespace = %known(&labels.source_workload_namespace),
             src.identity = %dash(&info.src_identity),
             dst.addr = %info.dst,
-            dst.target = %info.target,
+            dst.hbone_addr = %if hbone { info.target.to_string() } else { "-".into() },
+            dst.service = %known(&labels.destination_service),
             dst.workload = %dash(&info.dst_workload),
+            dst.namespace = %known(&labels.destination_workload_namespace),
             dst.identity = %dash(&info.dst_identity),
-            protocol = info.protocol,
             bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_recv = received,
+            duration = %format!("{}ms", self.started.elapsed().as_millis()),
+            dst.target = %info.target,
+            protocol = info.protocol,
             outcome = outcome.name(),
             reason = %reason,
             response_flags = outcome.response_flags(),
@@ -393,6 +406,14 @@ impl ConnectionResult {
 /// A label's value, or `-`.
 fn dash(o: &Option<Label>) -> &str {
     o.as_ref().map_or("-", |l| l.as_str())
+}
+
+/// A metric label's value, or `-` where the metric says `unknown`.
+fn known(l: &Label) -> &str {
+    match l.as_str() {
+        "unknown" | "" => "-",
+        v => v,
+    }
 }
 
 impl Drop for ConnectionResult {
