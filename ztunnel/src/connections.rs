@@ -357,6 +357,9 @@ impl ConnectionResult {
         };
         labels.response_flags = KNOWN.flags(outcome.response_flags());
         m.tcp_closed.get_or_create(&labels).inc();
+        if matches!(outcome, Outcome::Denied(_) | Outcome::Failed(_)) {
+            m.tcp_failed.get_or_create(&labels).inc();
+        }
         m.tcp_sent.get_or_create(&labels).inc_by(sent);
         m.tcp_received.get_or_create(&labels).inc_by(received);
         m.connections

@@ -205,6 +205,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
+    /// Connections that failed to establish or were refused (Istio's
+    /// `istio_tcp_connections_failed`: policy denials, dial, TLS and tunnel failures).
+    pub tcp_failed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
     /// Every connection attempt by outcome and reason.
@@ -256,6 +259,7 @@ impl Metrics {
         let m = Metrics {
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
+            tcp_failed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             connections: Family::default(),
@@ -303,6 +307,11 @@ impl Metrics {
             "tcp_connections_closed",
             "TCP connections closed",
             m.tcp_closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "TCP connections that failed to establish or were refused",
+            m.tcp_failed.clone(),
         );
         istio.register(
             "tcp_sent_bytes",

@@ -67,3 +67,30 @@ fn the_access_log_uses_istios_field_names() {
         assert!(f[name].is_string(), "{name} missing: {line}");
     }
 }
+
+/// Refused and failed attempts count in `istio_tcp_connections_failed`; a completed one
+/// does not.
+#[test]
+fn failures_are_counted_as_istio_counts_them() {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let tracker = ConnectionTracker::new(metrics.clone());
+    let conn = |outcome: Outcome| {
+        tracker
+            .accept(
+                Direction::Inbound,
+                "10.0.0.1:40000".parse().unwrap(),
+                Some("10.0.0.2:80".parse().unwrap()),
+            )
+            .finish(outcome)
+    };
+    conn(Outcome::Ok);
+    conn(Outcome::Denied(Reason::PolicyDenied("deny-all".into())));
+    conn(Outcome::Failed(Reason::Handshake("bad certificate".into())));
+    let failed: u64 = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(failed, 2);
+}
