@@ -162,9 +162,10 @@ pub struct RunArgs {
     )]
     pub xds_address: Option<String>,
 
-    /// PEM root certificate(s) the xDS server's certificate must chain to; defaults to
-    /// `--ca-root-cert` (istiod serves xDS and the CA with one certificate).
-    #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE")]
+    /// PEM root certificate(s) the xDS server's certificate must chain to: a file, `SYSTEM`
+    /// (the node's trust store) or the PEM text itself; defaults to `--ca-root-cert`
+    /// (istiod serves xDS and the CA with one certificate).
+    #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
     pub xds_root_cert: Option<PathBuf>,
 
     /// Which pods to enroll: from the Kubernetes API server (namespace label
@@ -316,8 +317,9 @@ pub struct RunArgs {
     #[arg(long, env = "CA_ADDRESS", value_name = "URL", value_parser = parse_url)]
     pub ca_address: Option<String>,
 
-    /// PEM root certificate(s) the CA's TLS certificate must chain to.
-    #[arg(long, env = "CA_ROOT_CA", value_name = "FILE")]
+    /// PEM root certificate(s) the CA's TLS certificate must chain to: a file, `SYSTEM`
+    /// (the node's trust store) or the PEM text itself.
+    #[arg(long, env = "CA_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
     pub ca_root_cert: Option<PathBuf>,
 
     /// File holding the bearer token presented to the CA; re-read at every request

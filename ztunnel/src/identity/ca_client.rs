@@ -40,7 +40,8 @@ pub struct GrpcCaClient {
 
 impl GrpcCaClient {
     /// `address` is a URL, `https://HOST:PORT` (upstream's `CA_ADDRESS`); the CA's
-    /// certificate must chain to the PEM root(s) in `root_cert_pem_path` and name HOST.
+    /// certificate must chain to the PEM root(s) in `root_cert_pem_path` (a file, `SYSTEM`
+    /// or the PEM text: see [`super::roots`]) and name HOST.
     /// `token_file`, if given, is read at every request (projected tokens rotate) and sent as
     /// `authorization: Bearer <token>`. No connection is made until the first request, so a
     /// CA that is down at start is not an error here. Must be called within a tokio runtime
@@ -50,15 +51,7 @@ impl GrpcCaClient {
         root_cert_pem_path: impl AsRef<Path>,
         token_file: Option<impl AsRef<Path>>,
     ) -> anyhow::Result<Self> {
-        let root_path = root_cert_pem_path.as_ref();
-        let root = std::fs::read(root_path)
-            .with_context(|| format!("reading the CA root certificate {}", root_path.display()))?;
-        if !String::from_utf8_lossy(&root).contains("-----BEGIN CERTIFICATE-----") {
-            anyhow::bail!(
-                "CA root certificate file {} holds no PEM certificate",
-                root_path.display()
-            );
-        }
+        let root = super::roots::root_pem(root_cert_pem_path.as_ref(), "CA root certificate")?;
         let uri: http::Uri = address
             .parse()
             .with_context(|| format!("CA address {address:?} is not a URL"))?;

@@ -5,6 +5,7 @@ pub mod ca_client;
 pub mod cert;
 pub mod csr;
 pub mod manager;
+pub mod roots;
 pub mod spiffe;
 
 pub use ca_client::GrpcCaClient;

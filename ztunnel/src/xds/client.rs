@@ -270,15 +270,7 @@ impl XdsClient {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         if let Some(path) = &self.config.root_cert {
-            let pem = tokio::fs::read(path)
-                .await
-                .with_context(|| format!("reading the xDS root certificate {}", path.display()))?;
-            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-                anyhow::bail!(
-                    "xDS root certificate file {} holds no PEM certificate",
-                    path.display()
-                );
-            }
+            let pem = crate::identity::roots::root_pem(path, "xDS root certificate")?;
             let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             endpoint = endpoint.tls_config(tls).context("xDS TLS settings")?;
         }
