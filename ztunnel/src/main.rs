@@ -17,6 +17,12 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
 fn main() -> std::process::ExitCode {
     // Istio's ztunnel's setting names, read as ours (before the command line is parsed).
     let istio = ztunnel::config::istio_names::istio_overrides(|k| std::env::var(k).ok());
+    if !istio.errors.is_empty() {
+        for e in &istio.errors {
+            eprintln!("ztunnel: error: {e}");
+        }
+        return std::process::ExitCode::FAILURE;
+    }
     for (k, v) in &istio.set {
         std::env::set_var(k, v);
     }

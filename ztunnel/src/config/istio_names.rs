@@ -21,6 +21,21 @@ pub struct Overrides {
     /// Our variables to set, with their values.
     pub set: Vec<(String, String)>,
     pub warnings: Vec<String>,
+    /// Settings that cannot be read: the start fails with these.
+    pub errors: Vec<String>,
+}
+
+/// The fields of Istio's `ProxyConfig` (`PROXY_CONFIG`, YAML or JSON) that Istio's ztunnel
+/// reads; others are ignored, as there.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyConfig {
+    discovery_address: Option<String>,
+    proxy_admin_port: Option<u16>,
+    stats_port: Option<u16>,
+    concurrency: Option<u16>,
+    #[serde(default)]
+    proxy_metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// Reads Istio's names through `get` (the environment) and says which of ours to set.
@@ -60,6 +75,14 @@ pub fn istio_overrides(get: impl Fn(&str) -> Option<String>) -> Overrides {
         out.set.retain(|(k, _)| k != "CLUSTER_ID");
         out.set.push(("CLUSTER_ID".to_string(), id));
     }
+    if let Some(text) = get("PROXY_CONFIG").filter(|t| !t.trim().is_empty()) {
+        match serde_yaml::from_str::<ProxyConfig>(&text) {
+            Ok(pc) => proxy_config(pc, &set, &mut out),
+            Err(e) => out.errors.push(format!(
+                "PROXY_CONFIG is not a ProxyConfig (YAML or JSON): {e}"
+            )),
+        }
+    }
     if get("XDS_ON_DEMAND").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         out.warnings.push(
             "XDS_ON_DEMAND=true: on-demand xDS is not implemented; every workload and service \
@@ -68,6 +91,34 @@ pub fn istio_overrides(get: impl Fn(&str) -> Option<String>) -> Overrides {
         );
     }
     out
+}
+
+/// `PROXY_CONFIG`'s fields as our settings: the xDS address (`https://` added to a bare
+/// `host:port`, as istiod writes it), the admin and metrics ports, the worker threads, and
+/// `proxyMetadata` as `ISTIO_META_*` (the prefix added where it is missing, as upstream
+/// strips it), all where the environment does not say otherwise.
+fn proxy_config(pc: ProxyConfig, set: &impl Fn(&str, String, &mut Overrides), out: &mut Overrides) {
+    if let Some(a) = pc.discovery_address.filter(|a| !a.is_empty()) {
+        let url = if a.contains("://") {
+            a
+        } else {
+            format!("https://{a}")
+        };
+        set("XDS_ADDRESS", url, out);
+    }
+    if let Some(p) = pc.proxy_admin_port {
+        set("ADMIN_ADDR", format!("127.0.0.1:{p}"), out);
+    }
+    if let Some(p) = pc.stats_port {
+        set("METRICS_ADDR", format!("0.0.0.0:{p}"), out);
+    }
+    if let Some(n) = pc.concurrency.filter(|n| *n > 0) {
+        set("ZTUNNEL_WORKER_THREADS", n.to_string(), out);
+    }
+    for (k, v) in pc.proxy_metadata {
+        let name = k.strip_prefix("ISTIO_META_").unwrap_or(&k).to_string();
+        set(&format!("ISTIO_META_{name}"), v, out);
+    }
 }
 
 #[cfg(test)]
@@ -149,5 +200,60 @@ mod tests {
     fn on_demand_xds_is_warned_about() {
         assert_eq!(run(&[("XDS_ON_DEMAND", "true")]).warnings.len(), 1);
         assert!(run(&[("XDS_ON_DEMAND", "false")]).warnings.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod proxy_config_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn run(env: &[(&str, &str)]) -> Overrides {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        istio_overrides(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn proxy_config_fields_become_settings() {
+        let o = run(&[(
+            "PROXY_CONFIG",
+            "discoveryAddress: istiod.istio-system.svc:15012\nproxyAdminPort: 15100\n\
+             statsPort: 15120\nconcurrency: 4\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  \
+             FOO: bar\nholdApplicationUntilProxyStarts: true\n",
+        )]);
+        assert!(o.errors.is_empty(), "{o:?}");
+        let got: HashMap<_, _> = o.set.into_iter().collect();
+        assert_eq!(got["XDS_ADDRESS"], "https://istiod.istio-system.svc:15012");
+        assert_eq!(got["ADMIN_ADDR"], "127.0.0.1:15100");
+        assert_eq!(got["METRICS_ADDR"], "0.0.0.0:15120");
+        assert_eq!(got["ZTUNNEL_WORKER_THREADS"], "4");
+        assert_eq!(got["ISTIO_META_DNS_CAPTURE"], "true");
+        assert_eq!(got["ISTIO_META_FOO"], "bar");
+    }
+
+    #[test]
+    fn the_environment_wins_and_json_reads_too() {
+        let o = run(&[
+            (
+                "PROXY_CONFIG",
+                r#"{"discoveryAddress": "https://cp:15012", "statsPort": 9}"#,
+            ),
+            ("XDS_ADDRESS", "https://other:15012"),
+        ]);
+        assert_eq!(
+            o.set,
+            vec![("METRICS_ADDR".to_string(), "0.0.0.0:9".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_bad_proxy_config_stops_the_start() {
+        let o = run(&[("PROXY_CONFIG", "statsPort: [not a port")]);
+        assert_eq!(o.errors.len(), 1, "{o:?}");
+        assert!(run(&[("PROXY_CONFIG", "  ")]).errors.is_empty());
     }
 }
