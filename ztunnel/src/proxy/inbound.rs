@@ -168,6 +168,7 @@ async fn deliver(
     };
     let source = state.workload_by_ip(src.ip());
     let server_id = dialed.identity();
+    let service = state.guess_inbound_service(&dialed, target.port());
     let record = Record {
         direction: Direction::Inbound,
         src: End {
@@ -180,7 +181,7 @@ async fn deliver(
             workload: Some(&dialed),
             identity: Some(&server_id),
         },
-        service: None,
+        service: service.as_deref(),
         dst_addr: target,
         target,
         mtls: true,
@@ -254,9 +255,12 @@ pub async fn handle_plaintext(ctx: Arc<ProxyContext>, stream: TcpStream, peer: S
             dst.ip().to_string(),
         )));
     };
-    let source = ctx.store.snapshot().workload_by_ip(peer.ip());
+    let state = ctx.store.snapshot();
+    let source = state.workload_by_ip(peer.ip());
+    let service = state.guess_inbound_service(&workload, dst.port());
     let dst_id = workload.identity();
-    let record = plaintext_record(peer, dst, source.as_deref(), &workload, &dst_id);
+    let record = plaintext_record(peer, dst, source.as_deref(), &workload, &dst_id)
+        .through(service.as_deref());
     // Closing the accepted socket is the refusal.
     let authz = match authorize_plaintext(&ctx, peer, dst, &workload) {
         Ok(a) => a,

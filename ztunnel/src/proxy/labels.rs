@@ -29,6 +29,14 @@ pub struct Record<'a> {
     pub mtls: bool,
 }
 
+impl<'a> Record<'a> {
+    /// The record with `service` as the one the connection came through.
+    pub fn through(mut self, service: Option<&'a Service>) -> Self {
+        self.service = service;
+        self
+    }
+}
+
 impl Record<'_> {
     /// The labels of one end: the workload's (built once per workload), and the principal
     /// the connection was made with, which for a mesh end is the workload's own.

@@ -87,9 +87,12 @@ async fn judge(ctx: &ProxyContext, q: Question) -> Result<(), ()> {
             let mut conn = ctx
                 .connections
                 .accept(Direction::Inbound, q.src, Some(q.dst));
-            let source = ctx.store.snapshot().workload_by_ip(q.src.ip());
+            let state = ctx.store.snapshot();
+            let source = state.workload_by_ip(q.src.ip());
+            let service = state.guess_inbound_service(&workload, q.dst.port());
             let dst_id = workload.identity();
-            let record = plaintext_record(q.src, q.dst, source.as_deref(), &workload, &dst_id);
+            let record = plaintext_record(q.src, q.dst, source.as_deref(), &workload, &dst_id)
+                .through(service.as_deref());
             conn.identify(record.info(), record.labels(), None);
             conn.finish(Outcome::Denied(denied));
             Err(())

@@ -73,6 +73,20 @@ impl ProxyState {
         }))
     }
 
+    /// The service an inbound connection to `workload` on `port` most likely came through,
+    /// for its metrics and access log (a delivered connection names the pod, not the VIP
+    /// it was sent to): the first, by name, of the workload's services with a port whose
+    /// target is `port`. Istio's ztunnel guesses the same way.
+    pub fn guess_inbound_service(&self, workload: &Workload, port: u16) -> Option<Arc<Service>> {
+        workload.services.iter().find_map(|(key, endpoint_ports)| {
+            let svc = self.service(key)?;
+            let mut service_ports = svc.ports.keys().chain(endpoint_ports.keys());
+            service_ports
+                .any(|p| svc.target_port(*p, endpoint_ports) == Some(port))
+                .then_some(svc)
+        })
+    }
+
     /// Picks a healthy endpoint of `svc` for a connection to `dst` (a VIP of it), uniformly
     /// at random with `rng`; the endpoint IP is of `dst`'s family when it has one.
     pub fn pick_endpoint(

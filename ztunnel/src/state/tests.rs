@@ -405,3 +405,19 @@ fn the_nodes_network() {
     plain.replace_all([on("net1", workload("e1", "10.0.0.1", &[]))], [], []);
     assert!(plain.snapshot().workload_by_ip(ip("10.0.0.1")).is_none());
 }
+
+/// An inbound connection names the pod and its port; the service it most likely came
+/// through is the pod's service whose port targets that port.
+#[test]
+fn the_service_of_an_inbound_connection_is_guessed_from_the_port() {
+    let snap = store().snapshot();
+    let e1 = snap.workload_by_ip(ip("10.0.0.1")).unwrap();
+    assert_eq!(
+        snap.guess_inbound_service(&e1, 8080)
+            .map(|s| s.name.clone()),
+        Some("echo".to_string())
+    );
+    assert!(snap.guess_inbound_service(&e1, 9999).is_none());
+    let legacy = snap.workload_by_ip(ip("10.0.0.9")).unwrap();
+    assert!(snap.guess_inbound_service(&legacy, 8080).is_none());
+}
