@@ -392,6 +392,18 @@ impl Testbed {
     }
 }
 
+/// A metric of the ztunnel on `node` (15020), summed over the lines that start with
+/// `prefix` (`ztunnel_last_hop_syns{result="denied"}`, or a name for all its labels).
+pub fn metric(node: &Node, prefix: &str) -> u64 {
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, body) = crate::http::get(&node.netns, metrics, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// A per-pod capture counter (`/debug/capture`, e.g. `dropped_no_proxy`: SYNs dropped for
 /// want of a listener) as the ztunnel on `node` reports it. The counters live in pinned
 /// maps, so they outlive ztunnel processes (restarts, handovers).

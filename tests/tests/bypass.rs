@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ztunnel_tests::kube_proxy::{self, Service};
 use ztunnel_tests::traffic::{connect, echo_round_trip, eventually, EchoServer};
-use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::ztunnel::{local_config, metric, WorkloadSpec, Ztunnel};
 use ztunnel_tests::{require_root, Netns, Node, Pod, Testbed};
 
 const T: Duration = Duration::from_secs(5);
@@ -152,17 +152,6 @@ fn echoes(ns: &Netns, dst: SocketAddr, timeout: Duration) -> bool {
 
 fn node_port(node: &Node, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(node.ip), port)
-}
-
-/// A ztunnel metric's value, by a line prefix (`ztunnel_last_hop_syns{result="denied"}`).
-fn metric(node: &Node, prefix: &str) -> u64 {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
-    let (_, body) = ztunnel_tests::http::get(&node.netns, metrics, "/metrics").unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// A pod outside the mesh reaches an enrolled pod on its own node through a ClusterIP

@@ -167,22 +167,9 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
     let marker: &[u8] = b"fragment-marker-v4-31337";
     // IPv4: a tiny first fragment (8 bytes of TCP: ports and sequence number, no flags),
     // then the rest. Reassembled at the server it would be a SYN that skipped capture.
-    let (s, d) = (m.client.ip.octets(), m.server.ip.octets());
-    let tcp_len = 20 + marker.len();
-    let pseudo = [&s[..], &d[..], &[0, 6], &(tcp_len as u16).to_be_bytes()].concat();
+    let pseudo = raw::pseudo_v4(m.client.ip, m.server.ip, 20 + marker.len());
     let tcp = raw::tcp_syn(&pseudo, 50000, 8080, marker);
-    let ip4 = |frag: u16, body: &[u8]| {
-        let total = (20 + body.len()) as u16;
-        let mut h = vec![0x45, 0];
-        h.extend_from_slice(&total.to_be_bytes());
-        h.extend_from_slice(&[0x12, 0x34]);
-        h.extend_from_slice(&frag.to_be_bytes());
-        h.extend_from_slice(&[64, 6, 0, 0]);
-        h.extend_from_slice(&s);
-        h.extend_from_slice(&d);
-        h.extend_from_slice(body);
-        h
-    };
+    let ip4 = |frag: u16, body: &[u8]| raw::ipv4(m.client.ip, m.server.ip, frag, body);
     raw::send(
         &m.client.netns,
         false,
@@ -191,27 +178,17 @@ fn fragments_of_tcp_from_an_enrolled_pod_are_dropped() {
     );
     // IPv6: a first fragment with the whole TCP header, then the rest of the payload.
     let marker6: &[u8] = b"fragment-marker-v6-31337";
-    let (s6, d6) = (m.client.ip6.octets(), m.server.ip6.octets());
-    let tcp_len = 20 + marker6.len();
-    let pseudo = [
-        &s6[..],
-        &d6[..],
-        &(tcp_len as u32).to_be_bytes(),
-        &[0, 0, 0, 6],
-    ]
-    .concat();
+    let (s6, d6) = (m.client.ip6, m.server.ip6);
+    let pseudo = raw::pseudo_v6(s6, d6, 20 + marker6.len());
     let tcp = raw::tcp_syn(&pseudo, 50000, 8080, marker6);
+    // A fragment header (next header TCP, the offset and flags, an identification), then
+    // the fragment.
     let ip6 = |frag: u16, body: &[u8]| {
-        let mut h = vec![0x60, 0, 0, 0];
-        h.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
-        h.extend_from_slice(&[44, 64]);
-        h.extend_from_slice(&s6);
-        h.extend_from_slice(&d6);
-        h.extend_from_slice(&[6, 0]);
+        let mut h = vec![6, 0];
         h.extend_from_slice(&frag.to_be_bytes());
         h.extend_from_slice(&[0, 0, 0x56, 0x78]);
         h.extend_from_slice(body);
-        h
+        raw::ipv6(s6, d6, 44, &h)
     };
     raw::send(
         &m.client.netns,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
-use ztunnel_tests::ztunnel::{local_config, WorkloadSpec};
+use ztunnel_tests::ztunnel::{local_config, metric, WorkloadSpec};
 use ztunnel_tests::{require_root, Testbed};
 
 const T: Duration = Duration::from_secs(5);
@@ -111,15 +111,4 @@ fn nodes_follow_the_control_plane_over_xds() {
         metric(&b, "ztunnel_authorization_decisions_total{result=\"deny\"}") > denied_before,
         "the refusal is counted"
     );
-}
-
-/// A ztunnel metric's value, by a line prefix, summed over the lines it starts.
-fn metric(node: &ztunnel_tests::Node, prefix: &str) -> u64 {
-    let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
-    let (_, body) = ztunnel_tests::http::get(&node.netns, metrics, "/metrics").unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }

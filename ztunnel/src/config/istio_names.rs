@@ -201,21 +201,6 @@ mod tests {
         assert_eq!(run(&[("XDS_ON_DEMAND", "true")]).warnings.len(), 1);
         assert!(run(&[("XDS_ON_DEMAND", "false")]).warnings.is_empty());
     }
-}
-
-#[cfg(test)]
-mod proxy_config_tests {
-    use std::collections::HashMap;
-
-    use super::*;
-
-    fn run(env: &[(&str, &str)]) -> Overrides {
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        istio_overrides(|k| env.get(k).cloned())
-    }
 
     #[test]
     fn proxy_config_fields_become_settings() {
