@@ -325,6 +325,11 @@ impl Metrics {
         );
         let zt = registry.sub_registry_with_prefix("ztunnel");
         zt.register(
+            "xds_ignored_fields",
+            "Fields of istiod's resources this proxy does not implement, by field, each time a resource carried one",
+            crate::xds::ignored::IGNORED.clone(),
+        );
+        zt.register(
             "connections",
             "Connection attempts by how they ended (ok, denied, failed, closed, aborted) and why",
             m.connections.clone(),

@@ -3,8 +3,9 @@
 //! Inbound (`*_from_proto`) is strict: a resource the proxy cannot use faithfully (bad IP
 //! bytes, an enum value this build does not know, a missing key field) is an error naming
 //! the field, so the xDS client can NACK it with that detail and keep the previous
-//! version. Fields this L4 proxy does not implement (network gateways, locality, load
-//! balancing...) are ignored, as they are when reading the local YAML.
+//! version. Fields this L4 proxy does not implement (network gateways, load balancing,
+//! weighted waypoints...) are ignored, but not silently: [`address_from_proto`] logs each
+//! by name and counts it (`super::ignored`), as the local YAML reader warns about them.
 //!
 //! Outbound (`*_to_proto`, in [`to_proto`]) is what the built-in control plane serves; the
 //! two directions round-trip (see the tests).
@@ -106,14 +107,22 @@ fn decode_any<M: Message + Default>(any: &prost_types::Any, type_url: &str) -> R
         .map_err(|e| ConvertError::new("", format!("cannot decode the protobuf: {e}")))
 }
 
+/// An address resource from istiod; fields it carries that this proxy does not implement
+/// are reported by name (`super::ignored`), not dropped silently.
 pub fn address_from_proto(a: &wpb::Address) -> Result<AddressResource> {
+    use super::ignored;
     match &a.r#type {
-        Some(wpb::address::Type::Workload(w)) => workload_from_proto(w)
-            .map(AddressResource::Workload)
-            .map_err(|e| e.within("workload")),
-        Some(wpb::address::Type::Service(s)) => service_from_proto(s)
-            .map(AddressResource::Service)
-            .map_err(|e| e.within("service")),
+        Some(wpb::address::Type::Workload(w)) => {
+            let r = workload_from_proto(w).map_err(|e| e.within("workload"))?;
+            ignored::report(&w.uid, &ignored::workload_fields(w));
+            Ok(AddressResource::Workload(r))
+        }
+        Some(wpb::address::Type::Service(s)) => {
+            let r = service_from_proto(s).map_err(|e| e.within("service"))?;
+            let name = format!("{}/{}", s.namespace, s.hostname);
+            ignored::report(&name, &ignored::service_fields(s));
+            Ok(AddressResource::Service(r))
+        }
         None => Err(ConvertError::new(
             "type",
             "the Address holds neither a workload nor a service",

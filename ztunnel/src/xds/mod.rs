@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod ignored;
 pub mod local;
 pub mod watch;
 pub(crate) mod yaml;
