@@ -54,6 +54,7 @@ fn service(i: u32) -> Service {
         ports: BTreeMap::from([(80, 8080)]),
         subject_alt_names: vec![],
         waypoint: None,
+        load_balancing: None,
     }
 }
 

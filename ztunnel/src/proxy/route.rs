@@ -99,12 +99,13 @@ impl Planner<'_> {
                 };
             }
         }
-        let up = match state.resolve(dst) {
+        let up = match state.resolve_from(src.as_deref(), dst) {
             Ok(up) => up,
             Err(e @ ResolveError::NoHealthyEndpoints { .. })
             | Err(e @ ResolveError::NoSuchPort { .. })
             | Err(e @ ResolveError::NoWorkloadIp { .. })
-            | Err(e @ ResolveError::OtherNetworks { .. }) => {
+            | Err(e @ ResolveError::OtherNetworks { .. })
+            | Err(e @ ResolveError::NoPreferredEndpoint { .. }) => {
                 return Route::Refuse(Refusal::NoEndpoint(e.to_string()))
             }
         };

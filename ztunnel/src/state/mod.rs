@@ -6,6 +6,7 @@
 //! changes the view of a connection already being set up. Writers build the next snapshot
 //! from a copy and swap it in.
 
+pub mod load_balancing;
 mod resolve;
 mod service;
 mod snapshot;

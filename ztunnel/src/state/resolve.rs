@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use super::load_balancing::{self, Mode};
 use super::service::Service;
 use super::snapshot::ProxyState;
 use super::workload::{NetworkAddress, Workload};
@@ -43,15 +44,28 @@ pub enum ResolveError {
     NoWorkloadIp { uid: String },
     #[error("service {service} has endpoints only on other networks ({networks}), and network gateways are not supported")]
     OtherNetworks { service: String, networks: String },
+    #[error("no endpoint of service {service} meets its routing preference (STRICT)")]
+    NoPreferredEndpoint { service: String },
 }
 
 impl ProxyState {
     /// Resolves an original destination on this node's network.
     ///
     /// `Ok(None)`: the IP is neither a workload nor a service VIP (outside the mesh; pass
-    /// through). Service VIPs are load balanced at random over healthy endpoints.
+    /// through), or a VIP whose load balancing is PASSTHROUGH (sent to the address dialled).
+    /// Service VIPs are load balanced at random over their endpoints, as their load
+    /// balancing allows (health, routing preference from the client `src`, when known).
     pub fn resolve(&self, dst: SocketAddr) -> Result<Option<Upstream>, ResolveError> {
-        self.resolve_in(self.network(), dst)
+        self.resolve_from(None, dst)
+    }
+
+    /// [`ProxyState::resolve`] for a connection from the workload `src`.
+    pub fn resolve_from(
+        &self,
+        src: Option<&Workload>,
+        dst: SocketAddr,
+    ) -> Result<Option<Upstream>, ResolveError> {
+        self.resolve_on(self.network(), src, dst)
     }
 
     pub fn resolve_in(
@@ -59,11 +73,27 @@ impl ProxyState {
         network: &str,
         dst: SocketAddr,
     ) -> Result<Option<Upstream>, ResolveError> {
+        self.resolve_on(network, None, dst)
+    }
+
+    fn resolve_on(
+        &self,
+        network: &str,
+        src: Option<&Workload>,
+        dst: SocketAddr,
+    ) -> Result<Option<Upstream>, ResolveError> {
         let ip = dst.ip().to_canonical();
         let addr = NetworkAddress::new(network, ip);
         if let Some(svc) = self.service_by_vip(&addr) {
+            if svc
+                .load_balancing
+                .as_ref()
+                .is_some_and(|lb| lb.mode == Mode::Passthrough)
+            {
+                return Ok(None);
+            }
             return self
-                .pick_endpoint(&svc, SocketAddr::new(ip, dst.port()), &mut rand::rng())
+                .pick_endpoint_for(src, &svc, SocketAddr::new(ip, dst.port()), &mut rand::rng())
                 .map(Some);
         }
         Ok(self.workload_by_addr(&addr).map(|workload| Upstream {
@@ -95,15 +125,42 @@ impl ProxyState {
         dst: SocketAddr,
         rng: &mut impl Rng,
     ) -> Result<Upstream, ResolveError> {
+        self.pick_endpoint_for(None, svc, dst, rng)
+    }
+
+    /// [`ProxyState::pick_endpoint`] for a connection from `src`: the service's load
+    /// balancing says which endpoints may be picked (`load_balancing::choose`).
+    pub fn pick_endpoint_for(
+        &self,
+        src: Option<&Workload>,
+        svc: &Arc<Service>,
+        dst: SocketAddr,
+        rng: &mut impl Rng,
+    ) -> Result<Upstream, ResolveError> {
         let key = svc.key();
         let port = dst.port();
-        let candidates: Vec<_> = self
+        let lb = svc.load_balancing.as_ref();
+        let eligible: Vec<_> = self
             .endpoints(&key)
             .into_iter()
-            .filter(|(w, _)| w.is_healthy() && !w.workload_ips.is_empty())
+            .filter(|(w, _)| load_balancing::eligible(lb, w) && !w.workload_ips.is_empty())
             .filter(|(w, _)| w.network == self.network())
             .filter_map(|(w, ep)| Some((svc.target_port(port, &ep.ports)?, w)))
             .collect();
+        let any = !eligible.is_empty();
+        let candidates = load_balancing::choose(
+            lb,
+            src,
+            eligible
+                .iter()
+                .map(|(t, w)| ((*t, w.clone()), w.as_ref()))
+                .collect(),
+        );
+        if any && candidates.is_empty() {
+            return Err(ResolveError::NoPreferredEndpoint {
+                service: key.to_string(),
+            });
+        }
         if candidates.is_empty() {
             // Endpoints on other networks would need a network gateway (double HBONE),
             // which is not built: refused, never dialled directly.

@@ -21,6 +21,10 @@ pub struct Service {
     /// The waypoint that traffic addressed to this service goes through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<super::GatewayAddress>,
+    /// Which endpoints a client may be sent to (routing preference, health policy), or
+    /// none picked at all (PASSTHROUGH).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<super::load_balancing::LoadBalancing>,
 }
 
 impl Service {

@@ -421,3 +421,90 @@ fn the_service_of_an_inbound_connection_is_guessed_from_the_port() {
     let legacy = snap.workload_by_ip(ip("10.0.0.9")).unwrap();
     assert!(snap.guess_inbound_service(&legacy, 8080).is_none());
 }
+
+/// A service's load balancing, end to end through `resolve_from`: PASSTHROUGH sends to the
+/// VIP itself, ALLOW_ALL picks unhealthy endpoints too, STRICT keeps to the client's zone
+/// and refuses by name when no endpoint is there.
+#[test]
+fn load_balancing_of_a_vip() {
+    use load_balancing::{HealthPolicy, LoadBalancing, Locality, Mode, Scope};
+    let in_zone = |zone: &str, w: Workload| Workload {
+        locality: Locality {
+            region: "r1".into(),
+            zone: zone.into(),
+            subzone: String::new(),
+        },
+        ..w
+    };
+    let lb_store = |lb: LoadBalancing, sick_e2: bool| {
+        let s = StateStore::default();
+        s.replace_all(
+            [
+                in_zone("z1", workload("e1", "10.0.0.1", &[(echo(), &[(80, 8080)])])),
+                Workload {
+                    status: if sick_e2 {
+                        HealthStatus::Unhealthy
+                    } else {
+                        HealthStatus::Healthy
+                    },
+                    ..in_zone("z2", workload("e2", "10.0.0.2", &[(echo(), &[(80, 8080)])]))
+                },
+            ],
+            [Service {
+                load_balancing: Some(lb),
+                ..echo_service(&[(80, 8080)])
+            }],
+            [],
+        );
+        s.snapshot()
+    };
+    let lb = |mode, prefs: &[Scope], health| LoadBalancing {
+        routing_preference: prefs.to_vec(),
+        mode,
+        health_policy: health,
+    };
+    let vip = sa("10.96.0.10:80");
+    let pass = lb_store(lb(Mode::Passthrough, &[], HealthPolicy::OnlyHealthy), false);
+    assert!(
+        pass.resolve(vip).unwrap().is_none(),
+        "PASSTHROUGH: to the VIP"
+    );
+
+    let all = lb_store(lb(Mode::Unspecified, &[], HealthPolicy::AllowAll), true);
+    let picked: HashSet<String> = (0..60)
+        .map(|_| all.resolve(vip).unwrap().unwrap().workload.name.clone())
+        .collect();
+    assert!(
+        picked.contains("e2"),
+        "ALLOW_ALL picks the unhealthy one too"
+    );
+
+    let strict = lb_store(
+        lb(Mode::Strict, &[Scope::Zone], HealthPolicy::OnlyHealthy),
+        false,
+    );
+    let client_z2 = in_zone("z2", workload("c", "10.0.0.50", &[]));
+    for _ in 0..30 {
+        let up = strict.resolve_from(Some(&client_z2), vip).unwrap().unwrap();
+        assert_eq!(up.workload.name, "e2", "STRICT zone");
+    }
+    let client_z3 = in_zone("z3", workload("c", "10.0.0.50", &[]));
+    let err = strict.resolve_from(Some(&client_z3), vip).unwrap_err();
+    assert!(
+        matches!(err, ResolveError::NoPreferredEndpoint { .. }),
+        "{err}"
+    );
+    // FAILOVER from z3: no zone match, so any endpoint of the best (region) rank.
+    let failover = lb_store(
+        lb(
+            Mode::Failover,
+            &[Scope::Region, Scope::Zone],
+            HealthPolicy::OnlyHealthy,
+        ),
+        false,
+    );
+    assert!(failover
+        .resolve_from(Some(&client_z3), vip)
+        .unwrap()
+        .is_some());
+}

@@ -168,6 +168,9 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub cluster_id: String,
+    /// Region, zone and subzone, for services' routing preferences.
+    #[serde(skip_serializing_if = "super::load_balancing::Locality::is_empty")]
+    pub locality: super::load_balancing::Locality,
     /// This workload's side of every connection's metric labels, built on first use: a
     /// workload changes only by being replaced, so they are built once per version.
     #[serde(skip)]
@@ -233,6 +236,7 @@ impl Default for Workload {
             canonical_name: String::new(),
             canonical_revision: String::new(),
             cluster_id: String::new(),
+            locality: Default::default(),
             labels: Memo::default(),
         }
     }

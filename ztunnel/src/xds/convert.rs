@@ -29,6 +29,7 @@ use crate::policy::{
 use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use crate::state::load_balancing::{self as lbs, HealthPolicy, LoadBalancing, Locality, Mode};
 use crate::state::{
     GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress,
     NetworkMode, PortMap, Protocol, Service, Workload, DEFAULT_SERVICE_ACCOUNT,
@@ -189,6 +190,15 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
         authorization_policies: w.authorization_policies.clone(),
         services,
         waypoint: waypoint_from_proto(&w.waypoint).map_err(|e| e.within("waypoint"))?,
+        locality: w
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.subzone.clone(),
+            })
+            .unwrap_or_default(),
         hostname: w.hostname.clone(),
         workload_name: w.workload_name.clone(),
         workload_type,
@@ -222,6 +232,44 @@ pub fn service_from_proto(s: &wpb::Service) -> Result<Service> {
         ports: ports_from_proto(&s.ports)?,
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: waypoint_from_proto(&s.waypoint).map_err(|e| e.within("waypoint"))?,
+        load_balancing: s
+            .load_balancing
+            .as_ref()
+            .map(load_balancing_from_proto)
+            .transpose()
+            .map_err(|e| e.within("loadBalancing"))?,
+    })
+}
+
+fn load_balancing_from_proto(lb: &wpb::LoadBalancing) -> Result<LoadBalancing> {
+    use wpb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    let mut routing_preference = Vec::with_capacity(lb.routing_preference.len());
+    for (i, v) in lb.routing_preference.iter().enumerate() {
+        let field = format!("routingPreference[{i}]");
+        routing_preference.push(match enum_value::<S>(&field, *v)? {
+            S::Region => lbs::Scope::Region,
+            S::Zone => lbs::Scope::Zone,
+            S::Subzone => lbs::Scope::Subzone,
+            S::Node => lbs::Scope::Node,
+            S::Cluster => lbs::Scope::Cluster,
+            S::Network => lbs::Scope::Network,
+            S::UnspecifiedScope => {
+                return Err(ConvertError::new(field, "UNSPECIFIED_SCOPE is not a scope"))
+            }
+        });
+    }
+    Ok(LoadBalancing {
+        routing_preference,
+        mode: match enum_value::<M>("mode", lb.mode)? {
+            M::UnspecifiedMode => Mode::Unspecified,
+            M::Strict => Mode::Strict,
+            M::Failover => Mode::Failover,
+            M::Passthrough => Mode::Passthrough,
+        },
+        health_policy: match enum_value::<H>("healthPolicy", lb.health_policy)? {
+            H::OnlyHealthy => HealthPolicy::OnlyHealthy,
+            H::AllowAll => HealthPolicy::AllowAll,
+        },
     })
 }
 

@@ -41,7 +41,6 @@ pub fn workload_fields(w: &wpb::Workload) -> Vec<&'static str> {
 /// The fields of `s` that are set and not implemented.
 pub fn service_fields(s: &wpb::Service) -> Vec<&'static str> {
     [
-        ("Service.load_balancing", s.load_balancing.is_some()),
         ("Service.ingress_use_waypoint", s.ingress_use_waypoint),
         (
             "Service.weighted_waypoints",
@@ -85,14 +84,14 @@ mod tests {
     #[test]
     fn set_fields_are_named_and_counted() {
         let s = wpb::Service {
-            load_balancing: Some(wpb::LoadBalancing::default()),
             ingress_use_waypoint: true,
+            visibility: 1,
             ..Default::default()
         };
         let fields = service_fields(&s);
         assert_eq!(
             fields,
-            ["Service.load_balancing", "Service.ingress_use_waypoint"]
+            ["Service.ingress_use_waypoint", "Service.visibility"]
         );
         let count = |f: &str| {
             IGNORED

@@ -510,6 +510,7 @@ impl<'a> Validator<'a> {
             canonical_name: lw.canonical_name,
             canonical_revision: lw.canonical_revision,
             cluster_id,
+            locality: Default::default(),
             labels: Default::default(),
         })
     }
@@ -538,6 +539,7 @@ impl<'a> Validator<'a> {
                 ports: ls.ports,
                 subject_alt_names: ls.subject_alt_names,
                 waypoint: ls.waypoint,
+                load_balancing: None,
             };
             if let Some(first) = by_key.insert(svc.key(), i) {
                 let msg = format!("service {} is also defined by services[{first}]", svc.key());

@@ -513,3 +513,58 @@ fn workload_policy_references_survive() {
         2
     );
 }
+
+/// A service's load balancing and a workload's locality arrive and round-trip; an
+/// unspecified scope in a routing preference is refused by name.
+#[test]
+fn load_balancing_and_locality_round_trip() {
+    use crate::proto::istio::workload::load_balancing::{HealthPolicy, Mode, Scope};
+    let svc = wpb::Service {
+        name: "echo".into(),
+        namespace: "ns".into(),
+        hostname: "echo.ns.svc.cluster.local".into(),
+        load_balancing: Some(wpb::LoadBalancing {
+            routing_preference: vec![Scope::Network as i32, Scope::Zone as i32],
+            mode: Mode::Failover as i32,
+            health_policy: HealthPolicy::AllowAll as i32,
+        }),
+        ..Default::default()
+    };
+    let state = service_from_proto(&svc).unwrap();
+    let lb = state.load_balancing.as_ref().unwrap();
+    assert_eq!(
+        lb.routing_preference,
+        [
+            crate::state::load_balancing::Scope::Network,
+            crate::state::load_balancing::Scope::Zone
+        ]
+    );
+    assert_eq!(service_to_proto(&state), svc);
+
+    let w = wpb::Workload {
+        uid: "c//Pod/ns/a".into(),
+        name: "a".into(),
+        namespace: "ns".into(),
+        trust_domain: "cluster.local".into(),
+        service_account: "sa".into(),
+        locality: Some(wpb::Locality {
+            region: "r1".into(),
+            zone: "z1".into(),
+            subzone: String::new(),
+        }),
+        ..Default::default()
+    };
+    let state = workload_from_proto(&w).unwrap();
+    assert_eq!(state.locality.zone, "z1");
+    assert_eq!(workload_to_proto(&state), w);
+
+    let bad = wpb::Service {
+        load_balancing: Some(wpb::LoadBalancing {
+            routing_preference: vec![Scope::UnspecifiedScope as i32],
+            ..Default::default()
+        }),
+        ..svc
+    };
+    let e = err(service_from_proto(&bad));
+    assert!(e.contains("loadBalancing.routingPreference[0]"), "{e}");
+}

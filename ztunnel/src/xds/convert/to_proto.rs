@@ -11,6 +11,7 @@ use crate::policy::{Action, Authorization, Match, Scope, ServiceAccountMatch, St
 use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use crate::state::load_balancing::{self as lbs, HealthPolicy, LoadBalancing, Mode};
 use crate::state::{
     GatewayAddress, GatewayDestination, HealthStatus, NetworkMode, PortMap, Protocol, Service,
     Workload,
@@ -58,6 +59,11 @@ pub fn workload_to_proto(w: &Workload) -> wpb::Workload {
             NetworkMode::HostNetwork => wpb::NetworkMode::HostNetwork,
         } as i32,
         waypoint: w.waypoint.as_ref().map(waypoint_to_proto),
+        locality: (!w.locality.is_empty()).then(|| wpb::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
         ..Default::default()
     }
 }
@@ -79,7 +85,36 @@ pub fn service_to_proto(s: &Service) -> wpb::Service {
         ports: ports_to_proto(&s.ports),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(waypoint_to_proto),
+        load_balancing: s.load_balancing.as_ref().map(load_balancing_to_proto),
         ..Default::default()
+    }
+}
+
+fn load_balancing_to_proto(lb: &LoadBalancing) -> wpb::LoadBalancing {
+    use wpb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    wpb::LoadBalancing {
+        routing_preference: lb
+            .routing_preference
+            .iter()
+            .map(|s| match s {
+                lbs::Scope::Region => S::Region,
+                lbs::Scope::Zone => S::Zone,
+                lbs::Scope::Subzone => S::Subzone,
+                lbs::Scope::Node => S::Node,
+                lbs::Scope::Cluster => S::Cluster,
+                lbs::Scope::Network => S::Network,
+            } as i32)
+            .collect(),
+        mode: match lb.mode {
+            Mode::Unspecified => M::UnspecifiedMode,
+            Mode::Strict => M::Strict,
+            Mode::Failover => M::Failover,
+            Mode::Passthrough => M::Passthrough,
+        } as i32,
+        health_policy: match lb.health_policy {
+            HealthPolicy::OnlyHealthy => H::OnlyHealthy,
+            HealthPolicy::AllowAll => H::AllowAll,
+        } as i32,
     }
 }
 
