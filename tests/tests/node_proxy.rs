@@ -78,7 +78,10 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     za.wait_for_log("outbound flow", T).unwrap();
     zb.wait_for_log("to listener 15008", T).unwrap();
     // Each side logged the connection with both identities, over HBONE.
-    for (z, dir) in [(&za, "direction=\"outbound\""), (&zb, "direction=\"inbound\"")] {
+    for (z, dir) in [
+        (&za, "direction=\"outbound\""),
+        (&zb, "direction=\"inbound\""),
+    ] {
         let line = z.wait_for_line(&["connection complete", dir], T).unwrap();
         assert!(
             line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"),
