@@ -129,12 +129,12 @@ pub struct HboneLimits {
     /// Established (authenticated) inbound HBONE connections at once; one more is closed
     /// right after its handshake. Each may hold a 256 KiB read buffer and, in data its
     /// streams have not delivered yet, up to the HTTP/2 connection window (16 MiB).
-    #[arg(long, env = "HBONE_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS", default_value_t = 16384)]
     pub hbone_max_connections: usize,
 
-    /// Of those, from one client address (a pod; ztunnel's pool opens one connection per
-    /// 100 streams).
-    #[arg(long, env = "HBONE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    /// Of those, from one client address with one identity (a peer node's pool opens one
+    /// connection per source identity and destination pod, another per 100 streams).
+    #[arg(long, env = "HBONE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 512)]
     pub hbone_max_connections_per_source: usize,
 
     /// Streams a peer may reset before ztunnel accepts them, per inbound HBONE connection,

@@ -9,6 +9,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::HboneLimits;
 use crate::hbone::{Keepalive, ServerOptions};
+use crate::identity::Identity;
 use crate::limits::{Cap, KeyPermit, PerKey};
 
 #[derive(Clone)]
@@ -16,16 +17,19 @@ pub struct InboundLimits {
     pending: Cap,
     pending_per_source: PerKey<IpAddr>,
     connections: Cap,
-    connections_per_source: PerKey<IpAddr>,
+    /// Keyed by the client's address and identity: ztunnel's pools dial from the node's
+    /// address, one connection per (source identity, destination pod), so a busy node
+    /// legitimately holds many connections from one address.
+    connections_per_source: PerKey<(IpAddr, Identity)>,
     pub server: ServerOptions,
     pub upstream_connect_timeout: Duration,
     pub tcp_keepalive: Option<Duration>,
 }
 
-/// A handshake in progress, counted until dropped.
-pub struct Pending {
+/// A place (a handshake in progress, an established connection), counted until dropped.
+pub struct Pending<K: std::hash::Hash + Eq = IpAddr> {
     _all: OwnedSemaphorePermit,
-    _source: KeyPermit<IpAddr>,
+    _source: KeyPermit<K>,
 }
 
 impl InboundLimits {
@@ -63,10 +67,17 @@ impl InboundLimits {
         })
     }
 
-    /// Room for one more established (authenticated) connection from `source`, held for
-    /// the connection's life, or `None` (counted, logged).
-    pub fn admit_connection(&self, source: IpAddr) -> Option<Pending> {
-        let source_permit = self.connections_per_source.admit(source, &source)?;
+    /// Room for one more established (authenticated) connection from `source` with the
+    /// identity `client`, held for the connection's life, or `None` (counted, logged).
+    pub fn admit_connection(
+        &self,
+        source: IpAddr,
+        client: &Identity,
+    ) -> Option<Pending<(IpAddr, Identity)>> {
+        let who = format!("{source} ({client})");
+        let source_permit = self
+            .connections_per_source
+            .admit((source, client.clone()), &who)?;
         let all = self.connections.admit()?;
         Some(Pending {
             _all: all,
@@ -132,17 +143,22 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let c: IpAddr = "10.0.0.3".parse().unwrap();
+        let id = crate::tls::tests::id("client");
+        let other = crate::tls::tests::id("other");
         let before = crate::limits::hits("hbone_connections_per_source");
-        let a1 = l.admit_connection(a).unwrap();
-        let _a2 = l.admit_connection(a).unwrap();
-        assert!(l.admit_connection(a).is_none(), "per source");
+        let a1 = l.admit_connection(a, &id).unwrap();
+        let _a2 = l.admit_connection(a, &id).unwrap();
+        assert!(
+            l.admit_connection(a, &id).is_none(),
+            "per source and identity"
+        );
         assert!(crate::limits::hits("hbone_connections_per_source") > before);
-        let _b1 = l.admit_connection(b).unwrap();
-        assert!(l.admit_connection(c).is_none(), "in all");
+        let _b1 = l.admit_connection(a, &other).unwrap();
+        assert!(l.admit_connection(b, &id).is_none(), "in all");
         assert!(l.admit(c).is_some(), "handshakes are counted apart");
         drop(a1);
         assert!(
-            l.admit_connection(c).is_some(),
+            l.admit_connection(c, &id).is_some(),
             "a closed connection frees its place"
         );
     }

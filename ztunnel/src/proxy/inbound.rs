@@ -105,9 +105,9 @@ pub async fn handle_hbone(ctx: Arc<ProxyContext>, stream: TcpStream, peer: Socke
         }
     };
     drop(pending);
-    // Authenticated connections are bounded too (in all and per client address): each
-    // holds buffers and may hold a connection window of undelivered data.
-    let Some(_place) = ctx.limits.admit_connection(peer.ip()) else {
+    // Authenticated connections are bounded too (in all, and per client address and
+    // identity): each holds buffers and may hold a connection window of undelivered data.
+    let Some(_place) = ctx.limits.admit_connection(peer.ip(), &client) else {
         return;
     };
     // (A client of a foreign trust domain was refused by the handshake: tls::verifier.)
