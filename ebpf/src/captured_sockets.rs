@@ -58,17 +58,21 @@ static CAPTURED_SK: PinnedSkStorage = PinnedSkStorage {
     pinning: core::ptr::null(),
 };
 
-/// Finds the socket that sent `pkt` in the pod's namespace (`netnsid`, as the node's
-/// namespace knows it) and, with `mark`, marks it captured; returns whether it carries the
-/// mark. A socket still in its handshake (a request socket), in TIME_WAIT or listening
+/// Finds the pod's socket of `pkt`'s flow in the pod's namespace (`netnsid`, as the
+/// node's namespace knows it) — the socket that sent it, or with `to_pod` the one it is
+/// going to — and, with `mark`, marks it captured; returns whether it carries the mark. A socket still in its handshake (a request socket), in TIME_WAIT or listening
 /// cannot hold storage and is neither marked nor found marked. Not inlined: the tuple gets
 /// a frame of its own.
 #[inline(never)]
-pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool) -> bool {
-    // The pod's socket has the packet's destination as its remote end: a lookup tuple is
-    // written as the socket would receive, so it is the packet's, reversed.
+pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool, to_pod: bool) -> bool {
+    // A lookup tuple is written as the socket would receive: a packet going to the pod as
+    // it is, one the pod sent reversed.
     let f = &pkt.flow;
-    let (mut t, size) = tuple_from(&f.daddr, &f.saddr, f.dport, f.sport, pkt.v6);
+    let (mut t, size) = if to_pod {
+        tuple_from(&f.saddr, &f.daddr, f.sport, f.dport, pkt.v6)
+    } else {
+        tuple_from(&f.daddr, &f.saddr, f.dport, f.sport, pkt.v6)
+    };
     // SAFETY: helper call with a valid context and a stack tuple of the given size; a
     // non-negative netns id names a namespace relative to the packet's device's.
     let sk = unsafe {
@@ -113,25 +117,38 @@ pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool) -> bo
     marked
 }
 
-/// Marks the pod's socket of a connection ztunnel delivered (`pkt` is the pod's packet to
-/// ztunnel's socket), once: the flow's `ZT_FLOWS` entry, written at the pod's SYN-ACK,
-/// records that it was done, so later packets cost a map lookup instead of a socket
-/// lookup in the pod's namespace. An entry flushed meanwhile only means marking again.
+/// Marks the pod's socket of a connection ztunnel delivered, once: `pkt` is the pod's
+/// packet to ztunnel's socket (at the pod interface's ingress) or, with `to_pod`, one of
+/// ztunnel's to the pod (at its egress: so a pod that has sent nothing yet is marked by
+/// ztunnel's next packet, its FIN or reset at a crash included). The flow's `ZT_FLOWS`
+/// entry, written at the pod's SYN-ACK, records that it was done, so later packets cost a
+/// map lookup instead of a socket lookup in the pod's namespace. An entry flushed
+/// meanwhile only means marking again.
 #[inline(never)]
-pub fn mark_delivered_once(ctx: &TcContext, pkt: &Packet, netnsid: i32) {
+pub fn mark_delivered_once(ctx: &TcContext, pkt: &Packet, netnsid: i32, to_pod: bool) {
     let f = &pkt.flow;
-    let opened = FlowKey {
-        saddr: f.daddr,
-        daddr: f.saddr,
-        sport: f.dport,
-        dport: f.sport,
+    // The flow as ztunnel opened it: ztunnel (with the client's address) → pod.
+    let opened = if to_pod {
+        FlowKey {
+            saddr: f.saddr,
+            daddr: f.daddr,
+            sport: f.sport,
+            dport: f.dport,
+        }
+    } else {
+        FlowKey {
+            saddr: f.daddr,
+            daddr: f.saddr,
+            sport: f.dport,
+            dport: f.sport,
+        }
     };
     let entry = CAPTURED_FLOWS.get_ptr_mut(&opened);
     // SAFETY: the pointer comes from a successful lookup; a u8 written in place.
     if entry.is_some_and(|e| unsafe { *e } == FLOW_POD_MARKED) {
         return;
     }
-    if pod_socket(ctx, pkt, netnsid, true) {
+    if pod_socket(ctx, pkt, netnsid, true, to_pod) {
         if let Some(e) = entry {
             // SAFETY: as above.
             unsafe { *e = FLOW_POD_MARKED };

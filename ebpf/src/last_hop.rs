@@ -8,12 +8,12 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
 use ztunnel_ebpf_common::{
     last_hop::{decide_last_hop, LastHopEvent, LastHopFacts, LastHopLookups, LAST_HOP_PENDING},
-    FlowKey, IfaceInfo, VERDICT_CONTINUE,
+    FlowKey, IfaceInfo, IFACE_PEER_NETNS, VERDICT_CONTINUE,
 };
 
 use crate::{
-    parse, pod_info, Packet, Parsed, EXCLUDED_PORTS, LAST_HOP, LAST_HOP_COUNT, LAST_HOP_EVENTS,
-    SCRATCH, SETTINGS,
+    captured_sockets, parse, pod_info, Packet, Parsed, EXCLUDED_PORTS, IFACES, LAST_HOP,
+    LAST_HOP_COUNT, LAST_HOP_EVENTS, SCRATCH, SETTINGS,
 };
 
 #[classifier]
@@ -45,6 +45,12 @@ fn last_hop(ctx: &TcContext) -> Result<i32, ()> {
         from_ztunnel: proxy != 0 && mark & proxy == proxy,
         from_node: !sk.is_null(),
     };
+    // ztunnel's own packets into a pod on a connection it delivered mark the pod's socket
+    // (once), so that even a pod that has not answered yet is known as captured should
+    // ztunnel die (`captured_sockets`).
+    if facts.from_ztunnel && !facts.syn && facts.dst.flags != 0 {
+        mark_delivered(ctx, pkt);
+    }
     let verdict = decide_last_hop(&facts, &mut Maps { pkt });
     if let Some(i) = verdict.counter() {
         if let Some(n) = LAST_HOP_COUNT.get_ptr_mut(i) {
@@ -57,6 +63,21 @@ fn last_hop(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         VERDICT_CONTINUE
     })
+}
+
+/// [`captured_sockets::mark_delivered_once`] for a packet going to the pod behind this
+/// interface, if `ZT_IFACES` knows the pod's namespace. Not inlined: off the main frame.
+#[inline(never)]
+fn mark_delivered(ctx: &TcContext, pkt: &Packet) {
+    // SAFETY: reading a field of the context's __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain lookup; the value is copied out.
+    let Some(iface) = (unsafe { IFACES.get(&ifindex) }).copied() else {
+        return;
+    };
+    if iface.flags & IFACE_PEER_NETNS != 0 {
+        captured_sockets::mark_delivered_once(ctx, pkt, iface.peer_netnsid, true);
+    }
 }
 
 struct Maps<'a> {

@@ -248,9 +248,9 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     if let Some(netnsid) = netnsid {
         if verdict.marks_pod_socket(&facts) {
             if verdict != Verdict::Marked {
-                captured_sockets::pod_socket(ctx, pkt, netnsid, true);
+                captured_sockets::pod_socket(ctx, pkt, netnsid, true, false);
             } else if kernel.opened {
-                captured_sockets::mark_delivered_once(ctx, pkt, netnsid);
+                captured_sockets::mark_delivered_once(ctx, pkt, netnsid, false);
             }
         }
     }
@@ -380,7 +380,7 @@ impl Lookups for Kernel<'_> {
     }
     fn pod_socket_captured(&mut self) -> bool {
         self.netnsid
-            .is_some_and(|n| captured_sockets::pod_socket(self.ctx, self.pkt, n, false))
+            .is_some_and(|n| captured_sockets::pod_socket(self.ctx, self.pkt, n, false, false))
     }
 }
 

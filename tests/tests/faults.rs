@@ -414,6 +414,10 @@ enum Victim {
     Client,
     /// The server's connection, delivered by its node's ztunnel.
     Server,
+    /// The same, but neither end has sent a byte before the kill: the server pod has not
+    /// sent a single packet to ztunnel's socket, so only ztunnel's own packets to it (its
+    /// FIN at the kill) can have marked its socket.
+    SilentServer,
 }
 
 /// The attack on `ZT_FLOWS` as a bounded table: a pod on the victim's node floods it with
@@ -430,7 +434,7 @@ fn flood_then_kill_leaks_nothing(victim: Victim) {
     let server = tb.add_pod(&b, "server").unwrap();
     let (node, flooder_node) = match victim {
         Victim::Client => (&a, &a),
-        Victim::Server => (&b, &b),
+        Victim::Server | Victim::SilentServer => (&b, &b),
     };
     let flooder = tb.add_pod(flooder_node, "flooder").unwrap();
     let config = tb
@@ -450,7 +454,7 @@ fn flood_then_kill_leaks_nothing(victim: Victim) {
     let zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
     let (z, victim_pod, peer_ip) = match victim {
         Victim::Client => (&za, &client, server.ip),
-        Victim::Server => (&zb, &server, client.ip),
+        Victim::Server | Victim::SilentServer => (&zb, &server, client.ip),
     };
     let marker: &'static [u8] = b"FLOODED-THEN-KILLED-PLAINTEXT";
     // The server accepts, answers once, then (server side) keeps talking.
@@ -459,9 +463,20 @@ fn flood_then_kill_leaks_nothing(victim: Victim) {
         .run(|| std::net::TcpListener::bind("0.0.0.0:9090"))
         .unwrap();
     let talks = matches!(victim, Victim::Server);
+    let silent = matches!(victim, Victim::SilentServer);
     let (go, killed) = std::sync::mpsc::channel::<()>();
+    let (accepted, was_accepted) = std::sync::mpsc::channel::<()>();
     let server_side = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        let _ = accepted.send(());
+        if silent {
+            // Nothing until its node's ztunnel is dead and its orphaned socket gone (it
+            // gives up on its unanswered FIN), then talk.
+            let _ = killed.recv();
+            std::thread::sleep(Duration::from_secs(3));
+            talk(&mut s, marker);
+            return;
+        }
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();
         s.write_all(&buf).unwrap();
@@ -476,10 +491,15 @@ fn flood_then_kill_leaks_nothing(victim: Victim) {
         }
     });
     let mut c = connect(&client.netns, SocketAddr::new(server.ip.into(), 9090), T).unwrap();
-    c.write_all(b"hello").unwrap();
-    let mut buf = [0u8; 5];
-    c.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"hello", "the connection works through the mesh");
+    was_accepted
+        .recv_timeout(T)
+        .expect("the server pod accepted the delivered connection");
+    if !silent {
+        c.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello", "the connection works through the mesh");
+    }
     if matches!(victim, Victim::Server) {
         let mut first = vec![0u8; marker.len()];
         c.read_exact(&mut first).unwrap();
@@ -501,6 +521,14 @@ fn flood_then_kill_leaks_nothing(victim: Victim) {
         flooded > 65_536,
         "the flood filled ZT_FLOWS several times over ({flooded} SYNs captured)"
     );
+    if silent {
+        // The killed ztunnel's sockets, orphaned, give up after one retransmission of
+        // their unanswered FIN (the kernel's default is 8), so the server's first segment
+        // finds no socket at all, only the mark ztunnel's FIN left on the server's own.
+        node.netns
+            .sysctl("net/ipv4/tcp_orphan_retries", "1")
+            .unwrap();
+    }
     let layout = tb.layout();
     let sniff = Sniffer::start(&node.netns, sniffer::carrier(layout)).unwrap();
     let dropped_before = capture_counter(node, victim_pod, "dropped_socket_gone").unwrap();
@@ -546,4 +574,10 @@ fn flood_then_kill_on_the_client_side_leaks_nothing() {
 fn flood_then_kill_on_the_server_side_leaks_nothing() {
     require_root!();
     flood_then_kill_leaks_nothing(Victim::Server);
+}
+
+#[test]
+fn flood_then_kill_of_a_silent_server_leaks_nothing() {
+    require_root!();
+    flood_then_kill_leaks_nothing(Victim::SilentServer);
 }
