@@ -237,6 +237,20 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
+impl FlowKey {
+    /// The same flow seen from the other end (a reply's packet, or the flow a reply
+    /// answers).
+    #[inline(always)]
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+}
+
 /// Per-pod counters (one copy per CPU; user space sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

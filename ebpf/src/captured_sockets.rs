@@ -18,8 +18,6 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use ztunnel_ebpf_common::FlowKey;
-
 use crate::{sockets::tuple_from, Packet, CAPTURED_FLOWS, TCP_STATE_LISTEN};
 
 /// `ZT_FLOWS` value of a flow ztunnel opened whose pod socket carries the mark.
@@ -60,9 +58,10 @@ static CAPTURED_SK: PinnedSkStorage = PinnedSkStorage {
 
 /// Finds the pod's socket of `pkt`'s flow in the pod's namespace (`netnsid`, as the
 /// node's namespace knows it) — the socket that sent it, or with `to_pod` the one it is
-/// going to — and, with `mark`, marks it captured; returns whether it carries the mark. A socket still in its handshake (a request socket), in TIME_WAIT or listening
-/// cannot hold storage and is neither marked nor found marked. Not inlined: the tuple gets
-/// a frame of its own.
+/// going to — and, with `mark`, marks it captured; returns whether it carries the mark.
+/// A socket still in its handshake (a request socket), in TIME_WAIT or listening cannot
+/// hold storage and is neither marked nor found marked. Not inlined: the tuple gets a
+/// frame of its own.
 #[inline(never)]
 pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool, to_pod: bool) -> bool {
     // A lookup tuple is written as the socket would receive: a packet going to the pod as
@@ -126,22 +125,11 @@ pub fn pod_socket(ctx: &TcContext, pkt: &Packet, netnsid: i32, mark: bool, to_po
 /// meanwhile only means marking again.
 #[inline(never)]
 pub fn mark_delivered_once(ctx: &TcContext, pkt: &Packet, netnsid: i32, to_pod: bool) {
-    let f = &pkt.flow;
     // The flow as ztunnel opened it: ztunnel (with the client's address) → pod.
     let opened = if to_pod {
-        FlowKey {
-            saddr: f.saddr,
-            daddr: f.daddr,
-            sport: f.sport,
-            dport: f.dport,
-        }
+        pkt.flow
     } else {
-        FlowKey {
-            saddr: f.daddr,
-            daddr: f.saddr,
-            sport: f.dport,
-            dport: f.sport,
-        }
+        pkt.flow.reversed()
     };
     let entry = CAPTURED_FLOWS.get_ptr_mut(&opened);
     // SAFETY: the pointer comes from a successful lookup; a u8 written in place.

@@ -494,26 +494,14 @@ fn pod_info(key: &PodKey) -> PodInfo {
 /// of its own.
 #[inline(never)]
 fn reverse_captured(flow: &FlowKey) -> bool {
-    let reversed = FlowKey {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-    };
-    CAPTURED_FLOWS.get_ptr(&reversed).is_some()
+    CAPTURED_FLOWS.get_ptr(&flow.reversed()).is_some()
 }
 
 /// Remembers in `ZT_FLOWS` the flow whose reverse `flow` is (a connection ztunnel opened,
 /// answered by this SYN-ACK). Not inlined, like `reverse_captured`.
 #[inline(never)]
 fn remember_reverse(flow: &FlowKey) {
-    let opened = FlowKey {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-    };
-    let _ = CAPTURED_FLOWS.insert(&opened, &1, 0);
+    let _ = CAPTURED_FLOWS.insert(&flow.reversed(), &1, 0);
 }
 
 /// The counters of `pod` on this CPU, created on first use. Not inlined: the new entry's

@@ -287,14 +287,12 @@ impl Metrics {
         registry.register_collector(Box::new(process::ProcessMetrics));
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
-        // Istio's build gauge: the Istio release this proxy stands in for (what
-        // ISTIO_META_ISTIO_VERSION says, as istiod is told; else our own version).
+        // Istio's build gauge: the Istio release this proxy stands in for.
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
                 component: "ztunnel".into(),
-                tag: std::env::var("ISTIO_META_ISTIO_VERSION")
-                    .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
+                tag: crate::config::istio_names::istio_version(),
             })
             .set(1);
         istio.register("build", "Istio component build info", build);
@@ -548,8 +546,7 @@ mod tests {
         assert!(
             text.contains(&format!(
                 "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
-                std::env::var("ISTIO_META_ISTIO_VERSION")
-                    .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into())
+                crate::config::istio_names::istio_version()
             )),
             "{text}"
         );

@@ -23,8 +23,7 @@ pub async fn config_dump(s: &AdminState) -> Value {
         // Upstream's BuildInfo fields that this build can fill in.
         "version": {
             "version": env!("CARGO_PKG_VERSION"),
-            "istioVersion": std::env::var("ISTIO_META_ISTIO_VERSION")
-                .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into()),
+            "istioVersion": crate::config::istio_names::istio_version(),
             "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
         },
         "workloads": workloads,

@@ -15,6 +15,13 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("CONNECTION_TERMINATION_DEADLINE", "DRAIN_TIMEOUT"),
 ];
 
+/// The Istio release this proxy stands in for: `ISTIO_META_ISTIO_VERSION` when the
+/// deployment sets it (Istio's chart does; it is also what istiod is told), else our own
+/// version. For `istio_build` and `/config_dump`.
+pub fn istio_version() -> String {
+    std::env::var("ISTIO_META_ISTIO_VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into())
+}
+
 /// What to do to the environment before parsing, and what to warn about once logging is up.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Overrides {

@@ -16,20 +16,35 @@ fn connect_req() -> Request<()> {
         .unwrap()
 }
 
-#[tokio::test]
-async fn the_stream_limit_is_announced() {
-    let (c, s) = tokio::io::duplex(1 << 16);
-    let opts = ServerOptions {
-        max_streams: 7,
-        ..ServerOptions::default()
-    };
-    tokio::spawn(serve_connection_with(
+/// A server within `opts` on one end of an in-memory connection (`buffer` bytes each
+/// way) that refuses every CONNECT; the other end, and the server's task.
+fn serve(
+    buffer: usize,
+    opts: ServerOptions,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<Result<(), HboneError>>,
+) {
+    let (c, s) = tokio::io::duplex(buffer);
+    let server = tokio::spawn(serve_connection_with(
         s,
         id("client"),
         |req: InboundRequest| async move { req.reject(StatusCode::FORBIDDEN) },
         std::future::pending(),
         opts,
     ));
+    (c, server)
+}
+
+#[tokio::test]
+async fn the_stream_limit_is_announced() {
+    let (c, _server) = serve(
+        1 << 16,
+        ServerOptions {
+            max_streams: 7,
+            ..ServerOptions::default()
+        },
+    );
     let (send, conn) = h2::client::handshake(c).await.unwrap();
     tokio::spawn(conn);
     let mut send = send.ready().await.unwrap();
@@ -42,22 +57,17 @@ async fn the_stream_limit_is_announced() {
 /// node): its PING goes unanswered and the server ends the connection.
 #[tokio::test]
 async fn an_unanswered_ping_closes_the_connection() {
-    let (c, s) = tokio::io::duplex(1 << 16);
-    let opts = ServerOptions {
-        max_streams: 10,
-        keepalive: Some(Keepalive {
-            interval: Duration::from_millis(20),
-            timeout: Duration::from_millis(50),
-        }),
-        ..ServerOptions::default()
-    };
-    let server = tokio::spawn(serve_connection_with(
-        s,
-        id("client"),
-        |req: InboundRequest| async move { req.reject(StatusCode::FORBIDDEN) },
-        std::future::pending(),
-        opts,
-    ));
+    let (c, server) = serve(
+        1 << 16,
+        ServerOptions {
+            max_streams: 10,
+            keepalive: Some(Keepalive {
+                interval: Duration::from_millis(20),
+                timeout: Duration::from_millis(50),
+            }),
+            ..ServerOptions::default()
+        },
+    );
     // Handshake, then hold the connection without ever polling it again.
     let (_send, _frozen) = h2::client::handshake(c).await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(30), server)
@@ -74,18 +84,13 @@ async fn an_unanswered_ping_closes_the_connection() {
 #[tokio::test]
 async fn a_rapid_reset_client_is_cut_off_and_counted() {
     let before = crate::limits::hits("hbone_resets");
-    let (c, s) = tokio::io::duplex(1 << 20);
-    let opts = ServerOptions {
-        max_pending_resets: 3,
-        ..ServerOptions::default()
-    };
-    let server = tokio::spawn(serve_connection_with(
-        s,
-        id("client"),
-        |req: InboundRequest| async move { req.reject(StatusCode::FORBIDDEN) },
-        std::future::pending(),
-        opts,
-    ));
+    let (c, server) = serve(
+        1 << 20,
+        ServerOptions {
+            max_pending_resets: 3,
+            ..ServerOptions::default()
+        },
+    );
     let (mut send, conn) = h2::client::handshake(c).await.unwrap();
     let client = tokio::spawn(conn);
     // Each stream's HEADERS and RST_STREAM go out back to back: the server reads them in
