@@ -167,7 +167,7 @@ impl ProxyState {
             let mut elsewhere: Vec<String> = self
                 .endpoints(&key)
                 .iter()
-                .filter(|(w, _)| w.is_healthy() && w.network != self.network())
+                .filter(|(w, _)| load_balancing::eligible(lb, w) && w.network != self.network())
                 .map(|(w, _)| format!("{:?}", w.network))
                 .collect();
             if !elsewhere.is_empty() {
@@ -179,7 +179,10 @@ impl ProxyState {
                 });
             }
             // Tell "nothing listens on that port" from "nobody is up" for the logs.
-            let any_healthy = self.endpoints(&key).iter().any(|(w, _)| w.is_healthy());
+            let any_healthy = self
+                .endpoints(&key)
+                .iter()
+                .any(|(w, _)| load_balancing::eligible(lb, w));
             return Err(if any_healthy {
                 ResolveError::NoSuchPort {
                     service: key.to_string(),

@@ -494,6 +494,23 @@ fn load_balancing_of_a_vip() {
         matches!(err, ResolveError::NoPreferredEndpoint { .. }),
         "{err}"
     );
+    // ALLOW_ALL, the only endpoint unhealthy and on another network: refused for the
+    // network, as a healthy one there would be.
+    let far = StateStore::default();
+    far.replace_all(
+        [Workload {
+            status: HealthStatus::Unhealthy,
+            network: "net2".into(),
+            ..workload("e1", "10.0.0.1", &[(echo(), &[(80, 8080)])])
+        }],
+        [Service {
+            load_balancing: Some(lb(Mode::Unspecified, &[], HealthPolicy::AllowAll)),
+            ..echo_service(&[(80, 8080)])
+        }],
+        [],
+    );
+    let err = far.snapshot().resolve(vip).unwrap_err();
+    assert!(matches!(err, ResolveError::OtherNetworks { .. }), "{err}");
     // FAILOVER from z3: no zone match, so any endpoint of the best (region) rank.
     let failover = lb_store(
         lb(
