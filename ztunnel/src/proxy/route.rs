@@ -5,9 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::state::{
-    NetworkAddress, ProxyState, ResolveError, Service, Upstream, WaypointHop, Workload,
-};
+use crate::state::{NetworkAddress, ProxyState, Service, Upstream, WaypointHop, Workload};
 
 /// The plan for one outbound connection.
 #[derive(Debug, Clone)]
@@ -93,7 +91,7 @@ impl Planner<'_> {
                         src: src.clone(),
                         hop,
                         dst,
-                        service: state.service_by_vip(&addr),
+                        service: state.destination_service(&addr, Some(&src.namespace)),
                     },
                     Err(e) => Route::Refuse(Refusal::NoWaypoint(e.to_string())),
                 };
@@ -101,13 +99,8 @@ impl Planner<'_> {
         }
         let up = match state.resolve_from(src.as_deref(), dst) {
             Ok(up) => up,
-            Err(e @ ResolveError::NoHealthyEndpoints { .. })
-            | Err(e @ ResolveError::NoSuchPort { .. })
-            | Err(e @ ResolveError::NoWorkloadIp { .. })
-            | Err(e @ ResolveError::OtherNetworks { .. })
-            | Err(e @ ResolveError::NoPreferredEndpoint { .. }) => {
-                return Route::Refuse(Refusal::NoEndpoint(e.to_string()))
-            }
+            // Known to the mesh but not servable: refused, never sent elsewhere.
+            Err(e) => return Route::Refuse(Refusal::NoEndpoint(e.to_string())),
         };
         match (src, up) {
             (Some(src), Some(up)) if up.in_mesh() => {

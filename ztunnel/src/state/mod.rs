@@ -10,6 +10,7 @@ pub mod load_balancing;
 mod resolve;
 mod service;
 mod snapshot;
+mod vip_index;
 mod waypoint;
 mod workload;
 
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
 pub use resolve::{ResolveError, Upstream};
-pub use service::{Endpoint, Service};
+pub use service::{Endpoint, IpFamilies, NetworkCidr, Service, Visibility, WeightedWaypoint};
 pub use snapshot::ProxyState;
 pub use waypoint::{GatewayAddress, GatewayDestination, WaypointError, WaypointHop};
 pub use workload::{

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use rand::seq::IndexedRandom;
 use rand::Rng;
 
 use super::load_balancing::{self, Mode};
@@ -40,7 +41,9 @@ pub enum ResolveError {
     NoHealthyEndpoints { service: String },
     #[error("service {service} does not serve port {port}")]
     NoSuchPort { service: String, port: u16 },
-    #[error("workload {uid} has no IP address")]
+    #[error("every endpoint of service {service} that may be picked has capacity 0")]
+    NoCapacity { service: String },
+    #[error("workload {uid} has no IP address the service allows")]
     NoWorkloadIp { uid: String },
     #[error("service {service} has endpoints only on other networks ({networks}), and network gateways are not supported")]
     OtherNetworks { service: String, networks: String },
@@ -84,23 +87,22 @@ impl ProxyState {
     ) -> Result<Option<Upstream>, ResolveError> {
         let ip = dst.ip().to_canonical();
         let addr = NetworkAddress::new(network, ip);
-        if let Some(svc) = self.service_by_vip(&addr) {
-            if svc
-                .load_balancing
-                .as_ref()
-                .is_some_and(|lb| lb.mode == Mode::Passthrough)
-            {
-                return Ok(None);
-            }
-            return self
-                .pick_endpoint_for(src, &svc, SocketAddr::new(ip, dst.port()), &mut rand::rng())
-                .map(Some);
+        let Some(svc) = self.destination_service(&addr, src.map(|w| w.namespace.as_str())) else {
+            return Ok(self.workload_by_addr(&addr).map(|workload| Upstream {
+                workload,
+                address: SocketAddr::new(ip, dst.port()),
+                service: None,
+            }));
+        };
+        if svc
+            .load_balancing
+            .as_ref()
+            .is_some_and(|lb| lb.mode == Mode::Passthrough)
+        {
+            return Ok(None);
         }
-        Ok(self.workload_by_addr(&addr).map(|workload| Upstream {
-            workload,
-            address: SocketAddr::new(ip, dst.port()),
-            service: None,
-        }))
+        self.pick_endpoint_for(src, &svc, SocketAddr::new(ip, dst.port()), &mut rand::rng())
+            .map(Some)
     }
 
     /// The service an inbound connection to `workload` on `port` most likely came through,
@@ -117,8 +119,9 @@ impl ProxyState {
         })
     }
 
-    /// Picks a healthy endpoint of `svc` for a connection to `dst` (a VIP of it), uniformly
-    /// at random with `rng`; the endpoint IP is of `dst`'s family when it has one.
+    /// Picks a healthy endpoint of `svc` for a connection to `dst` (a VIP of it), at random
+    /// with `rng` in proportion to the endpoints' capacities; the endpoint IP is one the
+    /// service's IP families allow, of `dst`'s family when it has one.
     pub fn pick_endpoint(
         &self,
         svc: &Arc<Service>,
@@ -143,7 +146,7 @@ impl ProxyState {
         let eligible: Vec<_> = self
             .endpoints(&key)
             .into_iter()
-            .filter(|(w, _)| load_balancing::eligible(lb, w) && !w.workload_ips.is_empty())
+            .filter(|(w, _)| load_balancing::eligible(lb, w) && w.ip_for(svc, dst.ip()).is_some())
             .filter(|(w, _)| w.network == self.network())
             .filter_map(|(w, ep)| Some((svc.target_port(port, &ep.ports)?, w)))
             .collect();
@@ -194,9 +197,14 @@ impl ProxyState {
                 }
             });
         }
-        let (target, workload) = candidates[rng.random_range(0..candidates.len())].clone();
+        let (target, workload) = candidates
+            .choose_weighted(rng, |(_, w)| w.capacity)
+            .map_err(|_| ResolveError::NoCapacity {
+                service: key.to_string(),
+            })?
+            .clone();
         let ip = workload
-            .ip_like(dst.ip())
+            .ip_for(svc, dst.ip())
             .ok_or_else(|| ResolveError::NoWorkloadIp {
                 uid: workload.uid.clone(),
             })?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::service::{Endpoint, Service};
+use super::vip_index::{self, VipIndex};
 use super::workload::{NamespacedHostname, NetworkAddress, Workload};
 use crate::policy::PolicyStore;
 
@@ -17,7 +18,7 @@ pub struct ProxyState {
     workloads_by_uid: HashMap<String, Arc<Workload>>,
     workloads_by_addr: HashMap<NetworkAddress, Arc<Workload>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
-    services_by_vip: HashMap<NetworkAddress, NamespacedHostname>,
+    vips: VipIndex,
     /// Service → workload uid → endpoint. Kept apart from [`Service`] because workloads and
     /// services arrive independently over xDS (a workload may name a service not yet seen).
     endpoints: HashMap<NamespacedHostname, BTreeMap<String, Endpoint>>,
@@ -134,11 +135,7 @@ impl ProxyState {
     pub fn upsert_service(&mut self, svc: Service) {
         let key = svc.key();
         self.remove_service_only(&key);
-        for vip in &svc.vips {
-            if let Some(prev) = self.services_by_vip.insert(vip.clone(), key.clone()) {
-                warn!(%vip, new = %key, old = %prev, "two services claim one VIP; the newer wins");
-            }
-        }
+        self.vips.insert(&svc);
         self.services.insert(key, Arc::new(svc));
     }
 
@@ -150,11 +147,7 @@ impl ProxyState {
 
     fn remove_service_only(&mut self, key: &NamespacedHostname) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
-        for vip in &old.vips {
-            if self.services_by_vip.get(vip) == Some(key) {
-                self.services_by_vip.remove(vip);
-            }
-        }
+        self.vips.remove(&old);
         Some(old)
     }
 
@@ -162,8 +155,53 @@ impl ProxyState {
         self.services.get(key).cloned()
     }
 
+    /// The service an exact VIP stands for, whoever asks (see [`vip_index`]).
     pub fn service_by_vip(&self, vip: &NetworkAddress) -> Option<Arc<Service>> {
-        self.services_by_vip.get(vip).and_then(|k| self.service(k))
+        self.service_by_exact_vip(vip, None)
+    }
+
+    /// The service `vip` stands for, exactly, for a client in `client_ns` (`None`: not
+    /// known; every service is visible).
+    pub fn service_by_exact_vip(
+        &self,
+        vip: &NetworkAddress,
+        client_ns: Option<&str>,
+    ) -> Option<Arc<Service>> {
+        let services = self
+            .vips
+            .exact(vip)
+            .iter()
+            .filter_map(|k| self.services.get(k).cloned());
+        vip_index::best_exact(services, client_ns)
+    }
+
+    /// The service a connection to `addr` from a client in `client_ns` is addressed to:
+    /// an exact VIP, or else a range that holds it, unless it is a workload's own IP (a
+    /// ServiceEntry's range never takes a pod's address from it).
+    pub fn destination_service(
+        &self,
+        addr: &NetworkAddress,
+        client_ns: Option<&str>,
+    ) -> Option<Arc<Service>> {
+        self.service_by_exact_vip(addr, client_ns).or_else(|| {
+            if self.workloads_by_addr.contains_key(addr) {
+                return None;
+            }
+            self.service_by_vip_range(addr, client_ns)
+        })
+    }
+
+    /// The service whose address range holds `addr`, for a client in `client_ns`.
+    pub fn service_by_vip_range(
+        &self,
+        addr: &NetworkAddress,
+        client_ns: Option<&str>,
+    ) -> Option<Arc<Service>> {
+        let services = self
+            .vips
+            .ranges(addr)
+            .filter_map(|(len, k)| Some((len, self.services.get(k)?.clone())));
+        vip_index::best_range(services, client_ns)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {

@@ -13,10 +13,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use rand::seq::IndexedRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::service::Service;
+use super::service::{Service, WeightedWaypoint};
 use super::snapshot::ProxyState;
 use super::workload::{NamespacedHostname, NetworkAddress, Workload};
 use crate::identity::Identity;
@@ -131,14 +132,37 @@ impl ProxyState {
     /// The waypoint a connection from `src` to `dst` must go through, if any (the rules
     /// in the module comment).
     pub fn waypoint_for(&self, src: &Workload, dst: SocketAddr) -> Option<GatewayAddress> {
+        self.waypoint_for_with(src, dst, &mut rand::rng())
+    }
+
+    /// [`ProxyState::waypoint_for`], a weighted set sampled with `rng`.
+    pub fn waypoint_for_with(
+        &self,
+        src: &Workload,
+        dst: SocketAddr,
+        rng: &mut impl Rng,
+    ) -> Option<GatewayAddress> {
         let addr = NetworkAddress::new(&src.network, dst.ip().to_canonical());
-        let gw = match self.service_by_vip(&addr) {
+        match self.destination_service(&addr, Some(&src.namespace)) {
             // Service-addressed: the service's waypoint or none; an endpoint's own waypoint
             // is for traffic addressed to the endpoint.
-            Some(svc) => svc.waypoint.clone()?,
-            None => self.workload_by_addr(&addr)?.waypoint.clone()?,
-        };
-        (!self.is_waypoint_instance(&gw, src)).then_some(gw)
+            Some(svc) => {
+                // A waypoint's own connections to the service it fronts go straight to it,
+                // whichever of the set it is.
+                let all = svc
+                    .waypoint
+                    .iter()
+                    .chain(svc.weighted_waypoints.iter().map(|w| &w.destination));
+                if all.clone().any(|gw| self.is_waypoint_instance(gw, src)) {
+                    return None;
+                }
+                sample_weighted(&svc.weighted_waypoints, rng).or_else(|| svc.waypoint.clone())
+            }
+            None => {
+                let gw = self.workload_by_addr(&addr)?.waypoint.clone()?;
+                (!self.is_waypoint_instance(&gw, src)).then_some(gw)
+            }
+        }
     }
 
     /// Picks the instance of `gw` to dial for a connection to `family_of`'s IP family.
@@ -155,7 +179,11 @@ impl ProxyState {
         if healthy.is_empty() {
             return Err(WaypointError::NoInstance(gw.to_string()));
         }
-        let workload = healthy[rand::rng().random_range(0..healthy.len())].clone();
+        // As a service's endpoints: in proportion to their capacities.
+        let workload = healthy
+            .choose_weighted(&mut rand::rng(), |w| w.capacity)
+            .map_err(|_| WaypointError::NoInstance(gw.to_string()))?
+            .clone();
         let ip = match &gw.destination {
             // Named by a workload's address: that address, as upstream does.
             GatewayDestination::Address(a) if service.is_none() => a.address,
@@ -209,7 +237,15 @@ impl ProxyState {
         let services = dst
             .services
             .keys()
-            .filter_map(|key| self.service(key)?.waypoint.clone());
+            .filter_map(|key| self.service(key))
+            .flat_map(|svc| {
+                let weighted = svc.weighted_waypoints.iter().map(|w| w.destination.clone());
+                svc.waypoint
+                    .clone()
+                    .into_iter()
+                    .chain(weighted)
+                    .collect::<Vec<_>>()
+            });
         dst.waypoint
             .iter()
             .cloned()
@@ -249,6 +285,14 @@ impl ProxyState {
             .unwrap_or_default();
         Ok(Members { service, workloads })
     }
+}
+
+/// One of a weighted set of waypoints, each in proportion to its weight; `None` when no
+/// weight is above zero (the service's single waypoint then applies).
+pub fn sample_weighted(set: &[WeightedWaypoint], rng: &mut impl Rng) -> Option<GatewayAddress> {
+    set.choose_weighted(rng, |w| w.weight)
+        .ok()
+        .map(|w| w.destination.clone())
 }
 
 /// What a waypoint is made of: its service when named by one, and the workloads behind it.

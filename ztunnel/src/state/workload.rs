@@ -171,6 +171,10 @@ pub struct Workload {
     /// Region, zone and subzone, for services' routing preferences.
     #[serde(skip_serializing_if = "super::load_balancing::Locality::is_empty")]
     pub locality: super::load_balancing::Locality,
+    /// This workload's share of a service's connections relative to the other endpoints a
+    /// client may pick (istiod's `capacity`): 1 when the control plane leaves it unset, 0
+    /// to receive none.
+    pub capacity: u32,
     /// This workload's side of every connection's metric labels, built on first use: a
     /// workload changes only by being replaced, so they are built once per version.
     #[serde(skip)]
@@ -237,6 +241,7 @@ impl Default for Workload {
             canonical_revision: String::new(),
             cluster_id: String::new(),
             locality: Default::default(),
+            capacity: 1,
             labels: Memo::default(),
         }
     }
@@ -274,6 +279,22 @@ impl Workload {
             .iter()
             .find(|ip| ip.is_ipv4() == family_of.is_ipv4())
             .or(self.workload_ips.first())
+            .copied()
+    }
+}
+
+impl Workload {
+    /// The IP to dial for a connection to `svc` at `dst`: one the service's IP families
+    /// allow, of `dst`'s family where there is one.
+    pub fn ip_for(&self, svc: &super::Service, dst: IpAddr) -> Option<IpAddr> {
+        let allowed = || {
+            self.workload_ips
+                .iter()
+                .filter(|ip| svc.ip_families.accepts(**ip))
+        };
+        allowed()
+            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .or_else(|| allowed().next())
             .copied()
     }
 }

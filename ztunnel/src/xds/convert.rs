@@ -3,8 +3,8 @@
 //! Inbound (`*_from_proto`) is strict: a resource the proxy cannot use faithfully (bad IP
 //! bytes, an enum value this build does not know, a missing key field) is an error naming
 //! the field, so the xDS client can NACK it with that detail and keep the previous
-//! version. Fields this L4 proxy does not implement (network gateways, load balancing,
-//! weighted waypoints...) are ignored, but not silently: [`address_from_proto`] logs each
+//! version. Fields this L4 proxy does not implement (network gateways, application
+//! tunnels, extensions) are ignored, but not silently: [`address_from_proto`] logs each
 //! by name and counts it (`super::ignored`), as the local YAML reader warns about them.
 //!
 //! Outbound (`*_to_proto`, in [`to_proto`]) is what the built-in control plane serves; the
@@ -31,9 +31,9 @@ use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use crate::state::load_balancing::{self as lbs, HealthPolicy, LoadBalancing, Locality, Mode};
 use crate::state::{
-    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress,
-    NetworkMode, PortMap, Protocol, Service, Workload, DEFAULT_SERVICE_ACCOUNT,
-    DEFAULT_TRUST_DOMAIN,
+    GatewayAddress, GatewayDestination, HealthStatus, IpFamilies, NamespacedHostname,
+    NetworkAddress, NetworkCidr, NetworkMode, PortMap, Protocol, Service, Visibility,
+    WeightedWaypoint, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
 };
 
 /// Why a resource was rejected: the field (`addresses[1]`, `rules[0].clauses[2]...`) and
@@ -205,6 +205,8 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
         cluster_id: w.cluster_id.clone(),
+        // Unset means 1 (upstream's rule); 0 is kept: that endpoint is never picked.
+        capacity: w.capacity.unwrap_or(1),
         labels: Default::default(),
     })
 }
@@ -219,16 +221,58 @@ pub fn service_from_proto(s: &wpb::Service) -> Result<Service> {
         ));
     }
     let mut vips = Vec::with_capacity(s.addresses.len());
+    let mut cidr_vips = Vec::new();
     for (i, a) in s.addresses.iter().enumerate() {
         let ip =
             ip_from_bytes(&a.address).map_err(|e| e.within(format!("addresses[{i}].address")))?;
-        vips.push(NetworkAddress::new(&a.network, ip));
+        let host_len = if ip.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            // A prefix length short of a host's: the service stands for the whole range.
+            Some(len) if len != host_len => {
+                let cidr = u8::try_from(len)
+                    .ok()
+                    .and_then(|l| IpNet::new(ip, l).ok())
+                    .ok_or_else(|| {
+                        ConvertError::new(
+                            format!("addresses[{i}].length"),
+                            format!("prefix length {len} is too long for {ip}"),
+                        )
+                    })?;
+                cidr_vips.push(NetworkCidr {
+                    network: a.network.clone(),
+                    cidr: cidr.trunc(),
+                });
+            }
+            _ => vips.push(NetworkAddress::new(&a.network, ip)),
+        }
     }
+    let mut weighted_waypoints = Vec::with_capacity(s.weighted_waypoints.len());
+    for (i, w) in s.weighted_waypoints.iter().enumerate() {
+        let field = format!("weightedWaypoints[{i}].destination");
+        let destination = waypoint_from_proto(&w.destination)
+            .map_err(|e| e.within(&field))?
+            .ok_or_else(|| ConvertError::new(field, "missing (required)"))?;
+        weighted_waypoints.push(WeightedWaypoint {
+            destination,
+            weight: w.weight,
+        });
+    }
+    let ip_families = match enum_value::<wpb::IpFamilies>("ipFamilies", s.ip_families)? {
+        wpb::IpFamilies::Automatic => IpFamilies::Automatic,
+        wpb::IpFamilies::Ipv4Only => IpFamilies::Ipv4Only,
+        wpb::IpFamilies::Ipv6Only => IpFamilies::Ipv6Only,
+        wpb::IpFamilies::Dual => IpFamilies::Dual,
+    };
+    let visibility = match enum_value::<wpb::service::Visibility>("visibility", s.visibility)? {
+        wpb::service::Visibility::Public => Visibility::Public,
+        wpb::service::Visibility::Namespace => Visibility::Namespace,
+    };
     Ok(Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         hostname: s.hostname.clone(),
         vips,
+        cidr_vips,
         ports: ports_from_proto(&s.ports)?,
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: waypoint_from_proto(&s.waypoint).map_err(|e| e.within("waypoint"))?,
@@ -238,6 +282,10 @@ pub fn service_from_proto(s: &wpb::Service) -> Result<Service> {
             .map(load_balancing_from_proto)
             .transpose()
             .map_err(|e| e.within("loadBalancing"))?,
+        weighted_waypoints,
+        ip_families,
+        canonical: s.canonical,
+        visibility,
     })
 }
 

@@ -2,6 +2,11 @@
 //! are not dropped silently: each one, the first time a resource carries it, is logged by
 //! name with the resource that carried it, and counted in
 //! `ztunnel_xds_ignored_fields_total{field}` every time.
+//!
+//! Not listed, because there is nothing for a node proxy to do with them (Istio's ztunnel
+//! does not read them either): `Service.ingress_use_waypoint` (it tells ingress gateways
+//! to send through the service's waypoint) and `Port.app_protocol` (a hint for L7
+//! proxies).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -40,18 +45,10 @@ pub fn workload_fields(w: &wpb::Workload) -> Vec<&'static str> {
 
 /// The fields of `s` that are set and not implemented.
 pub fn service_fields(s: &wpb::Service) -> Vec<&'static str> {
-    [
-        ("Service.ingress_use_waypoint", s.ingress_use_waypoint),
-        (
-            "Service.weighted_waypoints",
-            !s.weighted_waypoints.is_empty(),
-        ),
-        ("Service.visibility", s.visibility != 0),
-        ("Service.extensions", !s.extensions.is_empty()),
-    ]
-    .into_iter()
-    .filter_map(|(f, set)| set.then_some(f))
-    .collect()
+    [("Service.extensions", !s.extensions.is_empty())]
+        .into_iter()
+        .filter_map(|(f, set)| set.then_some(f))
+        .collect()
 }
 
 /// Counts `fields` of the resource `what` and warns about each the first time.
@@ -84,24 +81,21 @@ mod tests {
     #[test]
     fn set_fields_are_named_and_counted() {
         let s = wpb::Service {
+            extensions: vec![Default::default()],
             ingress_use_waypoint: true,
-            visibility: 1,
             ..Default::default()
         };
         let fields = service_fields(&s);
-        assert_eq!(
-            fields,
-            ["Service.ingress_use_waypoint", "Service.visibility"]
-        );
+        assert_eq!(fields, ["Service.extensions"]);
         let count = |f: &str| {
             IGNORED
                 .get_or_create(&FieldLabels { field: f.into() })
                 .get()
         };
-        let before = count("Service.ingress_use_waypoint");
+        let before = count("Service.extensions");
         report("default/echo", &fields);
         report("default/echo", &fields);
-        assert_eq!(count("Service.ingress_use_waypoint"), before + 2);
+        assert_eq!(count("Service.extensions"), before + 2);
         assert!(service_fields(&wpb::Service::default()).is_empty());
         assert!(workload_fields(&wpb::Workload::default()).is_empty());
         let w = wpb::Workload {

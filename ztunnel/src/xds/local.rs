@@ -35,19 +35,19 @@
 //! Upstream's older form, a bare list of workloads with a single `workloadIp`, is accepted
 //! too. Errors name the line, column and field.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::yaml::{deserialize_via_str, locate};
+use super::yaml::locate;
 use crate::policy::Authorization;
 use crate::state::{
-    GatewayAddress, HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap,
-    Protocol, Service, StateStore, Workload, DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN,
+    NamespacedHostname, NetworkAddress, Service, StateStore, Workload, DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
 };
 
 /// A validated local configuration, already in the state's types.
@@ -176,150 +176,8 @@ impl<'de> Deserialize<'de> for Root {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LocalWorkload {
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    name: String,
-    namespace: Name,
-    #[serde(default)]
-    service_account: Option<Name>,
-    #[serde(default)]
-    trust_domain: Option<TrustDomain>,
-    #[serde(default)]
-    workload_ips: Vec<Ip>,
-    /// Older upstream files give one IP.
-    #[serde(default)]
-    workload_ip: Option<Ip>,
-    #[serde(default)]
-    network: String,
-    #[serde(default)]
-    protocol: Protocol,
-    #[serde(default)]
-    network_mode: NetworkMode,
-    #[serde(default)]
-    node: String,
-    #[serde(default)]
-    status: HealthStatus,
-    #[serde(default)]
-    services: BTreeMap<NamespacedHostname, PortMap>,
-    #[serde(default)]
-    authorization_policies: Vec<PolicyKey>,
-    #[serde(default)]
-    hostname: String,
-    #[serde(default)]
-    workload_name: String,
-    #[serde(default)]
-    workload_type: String,
-    #[serde(default)]
-    canonical_name: String,
-    #[serde(default)]
-    canonical_revision: String,
-    #[serde(default)]
-    cluster_id: String,
-    #[serde(default)]
-    waypoint: Option<GatewayAddress>,
-    // Upstream fields this proxy does not implement: accepted so upstream files load.
-    #[serde(default)]
-    network_gateway: Option<IgnoredAny>,
-    #[serde(default)]
-    application_tunnel: Option<IgnoredAny>,
-    #[serde(default)]
-    locality: Option<IgnoredAny>,
-    #[serde(default)]
-    capacity: Option<IgnoredAny>,
-    #[serde(default)]
-    native_tunnel: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LocalService {
-    name: String,
-    namespace: Name,
-    hostname: Hostname,
-    #[serde(default)]
-    vips: Vec<NetworkAddress>,
-    #[serde(default)]
-    ports: PortMap,
-    #[serde(default)]
-    subject_alt_names: Vec<String>,
-    #[serde(default)]
-    waypoint: Option<GatewayAddress>,
-    // Upstream fields this proxy does not implement (endpoints come from workloads).
-    #[serde(default)]
-    endpoints: Option<IgnoredAny>,
-    #[serde(default)]
-    load_balancer: Option<IgnoredAny>,
-    #[serde(default)]
-    ip_families: Option<IgnoredAny>,
-    #[serde(default)]
-    canonical: Option<IgnoredAny>,
-}
-
-// ---- validated scalars: errors point at the scalar itself ----
-
-struct Ip(IpAddr);
-deserialize_via_str!(Ip, "an IP address", |s: &str| {
-    s.parse()
-        .map(Ip)
-        .map_err(|_| format!("{s:?} is not an IP address"))
-});
-
-/// A namespace or service account: one SPIFFE path segment, a Kubernetes name.
-struct Name(String);
-deserialize_via_str!(Name, "a Kubernetes name", |s: &str| {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(Name(s.to_string()))
-    } else {
-        Err(format!(
-            "{s:?} is not a valid name (non-empty; letters, digits, '-', '.', '_')"
-        ))
-    }
-});
-
-/// SPIFFE trust domains: lowercase letters, digits, '.', '-', '_'.
-struct TrustDomain(String);
-deserialize_via_str!(TrustDomain, "a SPIFFE trust domain", |s: &str| {
-    let ok = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(TrustDomain(s.to_string()))
-    } else {
-        Err(format!(
-            "{s:?} is not a valid SPIFFE trust domain (lowercase letters, digits, '.', '-', '_')"
-        ))
-    }
-});
-
-struct Hostname(String);
-deserialize_via_str!(Hostname, "a hostname", |s: &str| {
-    if s.is_empty() || s.contains(['/', ' ', '\t']) {
-        Err(format!("{s:?} is not a valid hostname"))
-    } else {
-        Ok(Hostname(s.to_string()))
-    }
-});
-
-/// A policy reference `namespace/name`.
-struct PolicyKey(String);
-deserialize_via_str!(PolicyKey, "a policy key \"namespace/name\"", |s: &str| {
-    match s.split_once('/') {
-        Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
-            Ok(PolicyKey(s.to_string()))
-        }
-        _ => Err(format!(
-            "{s:?} is not a policy key of the form \"namespace/name\""
-        )),
-    }
-});
+mod schema;
+use schema::{LocalService, LocalWorkload};
 
 // ---- checks across resources, and conversion ----
 
@@ -456,8 +314,6 @@ impl<'a> Validator<'a> {
         let ignored = [
             ("networkGateway", lw.network_gateway.is_some()),
             ("applicationTunnel", lw.application_tunnel.is_some()),
-            ("locality", lw.locality.is_some()),
-            ("capacity", lw.capacity.is_some()),
             ("nativeTunnel", lw.native_tunnel.is_some()),
         ];
         self.warn_ignored("workloads", i, &ignored);
@@ -510,22 +366,18 @@ impl<'a> Validator<'a> {
             canonical_name: lw.canonical_name,
             canonical_revision: lw.canonical_revision,
             cluster_id,
-            locality: Default::default(),
+            locality: lw.locality.into(),
+            capacity: lw.capacity,
             labels: Default::default(),
         })
     }
 
     fn services(&mut self, raw: Vec<LocalService>) -> Result<Vec<Service>, ConfigError> {
         let mut by_key: HashMap<NamespacedHostname, usize> = HashMap::new();
-        let mut by_vip: HashMap<NetworkAddress, usize> = HashMap::new();
+        let mut by_vip: HashMap<(NetworkAddress, String), usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, ls) in raw.into_iter().enumerate() {
-            let ignored = [
-                ("endpoints", ls.endpoints.is_some()),
-                ("loadBalancer", ls.load_balancer.is_some()),
-                ("ipFamilies", ls.ip_families.is_some()),
-                ("canonical", ls.canonical.is_some()),
-            ];
+            let ignored = [("endpoints", ls.endpoints.is_some())];
             self.warn_ignored("services", i, &ignored);
             if ls.ports.contains_key(&0) {
                 let msg = "service port 0 is not a port".to_string();
@@ -539,15 +391,24 @@ impl<'a> Validator<'a> {
                 ports: ls.ports,
                 subject_alt_names: ls.subject_alt_names,
                 waypoint: ls.waypoint,
-                load_balancing: None,
+                weighted_waypoints: ls.weighted_waypoints,
+                cidr_vips: ls.cidr_vips.into_iter().map(|c| c.0).collect(),
+                load_balancing: ls.load_balancer.map(Into::into),
+                ip_families: ls.ip_families.into(),
+                canonical: ls.canonical,
+                visibility: ls.visibility.into(),
             };
             if let Some(first) = by_key.insert(svc.key(), i) {
                 let msg = format!("service {} is also defined by services[{first}]", svc.key());
                 return Err(self.error("services", i, "hostname", Some(&svc.hostname), msg));
             }
+            // Services of different namespaces may share a VIP (the client's namespace
+            // picks); two of one namespace would be a coin toss.
             for vip in &svc.vips {
-                if let Some(first) = by_vip.insert(vip.clone(), i) {
-                    let msg = format!("VIP {vip} is also used by services[{first}]");
+                if let Some(first) = by_vip.insert((vip.clone(), svc.namespace.clone()), i) {
+                    let msg = format!(
+                        "VIP {vip} is also used by services[{first}] of the same namespace"
+                    );
                     let ip = vip.address.to_string();
                     return Err(self.error("services", i, "vips", Some(&ip), msg));
                 }

@@ -29,6 +29,8 @@ workloads:
   canonicalRevision: v1
   clusterId: c1
   waypoint: {destination: "net1/10.0.2.5", hboneMtlsPort: 15009}
+  locality: {region: r1, zone: z1, subzone: s1}
+  capacity: 0
 - name: plain
   namespace: other
   workloadIps: [10.0.2.5]
@@ -42,6 +44,20 @@ services:
   ports: {80: 8080, 443: 0}
   subjectAltNames: ["spiffe://td.example/ns/default/sa/echo"]
   waypoint: {destination: "other/waypoint.other.svc.cluster.local"}
+  weightedWaypoints:
+  - {destination: {destination: "other/waypoint.other.svc.cluster.local"}, weight: 90}
+  - {destination: {destination: "net1/10.0.2.5", hboneMtlsPort: 15009}, weight: 0}
+  cidrVips: ["/10.97.0.0/24", {network: net1, cidr: "fd00:97::/64"}]
+  loadBalancer: {routingPreferences: [Network, Zone], mode: Failover, healthPolicy: AllowAll}
+  ipFamilies: IPv6
+  canonical: true
+  visibility: Namespace
+- name: passthrough
+  namespace: other
+  hostname: ext.example.com
+  vips: ["/10.96.0.10"]
+  loadBalancer: {mode: Passthrough}
+  ipFamilies: Dual
 policies:
 - name: allow-sleep
   namespace: default
@@ -433,14 +449,10 @@ fn newer_upstream_fields_parse_and_change_nothing() {
         }],
         ..Default::default()
     };
+    // Extensions are named as ignored; ingress_use_waypoint is for gateways, nothing to do.
     let extended = wpb::Service {
         extensions: vec![ext()],
         ingress_use_waypoint: true,
-        weighted_waypoints: vec![wpb::WeightedWaypoint {
-            destination: None,
-            weight: 3,
-        }],
-        visibility: wpb::service::Visibility::Namespace as i32,
         ..svc.clone()
     };
     let decoded = wpb::Service::decode(extended.encode_to_vec().as_slice()).unwrap();
@@ -567,4 +579,42 @@ fn load_balancing_and_locality_round_trip() {
     };
     let e = err(service_from_proto(&bad));
     assert!(e.contains("loadBalancing.routingPreference[0]"), "{e}");
+}
+
+#[test]
+fn service_addresses_with_a_prefix_length_are_ranges() {
+    let addr = |address: Vec<u8>, length: Option<u32>| wpb::NetworkAddress {
+        network: String::new(),
+        address,
+        length,
+    };
+    let svc = |addresses| wpb::Service {
+        namespace: "ns".into(),
+        hostname: "h".into(),
+        addresses,
+        ..Default::default()
+    };
+    // A host's length is a plain VIP, as no length is; a shorter one a range (host bits
+    // cleared); one too long is refused by name.
+    let s = service_from_proto(&svc(vec![
+        addr(vec![10, 96, 0, 1], Some(32)),
+        addr(vec![10, 96, 0, 2], None),
+        addr(vec![10, 97, 0, 9], Some(24)),
+    ]))
+    .unwrap();
+    assert_eq!(s.vips.len(), 2);
+    assert_eq!(s.cidr_vips, ["/10.97.0.0/24".parse().unwrap()]);
+    let e = err(service_from_proto(&svc(vec![addr(
+        vec![10, 0, 0, 0],
+        Some(33),
+    )])));
+    assert!(e.contains("addresses[0].length") && e.contains("33"), "{e}");
+    // A weighted waypoint must say where.
+    let mut bad = svc(vec![]);
+    bad.weighted_waypoints = vec![wpb::WeightedWaypoint {
+        destination: None,
+        weight: 3,
+    }];
+    let e = err(service_from_proto(&bad));
+    assert!(e.contains("weightedWaypoints[0].destination"), "{e}");
 }

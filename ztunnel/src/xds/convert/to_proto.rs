@@ -13,8 +13,8 @@ use crate::proto::istio::workload as wpb;
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use crate::state::load_balancing::{self as lbs, HealthPolicy, LoadBalancing, Mode};
 use crate::state::{
-    GatewayAddress, GatewayDestination, HealthStatus, NetworkMode, PortMap, Protocol, Service,
-    Workload,
+    GatewayAddress, GatewayDestination, HealthStatus, IpFamilies, NetworkMode, PortMap, Protocol,
+    Service, Visibility, Workload,
 };
 
 pub fn workload_to_proto(w: &Workload) -> wpb::Workload {
@@ -64,6 +64,7 @@ pub fn workload_to_proto(w: &Workload) -> wpb::Workload {
             zone: w.locality.zone.clone(),
             subzone: w.locality.subzone.clone(),
         }),
+        capacity: (w.capacity != 1).then_some(w.capacity),
         ..Default::default()
     }
 }
@@ -81,11 +82,35 @@ pub fn service_to_proto(s: &Service) -> wpb::Service {
                 address: ip_bytes(&v.address),
                 ..Default::default()
             })
+            .chain(s.cidr_vips.iter().map(|c| wpb::NetworkAddress {
+                network: c.network.clone(),
+                address: ip_bytes(&c.cidr.addr()),
+                length: Some(c.cidr.prefix_len().into()),
+            }))
             .collect(),
         ports: ports_to_proto(&s.ports),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(waypoint_to_proto),
         load_balancing: s.load_balancing.as_ref().map(load_balancing_to_proto),
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|w| wpb::WeightedWaypoint {
+                destination: Some(waypoint_to_proto(&w.destination)),
+                weight: w.weight,
+            })
+            .collect(),
+        ip_families: match s.ip_families {
+            IpFamilies::Automatic => wpb::IpFamilies::Automatic,
+            IpFamilies::Ipv4Only => wpb::IpFamilies::Ipv4Only,
+            IpFamilies::Ipv6Only => wpb::IpFamilies::Ipv6Only,
+            IpFamilies::Dual => wpb::IpFamilies::Dual,
+        } as i32,
+        canonical: s.canonical,
+        visibility: match s.visibility {
+            Visibility::Public => wpb::service::Visibility::Public,
+            Visibility::Namespace => wpb::service::Visibility::Namespace,
+        } as i32,
         ..Default::default()
     }
 }

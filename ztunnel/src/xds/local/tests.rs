@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 
 use super::*;
 use crate::policy::{Action, Connection, Scope, StringMatch};
+use crate::state::{HealthStatus, Protocol};
 
 /// Upstream's example file, as of its older single-IP, bare-list form.
 const UPSTREAM_LOCALHOST: &str = "\
@@ -247,32 +248,73 @@ fn errors_name_line_and_field() {
 }
 
 #[test]
-fn upstream_only_fields_are_accepted_with_warnings() {
+fn upstream_load_balancing_fields_are_read() {
     let src = "\
 workloads:
 - name: a
   namespace: d
   waypoint: {destination: /10.0.0.9, hboneMtlsPort: 15008}
-  locality: {region: r}
+  locality: {region: r, zone: z}
   capacity: 2
+  networkGateway: {destination: /10.0.0.1}
 services:
 - name: s
   namespace: d
   hostname: s.d
   subjectAltNames: [spiffe://cluster.local/ns/d/sa/s]
-  loadBalancer: {mode: Strict}
+  loadBalancer: {routingPreferences: [Zone, Node], mode: Strict}
+  cidrVips: [10.98.0.0/16]
 ";
     let cfg = LocalConfig::from_yaml(src).unwrap();
-    // locality, capacity, loadBalancer; and the waypoint names nothing the file defines.
-    assert_eq!(cfg.warnings.len(), 4, "{:?}", cfg.warnings);
-    assert!(cfg.warnings[0].contains("locality"));
+    // The network gateway is not supported; the waypoint names nothing the file defines.
+    assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
+    assert!(cfg.warnings[0].contains("networkGateway"));
     assert!(
-        cfg.warnings[3]
+        cfg.warnings[1]
             .contains("waypoint /10.0.0.9 is neither a known workload nor a known service"),
         "{:?}",
         cfg.warnings
     );
-    assert_eq!(cfg.services[0].subject_alt_names.len(), 1);
+    let w = &cfg.workloads[0];
+    assert_eq!(
+        (w.locality.region.as_str(), w.locality.zone.as_str()),
+        ("r", "z")
+    );
+    assert_eq!(w.capacity, 2);
+    let lb = cfg.services[0].load_balancing.as_ref().unwrap();
+    assert_eq!(lb.mode, crate::state::load_balancing::Mode::Strict);
+    assert_eq!(lb.routing_preference.len(), 2);
+    assert_eq!(cfg.services[0].cidr_vips[0].to_string(), "/10.98.0.0/16");
+    // Absent: one each.
+    assert_eq!(
+        LocalConfig::from_yaml("- name: b\n  namespace: d\n")
+            .unwrap()
+            .workloads[0]
+            .capacity,
+        1
+    );
+
+    for (bad, needle) in [
+        (
+            "services:\n- {name: s, namespace: d, hostname: h, cidrVips: [10.0.0.1/8]}\n",
+            "host bits",
+        ),
+        (
+            "services:\n- {name: s, namespace: d, hostname: h, cidrVips: [{cidr: nope}]}\n",
+            "not an address range",
+        ),
+        (
+            "services:\n- {name: s, namespace: d, hostname: h, loadBalancer: {mode: Nearest}}\n",
+            "Nearest",
+        ),
+        (
+            "services:\n- {name: s, namespace: d, hostname: h, visibility: Private}\n",
+            "Private",
+        ),
+    ] {
+        let e = LocalConfig::from_yaml(bad).expect_err(bad).to_string();
+        assert!(e.contains(needle) && e.contains("line"), "{bad} => {e}");
+    }
 }
 
 #[test]
