@@ -52,9 +52,7 @@ fn service(i: u32) -> Service {
         namespace: ns,
         vips: vec![NetworkAddress::new("", vip(i))],
         ports: BTreeMap::from([(80, 8080)]),
-        subject_alt_names: vec![],
-        waypoint: None,
-        load_balancing: None,
+        ..Default::default()
     }
 }
 

@@ -162,4 +162,6 @@ impl StateStore {
 }
 
 #[cfg(test)]
+mod destination_tests;
+#[cfg(test)]
 mod tests;
