@@ -24,6 +24,7 @@ use crate::drain::Exit;
 use crate::enroll::Enroller;
 use crate::handover;
 use crate::identity::ca::{CaOptions, CertificateAuthority};
+use crate::identity::ca_client::CaDialOptions;
 use crate::identity::manager::{LocalCaClient, SecretManagerOptions};
 use crate::identity::{CaClient, GrpcCaClient, SecretManager};
 use crate::memory;
@@ -50,7 +51,16 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let store = Arc::new(StateStore::default());
-    store.update(|s| s.set_network(&args.network));
+    store.update(|s| {
+        s.set_network(&args.network);
+        s.set_preferred_namespace(args.preferred_service_namespace.as_deref());
+    });
+    crate::policy::set_info_logging(args.authz_policy_info_logging);
+    crate::hbone::set_sizes(crate::hbone::H2Sizes {
+        stream_window: args.hbone_limits.http2_stream_window_size,
+        connection_window: args.hbone_limits.http2_connection_window_size,
+        max_frame: args.hbone_limits.http2_frame_size,
+    });
     let _config_task = match &args.local_xds_path {
         Some(path) => Some(
             crate::xds::watch::follow(path.clone(), store.clone())
@@ -58,8 +68,21 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if let Some(yaml) = &args.local_xds {
+        let cfg = crate::xds::LocalConfig::from_yaml(yaml).context("LOCAL_XDS")?;
+        for w in &cfg.warnings {
+            warn!("LOCAL_XDS: {w}");
+        }
+        cfg.apply_to(&store);
+        info!(
+            workloads = cfg.workloads.len(),
+            services = cfg.services.len(),
+            policies = cfg.policies.len(),
+            "configuration from LOCAL_XDS"
+        );
+    }
     let xds = crate::xds::client::spawn_for_run(&args, store.clone())?;
-    if args.local_xds_path.is_none() && xds.is_none() {
+    if args.local_xds_path.is_none() && args.local_xds.is_none() && xds.is_none() {
         warn!("neither LOCAL_XDS_PATH nor XDS_ADDRESS: no workloads are known; nothing will be enrolled");
     }
     let (xds_task, xds_status) = xds.map(|(t, s)| (Some(t), Some(s))).unwrap_or((None, None));
@@ -136,7 +159,12 @@ fn ca_client(args: &RunArgs) -> anyhow::Result<Arc<dyn CaClient>> {
             .ca_root_cert
             .as_ref()
             .context("--ca-address needs --ca-root-cert (CA_ROOT_CA)")?;
-        let client = GrpcCaClient::new(addr, root, args.ca_token_file.as_ref())
+        let opts = CaDialOptions {
+            tls_name: args.ca_tls_name.clone(),
+            headers: crate::config::istio_settings::headers("CA_HEADER_", std::env::vars())
+                .map_err(anyhow::Error::msg)?,
+        };
+        let client = GrpcCaClient::with_options(addr, root, args.ca_token_file.as_ref(), opts)
             .with_context(|| format!("CA client for {addr}"))?;
         info!(ca = %addr, "workload certificates from the CA");
         return Ok(Arc::new(client));

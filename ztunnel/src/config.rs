@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod istio_names;
+pub mod istio_settings;
 pub mod limits;
 pub use limits::{ControlplaneLimits, HboneLimits, HttpLimits};
 
@@ -149,6 +150,11 @@ pub struct RunArgs {
     #[arg(long, env = "LOCAL_XDS_PATH")]
     pub local_xds_path: Option<PathBuf>,
 
+    /// The same configuration given inline, as YAML text (read once). Instead of
+    /// `--local-xds-path`.
+    #[arg(long, env = "LOCAL_XDS", value_name = "YAML", conflicts_with_all = ["local_xds_path", "xds_address"])]
+    pub local_xds: Option<String>,
+
     /// Control plane to get workloads, services and policies from over Istio delta xDS, as
     /// a URL: `https://HOST:PORT` (istiod: https://istiod.istio-system.svc:15012, or a
     /// `ztunnel controlplane`). Its certificate must chain to `--xds-root-cert`; the bearer
@@ -167,6 +173,21 @@ pub struct RunArgs {
     /// (istiod serves xDS and the CA with one certificate).
     #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
     pub xds_root_cert: Option<PathBuf>,
+
+    /// The name the xDS server's certificate must carry, when not the host of
+    /// `--xds-address` (e.g. istiod reached through a load balancer's address).
+    #[arg(long, env = "ALT_XDS_HOSTNAME", value_name = "NAME")]
+    pub xds_tls_name: Option<String>,
+
+    /// Of several services sharing a VIP, prefer the one in this namespace when none is in
+    /// the client's namespace and none is canonical (Istio's deprecated
+    /// `PREFERED_SERVICE_NAMESPACE`, spelled as there).
+    #[arg(long, env = "PREFERED_SERVICE_NAMESPACE", value_name = "NAMESPACE")]
+    pub preferred_service_namespace: Option<String>,
+
+    /// Log every authorization decision at info level, not only at debug.
+    #[arg(long, env = "AUTHZ_POLICY_INFO_LOGGING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub authz_policy_info_logging: bool,
 
     /// Which pods to enroll: from the Kubernetes API server (namespace label
     /// `istio.io/dataplane-mode=ambient`; needs NODE_NAME to be the Kubernetes node name),
@@ -321,6 +342,10 @@ pub struct RunArgs {
     /// (the node's trust store) or the PEM text itself.
     #[arg(long, env = "CA_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
     pub ca_root_cert: Option<PathBuf>,
+
+    /// The name the CA's certificate must carry, when not the host of `--ca-address`.
+    #[arg(long, env = "ALT_CA_HOSTNAME", value_name = "NAME")]
+    pub ca_tls_name: Option<String>,
 
     /// File holding the bearer token presented to the CA; re-read at every request
     /// (Kubernetes projected tokens rotate).

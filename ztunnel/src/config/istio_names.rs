@@ -13,6 +13,10 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("SECRET_TTL", "WORKLOAD_CERT_TTL"),
     // How long live connections get to finish once ztunnel is told to stop.
     ("CONNECTION_TERMINATION_DEADLINE", "DRAIN_TIMEOUT"),
+    // The file of the bearer token for the CA and xDS.
+    ("AUTH_TOKEN", "CA_TOKEN_FILE"),
+    // TCP keepalive idle time of HBONE connections (180 s either way).
+    ("KEEPALIVE_TIME", "HBONE_TCP_KEEPALIVE"),
 ];
 
 /// The Istio release this proxy stands in for: `ISTIO_META_ISTIO_VERSION` when the
@@ -90,6 +94,10 @@ pub fn istio_overrides(get: impl Fn(&str) -> Option<String>) -> Overrides {
             )),
         }
     }
+    let extra = super::istio_settings::read(&get);
+    out.set.extend(extra.set);
+    out.warnings.extend(extra.warnings);
+    out.errors.extend(extra.errors);
     if get("XDS_ON_DEMAND").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         out.warnings.push(
             "XDS_ON_DEMAND=true: on-demand xDS is not implemented; every workload and service \

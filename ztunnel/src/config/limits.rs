@@ -165,6 +165,18 @@ pub struct HboneLimits {
     /// TCP keepalive idle time on HBONE connections (Istio's ztunnel: 180 s).
     #[arg(long, env = "HBONE_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
     pub hbone_tcp_keepalive: Duration,
+
+    /// HTTP/2 flow-control window of each HBONE stream, in bytes (Istio's ztunnel: 4 MiB).
+    #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(65535..=2147483647))]
+    pub http2_stream_window_size: u32,
+
+    /// HTTP/2 flow-control window of each HBONE connection, in bytes (16 MiB either way).
+    #[arg(long, env = "HTTP2_CONNECTION_WINDOW_SIZE", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65535..=2147483647))]
+    pub http2_connection_window_size: u32,
+
+    /// Largest HTTP/2 frame accepted on HBONE, in bytes (Istio's ztunnel: 1 MiB).
+    #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(16384..=16777215))]
+    pub http2_frame_size: u32,
 }
 
 #[derive(Parser)]

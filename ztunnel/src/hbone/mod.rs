@@ -37,6 +37,32 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Larger DATA frames than the 16 KiB default: fewer frame headers and wakeups per byte.
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
+/// HBONE's HTTP/2 sizes: the constants above unless the settings (Istio's
+/// `HTTP2_STREAM_WINDOW_SIZE`, `HTTP2_CONNECTION_WINDOW_SIZE`, `HTTP2_FRAME_SIZE`) say
+/// otherwise. Set once at start, before any connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H2Sizes {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame: u32,
+}
+
+static SIZES: std::sync::OnceLock<H2Sizes> = std::sync::OnceLock::new();
+
+pub fn set_sizes(sizes: H2Sizes) {
+    if SIZES.set(sizes).is_err() {
+        tracing::debug!("HTTP/2 sizes were already set");
+    }
+}
+
+fn sizes() -> H2Sizes {
+    SIZES.get().copied().unwrap_or(H2Sizes {
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        max_frame: MAX_FRAME_SIZE,
+    })
+}
 /// Streams a server accepts at once on one connection; the pool opens more connections
 /// well before this.
 pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 1000;
@@ -120,9 +146,10 @@ pub fn forwarded_value(src: IpAddr) -> HeaderValue {
 
 fn server_builder(opts: &server::ServerOptions) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
+    let sz = sizes();
+    b.initial_window_size(sz.stream_window)
+        .initial_connection_window_size(sz.connection_window)
+        .max_frame_size(sz.max_frame)
         .max_concurrent_streams(opts.max_streams)
         // Rapid reset: a client resetting streams before they are accepted, or making
         // the server reset them, past these counts gets GOAWAY.
@@ -134,9 +161,10 @@ fn server_builder(opts: &server::ServerOptions) -> h2::server::Builder {
 
 fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
+    let sz = sizes();
+    b.initial_window_size(sz.stream_window)
+        .initial_connection_window_size(sz.connection_window)
+        .max_frame_size(sz.max_frame)
         // A peer's response headers are as bounded as its requests are (h2 allows 16 MiB).
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .enable_push(false);

@@ -36,6 +36,20 @@ pub struct GrpcCaClient {
     /// Whether requests name the identity as `ImpersonatedIdentity` (a node proxy asking for
     /// its workloads) or leave it to the CSR alone (a proxy asking for itself).
     impersonate: bool,
+    /// Extra request headers (Istio's `CA_HEADER_*`), checked when read.
+    headers: Vec<(
+        tonic::metadata::AsciiMetadataKey,
+        MetadataValue<tonic::metadata::Ascii>,
+    )>,
+}
+
+/// How to reach the CA besides its address, root and token.
+#[derive(Debug, Clone, Default)]
+pub struct CaDialOptions {
+    /// The name the CA's certificate must carry, when not the address's host.
+    pub tls_name: Option<String>,
+    /// Extra request headers, as `(name, value)`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl GrpcCaClient {
@@ -51,6 +65,21 @@ impl GrpcCaClient {
         root_cert_pem_path: impl AsRef<Path>,
         token_file: Option<impl AsRef<Path>>,
     ) -> anyhow::Result<Self> {
+        Self::with_options(
+            address,
+            root_cert_pem_path,
+            token_file,
+            CaDialOptions::default(),
+        )
+    }
+
+    /// [`GrpcCaClient::new`] with a TLS name and extra headers.
+    pub fn with_options(
+        address: &str,
+        root_cert_pem_path: impl AsRef<Path>,
+        token_file: Option<impl AsRef<Path>>,
+        opts: CaDialOptions,
+    ) -> anyhow::Result<Self> {
         let root = super::roots::root_pem(root_cert_pem_path.as_ref(), "CA root certificate")?;
         let uri: http::Uri = address
             .parse()
@@ -58,7 +87,20 @@ impl GrpcCaClient {
         if uri.scheme_str() != Some("https") || uri.host().is_none() {
             anyhow::bail!("CA address {address:?} must look like https://HOST:PORT");
         }
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+        if let Some(name) = opts.tls_name {
+            tls = tls.domain_name(name);
+        }
+        let mut headers = Vec::with_capacity(opts.headers.len());
+        for (k, v) in &opts.headers {
+            let key = k
+                .parse()
+                .with_context(|| format!("{k:?} is not a header name"))?;
+            let value = v.parse().with_context(|| {
+                format!("the value of header {k:?} is not a valid header value")
+            })?;
+            headers.push((key, value));
+        }
         let endpoint = Endpoint::from(uri)
             .tls_config(tls)
             .with_context(|| format!("TLS settings for CA {address}"))?
@@ -71,6 +113,7 @@ impl GrpcCaClient {
             client,
             token_file: token_file.map(|p| p.as_ref().to_path_buf()),
             impersonate: true,
+            headers,
         })
     }
 
@@ -136,6 +179,9 @@ impl CaClient for GrpcCaClient {
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             metadata,
         });
+        for (k, v) in &self.headers {
+            request.metadata_mut().insert(k.clone(), v.clone());
+        }
         if let Some(bearer) = self.bearer().await? {
             request.metadata_mut().insert("authorization", bearer);
         }

@@ -100,6 +100,22 @@ impl fmt::Display for Decision {
     }
 }
 
+/// Whether decisions are logged at info level (Istio's `AUTHZ_POLICY_INFO_LOGGING`), not
+/// only at debug.
+static INFO_LOGGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_info_logging(on: bool) {
+    INFO_LOGGING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn log_decision(conn: &Connection, dst: &Workload, d: &Decision) {
+    if INFO_LOGGING.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(%conn, workload = %dst, decision = %d, "authorization");
+    } else {
+        debug!(%conn, workload = %dst, decision = %d, "authorization");
+    }
+}
+
 impl PolicyStore {
     /// Decides whether `conn` may reach `dst` (the workload owning `conn.dst_ip`).
     pub fn evaluate(&self, conn: &Connection, dst: &Workload) -> Decision {
@@ -114,7 +130,7 @@ impl PolicyStore {
             match policy.action {
                 Action::Deny if matched => {
                     let d = Decision::new(false, Reason::DenyMatched, Some(policy));
-                    debug!(%conn, workload = %dst, decision = %d, "authorization");
+                    log_decision(conn, dst, &d);
                     return d;
                 }
                 Action::Deny => has_deny = true,
@@ -130,7 +146,7 @@ impl PolicyStore {
         } else {
             Decision::new(true, Reason::NoPolicies, None)
         };
-        debug!(%conn, workload = %dst, decision = %d, "authorization");
+        log_decision(conn, dst, &d);
         d
     }
 }

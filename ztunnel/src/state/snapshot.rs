@@ -26,6 +26,9 @@ pub struct ProxyState {
     /// The network of this node (`NETWORK`, Istio's `global.network`; "" when none is
     /// set): an address without one is looked up on it.
     network: String,
+    /// Of services sharing a VIP, the namespace to prefer after the client's and a
+    /// canonical one (`PREFERED_SERVICE_NAMESPACE`).
+    preferred_namespace: Option<String>,
 }
 
 impl ProxyState {
@@ -40,13 +43,19 @@ impl ProxyState {
     pub fn clear(&mut self) {
         let root = self.policies.root_namespace().to_string();
         let network = std::mem::take(&mut self.network);
+        let preferred = self.preferred_namespace.take();
         *self = ProxyState::with_root_namespace(&root);
         self.network = network;
+        self.preferred_namespace = preferred;
     }
 
     /// This node's network.
     pub fn network(&self) -> &str {
         &self.network
+    }
+
+    pub fn set_preferred_namespace(&mut self, ns: Option<&str>) {
+        self.preferred_namespace = ns.map(str::to_string);
     }
 
     /// Sets this node's network (from `NETWORK`).
@@ -172,7 +181,7 @@ impl ProxyState {
             .exact(vip)
             .iter()
             .filter_map(|k| self.services.get(k).cloned());
-        vip_index::best_exact(services, client_ns)
+        vip_index::best_exact(services, client_ns, self.preferred_namespace.as_deref())
     }
 
     /// The service a connection to `addr` from a client in `client_ns` is addressed to:

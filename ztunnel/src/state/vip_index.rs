@@ -71,15 +71,18 @@ impl VipIndex {
 
 /// Of the services sharing an exact VIP (in arrival order), the one a client in
 /// `client_ns` reaches (`None`: no client namespace known; visibility is not applied).
+/// After a canonical one, one in `preferred_ns` wins over the first seen.
 pub fn best_exact<S: Borrow<Service>>(
     services: impl IntoIterator<Item = S>,
     client_ns: Option<&str>,
+    preferred_ns: Option<&str>,
 ) -> Option<S> {
     let visible = services
         .into_iter()
         .filter(|s| client_ns.is_none_or(|ns| s.borrow().visible_to(ns)));
     let mut first = None;
     let mut canonical = None;
+    let mut preferred = None;
     for s in visible {
         let svc = s.borrow();
         if client_ns == Some(svc.namespace.as_str()) {
@@ -87,11 +90,13 @@ pub fn best_exact<S: Borrow<Service>>(
         }
         if svc.canonical && canonical.is_none() {
             canonical = Some(s);
+        } else if preferred_ns == Some(svc.namespace.as_str()) && preferred.is_none() {
+            preferred = Some(s);
         } else if first.is_none() {
             first = Some(s);
         }
     }
-    canonical.or(first)
+    canonical.or(preferred).or(first)
 }
 
 /// Of the services whose ranges contain an address (each with the prefix length of its
@@ -149,16 +154,22 @@ mod tests {
             (None, Some("b")),
         ];
         for (client, want) in cases {
-            let got = best_exact(all.iter().copied(), *client).map(|s| s.namespace.as_str());
+            let got = best_exact(all.iter().copied(), *client, None).map(|s| s.namespace.as_str());
             assert_eq!(got, *want, "client {client:?}");
         }
         // Without a canonical one, the first seen.
         assert_eq!(
-            best_exact([&a, &c], Some("d")).map(|s| &s.namespace),
+            best_exact([&a, &c], Some("d"), None).map(|s| &s.namespace),
             Some(&"a".to_string())
         );
         // Only a namespace-scoped service, from elsewhere: none.
-        assert!(best_exact([&c], Some("d")).is_none());
+        assert!(best_exact([&c], Some("d"), None).is_none());
+        // A preferred namespace beats the first seen, not a canonical service.
+        let e = svc("e", "x.com", false, Public);
+        let got = best_exact([&a, &e], Some("d"), Some("e")).map(|s| s.namespace.as_str());
+        assert_eq!(got, Some("e"));
+        let got = best_exact([&a, &b, &e], Some("d"), Some("e")).map(|s| s.namespace.as_str());
+        assert_eq!(got, Some("b"));
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct XdsConfig {
     pub root_cert: Option<PathBuf>,
     /// Bearer token sent as `authorization: Bearer <token>`, re-read per connection.
     pub token_file: Option<PathBuf>,
+    /// The name the server's certificate must carry, when not the address's host.
+    pub tls_name: Option<String>,
+    /// Extra request headers (Istio's `XDS_HEADER_*`).
+    pub headers: Vec<(String, String)>,
     /// The Kubernetes node this proxy serves (metadata `NODE_NAME`).
     pub node_name: String,
     /// This ztunnel's own pod (node id and metadata `NAME`/`NAMESPACE`).
@@ -80,6 +84,8 @@ impl XdsConfig {
             address: address.into(),
             root_cert: None,
             token_file: None,
+            tls_name: None,
+            headers: Vec::new(),
             node_name: node_name.into(),
             pod_name: String::new(),
             pod_namespace: String::new(),
@@ -271,7 +277,10 @@ impl XdsClient {
             .keep_alive_while_idle(true);
         if let Some(path) = &self.config.root_cert {
             let pem = crate::identity::roots::root_pem(path, "xDS root certificate")?;
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(name) = &self.config.tls_name {
+                tls = tls.domain_name(name.clone());
+            }
             endpoint = endpoint.tls_config(tls).context("xDS TLS settings")?;
         }
         endpoint.connect().await.map_err(|e| {
@@ -314,6 +323,15 @@ impl XdsClient {
             });
         }
         let mut request = tonic::Request::new(rx);
+        for (k, v) in &self.config.headers {
+            // Checked when read (`config::istio_settings::headers`).
+            if let (Ok(k), Ok(v)) = (
+                k.parse::<tonic::metadata::AsciiMetadataKey>(),
+                v.parse::<tonic::metadata::AsciiMetadataValue>(),
+            ) {
+                request.metadata_mut().insert(k, v);
+            }
+        }
         if let Some(b) = bearer {
             let value = b
                 .parse()
@@ -429,6 +447,9 @@ pub fn spawn_for_run(
         .clone()
         .or_else(|| args.ca_root_cert.clone());
     config.token_file = args.ca_token_file.clone();
+    config.tls_name = args.xds_tls_name.clone();
+    config.headers = crate::config::istio_settings::headers("XDS_HEADER_", std::env::vars())
+        .map_err(anyhow::Error::msg)?;
     let client = XdsClient::new(config).context("--xds-address (XDS_ADDRESS)")?;
     let status = client.status();
     info!(%address, node = %args.node_name, "getting workloads, services and policies over xDS");
