@@ -347,6 +347,45 @@ async fn untrusted_ca_is_a_tls_error() {
     }
 }
 
+/// `ALT_CA_HOSTNAME`: the name checked is the one given, not the address's host. The
+/// serving certificate names istiod's service and the listening IP.
+#[tokio::test]
+async fn the_ca_certificate_is_checked_against_the_alternative_name() {
+    let f = Fixture::new("altname").await;
+    let with_name = |name: &str| {
+        let opts = crate::identity::ca_client::CaDialOptions {
+            tls_name: Some(name.to_string()),
+            headers: vec![("x-tenant".into(), "blue".into())],
+        };
+        GrpcCaClient::with_options(
+            &format!("https://{}", f.addr),
+            f.root_path(),
+            Some(f.dir.join("token-a")),
+            opts,
+        )
+        .unwrap()
+    };
+    let ok = with_name(ISTIOD_DNS_NAME);
+    sign(&ok, &id("sleep"), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let wrong = with_name("ca.elsewhere.example");
+    match sign(&wrong, &id("sleep"), Duration::ZERO).await {
+        Err(CaClientError::Unavailable(msg)) => {
+            assert!(msg.contains("TLS") || msg.contains("certificate"), "{msg}")
+        }
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
+    let bad = crate::identity::ca_client::CaDialOptions {
+        tls_name: None,
+        headers: vec![("bad header".into(), "v".into())],
+    };
+    let e = GrpcCaClient::with_options("https://127.0.0.1:1", f.root_path(), None::<&Path>, bad)
+        .err()
+        .unwrap();
+    assert!(format!("{e:#}").contains("bad header"), "{e:#}");
+}
+
 #[tokio::test]
 async fn client_rejects_bad_settings() {
     let f = Fixture::new("settings").await;
