@@ -94,7 +94,10 @@ pub fn decode_address(any: &prost_types::Any) -> Result<AddressResource> {
 /// Decodes an `Any` that must hold an `istio.security.Authorization`.
 pub fn decode_authorization(any: &prost_types::Any) -> Result<Authorization> {
     let a: spb::Authorization = decode_any(any, AUTHORIZATION_TYPE_URL)?;
-    authorization_from_proto(&a)
+    let r = authorization_from_proto(&a)?;
+    let name = format!("{}/{}", a.namespace, a.name);
+    super::ignored::report(&name, &super::ignored::policy_fields(&a));
+    Ok(r)
 }
 
 fn decode_any<M: Message + Default>(any: &prost_types::Any, type_url: &str) -> Result<M> {

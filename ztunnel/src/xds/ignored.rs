@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::proto::istio::security as spb;
 use crate::proto::istio::workload as wpb;
 
 /// Counted here, registered with the node's metrics (`metrics::Metrics::new`).
@@ -49,6 +50,24 @@ pub fn service_fields(s: &wpb::Service) -> Vec<&'static str> {
         .into_iter()
         .filter_map(|(f, set)| set.then_some(f))
         .collect()
+}
+
+/// The fields of `a` that are set and not implemented (extensions carry nothing istiod
+/// defines for ztunnel today; a rule's meaning never depends on them).
+pub fn policy_fields(a: &spb::Authorization) -> Vec<&'static str> {
+    let in_matches = a
+        .rules
+        .iter()
+        .flat_map(|r| &r.clauses)
+        .flat_map(|c| &c.matches)
+        .any(|m| !m.extensions.is_empty());
+    [
+        ("Authorization.extensions", !a.extensions.is_empty()),
+        ("Match.extensions", in_matches),
+    ]
+    .into_iter()
+    .filter_map(|(f, set)| set.then_some(f))
+    .collect()
 }
 
 /// Counts `fields` of the resource `what` and warns about each the first time.
@@ -103,5 +122,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(workload_fields(&w), ["Workload.network_gateway"]);
+        let p = spb::Authorization {
+            rules: vec![spb::Rule {
+                clauses: vec![spb::Clause {
+                    matches: vec![spb::Match {
+                        extensions: vec![Default::default()],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        assert_eq!(policy_fields(&p), ["Match.extensions"]);
+        assert!(policy_fields(&spb::Authorization::default()).is_empty());
     }
 }
