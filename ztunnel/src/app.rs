@@ -96,6 +96,9 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
     ));
 
+    if let Some(addr) = args.dns_proxy_addr {
+        start_dns(addr, &args, store.clone()).await?;
+    }
     let capture = Capture::start(CaptureConfig {
         instance: args.instance(),
         bpffs_root: args.bpffs_root.clone(),
@@ -150,6 +153,27 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     }
     info!("ztunnel stopped");
     result.map(|_| ())
+}
+
+/// The DNS proxy's listeners on `addr`, UDP and TCP.
+async fn start_dns(
+    addr: std::net::SocketAddr,
+    args: &RunArgs,
+    store: Arc<StateStore>,
+) -> anyhow::Result<()> {
+    let upstreams = crate::dns::Upstreams::from_resolv_conf(&args.dns_upstream)
+        .context("--dns-upstream (DNS_UPSTREAM)")?;
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("DNS proxy: udp {addr}"))?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("DNS proxy: tcp {addr}"))?;
+    info!(%addr, upstreams = ?upstreams.servers, "DNS proxy");
+    let proxy = crate::dns::DnsProxy::new(store, upstreams, &args.cluster_domain);
+    tokio::spawn(proxy.clone().serve_udp(udp));
+    tokio::spawn(proxy.serve_tcp(tcp));
+    Ok(())
 }
 
 /// The CA: Istio's gRPC API when an address is given, else the built-in one.

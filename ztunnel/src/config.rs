@@ -185,6 +185,16 @@ pub struct RunArgs {
     #[arg(long, env = "PREFERED_SERVICE_NAMESPACE", value_name = "NAMESPACE")]
     pub preferred_service_namespace: Option<String>,
 
+    /// Serve the DNS proxy on this address (UDP and TCP; Istio's port is 15053): mesh
+    /// hostnames answered for the pod that asks, the rest relayed to `--dns-upstream`.
+    /// Pods' port-53 traffic is not captured to it yet: they must ask it directly.
+    #[arg(long, env = "DNS_PROXY_ADDR", value_name = "ADDR")]
+    pub dns_proxy_addr: Option<std::net::SocketAddr>,
+
+    /// The resolv.conf whose nameservers get the questions the mesh does not answer.
+    #[arg(long, env = "DNS_UPSTREAM", default_value = "/etc/resolv.conf")]
+    pub dns_upstream: PathBuf,
+
     /// Log every authorization decision at info level, not only at debug.
     #[arg(long, env = "AUTHZ_POLICY_INFO_LOGGING", default_value_t = false, action = clap::ArgAction::Set)]
     pub authz_policy_info_logging: bool,

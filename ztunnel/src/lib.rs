@@ -11,6 +11,7 @@ pub mod config;
 pub mod connections;
 pub mod controlplane;
 pub mod debug_cli;
+pub mod dns;
 pub mod drain;
 pub mod enroll;
 pub mod handover;

@@ -287,6 +287,7 @@ impl Metrics {
         registry.register_collector(Box::new(process::ProcessMetrics));
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
+        crate::dns::metrics::register(istio);
         // Istio's build gauge: the Istio release this proxy stands in for.
         let build: Family<BuildLabels, Gauge> = Family::default();
         build

@@ -19,6 +19,8 @@ pub struct ProxyState {
     workloads_by_addr: HashMap<NetworkAddress, Arc<Workload>>,
     services: HashMap<NamespacedHostname, Arc<Service>>,
     vips: VipIndex,
+    /// Hostname → the services of that name (one per namespace at most), for DNS.
+    services_by_host: HashMap<String, Vec<NamespacedHostname>>,
     /// Service → workload uid → endpoint. Kept apart from [`Service`] because workloads and
     /// services arrive independently over xDS (a workload may name a service not yet seen).
     endpoints: HashMap<NamespacedHostname, BTreeMap<String, Endpoint>>,
@@ -145,6 +147,10 @@ impl ProxyState {
         let key = svc.key();
         self.remove_service_only(&key);
         self.vips.insert(&svc);
+        self.services_by_host
+            .entry(svc.hostname.clone())
+            .or_default()
+            .push(key.clone());
         self.services.insert(key, Arc::new(svc));
     }
 
@@ -157,11 +163,29 @@ impl ProxyState {
     fn remove_service_only(&mut self, key: &NamespacedHostname) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
         self.vips.remove(&old);
+        if let Some(keys) = self.services_by_host.get_mut(&old.hostname) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.services_by_host.remove(&old.hostname);
+            }
+        }
         Some(old)
     }
 
     pub fn service(&self, key: &NamespacedHostname) -> Option<Arc<Service>> {
         self.services.get(key).cloned()
+    }
+
+    /// The service named `hostname` that a client in `client_ns` reaches: the same choice
+    /// as among services sharing a VIP (its namespace, canonical, preferred, first).
+    pub fn service_by_hostname(
+        &self,
+        hostname: &str,
+        client_ns: Option<&str>,
+    ) -> Option<Arc<Service>> {
+        let keys = self.services_by_host.get(hostname)?;
+        let services = keys.iter().filter_map(|k| self.services.get(k).cloned());
+        vip_index::best_exact(services, client_ns, self.preferred_namespace.as_deref())
     }
 
     /// The service an exact VIP stands for, whoever asks (see [`vip_index`]).

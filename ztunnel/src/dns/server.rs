@@ -1,0 +1,170 @@
+//! The DNS proxy's listeners (15053, UDP and TCP): each question is answered from the mesh
+//! for the pod that asked (known by its source address), or relayed to the node's
+//! resolvers. Bounded: questions in flight, TCP connections, and an idle TCP connection's
+//! life.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tracing::debug;
+
+use super::answer::{self, Reply};
+use super::forward::{Upstreams, MAX_MESSAGE};
+use super::metrics::{DnsLabels, DNS};
+use crate::limits::Cap;
+use crate::state::StateStore;
+
+/// How long a TCP client may stay silent between questions.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+pub struct DnsProxy {
+    pub store: Arc<StateStore>,
+    pub upstreams: Upstreams,
+    pub cluster_domain: String,
+    inflight: Cap,
+    tcp_connections: Cap,
+}
+
+impl DnsProxy {
+    pub fn new(store: Arc<StateStore>, upstreams: Upstreams, cluster_domain: &str) -> Arc<Self> {
+        Arc::new(DnsProxy {
+            store,
+            upstreams,
+            cluster_domain: cluster_domain.to_string(),
+            inflight: Cap::new("dns_inflight", 4096),
+            tcp_connections: Cap::new("dns_tcp_connections", 1024),
+        })
+    }
+
+    /// Answers one question from `src`; `None`: nothing to send.
+    pub async fn handle(&self, query: &[u8], src: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
+        let state = self.store.snapshot();
+        let client = state.workload_by_ip(src.ip());
+        let max_udp = (!tcp).then_some(MAX_MESSAGE);
+        let (reply, asked) = answer::decide(
+            query,
+            &state,
+            client.as_deref(),
+            &self.cluster_domain,
+            max_udp,
+        );
+        let labels = DnsLabels::new(&asked.qtype, tcp, client.as_deref());
+        if !matches!(reply, Reply::Drop) {
+            DNS.requests.get_or_create(&labels).inc();
+        }
+        match reply {
+            Reply::Answer(bytes) => {
+                debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: answered from the mesh");
+                Some(bytes)
+            }
+            Reply::Drop => {
+                debug!(%src, "dns: not a DNS question, dropped");
+                None
+            }
+            Reply::Forward => {
+                DNS.upstream_requests.get_or_create(&labels).inc();
+                let start = Instant::now();
+                let r = self.upstreams.forward(query, tcp).await;
+                DNS.upstream_duration
+                    .get_or_create(&labels)
+                    .observe(start.elapsed().as_secs_f64());
+                match r {
+                    Ok(bytes) => {
+                        debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
+                        Some(bytes)
+                    }
+                    Err(e) => {
+                        DNS.upstream_failures.get_or_create(&labels).inc();
+                        debug!(%src, name = %asked.name, error = %e, "dns: forwarding failed");
+                        // SERVFAIL, so the pod's resolver moves on at once.
+                        servfail(query)
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket) {
+        let sock = Arc::new(sock);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (n, src) = match sock.recv_from(&mut buf).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(error = %e, "dns: udp receive");
+                    continue;
+                }
+            };
+            // A flood beyond the bound is dropped (and counted), as a busy server would.
+            let Some(permit) = self.inflight.admit() else {
+                continue;
+            };
+            let query = buf[..n].to_vec();
+            let (me, sock) = (self.clone(), sock.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Some(reply) = me.handle(&query, src, false).await {
+                    let _ = sock.send_to(&reply, src).await;
+                }
+            });
+        }
+    }
+
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((conn, src)) = listener.accept().await else {
+                continue;
+            };
+            let Some(permit) = self.tcp_connections.admit() else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = me.tcp_session(conn, src).await {
+                    debug!(%src, error = %e, "dns: tcp session ended");
+                }
+            });
+        }
+    }
+
+    /// Questions one after another on one connection, each framed by its length.
+    async fn tcp_session(&self, mut conn: TcpStream, src: SocketAddr) -> std::io::Result<()> {
+        loop {
+            let len = match tokio::time::timeout(TCP_IDLE, conn.read_u16()).await {
+                Ok(Ok(len)) => usize::from(len),
+                // Closed, or idle too long: the end.
+                _ => return Ok(()),
+            };
+            let mut query = vec![0u8; len];
+            tokio::time::timeout(TCP_IDLE, conn.read_exact(&mut query))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "slow question")
+                })??;
+            let Some(reply) = self.handle(&query, src, true).await else {
+                return Ok(());
+            };
+            let len = u16::try_from(reply.len()).unwrap_or(u16::MAX);
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&reply[..usize::from(len)]);
+            conn.write_all(&framed).await?;
+        }
+    }
+}
+
+/// SERVFAIL for `query`, when its header can be read.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    use hickory_proto::op::{Message, OpCode, ResponseCode};
+    let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+    let mut m = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
+    if let Ok(q) = Message::from_vec(query) {
+        m.queries = q.queries;
+        m.metadata.recursion_desired = q.metadata.recursion_desired;
+    }
+    m.to_vec().ok()
+}
