@@ -3,6 +3,7 @@
 
 mod cert_dump;
 pub mod http;
+mod pprof;
 mod views;
 pub use views::not_ready;
 
@@ -55,6 +56,14 @@ const INDEX: &[(&str, &str)] = &[
         "/debug/connections",
         "live connections: source, destination, identities, bytes, age",
     ),
+    (
+        "/debug/pprof/profile",
+        "CPU profile, pprof protobuf; ?seconds=1-300 (10), ?frequency=1-1000 Hz (100)",
+    ),
+    (
+        "/debug/pprof/heap",
+        "heap profile (not in this build: says why)",
+    ),
     ("/quitquitquit", "POST: drain and exit"),
 ];
 
@@ -71,6 +80,8 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/certs") => json(&views::certs(&state)),
         (Method::GET, "/debug/capture") => json(&views::capture(&state).await),
         (Method::GET, "/debug/connections") => json(&state.connections.list()),
+        (Method::GET, "/debug/pprof/profile") => pprof::cpu(&req).await,
+        (Method::GET, "/debug/pprof/heap") => pprof::heap(),
         (Method::GET, "/logging") => {
             text(StatusCode::OK, format!("{}\n", crate::logging::current()))
         }
