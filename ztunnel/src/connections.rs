@@ -48,6 +48,19 @@ pub struct ConnectionInfo {
     pub dst_identity: Option<Label>,
     /// `HBONE` or `TCP` (plaintext).
     pub protocol: &'static str,
+    /// For HBONE, the tunnel's address and the CONNECT's (the access log's `dst.addr`
+    /// and `dst.hbone_addr`, as upstream logs them).
+    #[serde(skip)]
+    pub hbone: Option<Hbone>,
+}
+
+/// Where an HBONE connection's tunnel goes, and what it asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hbone {
+    /// The tunnel's own address: the peer's (or waypoint's) HBONE port.
+    pub tunnel: SocketAddr,
+    /// The CONNECT's `:authority`.
+    pub authority: SocketAddr,
 }
 
 impl ConnectionInfo {
@@ -64,6 +77,7 @@ impl ConnectionInfo {
             dst_workload: None,
             dst_identity: None,
             protocol: "TCP",
+            hbone: None,
         }
     }
 }

@@ -62,7 +62,11 @@ const INDEX: &[(&str, &str)] = &[
     ),
     (
         "/debug/pprof/heap",
-        "heap profile (not in this build: says why)",
+        "heap profile, gzipped pprof protobuf (builds with the heap-profiling feature)",
+    ),
+    (
+        "/debug/pprof/heap/profiling",
+        "?activate=true|false: start or stop heap sampling; says whether it runs",
     ),
     ("/quitquitquit", "POST: drain and exit"),
 ];
@@ -72,7 +76,7 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/") => {
             let mut s = String::from("ztunnel admin\n\n");
             for (p, what) in INDEX {
-                s.push_str(&format!("{p:<22} {what}\n"));
+                s.push_str(&format!("{p:<28} {what}\n"));
             }
             text(StatusCode::OK, s)
         }
@@ -81,7 +85,8 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/debug/capture") => json(&views::capture(&state).await),
         (Method::GET, "/debug/connections") => json(&state.connections.list()),
         (Method::GET, "/debug/pprof/profile") => pprof::cpu(&req).await,
-        (Method::GET, "/debug/pprof/heap") => pprof::heap(),
+        (Method::GET, "/debug/pprof/heap") => pprof::heap(&req, false).await,
+        (Method::GET, "/debug/pprof/heap/profiling") => pprof::heap(&req, true).await,
         (Method::GET, "/logging") => {
             text(StatusCode::OK, format!("{}\n", crate::logging::current()))
         }

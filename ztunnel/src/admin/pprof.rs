@@ -6,9 +6,12 @@
 //!   (every thread, sampled on `SIGPROF`), `seconds` 1-300 (default 10), `frequency`
 //!   1-1000 Hz (default 100, Go's rate: higher rates lose samples when many threads are
 //!   busy, as the signals coalesce). One at a time: the profiler is process-wide.
-//! - `/debug/pprof/heap`: not available (501, saying why): heap profiles come from
-//!   jemalloc's sampling profiler, and this build allocates with glibc's malloc, whose
-//!   arenas `--malloc-trim-interval` hands back to the node (`memory.rs`).
+//! - `/debug/pprof/heap`: the live heap as jemalloc's sampling profiler saw it (gzipped
+//!   pprof protobuf), in builds with the `heap-profiling` feature, once
+//!   `/debug/pprof/heap/profiling?activate=true` started sampling (allocations made
+//!   before are not in it; `?activate=false` stops; no parameter says whether it runs).
+//!   Default builds allocate with glibc's malloc, which has no such profiler, and both
+//!   paths answer 501 saying so.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,13 +45,13 @@ impl Drop for Busy {
     }
 }
 
-/// A query parameter in `range`, `default` when absent; else the 400 to send.
+/// A query parameter in `range`, `default` when absent; else why it is refused.
 fn param<T>(
     req: &Req,
     name: &str,
     range: std::ops::RangeInclusive<T>,
     default: T,
-) -> Result<T, Response<Body>>
+) -> Result<T, String>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
 {
@@ -57,26 +60,21 @@ where
     };
     match v.parse::<T>() {
         Ok(n) if range.contains(&n) => Ok(n),
-        _ => Err(text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "invalid {name} {v:?}: expected an integer from {} to {}\n",
-                range.start(),
-                range.end()
-            ),
+        _ => Err(format!(
+            "invalid {name} {v:?}: expected an integer from {} to {}\n",
+            range.start(),
+            range.end()
         )),
     }
 }
 
 /// `GET /debug/pprof/profile`.
 pub async fn cpu(req: &Req) -> Response<Body> {
-    let seconds = match param(req, "seconds", SECONDS, DEFAULT_SECONDS) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let frequency = match param(req, "frequency", FREQUENCY, DEFAULT_FREQUENCY) {
-        Ok(f) => f,
-        Err(r) => return r,
+    let params = param(req, "seconds", SECONDS, DEFAULT_SECONDS)
+        .and_then(|s| param(req, "frequency", FREQUENCY, DEFAULT_FREQUENCY).map(|f| (s, f)));
+    let (seconds, frequency) = match params {
+        Ok(p) => p,
+        Err(why) => return text(StatusCode::BAD_REQUEST, why),
     };
     let Some(busy) = Busy::claim() else {
         return text(
@@ -126,14 +124,75 @@ fn profile(length: Duration, frequency: i32) -> Result<Vec<u8>, pprof::Error> {
 }
 
 /// Why there is no heap profile in this build.
+#[cfg(not(feature = "heap-profiling"))]
 pub const NO_HEAP: &str = "heap profiling is not available in this build: heap profiles \
-come from jemalloc's sampling profiler (as in Istio's ztunnel), and ztunnel allocates with \
-glibc's malloc, which has none (its free memory is handed back to the node with \
-malloc_trim, --malloc-trim-interval)\n";
+come from jemalloc's sampling profiler (as in Istio's ztunnel), and this build allocates \
+with glibc's malloc, which has none; build with `--features heap-profiling` to have it\n";
 
-/// `GET /debug/pprof/heap`.
-pub fn heap() -> Response<Body> {
+/// `GET /debug/pprof/heap` and `/debug/pprof/heap/profiling`.
+#[cfg(not(feature = "heap-profiling"))]
+pub async fn heap(_req: &Req, _toggle: bool) -> Response<Body> {
     text(StatusCode::NOT_IMPLEMENTED, NO_HEAP)
+}
+
+/// `GET /debug/pprof/heap` (`toggle` false): the sampled live heap; and
+/// `/debug/pprof/heap/profiling` (`toggle` true): `?activate=true|false` starts or stops
+/// sampling, and says whether it runs.
+#[cfg(feature = "heap-profiling")]
+pub async fn heap(req: &Req, toggle: bool) -> Response<Body> {
+    let Some(ctl) = jemalloc_pprof::PROF_CTL.as_ref() else {
+        // jemalloc was built with its profiler but did not enable it (malloc_conf).
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "jemalloc's heap profiler is not enabled in this process\n",
+        );
+    };
+    let mut ctl = ctl.clone().lock_owned().await;
+    if toggle {
+        let changed = match req.param("activate") {
+            None => Ok(()),
+            Some("true") => ctl.activate(),
+            Some("false") => ctl.deactivate(),
+            Some(v) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid activate {v:?}: expected true or false\n"),
+                )
+            }
+        };
+        return match changed {
+            Ok(()) => text(
+                StatusCode::OK,
+                format!("heap profiling active: {}\n", ctl.activated()),
+            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        };
+    }
+    if !ctl.activated() {
+        return text(
+            StatusCode::CONFLICT,
+            "heap profiling is not active: start it with \
+             /debug/pprof/heap/profiling?activate=true, then take the profile\n",
+        );
+    }
+    // Dumping writes, reads and symbolizes jemalloc's dump file: off the runtime's thread
+    // (the admin endpoint shares the control plane's).
+    let dumped = tokio::task::spawn_blocking(move || ctl.dump_pprof())
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")));
+    match dumped {
+        // Gzipped, as Go serves heap profiles (the body is the .pb.gz file, not an
+        // encoding of the transfer).
+        Ok(body) => Response::builder()
+            .header("content-type", "application/octet-stream")
+            .header("content-disposition", "attachment; filename=\"heap.pb.gz\"")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response"),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("heap profile failed: {e:#}\n"),
+        ),
+    }
 }
 
 #[cfg(test)]

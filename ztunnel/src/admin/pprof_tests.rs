@@ -104,13 +104,53 @@ async fn one_profile_at_a_time() {
     assert!(Busy::claim().is_some(), "free again once done");
 }
 
+#[cfg(not(feature = "heap-profiling"))]
 #[tokio::test]
-async fn the_heap_profile_says_why_it_is_missing() {
-    let r = heap();
-    assert_eq!(r.status(), StatusCode::NOT_IMPLEMENTED);
-    let text = String::from_utf8(body(r).await.to_vec()).unwrap();
-    assert!(
-        text.contains("jemalloc") && text.contains("glibc"),
-        "{text}"
+async fn without_jemalloc_the_heap_profile_says_why_it_is_missing() {
+    for toggle in [false, true] {
+        let r = heap(&req(&[]), toggle).await;
+        assert_eq!(r.status(), StatusCode::NOT_IMPLEMENTED);
+        let text = String::from_utf8(body(r).await.to_vec()).unwrap();
+        assert!(
+            text.contains("jemalloc") && text.contains("glibc"),
+            "{text}"
+        );
+    }
+}
+
+#[cfg(feature = "heap-profiling")]
+#[tokio::test]
+async fn a_heap_profile_is_a_gzipped_pprof_protobuf() {
+    use std::io::Read;
+    let before = heap(&req(&[]), false).await;
+    assert_eq!(before.status(), StatusCode::CONFLICT, "not active yet");
+    let r = heap(&req(&[("activate", "true")]), true).await;
+    assert_eq!(body(r).await, "heap profiling active: true\n");
+    // Something for the sampler to see: 64 MiB in 1 MiB blocks, kept while dumping.
+    let kept: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 1 << 20]).collect();
+    let started = Instant::now();
+    let r = heap(&req(&[]), false).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let gz = body(r).await;
+    let took = started.elapsed();
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut raw)
+        .expect("gzip");
+    let p = pprof::protos::Profile::decode(&raw[..]).expect("a pprof protobuf");
+    let types: Vec<&str> = p
+        .sample_type
+        .iter()
+        .map(|t| p.string_table[t.r#type as usize].as_str())
+        .collect();
+    assert!(types.contains(&"inuse_space"), "{types:?}");
+    assert!(!p.sample.is_empty(), "64 MiB allocated, nothing sampled");
+    eprintln!(
+        "heap profile: {} bytes gzipped, {} samples, {took:?}",
+        gz.len(),
+        p.sample.len()
     );
+    drop(kept);
+    let r = heap(&req(&[("activate", "false")]), true).await;
+    assert_eq!(body(r).await, "heap profiling active: false\n");
 }

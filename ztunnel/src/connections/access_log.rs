@@ -5,7 +5,9 @@
 //! - `connection complete` when the attempt ends: info if it ended well, error (with an
 //!   `error` field) otherwise.
 //!
-//! Fields upstream leaves out when unknown are left out here too (no `-` placeholders);
+//! For HBONE, `dst.addr` is the tunnel's address (`<ip>:15008`) and `dst.hbone_addr`
+//! the CONNECT's; our `dst.target` is the endpoint (or waypoint) chosen. Fields upstream
+//! leaves out when unknown are left out here too (no `-` placeholders);
 //! strings are recorded as strings (quoted in text lines), addresses with `Display`.
 //! `bytes_sent`/`bytes_recv` are the reporting side's workload's: on outbound what the
 //! client sent and got, on inbound what the destination sent and got, as upstream logs
@@ -36,13 +38,20 @@ impl<'a> Ends<'a> {
     }
 
     fn mtls(&self) -> bool {
-        self.info.protocol == "HBONE"
+        self.info.hbone.is_some()
     }
 
-    /// The HBONE target (the CONNECT's address), for tunnelled connections only.
+    /// `dst.addr`: for HBONE the tunnel's address (a node's or waypoint's HBONE port),
+    /// as upstream logs it; else the destination.
+    fn dst_addr(&self) -> tracing::field::DisplayValue<std::net::SocketAddr> {
+        tracing::field::display(self.info.hbone.map_or(self.info.dst, |h| h.tunnel))
+    }
+
+    /// `dst.hbone_addr`: what the tunnel's CONNECT asked for; HBONE only.
     fn hbone_addr(&self) -> Option<tracing::field::DisplayValue<std::net::SocketAddr>> {
-        self.mtls()
-            .then(|| tracing::field::display(self.info.target))
+        self.info
+            .hbone
+            .map(|h| tracing::field::display(h.authority))
     }
 
     /// Identities come from the mTLS handshake: none on a plaintext connection.
@@ -77,7 +86,7 @@ pub(super) fn opened(e: &Ends<'_>) {
         src.namespace = known(&labels.source_workload_namespace),
         src.identity = e.identity(&info.src_identity),
         src.cluster = known(&labels.source_cluster),
-        dst.addr = %info.dst,
+        dst.addr = e.dst_addr(),
         dst.hbone_addr = e.hbone_addr(),
         dst.service = known(&labels.destination_service),
         dst.workload = workload(&info.dst_workload),
@@ -111,7 +120,7 @@ pub(super) fn complete(e: &Ends<'_>, outcome: &Outcome, sent: u64, received: u64
                 src.namespace = known(&labels.source_workload_namespace),
                 src.identity = e.identity(&info.src_identity),
                 src.cluster = known(&labels.source_cluster),
-                dst.addr = %info.dst,
+                dst.addr = e.dst_addr(),
                 dst.hbone_addr = e.hbone_addr(),
                 dst.service = known(&labels.destination_service),
                 dst.workload = workload(&info.dst_workload),

@@ -68,6 +68,10 @@ fn a_mesh_connection() {
             "spiffe://cluster.local/ns/default/sa/echo",
         )),
         protocol: "HBONE",
+        hbone: Some(super::Hbone {
+            tunnel: "10.0.0.2:15008".parse().unwrap(),
+            authority: "10.0.0.2:80".parse().unwrap(),
+        }),
     };
     let l = crate::metrics::label;
     let labels = TcpLabels {
@@ -126,7 +130,9 @@ fn json_lines_carry_istios_fields() {
             "spiffe://cluster.local/ns/default/sa/sleep"
         );
         assert_eq!(line["src.cluster"], "Kubernetes");
-        assert_eq!(line["dst.addr"], "10.0.0.2:80");
+        // Upstream's pair: the tunnel's address, and the CONNECT's.
+        assert_eq!(line["dst.addr"], "10.0.0.2:15008");
+        assert_eq!(line["dst.hbone_addr"], "10.0.0.2:80");
         assert_eq!(line["dst.service"], "echo.default.svc.cluster.local");
         assert_eq!(line["direction"], "outbound");
     }

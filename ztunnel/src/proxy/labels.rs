@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::connections::{ConnectionInfo, Direction};
+use crate::connections::{ConnectionInfo, Direction, Hbone};
 use crate::identity::Identity;
 use crate::metrics::{label, Label, PeerLabels, TcpLabels, KNOWN};
 use crate::state::{Service, Workload};
@@ -26,7 +26,8 @@ pub struct Record<'a> {
     /// Original destination and the endpoint it is sent to.
     pub dst_addr: SocketAddr,
     pub target: SocketAddr,
-    pub mtls: bool,
+    /// Set for HBONE (mutual TLS): the tunnel's address and the CONNECT's.
+    pub hbone: Option<Hbone>,
 }
 
 impl<'a> Record<'a> {
@@ -64,7 +65,8 @@ impl Record<'_> {
             src_identity: src_principal,
             dst_workload: dst.map(|p| p.display.clone()),
             dst_identity: dst_principal,
-            protocol: if self.mtls { "HBONE" } else { "TCP" },
+            protocol: if self.hbone.is_some() { "HBONE" } else { "TCP" },
+            hbone: self.hbone,
         }
     }
 
@@ -107,7 +109,7 @@ impl Record<'_> {
             destination_cluster: or_unknown(d.map(|p| &p.cluster)),
             request_protocol: k.tcp.clone(),
             response_flags: k.no_flags.clone(),
-            connection_security_policy: if self.mtls {
+            connection_security_policy: if self.hbone.is_some() {
                 k.mutual_tls.clone()
             } else {
                 k.unknown.clone()
@@ -134,7 +136,10 @@ mod tests {
             service: None,
             dst_addr: addr,
             target: addr,
-            mtls: true,
+            hbone: Some(Hbone {
+                tunnel: addr,
+                authority: addr,
+            }),
         }
     }
 

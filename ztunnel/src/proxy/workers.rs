@@ -150,11 +150,21 @@ fn worker(
             };
             let ctx = ctx.clone();
             match role {
-                Role::Outbound => accepting.spawn(accept_loop(l, ctx, Direction::Outbound, outbound::handle)),
-                Role::InboundPlaintext => {
-                    accepting.spawn(accept_loop(l, ctx, Direction::Inbound, inbound::handle_plaintext))
+                Role::Outbound => {
+                    accepting.spawn(accept_loop(l, ctx, Direction::Outbound, outbound::handle))
                 }
-                Role::InboundHbone => accepting.spawn(accept_loop(l, ctx, Direction::Inbound, inbound::handle_hbone)),
+                Role::InboundPlaintext => accepting.spawn(accept_loop(
+                    l,
+                    ctx,
+                    Direction::Inbound,
+                    inbound::handle_plaintext,
+                )),
+                Role::InboundHbone => accepting.spawn(accept_loop(
+                    l,
+                    ctx,
+                    Direction::Inbound,
+                    inbound::handle_hbone,
+                )),
             };
         }
         let _ = ready.send(Ok(()));

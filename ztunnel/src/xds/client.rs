@@ -32,10 +32,10 @@ use tracing::{debug, info, warn};
 
 pub use resources::{Outcome, Resources, TYPE_URLS};
 
+use crate::metrics::xds::{Termination, XdsMetrics};
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use crate::metrics::xds::{Termination, XdsMetrics};
 use crate::proto::google::rpc::Status as RpcStatus;
 use crate::state::StateStore;
 

@@ -363,7 +363,11 @@ async fn nacks_bad_resources_keeps_old_state_and_resyncs_after_disconnects() {
         metrics.terminations.get_or_create(&l).get()
     };
     assert_eq!(ended(Termination::Complete), 1);
-    assert_eq!(ended(Termination::Error), 1, "unavailable, not closing: an error");
+    assert_eq!(
+        ended(Termination::Error),
+        1,
+        "unavailable, not closing: an error"
+    );
     assert_eq!(ended(Termination::Reconnect), 0);
     let by_url = |f: &prometheus_client::metrics::family::Family<_, _>, url: &str| {
         let l = crate::metrics::xds::TypeUrlLabels { url: url.into() };
