@@ -63,8 +63,9 @@ async fn a_cpu_profile_is_a_pprof_protobuf_with_samples() {
     assert!(!p.sample.is_empty(), "no samples in 1 s of a busy thread");
     assert!(!p.function.is_empty() && !p.string_table.is_empty());
     assert_eq!(p.period, 1_000_000_000 / 250, "period in ns at 250 Hz");
+    let hits: i64 = p.sample.iter().map(|s| s.value[0]).sum();
     eprintln!(
-        "CPU profile: {} bytes, {} samples, {} functions, {took:?}",
+        "CPU profile: {} bytes, {} stacks, {hits} samples, {} functions, {took:?}",
         bytes.len(),
         p.sample.len(),
         p.function.len()
@@ -141,7 +142,7 @@ async fn a_heap_profile_is_a_gzipped_pprof_protobuf() {
     let types: Vec<&str> = p
         .sample_type
         .iter()
-        .map(|t| p.string_table[t.r#type as usize].as_str())
+        .map(|t| p.string_table[t.ty as usize].as_str())
         .collect();
     assert!(types.contains(&"inuse_space"), "{types:?}");
     assert!(!p.sample.is_empty(), "64 MiB allocated, nothing sampled");
