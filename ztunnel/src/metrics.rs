@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub mod locality;
 pub mod process;
 pub mod runtime;
 pub mod workload_manager;
@@ -64,6 +65,9 @@ pub struct PeerLabels {
     pub canonical_revision: Label,
     pub namespace: Label,
     pub cluster: Label,
+    /// Its locality's region and zone (`unknown` when unset), for `istio_tcp_*`.
+    pub region: Label,
+    pub zone: Label,
     /// Its own identity, and that as a `source_principal`/`destination_principal`.
     pub identity: crate::identity::Identity,
     pub principal: Label,
@@ -94,7 +98,13 @@ impl PeerLabels {
             &w.cluster_id
         };
         let identity = w.identity();
+        let or_unknown = |s: &str| match s {
+            "" => KNOWN.unknown.clone(),
+            s => label(s),
+        };
         PeerLabels {
+            region: or_unknown(&w.locality.region),
+            zone: or_unknown(&w.locality.zone),
             workload: label(workload.as_str()),
             canonical_service: label(canonical.as_str()),
             canonical_revision: label(revision),
@@ -140,6 +150,10 @@ pub struct TcpLabels {
     pub request_protocol: Label,
     pub response_flags: Label,
     pub connection_security_policy: Label,
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`, when
+    /// either end is known. Must stay the last field.
+    #[prometheus(flatten)]
+    pub locality: locality::Locality,
 }
 
 impl TcpLabels {
@@ -174,6 +188,7 @@ impl TcpLabels {
             request_protocol: k.tcp.clone(),
             response_flags: k.no_flags.clone(),
             connection_security_policy: u(),
+            locality: locality::Locality(None),
         }
     }
 }

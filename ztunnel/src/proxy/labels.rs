@@ -114,6 +114,7 @@ impl Record<'_> {
             } else {
                 k.unknown.clone()
             },
+            locality: crate::metrics::locality::Locality::of(s, d),
         }
     }
 }
@@ -175,5 +176,40 @@ mod tests {
         assert_eq!(*record(&renamed, &id).labels().source_workload, "sleep-v2");
         // The cache is no part of the workload's value: a filled one equals an empty copy.
         assert_eq!(w, w.clone());
+    }
+
+    /// Upstream's locality labels: all four once an end is known, `unknown` where a
+    /// side has none; none at all when nothing was identified.
+    #[test]
+    fn locality_labels_follow_upstream() {
+        let mut w = Workload {
+            name: "sleep".into(),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        w.locality.region = "eu-west1".into();
+        w.locality.zone = "eu-west1-b".into();
+        let id = w.identity();
+        let m = crate::metrics::Metrics::new();
+        m.tcp_opened.get_or_create(&record(&w, &id).labels()).inc();
+        m.tcp_opened
+            .get_or_create(&TcpLabels::unknown(Direction::Inbound))
+            .inc();
+        let text = m.encode();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let known = lines.iter().find(|l| l.contains("sleep")).unwrap();
+        assert!(
+            known.ends_with(
+                "source_region=\"eu-west1\",source_zone=\"eu-west1-b\",\
+                 destination_region=\"unknown\",destination_zone=\"unknown\"} 1"
+            ),
+            "{known}"
+        );
+        let unknown = lines.iter().find(|l| !l.contains("sleep")).unwrap();
+        assert!(!unknown.contains("region"), "{unknown}");
     }
 }
