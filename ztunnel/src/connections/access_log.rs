@@ -11,7 +11,7 @@
 //! strings are recorded as strings (quoted in text lines), addresses with `Display`.
 //! `bytes_sent`/`bytes_recv` are the reporting side's workload's: on outbound what the
 //! client sent and got, on inbound what the destination sent and got, as upstream logs
-//! them. Ours follow Istio's: `dst.target`, `protocol`, `outcome`, `reason`,
+//! them. Ours come after upstream's: `dst.target`, `protocol`, `outcome`, `reason`,
 //! `response_flags`.
 
 use tracing::{event, Level};
