@@ -200,7 +200,7 @@ fn mesh_on(layout: Layout) {
         .wait_for_line(&["connection complete", "sa/neighbour"], T)
         .unwrap_or_else(|e| panic!("{}: same-node connection not proxied: {e}", layout.name()));
     assert!(
-        line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"),
+        line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/client\""),
         "{line}"
     );
     // Unenrolled pods still reach each other and the mesh pods' neighbours directly.

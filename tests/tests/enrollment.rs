@@ -225,7 +225,7 @@ fn a_pod_claiming_an_enrolled_address_changes_nothing_for_its_owner() {
     za.wait_for_line(
         &[
             "connection complete",
-            "src.identity=spiffe://cluster.local/ns/default/sa/victim",
+            "src.identity=\"spiffe://cluster.local/ns/default/sa/victim\"",
         ],
         T,
     )
@@ -373,7 +373,7 @@ fn a_pod_that_cannot_be_enrolled_never_passes_plaintext() {
     za.wait_for_line(
         &[
             "connection complete",
-            "src.identity=spiffe://cluster.local/ns/default/sa/held",
+            "src.identity=\"spiffe://cluster.local/ns/default/sa/held\"",
         ],
         T,
     )

@@ -178,8 +178,8 @@ fn same_node_and_plaintext_inbound_are_delivered_with_identities() {
     m.zb.wait_for_line(
         &[
             "connection complete",
-            "src.identity=spiffe://cluster.local/ns/other/sa/neighbour",
-            "dst.identity=spiffe://cluster.local/ns/default/sa/server",
+            "src.identity=\"spiffe://cluster.local/ns/other/sa/neighbour\"",
+            "dst.identity=\"spiffe://cluster.local/ns/default/sa/server\"",
         ],
         T,
     )

@@ -84,11 +84,11 @@ fn traffic_between_enrolled_pods_goes_through_both_ztunnels() {
     ] {
         let line = z.wait_for_line(&["connection complete", dir], T).unwrap();
         assert!(
-            line.contains("src.identity=spiffe://cluster.local/ns/default/sa/client"),
+            line.contains("src.identity=\"spiffe://cluster.local/ns/default/sa/client\""),
             "{line}"
         );
         assert!(
-            line.contains("dst.identity=spiffe://cluster.local/ns/default/sa/server"),
+            line.contains("dst.identity=\"spiffe://cluster.local/ns/default/sa/server\""),
             "{line}"
         );
         assert!(line.contains("protocol=\"HBONE\""), "{line}");

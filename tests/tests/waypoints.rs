@@ -194,7 +194,7 @@ fn delivered_from(zb: &Ztunnel, identity: &str) -> usize {
     zb.log_text()
         .lines()
         .filter(|l| l.contains("direction=\"inbound\"") && l.contains("outcome=\"ok\""))
-        .filter(|l| l.contains(&format!("src.identity={identity}")))
+        .filter(|l| l.contains(&format!("src.identity=\"{identity}\"")))
         .count()
 }
 

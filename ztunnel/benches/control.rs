@@ -196,7 +196,10 @@ fn connection_record(c: &mut Criterion) {
                 service: None,
                 dst_addr: target,
                 target,
-                mtls: true,
+                hbone: Some(ztunnel::connections::Hbone {
+                    tunnel: SocketAddr::new(target.ip(), 15008),
+                    authority: target,
+                }),
             };
             let mut conn = tracker.accept(Direction::Outbound, peer, Some(target));
             conn.identify(record.info(), record.labels(), None);

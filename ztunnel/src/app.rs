@@ -81,12 +81,12 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             "configuration from LOCAL_XDS"
         );
     }
-    let xds = crate::xds::client::spawn_for_run(&args, store.clone())?;
+    let metrics = Arc::new(Metrics::new());
+    let xds = crate::xds::client::spawn_for_run(&args, store.clone(), &metrics.xds)?;
     if args.local_xds_path.is_none() && args.local_xds.is_none() && xds.is_none() {
         warn!("neither LOCAL_XDS_PATH nor XDS_ADDRESS: no workloads are known; nothing will be enrolled");
     }
     let (xds_task, xds_status) = xds.map(|(t, s)| (Some(t), Some(s))).unwrap_or((None, None));
-    let metrics = Arc::new(Metrics::new());
     let certs = Arc::new(SecretManager::new(
         ca_client(&args)?,
         SecretManagerOptions {

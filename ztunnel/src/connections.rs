@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::metrics::{AttemptLabels, Label, Metrics, TcpLabels, KNOWN};
 
+mod access_log;
 mod outcome;
 
 #[cfg(test)]
@@ -47,6 +48,19 @@ pub struct ConnectionInfo {
     pub dst_identity: Option<Label>,
     /// `HBONE` or `TCP` (plaintext).
     pub protocol: &'static str,
+    /// For HBONE, the tunnel's address and the CONNECT's (the access log's `dst.addr`
+    /// and `dst.hbone_addr`, as upstream logs them).
+    #[serde(skip)]
+    pub hbone: Option<Hbone>,
+}
+
+/// Where an HBONE connection's tunnel goes, and what it asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hbone {
+    /// The tunnel's own address: the peer's (or waypoint's) HBONE port.
+    pub tunnel: SocketAddr,
+    /// The CONNECT's `:authority`.
+    pub authority: SocketAddr,
 }
 
 impl ConnectionInfo {
@@ -63,6 +77,7 @@ impl ConnectionInfo {
             dst_workload: None,
             dst_identity: None,
             protocol: "TCP",
+            hbone: None,
         }
     }
 }
@@ -238,6 +253,7 @@ impl ConnectionResult {
         let t = &self.tracker;
         let id = t.next.fetch_add(1, Ordering::Relaxed);
         t.metrics.tcp_opened.get_or_create(&labels).inc();
+        access_log::opened(&access_log::Ends::new(&info, &labels));
         let (close, closed) = watch::channel(None);
         let live = Arc::new(Live {
             info,
@@ -360,8 +376,10 @@ impl ConnectionResult {
         if matches!(outcome, Outcome::Denied(_) | Outcome::Failed(_)) {
             m.tcp_failed.get_or_create(&labels).inc();
         }
-        m.tcp_sent.get_or_create(&labels).inc_by(sent);
-        m.tcp_received.get_or_create(&labels).inc_by(received);
+        // Istio's meaning: "sent" is the response (destination to client), "received"
+        // the request, whichever side reports.
+        m.tcp_sent.get_or_create(&labels).inc_by(received);
+        m.tcp_received.get_or_create(&labels).inc_by(sent);
         m.connections
             .get_or_create(&AttemptLabels {
                 direction: match self.direction {
@@ -372,50 +390,13 @@ impl ConnectionResult {
                 reason: outcome.reason().map_or("-", Reason::name),
             })
             .inc();
-        let reason = outcome.reason().map(ToString::to_string);
-        let reason = reason.as_deref().unwrap_or("-");
-        // Istio's ztunnel's fields, under its names (log pipelines built for it read
-        // these), then ours: the upstream address dialled, outcome and reason.
-        let hbone = info.protocol == "HBONE";
-        info!(
-            target: "access",
-            direction = match info.direction {
-                Direction::Outbound => "outbound",
-                Direction::Inbound => "inbound",
-            },
-            src.addr = %info.src,
-            src.workload = %dash(&info.src_workload),
-            src.namespace = %known(&labels.source_workload_namespace),
-            src.identity = %dash(&info.src_identity),
-            dst.addr = %info.dst,
-            dst.hbone_addr = %if hbone { info.target.to_string() } else { "-".into() },
-            dst.service = %known(&labels.destination_service),
-            dst.workload = %dash(&info.dst_workload),
-            dst.namespace = %known(&labels.destination_workload_namespace),
-            dst.identity = %dash(&info.dst_identity),
-            bytes_sent = sent,
-            bytes_recv = received,
-            duration = %format!("{}ms", self.started.elapsed().as_millis()),
-            dst.target = %info.target,
-            protocol = info.protocol,
-            outcome = outcome.name(),
-            reason = %reason,
-            response_flags = outcome.response_flags(),
-            "connection complete"
+        access_log::complete(
+            &access_log::Ends::new(&info, &labels),
+            &outcome,
+            sent,
+            received,
+            self.started.elapsed().as_millis(),
         );
-    }
-}
-
-/// A label's value, or `-`.
-fn dash(o: &Option<Label>) -> &str {
-    o.as_ref().map_or("-", |l| l.as_str())
-}
-
-/// A metric label's value, or `-` where the metric says `unknown`.
-fn known(l: &Label) -> &str {
-    match l.as_str() {
-        "unknown" | "" => "-",
-        v => v,
     }
 }
 

@@ -52,6 +52,13 @@ pub struct EnrollmentStatus {
     /// program compares packets' ingress interface with it.
     #[serde(skip)]
     ifindexes: BTreeMap<String, u32>,
+    /// Enrollments made and ended since start, counted by each pass: the
+    /// `workload_manager_proxies_started`/`_stopped` counters (an enrolled pod stands
+    /// for upstream's in-pod proxy; see `metrics::workload_manager`).
+    #[serde(skip)]
+    pub started: u64,
+    #[serde(skip)]
+    pub stopped: u64,
 }
 
 /// An address claimed by more than one pod interface.
@@ -235,7 +242,11 @@ impl Enroller {
             return; // not synced: keep what is enrolled, decide nothing yet
         };
         let previous = self.status();
-        let mut next = EnrollmentStatus::default();
+        let mut next = EnrollmentStatus {
+            started: previous.started,
+            stopped: previous.stopped,
+            ..Default::default()
+        };
         let interfaces = self
             .target
             .pod_interfaces()
@@ -284,6 +295,16 @@ impl Enroller {
                 warn!("unenroll failed: {e:#}");
             }
         }
+        // An enrollment ends when its pod is no longer enrolled the same way (gone,
+        // pending, or enrolled again elsewhere, which counted as a start).
+        next.stopped += previous
+            .enrolled
+            .iter()
+            .filter(|(uid, e)| {
+                next.enrolled.get(*uid) != Some(e)
+                    || next.ifindexes.get(*uid) != previous.ifindexes.get(*uid)
+            })
+            .count() as u64;
         self.report_conflicts(&previous, &next);
         self.target
             .set_pod_links(next.ifindexes.values().copied().collect())
@@ -394,6 +415,7 @@ impl Enroller {
                 return None;
             }
             info!(workload = %w.uid, interface = %iface, "workload enrolled");
+            next.started += 1;
         }
         Some(iface)
     }

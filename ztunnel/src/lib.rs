@@ -16,6 +16,8 @@ pub mod drain;
 pub mod enroll;
 pub mod handover;
 pub mod hbone;
+#[cfg(feature = "heap-profiling")]
+mod heap_alloc;
 pub mod identity;
 pub mod k8s;
 pub mod limits;

@@ -1,6 +1,8 @@
-//! Logging: `tracing` to stderr as text or JSON, with levels changeable at runtime
-//! (the admin endpoint's `/logging`). `log` records — including the eBPF programs'
-//! aya-log output — are bridged into it.
+//! Logging: `tracing` to stderr as text or JSON in Istio ztunnel's line formats
+//! ([`format`]), with levels changeable at runtime (the admin endpoint's `/logging`).
+//! `log` records — including the eBPF programs' aya-log output — are bridged into it.
+
+pub mod format;
 
 use std::sync::OnceLock;
 
@@ -27,8 +29,18 @@ pub fn init(format: LogFormat) {
     let base = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Text => registry.with(base).try_init(),
-        LogFormat::Json => registry.with(base.json()).try_init(),
+        LogFormat::Text => registry
+            .with(
+                base.event_format(format::IstioText)
+                    .fmt_fields(format::IstioText),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                base.event_format(format::IstioJson)
+                    .fmt_fields(format::json_fields()),
+            )
+            .try_init(),
     };
     let _ = HANDLE.set(handle);
     *CURRENT.lock().unwrap() = spec;

@@ -7,7 +7,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub mod locality;
 pub mod process;
+pub mod runtime;
+pub mod workload_manager;
+pub mod xds;
 
 /// A label value shared by every connection that carries it: cloning it is a reference
 /// count, not an allocation.
@@ -61,6 +65,9 @@ pub struct PeerLabels {
     pub canonical_revision: Label,
     pub namespace: Label,
     pub cluster: Label,
+    /// Its locality's region and zone (`unknown` when unset), for `istio_tcp_*`.
+    pub region: Label,
+    pub zone: Label,
     /// Its own identity, and that as a `source_principal`/`destination_principal`.
     pub identity: crate::identity::Identity,
     pub principal: Label,
@@ -91,7 +98,13 @@ impl PeerLabels {
             &w.cluster_id
         };
         let identity = w.identity();
+        let or_unknown = |s: &str| match s {
+            "" => KNOWN.unknown.clone(),
+            s => label(s),
+        };
         PeerLabels {
+            region: or_unknown(&w.locality.region),
+            zone: or_unknown(&w.locality.zone),
             workload: label(workload.as_str()),
             canonical_service: label(canonical.as_str()),
             canonical_revision: label(revision),
@@ -137,6 +150,10 @@ pub struct TcpLabels {
     pub request_protocol: Label,
     pub response_flags: Label,
     pub connection_security_policy: Label,
+    /// `source_region`, `source_zone`, `destination_region`, `destination_zone`, when
+    /// either end is known. Must stay the last field.
+    #[prometheus(flatten)]
+    pub locality: locality::Locality,
 }
 
 impl TcpLabels {
@@ -171,6 +188,7 @@ impl TcpLabels {
             request_protocol: k.tcp.clone(),
             response_flags: k.no_flags.clone(),
             connection_security_policy: u(),
+            locality: locality::Locality(None),
         }
     }
 }
@@ -183,6 +201,13 @@ pub struct AttemptLabels {
     pub outcome: &'static str,
     /// `-`, or the reason's name (`policy_denied`, `upstream_connect`, …).
     pub reason: &'static str,
+}
+
+/// `istio_tcp_sockets_open`'s only label, as upstream: `source` for the outbound
+/// listener, `destination` for the inbound ones.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    pub reporter: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,6 +235,15 @@ pub struct Metrics {
     pub tcp_failed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    /// Accepted sockets whose handler still runs, by reporter (Istio's
+    /// `istio_tcp_sockets_open`).
+    pub sockets_open: Family<SocketLabels, Gauge>,
+    /// `istio_xds_*`, counted by the xDS client.
+    pub xds: xds::XdsMetrics,
+    /// `workload_manager_*`: enrollment in the terms of upstream's in-pod proxies.
+    pub workload_manager: workload_manager::WorkloadManagerMetrics,
+    /// `tokio_*`: the data-path threads' runtimes.
+    pub runtimes: runtime::Runtimes,
     /// Every connection attempt by outcome and reason.
     pub connections: Family<AttemptLabels, Counter>,
     /// HBONE (HTTP/2 over mTLS) connections the data-path threads' pools established to
@@ -262,6 +296,10 @@ impl Metrics {
             tcp_failed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
+            sockets_open: Family::default(),
+            xds: Default::default(),
+            workload_manager: Default::default(),
+            runtimes: Default::default(),
             connections: Family::default(),
             pool_connections_opened: Counter::default(),
             pool_connections_active: Gauge::default(),
@@ -285,6 +323,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(process::ProcessMetrics));
+        m.workload_manager
+            .register(registry.sub_registry_with_prefix("workload_manager"));
+        registry
+            .sub_registry_with_prefix("tokio")
+            .register_collector(Box::new(m.runtimes.clone()));
         // prometheus-client appends `_total` to counters.
         let istio = registry.sub_registry_with_prefix("istio");
         crate::dns::metrics::register(istio);
@@ -322,6 +365,12 @@ impl Metrics {
             "Bytes received from the destination",
             m.tcp_received.clone(),
         );
+        istio.register(
+            "tcp_sockets_open",
+            "Accepted TCP sockets still being handled",
+            m.sockets_open.clone(),
+        );
+        m.xds.register(istio);
         let zt = registry.sub_registry_with_prefix("ztunnel");
         zt.register(
             "xds_ignored_fields",
@@ -479,6 +528,12 @@ impl Metrics {
     /// enroller) at scrape time.
     pub fn set_enrollment(&self, status: &crate::enroll::EnrollmentStatus, claims_refused: u64) {
         self.workloads_not_enrolled.set(status.pending.len() as i64);
+        self.workload_manager.set(
+            status.enrolled.len(),
+            status.pending.len(),
+            status.started,
+            status.stopped,
+        );
         self.address_conflicts.set(status.conflicts.len() as i64);
         let seen = self.address_claims_refused.get();
         if claims_refused > seen {
@@ -516,73 +571,4 @@ impl Metrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn istio_names_and_labels() {
-        let m = Metrics::new();
-        let l = TcpLabels {
-            reporter: label("source"),
-            source_workload: label("sleep"),
-            ..TcpLabels::unknown(crate::connections::Direction::Outbound)
-        };
-        m.tcp_opened.get_or_create(&l).inc();
-        m.tcp_sent.get_or_create(&l).inc_by(42);
-        let text = m.encode();
-        assert!(
-            text.contains("istio_tcp_connections_opened_total{"),
-            "{text}"
-        );
-        assert!(text.contains("reporter=\"source\""));
-        assert!(text.contains("source_workload=\"sleep\""));
-        assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 42"));
-    }
-
-    /// What Istio's dashboards and `istioctl` read beside the traffic metrics: the build
-    /// gauge and the process's own figures.
-    #[test]
-    fn build_and_process_metrics() {
-        let text = Metrics::new().encode();
-        assert!(
-            text.contains(&format!(
-                "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
-                crate::config::istio_names::istio_version()
-            )),
-            "{text}"
-        );
-        for name in [
-            "process_open_fds ",
-            "process_max_fds ",
-            "process_cpu_seconds_total ",
-            "process_resident_memory_bytes ",
-            "process_virtual_memory_bytes ",
-            "process_start_time_seconds ",
-        ] {
-            assert!(text.contains(&format!("\n{name}")), "{name}: {text}");
-        }
-    }
-
-    #[test]
-    fn pool_and_ca_metrics_are_the_registered_ones() {
-        let m = Metrics::new();
-        let pool = m.pool();
-        pool.opened.inc();
-        pool.active.inc();
-        m.ca_requests
-            .get_or_create(&ResultLabels {
-                result: "ok".into(),
-            })
-            .inc();
-        let text = m.encode();
-        assert!(
-            text.contains("ztunnel_pool_connections_opened_total 1"),
-            "{text}"
-        );
-        assert!(text.contains("ztunnel_pool_connections_active 1"), "{text}");
-        assert!(
-            text.contains("ztunnel_ca_requests_total{result=\"ok\"} 1"),
-            "{text}"
-        );
-    }
-}
+mod tests;

@@ -170,7 +170,7 @@ fn main() -> anyhow::Result<()> {
     {
         println!(
             "  {}",
-            line.split_once("access: ").map(|x| x.1).unwrap_or(line)
+            line.split_once("\taccess\t").map(|x| x.1).unwrap_or(line)
         );
     }
 

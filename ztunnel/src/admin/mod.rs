@@ -3,6 +3,7 @@
 
 mod cert_dump;
 pub mod http;
+mod pprof;
 mod views;
 pub use views::not_ready;
 
@@ -55,6 +56,18 @@ const INDEX: &[(&str, &str)] = &[
         "/debug/connections",
         "live connections: source, destination, identities, bytes, age",
     ),
+    (
+        "/debug/pprof/profile",
+        "CPU profile, pprof protobuf; ?seconds=1-300 (10), ?frequency=1-1000 Hz (100)",
+    ),
+    (
+        "/debug/pprof/heap",
+        "heap profile, gzipped pprof protobuf (builds with the heap-profiling feature)",
+    ),
+    (
+        "/debug/pprof/heap/profiling",
+        "?activate=true|false: start or stop heap sampling; says whether it runs",
+    ),
     ("/quitquitquit", "POST: drain and exit"),
 ];
 
@@ -63,7 +76,7 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/") => {
             let mut s = String::from("ztunnel admin\n\n");
             for (p, what) in INDEX {
-                s.push_str(&format!("{p:<22} {what}\n"));
+                s.push_str(&format!("{p:<28} {what}\n"));
             }
             text(StatusCode::OK, s)
         }
@@ -71,6 +84,9 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
         (Method::GET, "/certs") => json(&views::certs(&state)),
         (Method::GET, "/debug/capture") => json(&views::capture(&state).await),
         (Method::GET, "/debug/connections") => json(&state.connections.list()),
+        (Method::GET, "/debug/pprof/profile") => pprof::cpu(&req).await,
+        (Method::GET, "/debug/pprof/heap") => pprof::heap(&req, false).await,
+        (Method::GET, "/debug/pprof/heap/profiling") => pprof::heap(&req, true).await,
         (Method::GET, "/logging") => {
             text(StatusCode::OK, format!("{}\n", crate::logging::current()))
         }

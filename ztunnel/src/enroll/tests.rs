@@ -184,6 +184,8 @@ async fn enrolls_wanted_retries_missing_interface_and_unenrolls_leavers() {
     assert!(target.held_ips().is_empty());
     let last = source.reported.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last.enrolled.keys().collect::<Vec<_>>(), vec!["b"]);
+    // workload_manager_*: a and b started, a stopped, b active.
+    assert_eq!((last.started, last.stopped), (2, 1), "{last:?}");
 }
 
 /// A pod recreated with the same address and the same veth name has a new interface
@@ -206,6 +208,9 @@ async fn same_interface_name_with_a_new_index_is_enrolled_again() {
     assert_eq!(*target.enroll_calls.lock().unwrap(), 2, "new index: again");
     enroller.reconcile().await;
     assert_eq!(*target.enroll_calls.lock().unwrap(), 2);
+    // The move to a new interface ends one enrollment and starts another.
+    let st = enroller.status();
+    assert_eq!((st.started, st.stopped, st.enrolled.len()), (2, 1, 1));
 }
 
 fn source(wanted: Vec<Wanted>) -> Arc<ListSource> {

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::labels::{End, Record};
 use super::source::{tunnelled_source, Claim};
 use super::{authorize, relay, relay_tunnel, ProxyContext};
-use crate::connections::{Direction, Outcome, Reason};
+use crate::connections::{Direction, Hbone, Outcome, Reason};
 use crate::hbone::{forwarded_for, serve_connection_with, source_port, InboundRequest};
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -184,7 +184,10 @@ async fn deliver(
         service: service.as_deref(),
         dst_addr: target,
         target,
-        mtls: true,
+        hbone: Some(Hbone {
+            tunnel: SocketAddr::new(target.ip(), ctx.hbone_port),
+            authority: target,
+        }),
     };
     if let Err(denied) = through_waypoint(&ctx, &dialed, Some(&client)) {
         conn.identify(record.info(), record.labels(), None);
@@ -314,6 +317,6 @@ pub(super) fn plaintext_record<'a>(
         service: None,
         dst_addr: dst,
         target: dst,
-        mtls: false,
+        hbone: None,
     }
 }

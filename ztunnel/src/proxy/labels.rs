@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::connections::{ConnectionInfo, Direction};
+use crate::connections::{ConnectionInfo, Direction, Hbone};
 use crate::identity::Identity;
 use crate::metrics::{label, Label, PeerLabels, TcpLabels, KNOWN};
 use crate::state::{Service, Workload};
@@ -26,7 +26,8 @@ pub struct Record<'a> {
     /// Original destination and the endpoint it is sent to.
     pub dst_addr: SocketAddr,
     pub target: SocketAddr,
-    pub mtls: bool,
+    /// Set for HBONE (mutual TLS): the tunnel's address and the CONNECT's.
+    pub hbone: Option<Hbone>,
 }
 
 impl<'a> Record<'a> {
@@ -64,7 +65,8 @@ impl Record<'_> {
             src_identity: src_principal,
             dst_workload: dst.map(|p| p.display.clone()),
             dst_identity: dst_principal,
-            protocol: if self.mtls { "HBONE" } else { "TCP" },
+            protocol: if self.hbone.is_some() { "HBONE" } else { "TCP" },
+            hbone: self.hbone,
         }
     }
 
@@ -107,11 +109,12 @@ impl Record<'_> {
             destination_cluster: or_unknown(d.map(|p| &p.cluster)),
             request_protocol: k.tcp.clone(),
             response_flags: k.no_flags.clone(),
-            connection_security_policy: if self.mtls {
+            connection_security_policy: if self.hbone.is_some() {
                 k.mutual_tls.clone()
             } else {
                 k.unknown.clone()
             },
+            locality: crate::metrics::locality::Locality::of(s, d),
         }
     }
 }
@@ -134,7 +137,10 @@ mod tests {
             service: None,
             dst_addr: addr,
             target: addr,
-            mtls: true,
+            hbone: Some(Hbone {
+                tunnel: addr,
+                authority: addr,
+            }),
         }
     }
 
@@ -170,5 +176,40 @@ mod tests {
         assert_eq!(*record(&renamed, &id).labels().source_workload, "sleep-v2");
         // The cache is no part of the workload's value: a filled one equals an empty copy.
         assert_eq!(w, w.clone());
+    }
+
+    /// Upstream's locality labels: all four once an end is known, `unknown` where a
+    /// side has none; none at all when nothing was identified.
+    #[test]
+    fn locality_labels_follow_upstream() {
+        let mut w = Workload {
+            name: "sleep".into(),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        w.locality.region = "eu-west1".into();
+        w.locality.zone = "eu-west1-b".into();
+        let id = w.identity();
+        let m = crate::metrics::Metrics::new();
+        m.tcp_opened.get_or_create(&record(&w, &id).labels()).inc();
+        m.tcp_opened
+            .get_or_create(&TcpLabels::unknown(Direction::Inbound))
+            .inc();
+        let text = m.encode();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let known = lines.iter().find(|l| l.contains("sleep")).unwrap();
+        assert!(
+            known.ends_with(
+                "source_region=\"eu-west1\",source_zone=\"eu-west1-b\",\
+                 destination_region=\"unknown\",destination_zone=\"unknown\"} 1"
+            ),
+            "{known}"
+        );
+        let unknown = lines.iter().find(|l| !l.contains("sleep")).unwrap();
+        assert!(!unknown.contains("region"), "{unknown}");
     }
 }

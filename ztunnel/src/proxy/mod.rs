@@ -130,20 +130,36 @@ impl ProxyContext {
     }
 }
 
-/// Accepts on `listener` forever, handing each connection to `handle`.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<ProxyContext>, handle: F)
-where
+/// Accepts on `listener` forever, handing each connection to `handle`. `direction`
+/// says which reporter the listener's open sockets count under
+/// (`istio_tcp_sockets_open`).
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    direction: crate::connections::Direction,
+    handle: F,
+) where
     F: Fn(Arc<ProxyContext>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let open = ctx
+        .metrics
+        .sockets_open
+        .get_or_create(&crate::metrics::SocketLabels {
+            reporter: crate::metrics::TcpLabels::unknown(direction).reporter,
+        })
+        .clone();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 socket::set_nodelay(&stream);
                 let handling = ctx.connections.handling();
                 let fut = handle(ctx.clone(), stream, socket::canonical(peer));
+                let open = open.clone();
+                open.inc();
                 tokio::spawn(async move {
                     fut.await;
+                    open.dec();
                     drop(handling);
                 });
             }

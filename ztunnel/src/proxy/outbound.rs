@@ -25,7 +25,7 @@ use tracing::debug;
 use super::labels::{End, Record};
 use super::route::{Refusal, Route};
 use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
-use crate::connections::{Authz, ConnectionResult, Direction, Outcome, Reason};
+use crate::connections::{Authz, ConnectionResult, Direction, Hbone, Outcome, Reason};
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
 use crate::pool::PoolKey;
@@ -87,7 +87,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
                 service: up.as_ref().and_then(|u| u.service.as_deref()),
                 dst_addr: dst,
                 target,
-                mtls: false,
+                hbone: None,
             };
             deliver(&ctx, conn, stream, peer, &record, None).await
         }
@@ -111,6 +111,7 @@ fn expected_identities(up: &Upstream) -> Vec<Identity> {
 
 /// What a connection between two mesh workloads is recorded as (both paths alike).
 fn mesh_record<'a>(
+    hbone_port: u16,
     peer: SocketAddr,
     dst: SocketAddr,
     src: &'a Workload,
@@ -133,7 +134,10 @@ fn mesh_record<'a>(
         service: up.service.as_deref(),
         dst_addr: dst,
         target: up.address,
-        mtls: true,
+        hbone: Some(Hbone {
+            tunnel: SocketAddr::new(up.address.ip(), hbone_port),
+            authority: up.address,
+        }),
     }
 }
 
@@ -155,7 +159,7 @@ async fn hbone(
     let mut req = ConnectRequest::new(up.address);
     req.source = Some(peer);
     let dst_id = up.workload.identity();
-    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
+    let record = mesh_record(ctx.hbone_port, peer, dst, src, &src_id, up, &dst_id);
     // Authorization is the destination node's (it knows the policies of its pods).
     conn.identify(record.info(), record.labels(), None);
     tunnel(ctx, conn, stream, &key, &req).await
@@ -195,7 +199,11 @@ async fn waypoint(
         service,
         dst_addr: dst,
         target: hop.address,
-        mtls: true,
+        // The waypoint picks the endpoint: it is asked for what the pod dialed.
+        hbone: Some(Hbone {
+            tunnel: hop.address,
+            authority: dst,
+        }),
     };
     conn.identify(record.info(), record.labels(), None);
     debug!(%peer, %dst, waypoint = %hop.gateway, via = %hop.address, "through the waypoint");
@@ -245,7 +253,7 @@ async fn same_node(
 ) {
     let src_id = src.identity();
     let dst_id = up.workload.identity();
-    let record = mesh_record(peer, dst, src, &src_id, up, &dst_id);
+    let record = mesh_record(ctx.hbone_port, peer, dst, src, &src_id, up, &dst_id);
     for id in [&src_id, &dst_id] {
         if let Err(e) = ctx.certs.fetch(id).await {
             let mut conn = conn;

@@ -214,8 +214,18 @@ async fn mesh_waiting(node_a: &str, node_b: &str, workload_wait: Duration) -> Me
     );
     let outbound = out.local_addr().unwrap();
     let hbone_addr = hbone_b.local_addr().unwrap();
-    tokio::spawn(accept_loop(out, a.ctx.clone(), outbound::handle));
-    tokio::spawn(accept_loop(hbone_b, b.ctx.clone(), inbound::handle_hbone));
+    tokio::spawn(accept_loop(
+        out,
+        a.ctx.clone(),
+        crate::connections::Direction::Outbound,
+        outbound::handle,
+    ));
+    tokio::spawn(accept_loop(
+        hbone_b,
+        b.ctx.clone(),
+        crate::connections::Direction::Inbound,
+        inbound::handle_hbone,
+    ));
     Mesh {
         store,
         certs,

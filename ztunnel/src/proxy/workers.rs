@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use super::{accept_loop, inbound, outbound, ProxyContext};
+use crate::connections::Direction;
 
 /// What a listener serves.
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +138,7 @@ fn worker(
     };
     rt.block_on(async {
         let ctx = Arc::new(context());
+        ctx.metrics.runtimes.add(rt.metrics());
         let mut accepting = tokio::task::JoinSet::new();
         for (l, role) in listeners {
             let l = match TcpListener::from_std(l) {
@@ -148,11 +150,21 @@ fn worker(
             };
             let ctx = ctx.clone();
             match role {
-                Role::Outbound => accepting.spawn(accept_loop(l, ctx, outbound::handle)),
-                Role::InboundPlaintext => {
-                    accepting.spawn(accept_loop(l, ctx, inbound::handle_plaintext))
+                Role::Outbound => {
+                    accepting.spawn(accept_loop(l, ctx, Direction::Outbound, outbound::handle))
                 }
-                Role::InboundHbone => accepting.spawn(accept_loop(l, ctx, inbound::handle_hbone)),
+                Role::InboundPlaintext => accepting.spawn(accept_loop(
+                    l,
+                    ctx,
+                    Direction::Inbound,
+                    inbound::handle_plaintext,
+                )),
+                Role::InboundHbone => accepting.spawn(accept_loop(
+                    l,
+                    ctx,
+                    Direction::Inbound,
+                    inbound::handle_hbone,
+                )),
             };
         }
         let _ = ready.send(Ok(()));

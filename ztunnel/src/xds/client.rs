@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 pub use resources::{Outcome, Resources, TYPE_URLS};
 
+use crate::metrics::xds::{Termination, XdsMetrics};
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -203,6 +204,39 @@ pub struct XdsClient {
     config: XdsConfig,
     uri: http::Uri,
     status: watch::Sender<XdsStatus>,
+    /// `istio_xds_*` (unregistered, so uncounted, unless given with `with_metrics`).
+    metrics: XdsMetrics,
+}
+
+/// How a stream ended: the error for the log and status, the `reason` for
+/// `istio_xds_connection_terminations`.
+struct Ended {
+    reason: Termination,
+    error: anyhow::Error,
+}
+
+trait EndedAs<T> {
+    fn ended_as(self, reason: Termination) -> Result<T, Ended>;
+}
+
+impl<T> EndedAs<T> for anyhow::Result<T> {
+    fn ended_as(self, reason: Termination) -> Result<T, Ended> {
+        self.map_err(|error| Ended { reason, error })
+    }
+}
+
+/// A failed stream's status, judged as upstream judges it: the codes servers end
+/// healthy streams with (istiod's `MaxConnectionAge`, a GOAWAY, a cancelled or expired
+/// stream) are a reconnect, anything else an error.
+fn stream_failure(s: &tonic::Status) -> Termination {
+    use tonic::Code;
+    let closing = s.message().contains("transport is closing")
+        || s.message().contains("received prior goaway");
+    match s.code() {
+        Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => Termination::Reconnect,
+        Code::Unavailable if closing => Termination::Reconnect,
+        _ => Termination::Error,
+    }
 }
 
 impl XdsClient {
@@ -232,7 +266,14 @@ impl XdsClient {
             config,
             uri,
             status,
+            metrics: XdsMetrics::default(),
         })
+    }
+
+    /// Counts into `metrics` (the node's registered `istio_xds_*`).
+    pub fn with_metrics(mut self, metrics: XdsMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A live view of the connection's status (for the admin page and readiness).
@@ -249,8 +290,14 @@ impl XdsClient {
             let mut got_response = false;
             let result = self.session(&store, &mut held, &mut got_response).await;
             let why = match result {
-                Ok(()) => "the server closed the stream".to_string(),
-                Err(e) => format!("{e:#}"),
+                Ok(()) => {
+                    self.metrics.terminated(Termination::Complete);
+                    "the server closed the stream".to_string()
+                }
+                Err(e) => {
+                    self.metrics.terminated(e.reason);
+                    format!("{:#}", e.error)
+                }
             };
             if got_response {
                 // The server was healthy for a while: start the backoff over.
@@ -268,7 +315,9 @@ impl XdsClient {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<Channel> {
+    /// A failure to read the root certificate is an `Error`, one to reach the server a
+    /// `ConnectionError`.
+    async fn connect(&self) -> Result<Channel, Ended> {
         let mut endpoint = Endpoint::from(self.uri.clone())
             .connect_timeout(self.config.connect_timeout)
             // Detect a silently dead connection (node reboot, NAT drop) within ~40 s.
@@ -276,16 +325,24 @@ impl XdsClient {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         if let Some(path) = &self.config.root_cert {
-            let pem = crate::identity::roots::root_pem(path, "xDS root certificate")?;
+            let pem = crate::identity::roots::root_pem(path, "xDS root certificate")
+                .ended_as(Termination::Error)?;
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             if let Some(name) = &self.config.tls_name {
                 tls = tls.domain_name(name.clone());
             }
-            endpoint = endpoint.tls_config(tls).context("xDS TLS settings")?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .context("xDS TLS settings")
+                .ended_as(Termination::Error)?;
         }
-        endpoint.connect().await.map_err(|e| {
-            anyhow::anyhow!("cannot connect to {}: {}", self.config.address, chain(&e))
-        })
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot connect to {}: {}", self.config.address, chain(&e))
+            })
+            .ended_as(Termination::ConnectionError)
     }
 
     async fn bearer(&self) -> anyhow::Result<Option<String>> {
@@ -308,8 +365,8 @@ impl XdsClient {
         store: &StateStore,
         held: &mut Resources,
         got_response: &mut bool,
-    ) -> anyhow::Result<()> {
-        let bearer = self.bearer().await?;
+    ) -> Result<(), Ended> {
+        let bearer = self.bearer().await.ended_as(Termination::Error)?;
         let channel = self.connect().await?;
         let (tx, rx) = mpsc::unbounded::<DeltaDiscoveryRequest>();
         let node = self.config.node();
@@ -335,7 +392,8 @@ impl XdsClient {
         if let Some(b) = bearer {
             let value = b
                 .parse()
-                .context("the xDS token holds characters not allowed in a header")?;
+                .context("the xDS token holds characters not allowed in a header")
+                .ended_as(Termination::Error)?;
             request.metadata_mut().insert("authorization", value);
             // istiod's multi-cluster token check reads the caller's cluster from here.
             if let Ok(v) = self.config.cluster_id.parse() {
@@ -352,8 +410,11 @@ impl XdsClient {
                 anyhow::anyhow!(
                     "the server did not answer the xDS stream within {STREAM_OPEN_TIMEOUT:?}"
                 )
-            })?
-            .map_err(|s| anyhow::anyhow!("opening the xDS stream: {}", describe(&s)))?
+            })
+            .and_then(|r| {
+                r.map_err(|s| anyhow::anyhow!("opening the xDS stream: {}", describe(&s)))
+            })
+            .ended_as(Termination::ConnectionError)?
             .into_inner();
         info!(address = %self.config.address, node = %node.id, "xDS stream open");
         self.status.send_modify(|s| {
@@ -366,13 +427,22 @@ impl XdsClient {
             let resp = match stream.message().await {
                 Ok(Some(r)) => r,
                 Ok(None) => return Ok(()),
-                Err(s) => anyhow::bail!("xDS stream failed: {}", describe(&s)),
+                Err(s) => {
+                    return Err(anyhow::anyhow!("xDS stream failed: {}", describe(&s)))
+                        .ended_as(stream_failure(&s))
+                }
             };
             *got_response = true;
+            let bytes = resp.resources.iter().filter_map(|r| r.resource.as_ref());
+            self.metrics.received(
+                &resp.type_url,
+                bytes.map(|any| any.value.len() as u64).sum(),
+            );
             let outcome = held.apply(store, &resp);
             let nack = outcome.nack_detail();
             tx.unbounded_send(answer(&resp, nack.clone()))
-                .context("the request stream closed")?;
+                .context("the request stream closed")
+                .ended_as(Termination::Error)?;
             if !seen.contains(&resp.type_url) {
                 seen.push(resp.type_url.clone());
             }
@@ -437,6 +507,7 @@ impl XdsClient {
 pub fn spawn_for_run(
     args: &crate::config::RunArgs,
     store: Arc<StateStore>,
+    metrics: &XdsMetrics,
 ) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, watch::Receiver<XdsStatus>)>> {
     let Some(address) = &args.xds_address else {
         return Ok(None);
@@ -450,7 +521,9 @@ pub fn spawn_for_run(
     config.tls_name = args.xds_tls_name.clone();
     config.headers = crate::config::istio_settings::headers("XDS_HEADER_", std::env::vars())
         .map_err(anyhow::Error::msg)?;
-    let client = XdsClient::new(config).context("--xds-address (XDS_ADDRESS)")?;
+    let client = XdsClient::new(config)
+        .context("--xds-address (XDS_ADDRESS)")?
+        .with_metrics(metrics.clone());
     let status = client.status();
     info!(%address, node = %args.node_name, "getting workloads, services and policies over xDS");
     Ok(Some((tokio::spawn(client.run(store)), status)))

@@ -434,10 +434,14 @@ async fn spawn_for_run_reads_the_run_flags() {
         }
     };
     let store = Arc::new(StateStore::default());
-    assert!(spawn_for_run(&run(&[]), store.clone()).unwrap().is_none());
+    let metrics = XdsMetrics::default();
+    assert!(spawn_for_run(&run(&[]), store.clone(), &metrics)
+        .unwrap()
+        .is_none());
     let err = spawn_for_run(
         &run(&["--xds-address", "https://istiod:15012"]),
         store.clone(),
+        &metrics,
     )
     .err()
     .unwrap();
@@ -449,7 +453,7 @@ async fn spawn_for_run_reads_the_run_flags() {
         "--ca-root-cert",
         "/nonexistent/root.pem",
     ]);
-    let (task, status) = spawn_for_run(&args, store).unwrap().unwrap();
+    let (task, status) = spawn_for_run(&args, store, &metrics).unwrap().unwrap();
     eventually("first attempt reported", || {
         status.borrow().last_error.is_some()
     })
@@ -457,4 +461,26 @@ async fn spawn_for_run_reads_the_run_flags() {
     let e = status.borrow().last_error.clone().unwrap();
     assert!(e.contains("/nonexistent/root.pem"), "{e}");
     task.abort();
+}
+
+/// Which failed streams count as a reconnect in `istio_xds_connection_terminations`.
+#[test]
+fn ordinary_stream_ends_are_reconnects() {
+    use tonic::{Code, Status};
+    for s in [
+        Status::new(Code::Unknown, "x"),
+        Status::new(Code::Cancelled, "x"),
+        Status::new(Code::DeadlineExceeded, "x"),
+        Status::new(Code::Unavailable, "error: transport is closing"),
+        Status::new(Code::Unavailable, "received prior goaway: code: NO_ERROR"),
+    ] {
+        assert_eq!(stream_failure(&s), Termination::Reconnect, "{s:?}");
+    }
+    for s in [
+        Status::new(Code::Unavailable, "going away"),
+        Status::new(Code::PermissionDenied, "x"),
+        Status::new(Code::Internal, "x"),
+    ] {
+        assert_eq!(stream_failure(&s), Termination::Error, "{s:?}");
+    }
 }

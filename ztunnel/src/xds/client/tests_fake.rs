@@ -186,7 +186,10 @@ fn has_ip(store: &StateStore, ip: &str) -> Option<String> {
 #[tokio::test]
 async fn nacks_bad_resources_keeps_old_state_and_resyncs_after_disconnects() {
     let (addr, mut streams) = start_fake().await;
-    let client = XdsClient::new(test_config(format!("http://{addr}"))).unwrap();
+    let metrics = XdsMetrics::default();
+    let client = XdsClient::new(test_config(format!("http://{addr}")))
+        .unwrap()
+        .with_metrics(metrics.clone());
     let status = client.status();
     let store = Arc::new(StateStore::default());
     let task = tokio::spawn(client.run(store.clone()));
@@ -353,6 +356,35 @@ async fn nacks_bad_resources_keeps_old_state_and_resyncs_after_disconnects() {
     assert!(store.snapshot().policies.get("default/p").is_some());
     drop(s);
     task.abort();
+
+    // istio_xds_*: the clean end and the failed stream, each response by type.
+    let ended = |reason| {
+        let l = crate::metrics::xds::TerminationLabels { reason };
+        metrics.terminations.get_or_create(&l).get()
+    };
+    assert_eq!(ended(Termination::Complete), 1);
+    assert_eq!(
+        ended(Termination::Error),
+        1,
+        "unavailable, not closing: an error"
+    );
+    assert_eq!(ended(Termination::Reconnect), 0);
+    let by_url = |f: &prometheus_client::metrics::family::Family<_, _>, url: &str| {
+        let l = crate::metrics::xds::TypeUrlLabels { url: url.into() };
+        let c: &prometheus_client::metrics::counter::Counter = &f.get_or_create(&l);
+        c.get()
+    };
+    assert_eq!(by_url(&metrics.messages, ADDRESS_TYPE_URL), 4);
+    assert_eq!(by_url(&metrics.messages, AUTHORIZATION_TYPE_URL), 2);
+    let cluster = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    assert_eq!(by_url(&metrics.messages, cluster), 1);
+    assert_eq!(by_url(&metrics.message_bytes, cluster), 0);
+    let policy_bytes = policy("p", "v1", 1).resource.unwrap().value.len()
+        + policy("p", "v2", 7).resource.unwrap().value.len();
+    assert_eq!(
+        by_url(&metrics.message_bytes, AUTHORIZATION_TYPE_URL),
+        policy_bytes as u64
+    );
 }
 
 /// A workload resource whose uid changes under the same name replaces, not duplicates.
