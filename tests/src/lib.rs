@@ -9,6 +9,7 @@
 
 mod cleanup;
 pub mod cni;
+pub mod compare;
 pub mod firewall;
 pub mod http;
 pub mod kube_proxy;

@@ -1,0 +1,104 @@
+//! What both proxies are given: two nodes, a client pod on one and a server pod on the
+//! other, one workload file naming both (plus a service and a policy, so every part of
+//! `/config_dump` has content), and the same connections from client to server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ztunnel_tests::traffic::{connect, echo_round_trip, EchoServer};
+use ztunnel_tests::{Node, Pod, Testbed};
+
+/// The service's virtual IP (no interface has it: each proxy resolves it to the server).
+pub const VIP: &str = "10.96.0.10";
+pub const SERVICE_PORT: u16 = 80;
+pub const SERVER_PORT: u16 = 8080;
+
+pub struct Scenario {
+    pub tb: Testbed,
+    pub a: Node,
+    pub b: Node,
+    pub client: Pod,
+    pub server: Pod,
+    pub config: PathBuf,
+    _echo: EchoServer,
+}
+
+impl Scenario {
+    pub fn new() -> anyhow::Result<Scenario> {
+        let mut tb = Testbed::new()?;
+        let a = tb.add_node("node-a")?;
+        let b = tb.add_node("node-b")?;
+        let client = tb.add_pod(&a, "client")?;
+        let server = tb.add_pod(&b, "server")?;
+        let echo = EchoServer::start(&server.netns, SERVER_PORT)?;
+        let config = tb.write_config("workloads.yaml", &workload_file(&client, &server))?;
+        Ok(Scenario {
+            tb,
+            a,
+            b,
+            client,
+            server,
+            config,
+            _echo: echo,
+        })
+    }
+
+    /// One echoed connection from the client to the server's own address and one to the
+    /// service's VIP: outbound on the client's side, inbound on the server's, each a
+    /// "connection opened" and a "connection complete".
+    pub fn traffic(&self) -> anyhow::Result<()> {
+        let t = Duration::from_secs(5);
+        for dst in [
+            SocketAddr::new(self.server.ip.into(), SERVER_PORT),
+            SocketAddr::new(VIP.parse()?, SERVICE_PORT),
+        ] {
+            let mut s = connect(&self.client.netns, dst, t)
+                .map_err(|e| anyhow::anyhow!("connecting to {dst}: {e}"))?;
+            let back = echo_round_trip(&mut s, b"side by side")?;
+            anyhow::ensure!(back == b"side by side", "echo via {dst} altered: {back:?}");
+        }
+        Ok(())
+    }
+}
+
+/// Upstream's local-file format with every field either proxy reads set to a value that is
+/// not its default (upstream leaves defaults out of its dump, so only set fields show).
+/// Upstream parses strictly: `services` and `dryRun` must be there, string matches take
+/// the tagged form.
+fn workload_file(client: &Pod, server: &Pod) -> String {
+    let workload = |p: &Pod, sa: &str, services: &str| {
+        format!(
+            "- uid: cluster1//Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+             serviceAccount: {sa}\n  trustDomain: cluster.local\n  \
+             workloadIps: [\"{ip}\", \"{ip6}\"]\n  protocol: HBONE\n  node: {node}\n  \
+             workloadName: {name}\n  workloadType: deployment\n  canonicalName: {name}\n  \
+             canonicalRevision: v1\n  clusterId: cluster1\n  status: Healthy\n  \
+             locality: {{region: region-1, zone: zone-1, subzone: subzone-1}}\n  \
+             authorizationPolicies: [default/allow-client]\n  services: {services}\n",
+            name = p.name,
+            ip = p.ip,
+            ip6 = p.ip6,
+            node = p.node,
+        )
+    };
+    format!(
+        "workloads:\n{client}{server}\
+         services:\n\
+         - name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  \
+           vips: [\"/{VIP}\"]\n  ports: {{{SERVICE_PORT}: {SERVER_PORT}}}\n  \
+           subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n\
+         policies:\n\
+         - name: allow-client\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  \
+           dryRun: false\n  rules:\n  - - - principals: [{{Exact: cluster.local/ns/default/sa/client}}]\n        \
+           destinationPorts: [{SERVER_PORT}]\n",
+        client = workload(client, "client", "{}"),
+        server = workload(
+            server,
+            "server",
+            &format!(
+                "{{default/server.default.svc.cluster.local: {{{SERVICE_PORT}: {SERVER_PORT}}}}}"
+            )
+        ),
+    )
+}
