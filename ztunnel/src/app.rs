@@ -296,6 +296,8 @@ async fn serve(
         certs,
         config_expected: args.local_xds_path.is_some(),
         xds,
+        config: crate::admin::config_dump::config::config(args),
+        local_xds_path: args.local_xds_path.clone(),
         quit: quit.clone(),
     });
 

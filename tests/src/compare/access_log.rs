@@ -98,7 +98,13 @@ mod tests {
                    2026-12-07T10:00:00Z\tinfo\txds\tconnection complete ignored=1\n";
         let got = text_fields(log, "connection complete").unwrap();
         // The xds line carries the message too, but not on the access target.
-        let want = ["bytes_sent", "dst.service", "duration", "src.addr", "src.workload"];
+        let want = [
+            "bytes_sent",
+            "dst.service",
+            "duration",
+            "src.addr",
+            "src.workload",
+        ];
         assert_eq!(got, want.iter().map(|k| k.to_string()).collect());
         assert!(text_fields(log, "connection opened").is_none());
     }

@@ -142,7 +142,10 @@ pub fn diff(theirs: &Shape, ours: &Shape) -> ShapeDiff {
 }
 
 fn names(s: &BTreeSet<JsonType>) -> String {
-    s.iter().map(|t| t.to_string()).collect::<Vec<_>>().join("|")
+    s.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join("|")
 }
 
 /// Whether `path` is `parent` or lies beneath it.

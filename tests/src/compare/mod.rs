@@ -78,8 +78,5 @@ pub fn access_log(message: &str, json: bool, theirs: &str, ours: &str) -> Vec<Fi
 
 /// Metric names and label names.
 pub fn metrics(theirs: &str, ours: &str) -> Vec<Finding> {
-    report::from_metrics(
-        &prometheus::families(theirs),
-        &prometheus::families(ours),
-    )
+    report::from_metrics(&prometheus::families(theirs), &prometheus::families(ours))
 }

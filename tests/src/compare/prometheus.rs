@@ -64,7 +64,10 @@ mod tests {
         let f = families(text);
         let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
         assert_eq!(f["istio_build"], set(&["component", "tag"]));
-        assert_eq!(f["istio_tcp_sent_bytes_total"], set(&["reporter", "x", "y"]));
+        assert_eq!(
+            f["istio_tcp_sent_bytes_total"],
+            set(&["reporter", "x", "y"])
+        );
         assert_eq!(f["process_open_fds"], set(&[]));
         assert_eq!(f.len(), 3);
     }

@@ -45,7 +45,11 @@ pub fn from_shape_diff(area: &str, d: &ShapeDiff) -> Vec<Finding> {
         item: item.clone(),
         detail,
     };
-    let mut out: Vec<Finding> = d.missing.iter().map(|p| f(Side::Missing, p, String::new())).collect();
+    let mut out: Vec<Finding> = d
+        .missing
+        .iter()
+        .map(|p| f(Side::Missing, p, String::new()))
+        .collect();
     out.extend(d.extra.iter().map(|p| f(Side::Extra, p, String::new())));
     out.extend(
         d.types
@@ -63,7 +67,10 @@ pub fn from_sets(area: &str, theirs: &BTreeSet<String>, ours: &BTreeSet<String>)
         item: item.clone(),
         detail: String::new(),
     };
-    let mut out: Vec<Finding> = theirs.difference(ours).map(|i| f(Side::Missing, i)).collect();
+    let mut out: Vec<Finding> = theirs
+        .difference(ours)
+        .map(|i| f(Side::Missing, i))
+        .collect();
     out.extend(ours.difference(theirs).map(|i| f(Side::Extra, i)));
     out
 }
@@ -188,7 +195,11 @@ mod tests {
         let findings = [
             finding("config_dump", Side::Extra, "enrolled"),
             finding("config_dump", Side::Missing, "enrolled"),
-            finding("access log: connection complete (json)", Side::Extra, "outcome"),
+            finding(
+                "access log: connection complete (json)",
+                Side::Extra,
+                "outcome",
+            ),
         ];
         assert!(explain(&findings[0], &table).is_some());
         assert!(explain(&findings[1], &table).is_none(), "the side counts");
@@ -196,7 +207,10 @@ mod tests {
         assert_eq!(unexplained, 1);
         assert!(text.contains("excepted: ours too"), "{text}");
         assert!(text.contains("Missing never_seen in metrics"), "{text}");
-        assert!(text.contains("3 differences: 2 excepted, 1 unexplained"), "{text}");
+        assert!(
+            text.contains("3 differences: 2 excepted, 1 unexplained"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub fn redirect_outbound(tb: &Testbed, pod: &Pod) -> anyhow::Result<()> {
         .output()
         .context("running nft")?;
     if !out.status.success() {
-        bail!("nft -f {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "nft -f {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

@@ -55,8 +55,18 @@ fn run(bin: &std::path::Path) -> anyhow::Result<usize> {
     }
     let mut findings = compare::config_dump(&theirs.config_dump, &ours.config_dump);
     for message in ["connection opened", "connection complete"] {
-        findings.extend(compare::access_log(message, false, &theirs.text_log, &ours.text_log));
-        findings.extend(compare::access_log(message, true, &theirs.json_log, &ours.json_log));
+        findings.extend(compare::access_log(
+            message,
+            false,
+            &theirs.text_log,
+            &ours.text_log,
+        ));
+        findings.extend(compare::access_log(
+            message,
+            true,
+            &theirs.json_log,
+            &ours.json_log,
+        ));
     }
     findings.extend(compare::metrics(&theirs.metrics, &ours.metrics));
     let (text, unexplained) = report::render(&findings, exceptions::TABLE);

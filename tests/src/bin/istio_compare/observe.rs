@@ -37,7 +37,9 @@ pub fn ours(s: &Scenario) -> anyhow::Result<Observed> {
         for node in [&s.a, &s.b] {
             // Only what this run writes: the log files are appended to.
             let log = s.tb.dir().join(format!("ztunnel-{}.log", node.name));
-            let from = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
+            let from = std::fs::metadata(&log)
+                .map(|m| m.len() as usize)
+                .unwrap_or(0);
             let z = s.tb.start_ztunnel(node, &s.config, flags)?;
             z.wait_ready(Duration::from_secs(30))?;
             logs.push((log, from));
@@ -60,7 +62,11 @@ pub fn ours(s: &Scenario) -> anyhow::Result<Observed> {
         for z in &running {
             s.tb.stop(z.pid, STOP_GRACE);
         }
-        *if json { &mut out.json_log } else { &mut out.text_log } = read(&logs);
+        *if json {
+            &mut out.json_log
+        } else {
+            &mut out.text_log
+        } = read(&logs);
     }
     Ok(out)
 }
@@ -91,7 +97,11 @@ pub fn istio(s: &Scenario, bin: &Path) -> anyhow::Result<Observed> {
             s.tb.stop(p.pid, STOP_GRACE);
         }
         run.with_context(|| format!("Istio's ztunnel; its logs:\n{}", read()))?;
-        *if json { &mut out.json_log } else { &mut out.text_log } = read();
+        *if json {
+            &mut out.json_log
+        } else {
+            &mut out.text_log
+        } = read();
     }
     Ok(out)
 }
