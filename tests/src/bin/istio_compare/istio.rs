@@ -93,7 +93,8 @@ pub fn start(
         if matches!(got, Ok((200, _))) {
             return Ok(proxy);
         }
-        if Instant::now() > deadline || !Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline || exited(pid) {
+            let got = got.map_err(|e| format!("{e:#}"));
             bail!(
                 "Istio's ztunnel in {} never ready ({got:?}); log:\n{}",
                 pod.name,
@@ -102,6 +103,13 @@ pub fn start(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Gone, or a zombie the testbed has not reaped yet.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
 }
 
 impl IstioProxy {

@@ -65,7 +65,7 @@ impl Scenario {
 /// Upstream's local-file format with every field either proxy reads set to a value that is
 /// not its default (upstream leaves defaults out of its dump, so only set fields show).
 /// Upstream parses strictly: `services` and `dryRun` must be there, string matches take
-/// the tagged form.
+/// YAML's tagged form (`!Exact …`).
 fn workload_file(client: &Pod, server: &Pod) -> String {
     let workload = |p: &Pod, sa: &str, services: &str| {
         format!(
@@ -90,7 +90,7 @@ fn workload_file(client: &Pod, server: &Pod) -> String {
            subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n\
          policies:\n\
          - name: allow-client\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  \
-           dryRun: false\n  rules:\n  - - - principals: [{{Exact: cluster.local/ns/default/sa/client}}]\n        \
+           dryRun: false\n  rules:\n  - - - principals: [!Exact cluster.local/ns/default/sa/client]\n        \
            destinationPorts: [{SERVER_PORT}]\n",
         client = workload(client, "client", "{}"),
         server = workload(

@@ -5,6 +5,7 @@
 //! them.
 
 pub mod config;
+mod dns;
 mod policy;
 mod service;
 mod static_config;
