@@ -21,6 +21,67 @@ pub fn text_fields(log: &str, message: &str) -> Option<BTreeSet<String>> {
     out
 }
 
+/// How a text line is laid out before its fields, e.g.
+/// `time<TAB>level<TAB>target<TAB>message<TAB>fields`: the first line that carries
+/// `message` on the `access` target, its words named by what they are (the level's case
+/// kept: `level` or `LEVEL`), runs of blanks shown as one space or `<TAB>`.
+pub fn text_layout(log: &str, message: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("access") && l.contains(message))?;
+    let at = line.find(message)?;
+    let mut out = String::new();
+    let blank = |s: &str| if s.contains('\t') { "<TAB>" } else { " " };
+    let mut first = true;
+    for (i, piece) in split_blanks(&line[..at]).into_iter().enumerate() {
+        if i % 2 == 1 {
+            out.push_str(blank(piece));
+            continue;
+        }
+        let bare = piece.trim_end_matches(':');
+        let colon = if piece.ends_with(':') { ":" } else { "" };
+        let name = if first {
+            "time"
+        } else if LEVELS.contains(&bare) {
+            "level"
+        } else if LEVELS.contains(&bare.to_ascii_lowercase().as_str()) {
+            "LEVEL"
+        } else if bare == "access" {
+            "target"
+        } else {
+            bare
+        };
+        first = false;
+        out.push_str(name);
+        out.push_str(colon);
+    }
+    out.push_str("message");
+    let rest = &line[at + message.len()..];
+    if let Some(sep) = split_blanks(rest).get(1) {
+        out.push_str(blank(sep));
+        out.push_str("fields");
+    }
+    Some(out)
+}
+
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
+
+/// Alternating words and runs of blanks, starting with a word (maybe empty).
+fn split_blanks(s: &str) -> Vec<&str> {
+    let mut out = vec![];
+    let mut start = 0;
+    let mut in_blank = false;
+    for (i, c) in s.char_indices() {
+        if c.is_whitespace() != in_blank {
+            out.push(&s[start..i]);
+            start = i;
+            in_blank = !in_blank;
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
 /// Keys of `key=value` tokens; a value is a quoted string (with `\"` escapes) or runs to
 /// the next space.
 fn pairs(s: &str) -> Vec<String> {
@@ -107,6 +168,22 @@ mod tests {
         ];
         assert_eq!(got, want.iter().map(|k| k.to_string()).collect());
         assert!(text_fields(log, "connection opened").is_none());
+    }
+
+    #[test]
+    fn text_layouts() {
+        let upstream =
+            "2026-12-07T14:59:38.139175Z\tinfo\taccess\tconnection complete\tsrc.addr=1 x=2\n";
+        let ours = "2026-12-07T14:59:36.444321Z  INFO access: connection complete direction=\"outbound\"\n";
+        assert_eq!(
+            text_layout(upstream, "connection complete").unwrap(),
+            "time<TAB>level<TAB>target<TAB>message<TAB>fields"
+        );
+        assert_eq!(
+            text_layout(ours, "connection complete").unwrap(),
+            "time LEVEL target: message fields"
+        );
+        assert!(text_layout(ours, "connection opened").is_none());
     }
 
     #[test]

@@ -23,7 +23,73 @@ const fn ex(area: &'static str, side: Side, item: &'static str, reason: &'static
     }
 }
 
-pub const TABLE: &[Exception] = &[];
+const CONFIG: &str = "config_dump";
+const COMPLETE: &str = "access log: connection complete (*)";
+
+pub const TABLE: &[Exception] = &[
+    ex(
+        CONFIG,
+        Side::Extra,
+        "enrolled",
+        "ours: the pods this node captures with eBPF, with their addresses and interface",
+    ),
+    ex(
+        CONFIG,
+        Side::Extra,
+        "pendingEnrollment",
+        "ours: the pods this node should capture but holds, with why",
+    ),
+    ex(
+        CONFIG,
+        Side::Extra,
+        "xds",
+        "ours: the xDS client's state (null with a local workload file)",
+    ),
+    ex(
+        CONFIG,
+        Side::Extra,
+        "workloadState",
+        "upstream writes workloadState only as a node proxy (shared mode, pods handed over \
+         by Istio's CNI agent); the comparison runs it as a dedicated proxy, where it has none",
+    ),
+    ex(
+        CONFIG,
+        Side::Missing,
+        "config.proxyWorkloadInformation.*",
+        "upstream fills config.proxyWorkloadInformation only as a dedicated proxy (the one \
+         workload it serves); as a node proxy it is null, as ours is",
+    ),
+    ex(
+        CONFIG,
+        Side::Extra,
+        "workloads[].services",
+        "upstream lists a workload's services when they come over xDS but not when they \
+         come from the local file; ours lists them either way",
+    ),
+    ex(COMPLETE, Side::Extra, "*outcome", OUR_LOG_FIELDS),
+    ex(COMPLETE, Side::Extra, "*reason", OUR_LOG_FIELDS),
+    ex(COMPLETE, Side::Extra, "*response_flags", OUR_LOG_FIELDS),
+    ex(COMPLETE, Side::Extra, "*protocol", OUR_LOG_FIELDS),
+    ex(COMPLETE, Side::Extra, "*dst.target", OUR_LOG_FIELDS),
+    ex(
+        "metrics",
+        Side::Extra,
+        "ztunnel_*",
+        "ours: capture, enrollment, connection outcomes, pool, CA and authorization \
+         metrics, which have no upstream counterpart",
+    ),
+    ex(
+        "metrics",
+        Side::Extra,
+        "process_*",
+        "ours: the standard process metrics (CPU, memory, start time) beside upstream's \
+         file-descriptor counts",
+    ),
+];
+
+/// One reason for the extra fields of our access log, given once in the README.
+const OUR_LOG_FIELDS: &str = "ours: every attempt is logged, refused and failed ones too, \
+     with outcome, reason, response_flags, the protocol and the endpoint dialled (dst.target)";
 
 #[cfg(test)]
 mod tests {

@@ -68,7 +68,16 @@ pub fn access_log(message: &str, json: bool, theirs: &str, ours: &str) -> Vec<Fi
             access_log::text_fields(theirs, message),
             access_log::text_fields(ours, message),
         ) {
-            (Some(t), Some(o)) => report::from_sets(&area, &t, &o),
+            (Some(t), Some(o)) => {
+                let mut found = report::from_sets(&area, &t, &o);
+                // The layout before the fields, as one item on each side when it differs.
+                let layout =
+                    |log| access_log::text_layout(log, message).map(|l| format!("(layout) {l}"));
+                if let (Some(t), Some(o)) = (layout(theirs), layout(ours)) {
+                    found.extend(report::from_sets(&area, &[t].into(), &[o].into()));
+                }
+                found
+            }
             (Some(_), None) => absent(report::Side::Missing),
             (None, Some(_)) => absent(report::Side::Extra),
             (None, None) => vec![],

@@ -126,14 +126,34 @@ pub fn render(findings: &[Finding], table: &[Exception]) -> (String, usize) {
                     Some(e) => {
                         let i = table.iter().position(|x| std::ptr::eq(x, e)).unwrap_or(0);
                         used[i] = true;
-                        let _ = writeln!(out, "    {item}\n        excepted: {}", e.reason);
+                        let _ = writeln!(out, "    {item}  [excepted: E{}]", i + 1);
                     }
                     None => {
                         unexplained += 1;
-                        let _ = writeln!(out, "    {item}\n        UNEXPLAINED");
+                        let _ = writeln!(out, "    {item}  [UNEXPLAINED]");
                     }
                 }
             }
+        }
+    }
+    if used.iter().any(|u| *u) {
+        let _ = writeln!(
+            out,
+            "== exceptions applied (tests/src/compare/exceptions.rs, README)"
+        );
+        for (i, e) in table.iter().enumerate().filter(|(i, _)| used[*i]) {
+            // Several entries may share one reason: give it once, under the first.
+            let first = table.iter().position(|x| x.reason == e.reason) == Some(i);
+            let said = table[..i]
+                .iter()
+                .enumerate()
+                .any(|(j, x)| used[j] && x.reason == e.reason);
+            let reason = if first || !said {
+                e.reason
+            } else {
+                "(as above)"
+            };
+            let _ = writeln!(out, "  E{} {} {}: {reason}", i + 1, e.area, e.item);
         }
     }
     let stale: Vec<&Exception> = table
@@ -205,7 +225,11 @@ mod tests {
         assert!(explain(&findings[1], &table).is_none(), "the side counts");
         let (text, unexplained) = render(&findings, &table);
         assert_eq!(unexplained, 1);
-        assert!(text.contains("excepted: ours too"), "{text}");
+        assert!(text.contains("outcome  [excepted: E2]"), "{text}");
+        assert!(
+            text.contains("E2 access log: * outcome: ours too"),
+            "{text}"
+        );
         assert!(text.contains("Missing never_seen in metrics"), "{text}");
         assert!(
             text.contains("3 differences: 2 excepted, 1 unexplained"),

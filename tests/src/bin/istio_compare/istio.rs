@@ -16,7 +16,6 @@ const PACKET_MARK: u32 = 1337;
 
 pub struct IstioProxy {
     pub pid: u32,
-    pub pod: Pod,
     pub log: PathBuf,
 }
 
@@ -81,11 +80,7 @@ pub fn start(
         .stdout(file.try_clone()?)
         .stderr(file);
     let pid = tb.spawn(cmd)?;
-    let proxy = IstioProxy {
-        pid,
-        pod: pod.clone(),
-        log,
-    };
+    let proxy = IstioProxy { pid, log };
     let ready = SocketAddr::from(([127, 0, 0, 1], 15021));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
