@@ -297,7 +297,11 @@ async fn serve(
         config_expected: args.local_xds_path.is_some(),
         xds,
         config: crate::admin::config_dump::config::config(args),
-        local_xds_path: args.local_xds_path.clone(),
+        local_config: {
+            use crate::admin::config_dump::LocalSource;
+            let file = args.local_xds_path.clone().map(LocalSource::File);
+            file.or_else(|| args.local_xds.clone().map(LocalSource::Inline))
+        },
         quit: quit.clone(),
     });
 

@@ -35,8 +35,8 @@ pub struct AdminState {
     pub xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
     /// `/config_dump`'s `config` (upstream's settings, see [`config_dump::config`]).
     pub config: serde_json::Value,
-    /// The local workload file, echoed in `/config_dump`'s `staticConfig`.
-    pub local_xds_path: Option<std::path::PathBuf>,
+    /// The local config (file or text), echoed in `/config_dump`'s `staticConfig`.
+    pub local_config: Option<config_dump::LocalSource>,
     /// `/quitquitquit` notifies this.
     pub quit: Arc<tokio::sync::Notify>,
 }

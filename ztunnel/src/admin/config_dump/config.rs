@@ -33,9 +33,9 @@ pub fn config(args: &RunArgs) -> Value {
     let mut c = json!({
         "proxy": true,
         "dnsProxy": false,
-        "windowSize": crate::hbone::STREAM_WINDOW,
-        "connectionWindowSize": crate::hbone::CONNECTION_WINDOW,
-        "frameSize": crate::hbone::MAX_FRAME_SIZE,
+        "windowSize": args.hbone_limits.http2_stream_window_size,
+        "connectionWindowSize": args.hbone_limits.http2_connection_window_size,
+        "frameSize": args.hbone_limits.http2_frame_size,
         "poolMaxStreamsPerConn": args.pool_max_streams_per_connection,
         "poolUnusedReleaseTimeout": duration(args.pool_unused_release_timeout),
         "socks5Addr": null,
@@ -57,11 +57,11 @@ pub fn config(args: &RunArgs) -> Value {
         "clusterDomain": args.cluster_domain,
         "caAddress": args.ca_address,
         "caRootCert": root_cert(args.ca_root_cert.as_deref(), args.ca_address.is_some()),
-        "altCaHostname": null,
+        "altCaHostname": args.ca_tls_name,
         "xdsAddress": args.xds_address,
         "xdsRootCert": root_cert(args.xds_root_cert.as_deref(), args.xds_address.is_some()),
-        "altXdsHostname": null,
-        "preferedServiceNamespace": null,
+        "altXdsHostname": args.xds_tls_name,
+        "preferedServiceNamespace": args.preferred_service_namespace,
     });
     let more = json!({
         "secretTtl": duration(args.workload_cert_ttl),
@@ -87,8 +87,8 @@ pub fn config(args: &RunArgs) -> Value {
             "keepaliveEnabled": !tcp_keepalive.is_zero(),
             "userTimeoutEnabled": false,
         },
-        "xdsHeaders": [],
-        "caHeaders": [],
+        "xdsHeaders": headers("XDS_HEADER_"),
+        "caHeaders": headers("CA_HEADER_"),
         // Application tunnels (PROXY protocol to the pod) are not implemented.
         "localhostAppTunnel": false,
         "ztunnelIdentity": identity.as_ref().map(|(id, _)| id),
@@ -101,6 +101,12 @@ pub fn config(args: &RunArgs) -> Value {
         c.extend(more);
     }
     c
+}
+
+/// Upstream's `[name, value]` pairs of the extra headers sent to the control plane (read
+/// from the environment as the clients read them; an invalid one stopped the start).
+fn headers(prefix: &str) -> Value {
+    json!(crate::config::istio_settings::headers(prefix, std::env::vars()).unwrap_or_default())
 }
 
 fn duration(d: Duration) -> Value {

@@ -9,6 +9,7 @@ mod dns;
 mod policy;
 mod service;
 mod static_config;
+pub use static_config::LocalSource;
 mod version;
 mod workload;
 mod workload_state;
@@ -34,7 +35,7 @@ pub async fn config_dump(s: &AdminState) -> Value {
             .collect::<Vec<_>>(),
         "policies": policies.iter().map(|p| policy::PolicyDump::new(p)).collect::<Vec<_>>(),
         "stagedServices": service::staged_services(&state),
-        "staticConfig": static_config::static_config(s.local_xds_path.as_deref()),
+        "staticConfig": static_config::static_config(s.local_config.as_ref()),
         "version": version::build_info(),
         "config": s.config,
         "certificates": super::cert_dump::certificates(&s.certs),

@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use crate::state::load_balancing::{HealthPolicy, LoadBalancing, Mode, Scope};
 use crate::state::{
-    Endpoint, GatewayAddress, HealthStatus, NetworkAddress, PortMap, ProxyState, Service, Workload,
+    Endpoint, GatewayAddress, HealthStatus, IpFamilies, NetworkAddress, NetworkCidr, PortMap,
+    ProxyState, Service, Visibility, WeightedWaypoint, Workload,
 };
 
 #[derive(Debug, Serialize)]
@@ -19,17 +20,21 @@ pub struct ServiceDump<'a> {
     namespace: &'a str,
     hostname: &'a str,
     vips: &'a [NetworkAddress],
+    #[serde(skip_serializing_if = "<[NetworkCidr]>::is_empty")]
+    cidr_vips: &'a [NetworkCidr],
     ports: &'a PortMap,
     endpoints: BTreeMap<String, EndpointDump<'a>>,
     subject_alt_names: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     waypoint: Option<&'a GatewayAddress>,
+    #[serde(skip_serializing_if = "<[WeightedWaypoint]>::is_empty")]
+    weighted_waypoints: &'a [WeightedWaypoint],
     #[serde(skip_serializing_if = "Option::is_none")]
     load_balancer: Option<LoadBalancerDump>,
-    /// Whether this is the one service of its hostname that others resolve to; a
-    /// proxy that keeps one service per key, as this one does, has no other.
+    /// Upstream leaves the automatic choice out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip_families: Option<&'static str>,
     canonical: bool,
-    /// Who may reach the service; every service here is visible to all clients.
     visibility: &'static str,
 }
 
@@ -102,13 +107,24 @@ impl<'a> ServiceDump<'a> {
             namespace: &svc.namespace,
             hostname: &svc.hostname,
             vips: &svc.vips,
+            cidr_vips: &svc.cidr_vips,
             ports: &svc.ports,
             endpoints,
             subject_alt_names: &svc.subject_alt_names,
             waypoint: svc.waypoint.as_ref(),
+            weighted_waypoints: &svc.weighted_waypoints,
             load_balancer: svc.load_balancing.as_ref().map(Into::into),
-            canonical: true,
-            visibility: "Public",
+            ip_families: match svc.ip_families {
+                IpFamilies::Automatic => None,
+                IpFamilies::Ipv4Only => Some("IPv4"),
+                IpFamilies::Ipv6Only => Some("IPv6"),
+                IpFamilies::Dual => Some("Dual"),
+            },
+            canonical: svc.canonical,
+            visibility: match svc.visibility {
+                Visibility::Public => "Public",
+                Visibility::Namespace => "Namespace",
+            },
         }
     }
 }
@@ -153,6 +169,8 @@ mod tests {
                 mode: Mode::Failover,
                 health_policy: HealthPolicy::AllowAll,
             }),
+            ip_families: IpFamilies::Ipv6Only,
+            visibility: Visibility::Namespace,
             ..Default::default()
         });
         let ghost = NamespacedHostname::new("default", "ghost.default.svc.cluster.local");
@@ -196,8 +214,9 @@ mod tests {
                     "mode": "Failover",
                     "healthPolicy": "AllowAll",
                 },
-                "canonical": true,
-                "visibility": "Public",
+                "ipFamilies": "IPv6",
+                "canonical": false,
+                "visibility": "Namespace",
             })
         );
     }

@@ -1,16 +1,27 @@
-//! `staticConfig`: the local workload file as this proxy read it, in upstream's shape
-//! (workloads with their service port maps, policies, services). Read again at each dump,
-//! as upstream does, so it shows the file as it is now; empty without a local file.
+//! `staticConfig`: the local workload file (or `LOCAL_XDS` text) as this proxy read it,
+//! in upstream's shape (workloads with their service port maps, policies, services). Read
+//! again at each dump, as upstream does, so it shows the file as it is now; empty without
+//! a local config.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
 use super::{policy::PolicyDump, service::ServiceDump, workload::LocalWorkloadDump};
 use crate::xds::local::LocalConfig;
 
-pub fn static_config(path: Option<&Path>) -> Value {
-    let cfg = match path.map(LocalConfig::load) {
+/// Where the local config comes from.
+#[derive(Debug, Clone)]
+pub enum LocalSource {
+    File(PathBuf),
+    Inline(String),
+}
+
+pub fn static_config(source: Option<&LocalSource>) -> Value {
+    let cfg = match source.map(|s| match s {
+        LocalSource::File(p) => LocalConfig::load(p),
+        LocalSource::Inline(text) => LocalConfig::from_yaml(text),
+    }) {
         None => LocalConfig::default(),
         Some(Ok(cfg)) => cfg,
         Some(Err(e)) => {
@@ -56,5 +67,7 @@ mod tests {
             static_config(None),
             json!({"workloads": [], "policies": [], "services": []})
         );
+        let inline = LocalSource::Inline("workloads: []\npolicies: []\n".into());
+        assert_eq!(static_config(Some(&inline))["workloads"], json!([]));
     }
 }

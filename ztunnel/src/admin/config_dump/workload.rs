@@ -47,8 +47,6 @@ pub struct WorkloadDump<'a> {
     locality: &'a crate::state::load_balancing::Locality,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     services: Vec<String>,
-    /// Upstream's weight of the workload among a service's endpoints. This proxy picks
-    /// endpoints evenly, which is upstream's default weight.
     capacity: u32,
 }
 
@@ -76,7 +74,7 @@ impl<'a> WorkloadDump<'a> {
             cluster_id: &w.cluster_id,
             locality: &w.locality,
             services: w.services.keys().map(|k| k.to_string()).collect(),
-            capacity: 1,
+            capacity: w.capacity,
         }
     }
 }
