@@ -63,7 +63,9 @@ impl Scenario {
 }
 
 /// Upstream's local-file format with every field either proxy reads set to a value that is
-/// not its default (upstream leaves defaults out of its dump, so only set fields show).
+/// not its default (upstream leaves defaults out of its dump, so only set fields show);
+/// the second service (no traffic goes to it) carries the service fields the first lacks:
+/// an address range, a waypoint and a weighted set, load balancing, IP families.
 /// Upstream parses strictly: `services` and `dryRun` must be there, string matches take
 /// YAML's tagged form (`!Exact …`).
 fn workload_file(client: &Pod, server: &Pod) -> String {
@@ -88,6 +90,14 @@ fn workload_file(client: &Pod, server: &Pod) -> String {
          - name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  \
            vips: [\"/{VIP}\"]\n  ports: {{{SERVICE_PORT}: {SERVER_PORT}}}\n  \
            subjectAltNames: [\"spiffe://cluster.local/ns/default/sa/server\"]\n\
+         - name: extras\n  namespace: default\n  hostname: extras.default.svc.cluster.local\n  \
+           vips: [\"/10.96.0.11\"]\n  cidrVips: [{{network: \"\", cidr: 10.97.0.0/16}}]\n  \
+           ports: {{81: 8081}}\n  \
+           waypoint: {{destination: default/waypoint.default.svc.cluster.local, hboneMtlsPort: 15008}}\n  \
+           weightedWaypoints:\n  - {{destination: {{destination: default/waypoint.default.svc.cluster.local, \
+           hboneMtlsPort: 15008}}, weight: 1}}\n  \
+           loadBalancer: {{routingPreferences: [Zone, Node], mode: Failover, healthPolicy: AllowAll}}\n  \
+           ipFamilies: IPv4\n  canonical: true\n  visibility: Namespace\n\
          policies:\n\
          - name: allow-client\n  namespace: default\n  scope: WorkloadSelector\n  action: Allow\n  \
            dryRun: false\n  rules:\n  - - - principals: [!Exact cluster.local/ns/default/sa/client]\n        \

@@ -20,8 +20,8 @@ pub struct ServiceDump<'a> {
     namespace: &'a str,
     hostname: &'a str,
     vips: &'a [NetworkAddress],
-    #[serde(skip_serializing_if = "<[NetworkCidr]>::is_empty")]
-    cidr_vips: &'a [NetworkCidr],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cidr_vips: Vec<CidrDump<'a>>,
     ports: &'a PortMap,
     endpoints: BTreeMap<String, EndpointDump<'a>>,
     subject_alt_names: &'a [String],
@@ -52,6 +52,22 @@ impl<'a> EndpointDump<'a> {
             workload_uid: &ep.workload_uid,
             port: &ep.ports,
             status: w.status,
+        }
+    }
+}
+
+/// Upstream writes an address range as an object, not as `network/ip/len`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct CidrDump<'a> {
+    network: &'a str,
+    cidr: String,
+}
+
+impl<'a> From<&'a NetworkCidr> for CidrDump<'a> {
+    fn from(c: &'a NetworkCidr) -> Self {
+        CidrDump {
+            network: &c.network,
+            cidr: c.cidr.to_string(),
         }
     }
 }
@@ -107,7 +123,7 @@ impl<'a> ServiceDump<'a> {
             namespace: &svc.namespace,
             hostname: &svc.hostname,
             vips: &svc.vips,
-            cidr_vips: &svc.cidr_vips,
+            cidr_vips: svc.cidr_vips.iter().map(CidrDump::from).collect(),
             ports: &svc.ports,
             endpoints,
             subject_alt_names: &svc.subject_alt_names,
@@ -163,6 +179,7 @@ mod tests {
             namespace: "default".into(),
             hostname: "echo.default.svc.cluster.local".into(),
             vips: vec!["/10.96.0.10".parse().unwrap()],
+            cidr_vips: vec!["net1/10.97.0.0/16".parse().unwrap()],
             ports: PortMap::from([(80, 8080)]),
             load_balancing: Some(LoadBalancing {
                 routing_preference: vec![Scope::Zone, Scope::Node],
@@ -202,6 +219,7 @@ mod tests {
                 "namespace": "default",
                 "hostname": "echo.default.svc.cluster.local",
                 "vips": ["/10.96.0.10"],
+                "cidrVips": [{"network": "net1", "cidr": "10.97.0.0/16"}],
                 "ports": {"80": 8080},
                 "endpoints": {"cluster1//Pod/default/echo": {
                     "workloadUid": "cluster1//Pod/default/echo",
