@@ -18,6 +18,7 @@ mod netns;
 pub mod patient;
 pub mod procstat;
 pub mod raw;
+pub mod side_by_side;
 pub mod sniffer;
 mod testbed;
 pub mod traffic;

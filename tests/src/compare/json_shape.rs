@@ -99,6 +99,41 @@ pub fn glob(pattern: &str, s: &str) -> bool {
     }
 }
 
+/// One line per path, `path<TAB>type|type`: a shape kept as a file (a fixture of
+/// upstream's key paths, so CI checks ours against it without upstream's binary).
+pub fn to_text(s: &Shape) -> String {
+    s.iter()
+        .map(|(path, types)| format!("{path}\t{}\n", names(types)))
+        .collect()
+}
+
+/// The inverse of [`to_text`]; blank lines and `#` comments are skipped.
+pub fn from_text(text: &str) -> Result<Shape, String> {
+    let mut out = Shape::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (path, types) = line
+            .split_once('\t')
+            .ok_or_else(|| format!("line {}: no tab: {line:?}", i + 1))?;
+        let types = types
+            .split('|')
+            .map(|t| match t {
+                "null" => Ok(JsonType::Null),
+                "bool" => Ok(JsonType::Bool),
+                "number" => Ok(JsonType::Number),
+                "string" => Ok(JsonType::String),
+                "array" => Ok(JsonType::Array),
+                "object" => Ok(JsonType::Object),
+                other => Err(format!("line {}: no such type {other:?}", i + 1)),
+            })
+            .collect::<Result<_, _>>()?;
+        out.insert(path.to_string(), types);
+    }
+    Ok(out)
+}
+
 /// How `ours` differs from `theirs` (upstream's).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ShapeDiff {
@@ -201,6 +236,15 @@ mod tests {
         assert_eq!(d.missing, ["a.c"]);
         assert_eq!(d.extra, ["a.e", "arr[].m", "n.z"]);
         assert_eq!(d.types, [("t".into(), "string".into(), "number".into())]);
+    }
+
+    #[test]
+    fn shapes_read_back_from_text() {
+        let s = shape(&json!({"a": [{"b": 1}, {"b": "x"}], "n": null}), &[]);
+        let text = to_text(&s);
+        assert!(text.contains("a[].b\tnumber|string\n"), "{text}");
+        assert_eq!(from_text(&format!("# upstream\n{text}")).unwrap(), s);
+        assert!(from_text("a\tstrange").is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod scenario;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ztunnel_tests::compare::{self, exceptions, report};
+use ztunnel_tests::compare::{self, exceptions, json_shape, report};
 
 fn main() -> ExitCode {
     let Some(bin) = std::env::var_os("ISTIO_ZTUNNEL")
@@ -53,6 +53,11 @@ fn run(bin: &std::path::Path) -> anyhow::Result<usize> {
         )?;
         std::fs::write(dir.join(format!("{who}-metrics.txt")), &o.metrics)?;
     }
+    // Upstream's shape, for tests/fixtures/ (CI checks ours against it).
+    std::fs::write(
+        dir.join("istio-config_dump.shape"),
+        json_shape::to_text(&json_shape::shape(&theirs.config_dump, compare::DATA_KEYED)),
+    )?;
     let mut findings = compare::config_dump(&theirs.config_dump, &ours.config_dump);
     for message in ["connection opened", "connection complete"] {
         findings.extend(compare::access_log(
