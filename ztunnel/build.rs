@@ -8,6 +8,7 @@
 
 fn main() -> anyhow::Result<()> {
     compile_protos()?;
+    rustc_version();
     // Debian's rustc is a stable compiler; build-std needs unstable flags.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
@@ -52,4 +53,17 @@ fn compile_protos() -> anyhow::Result<()> {
         .build_server(true)
         .compile_fds(fds)
         .map_err(|e| anyhow::anyhow!("generating Rust from the .proto files: {e}"))
+}
+
+/// The compiler's version for `/config_dump`'s `version.rustVersion` (upstream reports it).
+fn rustc_version() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let v = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=ZTUNNEL_RUSTC_VERSION={v}");
 }

@@ -9,6 +9,7 @@
 
 mod cleanup;
 pub mod cni;
+pub mod compare;
 pub mod firewall;
 pub mod http;
 pub mod kube_proxy;
@@ -17,6 +18,7 @@ mod netns;
 pub mod patient;
 pub mod procstat;
 pub mod raw;
+pub mod side_by_side;
 pub mod sniffer;
 mod testbed;
 pub mod traffic;

@@ -1,6 +1,7 @@
 //! Developer and CI commands. `cargo xtask --help` lists them.
 
 mod fuzz;
+mod istio_compare;
 mod kernels;
 mod layouts;
 mod setup;
@@ -50,6 +51,10 @@ enum Cmd {
     /// IPIP) and attachment mode on this machine's kernel; one line per layout and suite.
     /// Not part of `test`.
     Layouts(layouts::LayoutsArgs),
+    /// Our ztunnel and Istio's (built by hand: --istio-ztunnel PATH or ISTIO_ZTUNNEL) side by
+    /// side on one workload file and the same traffic: `/config_dump` keys and types, access
+    /// log fields, metric names and labels. Skips in one line without the binary.
+    IstioCompare(istio_compare::IstioCompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fuzz(args) => fuzz::fuzz(&args),
         Cmd::Kernels(args) => kernels::kernels(&args),
         Cmd::Layouts(args) => layouts::layouts(&args),
+        Cmd::IstioCompare(args) => istio_compare::istio_compare(&args),
     }
 }
 

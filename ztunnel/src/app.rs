@@ -320,6 +320,12 @@ async fn serve(
         certs,
         config_expected: args.local_xds_path.is_some(),
         xds,
+        config: crate::admin::config_dump::config::config(args),
+        local_config: {
+            use crate::admin::config_dump::LocalSource;
+            let file = args.local_xds_path.clone().map(LocalSource::File);
+            file.or_else(|| args.local_xds.clone().map(LocalSource::Inline))
+        },
         quit: quit.clone(),
     });
 

@@ -2,6 +2,7 @@
 //! (15021): what a person on call needs to see what this node's ztunnel knows and does.
 
 mod cert_dump;
+pub mod config_dump;
 pub mod http;
 mod pprof;
 mod views;
@@ -33,6 +34,10 @@ pub struct AdminState {
     pub config_expected: bool,
     /// The xDS client's status, when config comes over xDS.
     pub xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
+    /// `/config_dump`'s `config` (upstream's settings, see [`config_dump::config`]).
+    pub config: serde_json::Value,
+    /// The local config (file or text), echoed in `/config_dump`'s `staticConfig`.
+    pub local_config: Option<config_dump::LocalSource>,
     /// `/quitquitquit` notifies this.
     pub quit: Arc<tokio::sync::Notify>,
 }
@@ -80,7 +85,7 @@ pub async fn admin(state: Arc<AdminState>, req: Req) -> Response<Body> {
             }
             text(StatusCode::OK, s)
         }
-        (Method::GET, "/config_dump") => json(&views::config_dump(&state).await),
+        (Method::GET, "/config_dump") => json(&config_dump::config_dump(&state).await),
         (Method::GET, "/certs") => json(&views::certs(&state)),
         (Method::GET, "/debug/capture") => json(&views::capture(&state).await),
         (Method::GET, "/debug/connections") => json(&state.connections.list()),

@@ -1,6 +1,6 @@
-//! The JSON documents the admin endpoint serves. Field names follow upstream ztunnel's
-//! `config_dump` (camelCase workloads/services/policies/certificates) so Istio's tooling
-//! can read them; our additions (`enrolled`, `capture`) sit beside them.
+//! The JSON documents of the admin endpoint that are ours alone (`/certs`,
+//! `/debug/capture`), and readiness. `/config_dump`, in upstream's shape, is in
+//! `config_dump/`.
 
 use std::collections::BTreeMap;
 
@@ -8,33 +8,6 @@ use serde_json::{json, Value};
 
 use super::AdminState;
 use crate::identity::manager::CertState;
-
-pub async fn config_dump(s: &AdminState) -> Value {
-    let state = s.store.snapshot();
-    let mut workloads: Vec<_> = state.workloads().cloned().collect();
-    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-    let mut services: Vec<_> = state.services().cloned().collect();
-    services.sort_by_key(|s| s.key());
-    let mut policies: Vec<_> = state.policies.iter().cloned().collect();
-    policies.sort_by_key(|p| p.key());
-    let enrollment = s.enroller.status();
-    json!({
-        "config": {"nodeName": s.node},
-        // Upstream's BuildInfo fields that this build can fill in.
-        "version": {
-            "version": env!("CARGO_PKG_VERSION"),
-            "istioVersion": crate::config::istio_names::istio_version(),
-            "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
-        },
-        "workloads": workloads,
-        "services": services,
-        "policies": policies,
-        "certificates": super::cert_dump::certificates(&s.certs),
-        "enrolled": enrollment.enrolled,
-        "pendingEnrollment": enrollment.pending,
-        "xds": s.xds.as_ref().map(|x| x.borrow().clone()),
-    })
-}
 
 pub fn certs(s: &AdminState) -> Value {
     json!(s.certs.snapshot())

@@ -218,6 +218,27 @@ impl<'de> Deserialize<'de> for StringMatch {
                 }
                 Ok(m)
             }
+            /// YAML's tagged form, which upstream's own files use: `!Exact x`,
+            /// `!Presence []`.
+            fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<StringMatch, A::Error> {
+                use de::VariantAccess;
+                let (kind, value): (String, _) = data.variant()?;
+                Ok(match kind.as_str() {
+                    "Exact" => StringMatch::Exact(value.newtype_variant()?),
+                    "Prefix" => StringMatch::Prefix(value.newtype_variant()?),
+                    "Suffix" => StringMatch::Suffix(value.newtype_variant()?),
+                    "Presence" => {
+                        value.newtype_variant::<de::IgnoredAny>()?;
+                        StringMatch::Presence
+                    }
+                    other => {
+                        return Err(de::Error::unknown_variant(
+                            other,
+                            &["Exact", "Prefix", "Suffix", "Presence"],
+                        ))
+                    }
+                })
+            }
         }
         d.deserialize_any(V)
     }

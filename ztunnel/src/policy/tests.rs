@@ -192,6 +192,13 @@ fn principal_wildcards_and_forms() {
         ("{Prefix: cluster.local/ns/a/}", Some(("a", "z")), true),
         ("{Suffix: /sa/b}", Some(("q", "b")), true),
         ("{Presence: {}}", Some(("q", "b")), true),
+        // YAML's tags, as upstream's own files write string matches.
+        ("!Exact cluster.local/ns/a/sa/b", Some(("a", "b")), true),
+        ("!Exact cluster.local/ns/a/sa/b", Some(("a", "c")), false),
+        ("!Prefix cluster.local/ns/a/", Some(("a", "z")), true),
+        ("!Suffix /sa/b", Some(("q", "b")), true),
+        ("!Presence []", Some(("q", "b")), true),
+        ("!Presence []", None, false),
         // The scheme is tolerated in patterns, though Istio writes principals without it.
         ("spiffe://cluster.local/ns/a/sa/b", Some(("a", "b")), true),
         ("cluster.local/ns/a/sa/b", Some(("a", "c")), false),
