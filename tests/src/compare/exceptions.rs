@@ -81,6 +81,14 @@ pub const TABLE: &[Exception] = &[
     ex(
         "metrics",
         Side::Extra,
+        "workload_manager_*",
+        "upstream registers workload_manager_* only as a node proxy (its in-pod workload \
+         manager); the comparison runs it as a dedicated proxy. Ours counts enrolled pods \
+         there",
+    ),
+    ex(
+        "metrics",
+        Side::Extra,
         "process_*",
         "ours: the standard process metrics (CPU, memory, start time) beside upstream's \
          file-descriptor counts",

@@ -2,7 +2,7 @@
 //! value shapes (durations as `{secs, nanos}`, addresses as `{"Localhost": [ipv6, port]}`
 //! or `{"SocketAddr": "ip:port"}`, root certificates as `{"File": path}` or a variant
 //! name). Where upstream has a setting this proxy has no use for, it shows the value that
-//! says so (`dnsProxy: false`, no in-pod socket, no SOCKS5). Built once at start.
+//! says so (no in-pod socket, no SOCKS5; `dnsProxy` is whether `--dns-proxy-addr` is set). Built once at start.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub fn config(args: &RunArgs) -> Value {
     let tcp_keepalive = args.hbone_limits.hbone_tcp_keepalive;
     let mut c = json!({
         "proxy": true,
-        "dnsProxy": false,
+        "dnsProxy": args.dns_proxy_addr.is_some(),
         "windowSize": args.hbone_limits.http2_stream_window_size,
         "connectionWindowSize": args.hbone_limits.http2_connection_window_size,
         "frameSize": args.hbone_limits.http2_frame_size,
@@ -45,8 +45,11 @@ pub fn config(args: &RunArgs) -> Value {
         "inboundAddr": listen(args.inbound_hbone_port),
         "inboundPlaintextAddr": listen(args.inbound_plaintext_port),
         "outboundAddr": listen(args.outbound_port),
-        // Upstream's default; no DNS proxy listens there (`dnsProxy` is false).
-        "dnsProxyAddr": {"Localhost": [false, 15053]},
+        // Upstream's default when no DNS proxy listens (`dnsProxy` false).
+        "dnsProxyAddr": match args.dns_proxy_addr {
+            Some(a) => json!(address(a)),
+            None => json!({"Localhost": [false, 15053]}),
+        },
         "illegalPorts": [args.inbound_plaintext_port, args.outbound_port, args.inbound_hbone_port],
         "network": args.network,
         "localNode": args.node_name,

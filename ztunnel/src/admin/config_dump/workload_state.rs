@@ -130,6 +130,7 @@ mod tests {
                 dst_workload: None,
                 dst_identity: None,
                 protocol: "HBONE",
+                hbone: None,
             },
             bytes_sent: 0,
             bytes_received: 0,
