@@ -166,6 +166,20 @@ pub struct HboneLimits {
     #[arg(long, env = "HBONE_TCP_KEEPALIVE", default_value = "180s", value_parser = parse_duration)]
     pub hbone_tcp_keepalive: Duration,
 
+    /// Time between TCP keepalive probes on HBONE connections (Istio's
+    /// `KEEPALIVE_INTERVAL`; 180 s either way).
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = parse_duration)]
+    pub hbone_tcp_keepalive_interval: Duration,
+
+    /// Unanswered probes before the connection is dropped (Istio's `KEEPALIVE_RETRIES`).
+    #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9)]
+    pub hbone_tcp_keepalive_retries: u32,
+
+    /// Also give up on data unacknowledged for the keepalive's whole span (idle + interval
+    /// x retries), with TCP_USER_TIMEOUT (Istio's `USER_TIMEOUT_ENABLED`).
+    #[arg(long, env = "USER_TIMEOUT_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub hbone_tcp_user_timeout: bool,
+
     /// HTTP/2 flow-control window of each HBONE stream, in bytes (Istio's ztunnel: 4 MiB).
     #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(65535..=2147483647))]
     pub http2_stream_window_size: u32,

@@ -92,7 +92,7 @@ pub struct PoolOptions {
     /// (its driver has ended) at the next checkout or reaper pass. Default: none.
     pub keepalive: Option<hbone::Keepalive>,
     /// TCP keepalive idle time on each connection's socket.
-    pub tcp_keepalive: Option<Duration>,
+    pub tcp_keepalive: Option<crate::proxy::guards::TcpKeepalive>,
 }
 
 impl Default for PoolOptions {

@@ -23,7 +23,29 @@ pub struct InboundLimits {
     connections_per_source: PerKey<(IpAddr, Identity)>,
     pub server: ServerOptions,
     pub upstream_connect_timeout: Duration,
-    pub tcp_keepalive: Option<Duration>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive of HBONE sockets (Istio's `KEEPALIVE_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub retries: u32,
+    /// TCP_USER_TIMEOUT as well: idle + interval x retries.
+    pub user_timeout: bool,
+}
+
+impl TcpKeepalive {
+    /// From the settings; none when the idle time is 0.
+    pub fn from_limits(l: &HboneLimits) -> Option<TcpKeepalive> {
+        (!l.hbone_tcp_keepalive.is_zero()).then_some(TcpKeepalive {
+            idle: l.hbone_tcp_keepalive,
+            interval: l.hbone_tcp_keepalive_interval,
+            retries: l.hbone_tcp_keepalive_retries,
+            user_timeout: l.hbone_tcp_user_timeout,
+        })
+    }
 }
 
 /// A place (a handshake in progress, an established connection), counted until dropped.
@@ -53,7 +75,7 @@ impl InboundLimits {
                 keepalive: keepalive(l),
             },
             upstream_connect_timeout: l.upstream_connect_timeout,
-            tcp_keepalive: (!l.hbone_tcp_keepalive.is_zero()).then_some(l.hbone_tcp_keepalive),
+            tcp_keepalive: TcpKeepalive::from_limits(l),
         }
     }
 
@@ -102,11 +124,21 @@ pub fn keepalive(l: &HboneLimits) -> Option<Keepalive> {
 
 /// TCP keepalive on an HBONE connection's socket, so a peer gone without a word is
 /// noticed even where no PING is sent (Istio's ztunnel: 180 s idle).
-pub fn set_tcp_keepalive(s: &tokio::net::TcpStream, idle: Option<Duration>) {
-    let Some(idle) = idle else { return };
-    let ka = socket2::TcpKeepalive::new().with_time(idle);
-    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+pub fn set_tcp_keepalive(s: &tokio::net::TcpStream, ka: Option<TcpKeepalive>) {
+    let Some(ka) = ka else { return };
+    let sock = socket2::SockRef::from(s);
+    let opts = socket2::TcpKeepalive::new()
+        .with_time(ka.idle)
+        .with_interval(ka.interval)
+        .with_retries(ka.retries);
+    if let Err(e) = sock.set_tcp_keepalive(&opts) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    if ka.user_timeout {
+        let span = ka.idle + ka.interval * ka.retries;
+        if let Err(e) = sock.set_tcp_user_timeout(Some(span)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
     }
 }
 
@@ -174,6 +206,11 @@ mod tests {
         assert_eq!(l.tcp_keepalive, None);
         let d = InboundLimits::default();
         assert_eq!(d.server.keepalive, Some(Keepalive::default()));
-        assert_eq!(d.tcp_keepalive, Some(Duration::from_secs(180)));
+        let ka = d.tcp_keepalive.unwrap();
+        assert_eq!(
+            (ka.idle, ka.interval, ka.retries),
+            (Duration::from_secs(180), Duration::from_secs(180), 9)
+        );
+        assert!(!ka.user_timeout);
     }
 }

@@ -11,11 +11,6 @@ use serde_json::{json, Value};
 
 use crate::config::RunArgs;
 
-/// Linux's `tcp_keepalive_intvl` and `tcp_keepalive_probes`: only the idle time is set on
-/// HBONE sockets, the kernel's defaults do the rest.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(75);
-const KEEPALIVE_RETRIES: u32 = 9;
-
 pub fn config(args: &RunArgs) -> Value {
     let (dns_cfg, dns_opts) = super::dns::resolver();
     let listen = |port: u16| format!("[::]:{port}");
@@ -85,10 +80,10 @@ pub fn config(args: &RunArgs) -> Value {
         "packetMark": args.proxy_mark,
         "socketConfig": {
             "keepaliveTime": duration(tcp_keepalive),
-            "keepaliveInterval": duration(KEEPALIVE_INTERVAL),
-            "keepaliveRetries": KEEPALIVE_RETRIES,
+            "keepaliveInterval": duration(args.hbone_limits.hbone_tcp_keepalive_interval),
+            "keepaliveRetries": args.hbone_limits.hbone_tcp_keepalive_retries,
             "keepaliveEnabled": !tcp_keepalive.is_zero(),
-            "userTimeoutEnabled": false,
+            "userTimeoutEnabled": args.hbone_limits.hbone_tcp_user_timeout,
         },
         "xdsHeaders": headers("XDS_HEADER_"),
         "caHeaders": headers("CA_HEADER_"),
