@@ -19,6 +19,14 @@ use crate::state::StateStore;
 
 /// How long a TCP client may stay silent between questions.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Questions in flight at once (each holds at most its question and, while forwarded, a
+/// 64 KiB reply buffer: ~64 MiB at worst) and TCP connections at once (each up to two
+/// 64 KiB messages: ~32 MiB).
+const MAX_INFLIGHT: usize = 1024;
+const MAX_TCP_CONNECTIONS: usize = 256;
+/// A question over UDP longer than this is not one a resolver sends (EDNS payloads are
+/// 1232-4096 bytes, and that is the answer's size, not the question's): dropped.
+const MAX_UDP_QUESTION: usize = 4096;
 
 pub struct DnsProxy {
     pub store: Arc<StateStore>,
@@ -34,8 +42,8 @@ impl DnsProxy {
             store,
             upstreams,
             cluster_domain: cluster_domain.to_string(),
-            inflight: Cap::new("dns_inflight", 4096),
-            tcp_connections: Cap::new("dns_tcp_connections", 1024),
+            inflight: Cap::new("dns_inflight", MAX_INFLIGHT),
+            tcp_connections: Cap::new("dns_tcp_connections", MAX_TCP_CONNECTIONS),
         })
     }
 
@@ -98,6 +106,10 @@ impl DnsProxy {
                     continue;
                 }
             };
+            if n > MAX_UDP_QUESTION {
+                debug!(%src, bytes = n, "dns: oversized udp question dropped");
+                continue;
+            }
             // A flood beyond the bound is dropped (and counted), as a busy server would.
             let Some(permit) = self.inflight.admit() else {
                 continue;
@@ -145,6 +157,10 @@ impl DnsProxy {
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "slow question")
                 })??;
+            // One question at a time per connection, within the same bound as UDP's.
+            let Some(_permit) = self.inflight.admit() else {
+                return Ok(());
+            };
             let Some(reply) = self.handle(&query, src, true).await else {
                 return Ok(());
             };
