@@ -10,6 +10,7 @@
 mod cleanup;
 pub mod cni;
 pub mod compare;
+pub mod dns;
 pub mod firewall;
 pub mod http;
 pub mod kube_proxy;

@@ -110,6 +110,7 @@ const LEGACY_SUITES: &[&str] = &[
     "enrollment",
     "unparsed",
     "bypass",
+    "dns",
 ];
 
 fn demo() -> anyhow::Result<()> {

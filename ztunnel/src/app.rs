@@ -96,9 +96,10 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         },
     ));
 
-    if let Some(addr) = args.dns_proxy_addr {
-        start_dns(addr, &args, store.clone()).await?;
-    }
+    let dns = match args.dns_proxy_addr {
+        Some(addr) => Some(start_dns(addr, &args, store.clone()).await?),
+        None => None,
+    };
     let capture = Capture::start(CaptureConfig {
         instance: args.instance(),
         bpffs_root: args.bpffs_root.clone(),
@@ -125,7 +126,16 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     .context("starting capture")?;
     let capture = Arc::new(Mutex::new(capture));
 
-    let result = serve(&args, store, certs, capture.clone(), xds_status, metrics).await;
+    let result = serve(
+        &args,
+        store,
+        certs,
+        capture.clone(),
+        xds_status,
+        metrics,
+        dns,
+    )
+    .await;
     if let Some(t) = xds_task {
         t.abort();
     }
@@ -160,7 +170,7 @@ async fn start_dns(
     addr: std::net::SocketAddr,
     args: &RunArgs,
     store: Arc<StateStore>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<crate::dns::DnsProxy>> {
     let upstreams = crate::dns::Upstreams::from_resolv_conf(&args.dns_upstream)
         .context("--dns-upstream (DNS_UPSTREAM)")?;
     let udp = tokio::net::UdpSocket::bind(addr)
@@ -172,8 +182,8 @@ async fn start_dns(
     info!(%addr, upstreams = ?upstreams.servers, "DNS proxy");
     let proxy = crate::dns::DnsProxy::new(store, upstreams, &args.cluster_domain);
     tokio::spawn(proxy.clone().serve_udp(udp));
-    tokio::spawn(proxy.serve_tcp(tcp));
-    Ok(())
+    tokio::spawn(proxy.clone().serve_tcp(tcp));
+    Ok(proxy)
 }
 
 /// The CA: Istio's gRPC API when an address is given, else the built-in one.
@@ -209,7 +219,11 @@ async fn serve(
     capture: Arc<Mutex<Capture>>,
     xds: Option<tokio::sync::watch::Receiver<crate::xds::client::XdsStatus>>,
     metrics: Arc<Metrics>,
+    dns: Option<Arc<crate::dns::DnsProxy>>,
 ) -> anyhow::Result<Exit> {
+    // Enrolled pods' DNS over TCP is captured with the rest of their TCP: it goes to the
+    // DNS proxy when one runs (UDP is not captured yet).
+    let dns_tcp = dns.filter(|_| args.dns_capture);
     let connections = ConnectionTracker::new(metrics.clone());
     let dialer = socket::Dialer {
         mark: args.proxy_mark,
@@ -260,6 +274,7 @@ async fn serve(
             workload_wait,
             limits: inbound_limits.clone(),
             draining: drain_rx.clone(),
+            dns: dns_tcp.clone(),
         })
     };
 

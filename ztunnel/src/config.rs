@@ -191,6 +191,11 @@ pub struct RunArgs {
     #[arg(long, env = "DNS_PROXY_ADDR", value_name = "ADDR")]
     pub dns_proxy_addr: Option<std::net::SocketAddr>,
 
+    /// With the DNS proxy running: enrolled pods' DNS over TCP (port 53, to any address)
+    /// goes to it. Their DNS over UDP is not captured yet.
+    #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+
     /// The resolv.conf whose nameservers get the questions the mesh does not answer.
     #[arg(long, env = "DNS_UPSTREAM", default_value = "/etc/resolv.conf")]
     pub dns_upstream: PathBuf,

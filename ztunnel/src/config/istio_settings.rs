@@ -54,7 +54,7 @@ pub fn read(get: &impl Fn(&str) -> Option<String>) -> Extra {
         (
             "ISTIO_META_DNS_CAPTURE=true",
             is_true("ISTIO_META_DNS_CAPTURE"),
-            "the DNS proxy is not built yet; pods' DNS is not captured",
+            "pods' DNS over UDP is not captured yet (over TCP it goes to the DNS proxy when DNS_PROXY_ADDR is set)",
         ),
         (
             "UNSTABLE_ENABLE_SOCKS5=true",

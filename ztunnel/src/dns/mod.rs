@@ -5,9 +5,10 @@
 //! resolvers.
 //!
 //! Built so far: the proxy itself (`names`, `table`, `answer`, `forward`, `server`,
-//! `metrics`). Not yet: steering the pods' port-53 traffic to it in the eBPF program, and
-//! resolving hostname-only workloads at connect time; until then it serves those who ask
-//! it directly (`--dns-proxy-addr`).
+//! `metrics`), on `--dns-proxy-addr`, and enrolled pods' DNS over TCP, which the ordinary
+//! TCP capture brings to the outbound listener (handed here by port 53). Not yet: their
+//! DNS over UDP (steering it in the eBPF program, with a transparent reply source), and
+//! resolving hostname-only workloads at connect time.
 
 mod answer;
 mod forward;

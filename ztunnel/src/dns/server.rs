@@ -143,6 +143,17 @@ impl DnsProxy {
         }
     }
 
+    /// A pod's TCP connection to port 53 of any address, captured: served here as if
+    /// this were the server it dialled.
+    pub async fn serve_captured_tcp(&self, conn: TcpStream, src: SocketAddr) {
+        let Some(_permit) = self.tcp_connections.admit() else {
+            return;
+        };
+        if let Err(e) = self.tcp_session(conn, src).await {
+            debug!(%src, error = %e, "dns: captured tcp session ended");
+        }
+    }
+
     /// Questions one after another on one connection, each framed by its length.
     async fn tcp_session(&self, mut conn: TcpStream, src: SocketAddr) -> std::io::Result<()> {
         loop {

@@ -63,6 +63,8 @@ pub struct ProxyContext {
     pub limits: guards::InboundLimits,
     /// Turns true when this process drains (stop, or a new ztunnel took over).
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// Where enrolled pods' captured DNS over TCP (port 53) goes, when set.
+    pub dns: Option<Arc<crate::dns::DnsProxy>>,
 }
 
 /// Reads an accepted connection's original destination.

@@ -33,6 +33,13 @@ use crate::state::{Service, Upstream, WaypointHop, Workload};
 
 pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = (ctx.original_dst)(&stream);
+    // DNS over TCP, to whatever server the pod asked: the DNS proxy answers as that
+    // server (the connection is already the pod's, to that address).
+    if let (Ok(d), Some(dns)) = (&dst, &ctx.dns) {
+        if d.port() == 53 {
+            return dns.serve_captured_tcp(stream, peer).await;
+        }
+    }
     let conn = ctx
         .connections
         .accept(Direction::Outbound, peer, dst.as_ref().ok().copied());

@@ -148,6 +148,7 @@ fn node(
         // The "node" of these tests: where every tunnel comes from.
         is_node_address: Arc::new(|ip| ip == std::net::IpAddr::from([127, 0, 0, 1])),
         workload_wait,
+        dns: None,
         limits: Default::default(),
         draining,
     });

@@ -217,6 +217,7 @@ pub(crate) fn test_context() -> Arc<dyn Fn() -> ProxyContext + Send + Sync> {
         workload_wait: Duration::ZERO,
         limits: Default::default(),
         draining: draining.clone(),
+        dns: None,
     })
 }
 
