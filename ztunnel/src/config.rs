@@ -187,7 +187,8 @@ pub struct RunArgs {
 
     /// Serve the DNS proxy on this address (UDP and TCP; Istio's port is 15053): mesh
     /// hostnames answered for the pod that asks, the rest relayed to `--dns-upstream`.
-    /// Pods' port-53 traffic is not captured to it yet: they must ask it directly.
+    /// Enrolled pods' DNS over TCP is captured to it (`--dns-capture`); over UDP not yet:
+    /// pods reach it there only by asking this address.
     #[arg(long, env = "DNS_PROXY_ADDR", value_name = "ADDR")]
     pub dns_proxy_addr: Option<std::net::SocketAddr>,
 
