@@ -45,16 +45,30 @@ pub fn read(get: &impl Fn(&str) -> Option<String>) -> Extra {
                 .into(),
         );
     }
-    let ignored: [(&str, bool, &str); 4] = [
+    // Istio's DNS switch and address (proxy metadata): the DNS proxy runs, and takes what
+    // of the pods' DNS is captured (TCP; UDP not yet).
+    let dns_addr = get("ISTIO_META_DNS_PROXY_ADDR").filter(|v| !v.trim().is_empty());
+    if get("DNS_PROXY_ADDR").is_none() {
+        match dns_addr {
+            Some(a) => out.set.push(("DNS_PROXY_ADDR".into(), a)),
+            None if is_true("ISTIO_META_DNS_CAPTURE") => out
+                .set
+                .push(("DNS_PROXY_ADDR".into(), "127.0.0.1:15053".into())),
+            None => {}
+        }
+    }
+    if is_true("ISTIO_META_DNS_CAPTURE") {
+        out.warnings.push(
+            "ISTIO_META_DNS_CAPTURE=true: the DNS proxy runs and answers enrolled pods' DNS over \
+             TCP; their DNS over UDP is not captured yet"
+                .into(),
+        );
+    }
+    let ignored: [(&str, bool, &str); 3] = [
         (
             "TLS12_ENABLED=true",
             is_true("TLS12_ENABLED"),
             "HBONE stays TLS 1.3 only (Istio's proxies all speak it)",
-        ),
-        (
-            "ISTIO_META_DNS_CAPTURE=true",
-            is_true("ISTIO_META_DNS_CAPTURE"),
-            "pods' DNS over UDP is not captured yet (over TCP it goes to the DNS proxy when DNS_PROXY_ADDR is set)",
         ),
         (
             "UNSTABLE_ENABLE_SOCKS5=true",
@@ -260,6 +274,30 @@ mod tests {
         ]);
         assert_eq!(e.warnings.len(), 2, "{e:?}");
         assert!(e.errors.is_empty());
+    }
+
+    #[test]
+    fn istios_dns_metadata_starts_the_dns_proxy() {
+        let e = run(&[("ISTIO_META_DNS_CAPTURE", "true")]);
+        assert_eq!(
+            e.set,
+            vec![("DNS_PROXY_ADDR".into(), "127.0.0.1:15053".into())]
+        );
+        assert_eq!(e.warnings.len(), 1);
+        let e = run(&[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:15054"),
+        ]);
+        assert_eq!(
+            e.set,
+            vec![("DNS_PROXY_ADDR".into(), "127.0.0.1:15054".into())]
+        );
+        let e = run(&[
+            ("ISTIO_META_DNS_CAPTURE", "true"),
+            ("DNS_PROXY_ADDR", "0.0.0.0:53"),
+        ]);
+        assert!(e.set.is_empty());
+        assert!(run(&[("ISTIO_META_DNS_CAPTURE", "false")]).set.is_empty());
     }
 
     #[test]
