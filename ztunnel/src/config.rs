@@ -61,6 +61,8 @@ pub enum DebugView {
     Capture,
     /// Live connections with identities and bytes.
     Connections,
+    /// The names the DNS proxy answers from the mesh, with their addresses.
+    Dns,
     /// The whole config dump.
     Config,
 }

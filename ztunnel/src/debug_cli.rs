@@ -11,7 +11,9 @@ use crate::config::{DebugArgs, DebugOutput, DebugView};
 
 pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     let path = match args.what {
-        DebugView::Workloads | DebugView::Services | DebugView::Config => "/config_dump",
+        DebugView::Workloads | DebugView::Services | DebugView::Config | DebugView::Dns => {
+            "/config_dump"
+        }
         DebugView::Certs => "/certs",
         DebugView::Capture => "/debug/capture",
         DebugView::Connections => "/debug/connections",
@@ -22,11 +24,13 @@ pub fn run(args: DebugArgs) -> anyhow::Result<()> {
     let out = match (args.output, args.what) {
         (DebugOutput::Json, DebugView::Workloads) => serde_json::to_string_pretty(&v["workloads"])?,
         (DebugOutput::Json, DebugView::Services) => serde_json::to_string_pretty(&v["services"])?,
+        (DebugOutput::Json, DebugView::Dns) => serde_json::to_string_pretty(&v["dns"])?,
         (DebugOutput::Json, _) | (DebugOutput::Table, DebugView::Config) => {
             serde_json::to_string_pretty(&v)?
         }
         (DebugOutput::Table, DebugView::Workloads) => workloads(&v),
         (DebugOutput::Table, DebugView::Services) => services(&v),
+        (DebugOutput::Table, DebugView::Dns) => dns(&v),
         (DebugOutput::Table, DebugView::Certs) => certs(&v),
         (DebugOutput::Table, DebugView::Capture) => capture(&v),
         (DebugOutput::Table, DebugView::Connections) => connections(&v),
@@ -161,6 +165,33 @@ fn services(v: &Value) -> String {
         })
         .collect();
     table(&["SERVICE", "VIPS", "PORTS", "WAYPOINT"], &rows)
+}
+
+fn dns(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["dns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let addrs: Vec<String> = e["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![
+                s(&e["hostname"]),
+                s(&e["namespace"]),
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                },
+                s(&e["visibility"]),
+            ]
+        })
+        .collect();
+    table(&["NAME", "NAMESPACE", "ADDRESSES", "VISIBILITY"], &rows)
 }
 
 /// A waypoint as `destination:port`, or `-`.
@@ -379,6 +410,23 @@ mod tests {
     fn aligns_columns() {
         let t = super::table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y");
+    }
+
+    #[test]
+    fn the_dns_table_is_a_table() {
+        let v = serde_json::json!({"dns": [
+            {"hostname": "echo.d.svc.cluster.local", "namespace": "d",
+             "addresses": ["10.96.0.10", "fd00::10"], "visibility": "PUBLIC"},
+            {"hostname": "db.d.svc.cluster.local", "namespace": "d", "addresses": [],
+             "visibility": "NAMESPACE"}
+        ]});
+        let out = super::dns(&v);
+        assert!(out.contains("10.96.0.10,fd00::10"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.contains("db.d.svc.cluster.local") && l.contains(" - ")),
+            "{out}"
+        );
     }
 
     #[test]

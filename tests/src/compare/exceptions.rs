@@ -48,6 +48,12 @@ pub const TABLE: &[Exception] = &[
     ex(
         CONFIG,
         Side::Extra,
+        "dns",
+        "ours: the names the DNS proxy answers from the mesh, with their addresses",
+    ),
+    ex(
+        CONFIG,
+        Side::Extra,
         "workloadState",
         "upstream writes workloadState only as a node proxy (shared mode, pods handed over \
          by Istio's CNI agent); the comparison runs it as a dedicated proxy, where it has none",

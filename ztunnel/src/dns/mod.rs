@@ -20,7 +20,7 @@ mod table;
 pub use answer::{decide, Reply, MESH_TTL};
 pub use forward::Upstreams;
 pub use server::DnsProxy;
-pub use table::{lookup, Lookup};
+pub use table::{entries, lookup, Entry, Lookup};
 
 #[cfg(test)]
 mod tests;

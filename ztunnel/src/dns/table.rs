@@ -46,6 +46,41 @@ pub fn lookup(
     }
 }
 
+/// One name the DNS proxy answers: what `/config_dump` (`dns`) and `ztunnel debug dns` show.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub hostname: String,
+    pub namespace: String,
+    /// IPv4 then IPv6: the VIPs, or a headless service's endpoints.
+    pub addresses: Vec<IpAddr>,
+    /// `PUBLIC`, or `NAMESPACE` (answered only to its own namespace's pods).
+    pub visibility: crate::state::Visibility,
+}
+
+/// Every name the DNS proxy answers from the mesh, sorted by hostname and namespace.
+pub fn entries(state: &ProxyState) -> Vec<Entry> {
+    let mut out: Vec<Entry> = state
+        .services()
+        .map(|svc| {
+            let mut addresses = addresses(svc, state, false);
+            addresses.extend(addresses_v6(svc, state));
+            Entry {
+                hostname: svc.hostname.clone(),
+                namespace: svc.namespace.clone(),
+                addresses,
+                visibility: svc.visibility,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.hostname, &a.namespace).cmp(&(&b.hostname, &b.namespace)));
+    out
+}
+
+fn addresses_v6(svc: &Arc<Service>, state: &ProxyState) -> Vec<IpAddr> {
+    addresses(svc, state, true)
+}
+
 /// The service's VIPs of the family asked, on this node's network. A service without a
 /// VIP (headless) answers with its endpoints' addresses, as Kubernetes DNS does.
 fn addresses(svc: &Arc<Service>, state: &ProxyState, v6: bool) -> Vec<IpAddr> {

@@ -1,8 +1,8 @@
 //! `/config_dump` in Istio's ztunnel's shape, so that `istioctl ztunnel-config` and
 //! anything else written against upstream reads it: every key upstream writes, at the
 //! same path, with the same value type (`cargo xtask istio-compare` checks this against
-//! upstream's binary). Our own keys (`enrolled`, `pendingEnrollment`, `xds`) sit beside
-//! them.
+//! upstream's binary). Our own keys (`enrolled`, `pendingEnrollment`, `xds`, `dns`) sit
+//! beside them.
 
 pub mod config;
 mod dns;
@@ -44,8 +44,10 @@ pub async fn config_dump(s: &AdminState) -> Value {
             &state,
             &s.connections.list(),
         ),
-        // Ours: which pods this node captures, which it holds and why, the xDS stream.
+        // Ours: which pods this node captures, which it holds and why, the xDS stream,
+        // the names the DNS proxy answers.
         "enrolled": enrollment.enrolled,
+        "dns": crate::dns::entries(&state),
         "pendingEnrollment": enrollment.pending,
         "xds": s.xds.as_ref().map(|x| x.borrow().clone()),
     })
