@@ -32,14 +32,11 @@ pub fn lookup(
         .into_iter()
         .find_map(|h| state.service_by_hostname(&h, ns))
         .or_else(|| names::wildcards(qname).find_map(|h| state.service_by_hostname(&h, ns)));
+    // `service_by_hostname` skips services the client may not see (`visibility`): such a
+    // name is not the mesh's to answer (the cluster's DNS may know it for other reasons).
     let Some(svc) = service else {
         return Lookup::NotMesh;
     };
-    // A service the client may not see is not the mesh's to answer (the cluster's DNS
-    // may know the name for other reasons).
-    if ns.is_some_and(|ns| !svc.visible_to(ns)) {
-        return Lookup::NotMesh;
-    }
     Lookup::Found {
         hostname: svc.hostname.clone(),
         ips: addresses(&svc, state, v6),
@@ -63,22 +60,18 @@ pub fn entries(state: &ProxyState) -> Vec<Entry> {
     let mut out: Vec<Entry> = state
         .services()
         .map(|svc| {
-            let mut addresses = addresses(svc, state, false);
-            addresses.extend(addresses_v6(svc, state));
+            let mut both = addresses(svc, state, false);
+            both.extend(addresses(svc, state, true));
             Entry {
                 hostname: svc.hostname.clone(),
                 namespace: svc.namespace.clone(),
-                addresses,
+                addresses: both,
                 visibility: svc.visibility,
             }
         })
         .collect();
     out.sort_by(|a, b| (&a.hostname, &a.namespace).cmp(&(&b.hostname, &b.namespace)));
     out
-}
-
-fn addresses_v6(svc: &Arc<Service>, state: &ProxyState) -> Vec<IpAddr> {
-    addresses(svc, state, true)
 }
 
 /// The service's VIPs of the family asked, on this node's network. A service without a
