@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod decide;
+pub mod dns;
 pub mod last_hop;
 pub mod parse;
 pub mod sockmap;
@@ -172,6 +173,11 @@ pub struct Settings {
     pub inbound_hbone_port: u16,
     /// `SETTINGS_*` bits. 0 (the map's initial value) means "pass everything".
     pub flags: u16,
+    /// The port of ztunnel's DNS socket that enrolled pods' UDP queries to port 53 are
+    /// assigned to (see [`dns`]); 0: DNS over UDP is not captured.
+    pub dns_port: u16,
+    /// Unused; keeps the layout free of implicit padding.
+    pub reserved: u16,
 }
 
 /// `Settings::flags`: the loader has written real settings.
@@ -271,6 +277,11 @@ pub struct PodCounters {
     /// Other packets of captured flows whose ztunnel socket is gone (ztunnel died, or they
     /// came late, after the flow closed): dropped.
     pub dropped_socket_gone: u64,
+    /// This pod's DNS questions over UDP handed to ztunnel's DNS proxy.
+    pub dns_captured: u64,
+    /// This pod's DNS questions over UDP that found no ztunnel DNS socket (ztunnel down)
+    /// and went on to the server the pod asked (DNS fails open, see [`dns`]).
+    pub dns_passed: u64,
 }
 
 #[cfg(feature = "user")]

@@ -5,7 +5,10 @@
 //! of three, and the difference between the last two is what keeps the mesh closed:
 //!
 //! - [`L4::Tcp`]: the offset of a TCP header that is there in full.
-//! - [`L4::Other`]: a packet that is certainly not TCP (UDP, ICMP, …): not ztunnel's.
+//! - [`L4::Udp`]: the offset of a complete UDP header, of a packet that is not a
+//!   fragment: the program looks at its port (DNS, see `dns`).
+//! - [`L4::Other`]: a packet that is certainly not TCP (other UDP, ICMP, …): not
+//!   ztunnel's.
 //! - [`L4::Unparsed`]: a packet that may be TCP but whose TCP header the program cannot
 //!   see: an IPv4 or IPv6 fragment of a TCP packet, a chain of IPv6 extension headers
 //!   longer than the program walks or of a kind it cannot walk (ESP), a header cut
@@ -19,12 +22,15 @@
 
 /// A TCP header has its flags at byte 13; a packet must hold at least this much of it.
 pub const TCP_MIN_BYTES: usize = 14;
+/// A UDP header's length.
+pub const UDP_HEADER_BYTES: usize = 8;
 /// IPv6 extension headers walked before giving up (the packet is then unparsed). Real
 /// traffic carries one or two; the bound keeps the program's loop short for the verifier.
 pub const MAX_EXT_HEADERS: usize = 8;
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ESP: u8 = 50;
@@ -47,6 +53,8 @@ pub trait Reader {
 pub enum L4 {
     /// A complete TCP header starts at this offset.
     Tcp(usize),
+    /// A complete UDP header starts at this offset (a whole packet, not a fragment).
+    Udp(usize),
     /// Not TCP.
     Other,
     /// Possibly TCP, but its header cannot be read (see the module documentation).
@@ -59,15 +67,24 @@ pub fn ipv4<R: Reader>(r: &mut R, l3: usize) -> L4 {
     else {
         return L4::Unparsed;
     };
+    let fragment = frag & 0x3fff != 0;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if proto == IPPROTO_UDP {
+        // A fragmented UDP datagram is not a DNS question a resolver sends (questions are
+        // small): left alone, like a header that is not all there.
+        if fragment || ihl < 20 {
+            return L4::Other;
+        }
+        return udp_at(r, l3 + ihl);
+    }
     if proto != IPPROTO_TCP {
         return L4::Other;
     }
     // More-fragments set or an offset: a fragment of a TCP packet. Only the first holds
     // the TCP header, and TCP does not fragment (it sets DF and follows the path MTU).
-    if frag & 0x3fff != 0 {
+    if fragment {
         return L4::Unparsed;
     }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return L4::Unparsed;
     }
@@ -83,6 +100,7 @@ pub fn ipv6<R: Reader>(r: &mut R, l3: usize) -> L4 {
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             IPPROTO_TCP => return tcp_at(r, off),
+            IPPROTO_UDP => return udp_at(r, off),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH | IPPROTO_HIP
             | IPPROTO_SHIM6 => {
                 // Next header, then the length in 8-octet units beyond the first 8.
@@ -126,8 +144,18 @@ pub fn ipv6<R: Reader>(r: &mut R, l3: usize) -> L4 {
     if next == IPPROTO_TCP {
         return tcp_at(r, off);
     }
+    if next == IPPROTO_UDP {
+        return udp_at(r, off);
+    }
     // A chain longer than the bound: it may well end in TCP.
     L4::Unparsed
+}
+
+fn udp_at<R: Reader>(r: &mut R, off: usize) -> L4 {
+    match r.u8_at(off + UDP_HEADER_BYTES - 1) {
+        Some(_) => L4::Udp(off),
+        None => L4::Other,
+    }
 }
 
 fn tcp_at<R: Reader>(r: &mut R, off: usize) -> L4 {

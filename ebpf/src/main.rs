@@ -21,6 +21,7 @@
 #![no_main]
 
 mod captured_sockets;
+mod dns;
 mod last_hop;
 mod sockets;
 mod sockmap;
@@ -35,6 +36,7 @@ use aya_log_ebpf::debug;
 use sockets::{assign_listener, take_existing, Taken};
 use ztunnel_ebpf_common::{
     decide::{decide, decide_on_bridge, decide_unparsed, End, Facts, Lookups, Take, Verdict},
+    dns::DNS_PORT,
     last_hop::LAST_HOP_COUNTERS,
     parse::{self, Reader, L4},
     sockmap::{SockKey, SockmapCounters, SockmapSettings},
@@ -174,7 +176,9 @@ enum Parsed {
     /// Maybe TCP, but its header cannot be read (`parse::L4::Unparsed`): only the
     /// addresses are filled in.
     Unparsed,
-    /// Not TCP, not IP.
+    /// UDP to port 53 (`ztunnel_ebpf_common::dns`): addresses and ports filled in.
+    Dns,
+    /// Not TCP, not IP, or UDP to another port.
     Other,
 }
 
@@ -199,6 +203,7 @@ fn capture(ctx: &TcContext) -> Result<i32, ()> {
     match parse(ctx, &iface, pkt)? {
         Parsed::Tcp => {}
         Parsed::Unparsed => return Ok(unparsed(ifindex, pkt)),
+        Parsed::Dns => return Ok(dns::capture(ctx, &iface, ifindex, pkt)),
         Parsed::Other => return Ok(VERDICT_CONTINUE),
     }
     // Look up what the packet's addresses are.
@@ -466,8 +471,23 @@ fn parse(ctx: &TcContext, iface: &IfaceInfo, pkt: &mut Packet) -> Result<Parsed,
         }
         _ => return Ok(Parsed::Other),
     };
-    let L4::Tcp(l4) = l4 else {
-        return Ok(Parsed::Unparsed);
+    let l4 = match l4 {
+        L4::Tcp(l4) => l4,
+        L4::Udp(l4) => {
+            // Only DNS questions are ztunnel's; every other datagram (VXLAN on an uplink
+            // included) stops here, at the cost of one two-byte read.
+            let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
+            if u16::from_be(dport) != DNS_PORT {
+                return Ok(Parsed::Other);
+            }
+            pkt.flow.sport = ctx.load(l4).map_err(|_| ())?;
+            pkt.flow.dport = dport;
+            pkt.flags = 0;
+            pkt.seq = 0;
+            pkt.len = ctx.len();
+            return Ok(Parsed::Dns);
+        }
+        _ => return Ok(Parsed::Unparsed),
     };
     // `parse` checked that the header holds its flags (byte 13).
     pkt.flow.sport = ctx.load(l4).map_err(|_| ())?;

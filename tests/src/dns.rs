@@ -96,3 +96,51 @@ pub fn resolve_tcp(ns: &Netns, server: SocketAddr, name: &str) -> anyhow::Result
             .collect())
     })
 }
+
+/// The addresses (A or AAAA records, as `qtype`) `server` gives for `name`, asked over UDP
+/// from inside `ns`, and the address the answer came from (a resolver only takes answers
+/// from the server it asked). Fails after `timeout` without an answer.
+pub fn resolve_udp(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<IpAddr>, SocketAddr)> {
+    let name = Name::from_ascii(name)?;
+    ns.run(move || -> anyhow::Result<(Vec<IpAddr>, SocketAddr)> {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.metadata.id = rand_id();
+        q.add_query(Query::query(name, qtype));
+        let any: SocketAddr = match server {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let s = UdpSocket::bind(any)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send_to(&q.to_vec()?, server)?;
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf)?;
+        let r = Message::from_vec(&buf[..n])?;
+        anyhow::ensure!(r.metadata.id == q.metadata.id, "answer to another question");
+        let ips = r
+            .answers
+            .iter()
+            .filter_map(|a| match &a.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+        Ok((ips, from))
+    })
+}
+
+fn rand_id() -> u16 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id()) as u16
+}

@@ -1,15 +1,15 @@
-//! The DNS proxy in the data path, as far as it goes: an enrolled pod's DNS over TCP, to
-//! any address, is captured with the rest of its TCP and answered by the node's DNS proxy
-//! as if it were the server the pod asked — mesh names from the mesh, the rest through the
-//! node's resolver (a stand-in for CoreDNS in a pod); an unenrolled pod's DNS is untouched.
-//! (DNS over UDP is not captured yet.)
+//! The DNS proxy in the data path: an enrolled pod's DNS, over UDP and TCP, to any address,
+//! is captured and answered by the node's DNS proxy as if it were the server the pod asked
+//! — mesh names from the mesh, the rest through the node's resolver (a stand-in for CoreDNS
+//! in a pod); an unenrolled pod's DNS is untouched; with ztunnel down it fails open.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use ztunnel_tests::dns::{resolve_tcp, StubDns};
+use hickory_proto::rr::RecordType;
+use ztunnel_tests::dns::{resolve_tcp, resolve_udp, StubDns};
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
-use ztunnel_tests::ztunnel::{local_config, WorkloadSpec};
+use ztunnel_tests::ztunnel::{capture_counter, local_config, WorkloadSpec};
 use ztunnel_tests::{require_root, Testbed};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -79,4 +79,124 @@ fn enrolled_pods_dns_over_tcp_is_answered_by_the_mesh() {
     );
     // And what the pod got reaches the service through the mesh.
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
+}
+
+#[test]
+fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
+    require_root!();
+    let mut tb = Testbed::new().unwrap();
+    let a = tb.add_node("node-a").unwrap();
+    let b = tb.add_node("node-b").unwrap();
+    let client = tb.add_pod(&a, "client").unwrap();
+    let plain = tb.add_pod(&a, "plain").unwrap();
+    let server = tb.add_pod(&b, "server").unwrap();
+    let coredns = tb.add_pod(&b, "coredns").unwrap();
+    let _echo = EchoServer::start(&server.netns, 8080).unwrap();
+    let _stub = StubDns::start(&coredns.netns, COREDNS_ANSWER).unwrap();
+    let mut server_spec = WorkloadSpec::mesh(&server, "default", "server");
+    server_spec.extra =
+        "  services:\n    default/echo.default.svc.cluster.local: {80: 8080}\n".into();
+    // A service with both families' VIPs, and a ServiceEntry host with an (auto-allocated
+    // style) VIP that no resolver but the mesh's knows.
+    let services = "services:\n- name: echo\n  namespace: default\n  \
+                    hostname: echo.default.svc.cluster.local\n  \
+                    vips: [\"/10.96.0.50\", \"/fd00:96::50\"]\n  ports: {80: 8080}\n\
+                    - name: api\n  namespace: default\n  hostname: api.example.com\n  \
+                    vips: [\"/240.240.0.7\"]\n  ports: {443: 443}\n";
+    let yaml = local_config(
+        &[
+            WorkloadSpec::mesh(&client, "default", "client"),
+            WorkloadSpec::plain(&plain, "default"),
+            server_spec,
+        ],
+        services,
+    );
+    let config = tb.write_config("workloads.yaml", &yaml).unwrap();
+    let resolv = tb
+        .write_config("resolv.conf", &format!("nameserver {}\n", coredns.ip))
+        .unwrap();
+    let resolv = resolv.display().to_string();
+    let dns_args = [
+        "--dns-proxy-addr",
+        "127.0.0.1:15053",
+        "--dns-upstream",
+        &resolv,
+    ];
+    let za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    let _zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
+
+    let short = Duration::from_secs(1);
+    let kube_dns: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    let kube_dns6: SocketAddr = "[fd00:96::10]:53".parse().unwrap();
+    let stub: SocketAddr = SocketAddr::new(coredns.ip.into(), 53);
+    let vip: IpAddr = "10.96.0.50".parse().unwrap();
+    let vip6: IpAddr = "fd00:96::50".parse().unwrap();
+    let echo = "echo.default.svc.cluster.local.";
+    let ask = |pod: &ztunnel_tests::Pod, to: SocketAddr, name: &str, t: RecordType| {
+        resolve_udp(&pod.netns, to, name, t, short)
+    };
+    // To the cluster DNS's address (which nothing here serves): answered by the mesh, from
+    // the address the pod asked.
+    eventually("the mesh answers over UDP", WAIT, || {
+        ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
+    });
+    // The forms the pod's search domains make, as its resolver tries them.
+    for name in [
+        "echo.default.default.svc.cluster.local.",
+        "echo.default.svc.cluster.local.default.svc.cluster.local.",
+    ] {
+        assert_eq!(
+            ask(&client, kube_dns, name, RecordType::A).unwrap().0,
+            [vip],
+            "{name}"
+        );
+    }
+    // A ServiceEntry host: its VIP, known only to the mesh.
+    assert_eq!(
+        ask(&client, kube_dns, "api.example.com.", RecordType::A)
+            .unwrap()
+            .0,
+        ["240.240.0.7".parse::<IpAddr>().unwrap()]
+    );
+    // IPv6: asked over IPv6, AAAA answered from the IPv6 server address asked.
+    assert_eq!(
+        ask(&client, kube_dns6, echo, RecordType::AAAA).unwrap(),
+        (vec![vip6], kube_dns6)
+    );
+    // A name the mesh does not know: through the node's resolver.
+    assert_eq!(
+        ask(&client, kube_dns, "www.example.org.", RecordType::A).unwrap(),
+        (vec![IpAddr::V4(COREDNS_ANSWER)], kube_dns)
+    );
+    // Asked of the real server's address, a mesh name is still the mesh's answer, from it.
+    assert_eq!(
+        ask(&client, stub, echo, RecordType::A).unwrap(),
+        (vec![vip], stub)
+    );
+    // A pod outside the mesh asks the server itself, and the cluster address stays silent.
+    assert_eq!(
+        ask(&plain, stub, echo, RecordType::A).unwrap(),
+        (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
+    );
+    assert!(ask(&plain, kube_dns, echo, RecordType::A).is_err());
+    // What the pod got reaches the service through the mesh.
+    assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
+    let captured = capture_counter(&a, &client, "dns_captured").unwrap();
+    // Six questions over IPv4 (the IPv6 one counts on the pod's IPv6 address).
+    assert!(captured >= 6, "dns_captured {captured}");
+
+    // ztunnel killed: the pod's DNS goes where it was sent (fails open): the real server
+    // answers; a name only the mesh knew does not resolve there.
+    tb.kill(za.pid);
+    assert_eq!(
+        ask(&client, stub, echo, RecordType::A).unwrap(),
+        (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
+    );
+    assert!(ask(&client, kube_dns, echo, RecordType::A).is_err());
+    // Back: the mesh answers again; the counters (pinned) saw the questions passed on.
+    let _za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    eventually("the mesh answers again", WAIT, || {
+        ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
+    });
+    assert!(capture_counter(&a, &client, "dns_passed").unwrap() >= 2);
 }

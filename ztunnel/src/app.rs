@@ -97,7 +97,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let dns = match args.dns_proxy_addr {
-        Some(addr) => Some(start_dns(addr, &args, store.clone()).await?),
+        Some(_) => Some(dns_proxy(&args, store.clone())?),
         None => None,
     };
     let capture = Capture::start(CaptureConfig {
@@ -121,6 +121,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             excluded_ports: args.sockmap_exclude_ports.clone(),
         },
         host_under_policy: args.host_probes == crate::config::HostProbes::Policy,
+        dns_port: args.dns_capture_port().unwrap_or(0),
     })
     .await
     .context("starting capture")?;
@@ -165,25 +166,71 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
     result.map(|_| ())
 }
 
-/// The DNS proxy's listeners on `addr`, UDP and TCP.
-async fn start_dns(
-    addr: std::net::SocketAddr,
-    args: &RunArgs,
-    store: Arc<StateStore>,
-) -> anyhow::Result<Arc<crate::dns::DnsProxy>> {
+/// The DNS proxy (its sockets are bound in `serve`, where a predecessor's are taken over).
+fn dns_proxy(args: &RunArgs, store: Arc<StateStore>) -> anyhow::Result<Arc<crate::dns::DnsProxy>> {
     let upstreams = crate::dns::Upstreams::from_resolv_conf(&args.dns_upstream)
         .context("--dns-upstream (DNS_UPSTREAM)")?;
-    let udp = tokio::net::UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("DNS proxy: udp {addr}"))?;
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
+    info!(upstreams = ?upstreams.servers, "DNS proxy: questions the mesh does not answer go to these");
+    Ok(crate::dns::DnsProxy::new(
+        store,
+        upstreams,
+        &args.cluster_domain,
+    ))
+}
+
+/// The DNS proxy's sockets, inherited or bound: TCP on `--dns-proxy-addr`; UDP there too,
+/// or, when enrolled pods' DNS is captured, on the wildcard addresses of its port
+/// (transparent: captured questions arrive there, whatever address they were for).
+fn serve_dns(
+    args: &RunArgs,
+    proxy: &Arc<crate::dns::DnsProxy>,
+    inherited: &mut handover::Inherited,
+    registry: &handover::Registry,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    use crate::dns::{transparent, UdpRole};
+    let Some(addr) = args.dns_proxy_addr else {
+        return Ok(());
+    };
+    let udp: Vec<(std::net::UdpSocket, UdpRole)> = match args.dns_capture_port() {
+        Some(port) => args
+            .listen_addrs(port)
+            .into_iter()
+            .map(|a| {
+                let s = inherited
+                    .take_or_bind_udp(a, transparent::bind_capture_socket)
+                    .with_context(|| format!("DNS proxy: transparent udp {a}"))?;
+                let role = UdpRole::Capture {
+                    proxy_addr: addr,
+                    mark: args.proxy_mark,
+                };
+                Ok((s, role))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![(
+            inherited
+                .take_or_bind_udp(addr, transparent::bind_plain_socket)
+                .with_context(|| format!("DNS proxy: udp {addr}"))?,
+            UdpRole::Plain,
+        )],
+    };
+    let tcp = inherited
+        .take_or_bind(addr, std::net::TcpListener::bind)
         .with_context(|| format!("DNS proxy: tcp {addr}"))?;
-    info!(%addr, upstreams = ?upstreams.servers, "DNS proxy");
-    let proxy = crate::dns::DnsProxy::new(store, upstreams, &args.cluster_domain);
-    tokio::spawn(proxy.clone().serve_udp(udp));
-    tokio::spawn(proxy.clone().serve_tcp(tcp));
-    Ok(proxy)
+    registry.add(&tcp)?;
+    tcp.set_nonblocking(true)?;
+    tasks.spawn(proxy.clone().serve_tcp(TcpListener::from_std(tcp)?));
+    for (s, role) in udp {
+        registry.add_udp(&s)?;
+        s.set_nonblocking(true)?;
+        tasks.spawn(
+            proxy
+                .clone()
+                .serve_udp(tokio::net::UdpSocket::from_std(s)?, role),
+        );
+    }
+    info!(%addr, captured = args.dns_capture_port().is_some(), "DNS proxy");
+    Ok(())
 }
 
 /// The CA: Istio's gRPC API when an address is given, else the built-in one.
@@ -222,8 +269,8 @@ async fn serve(
     dns: Option<Arc<crate::dns::DnsProxy>>,
 ) -> anyhow::Result<Exit> {
     // Enrolled pods' DNS over TCP is captured with the rest of their TCP: it goes to the
-    // DNS proxy when one runs (UDP is not captured yet).
-    let dns_tcp = dns.filter(|_| args.dns_capture);
+    // DNS proxy when one runs (their DNS over UDP reaches it through its own socket).
+    let dns_tcp = dns.clone().filter(|_| args.dns_capture);
     let connections = ConnectionTracker::new(metrics.clone());
     let dialer = socket::Dialer {
         mark: args.proxy_mark,
@@ -391,6 +438,9 @@ async fn serve(
             handler,
             args.http_limits.clone(),
         ));
+    }
+    if let Some(dns) = &dns {
+        serve_dns(args, dns, &mut inherited, &registry, &mut tasks)?;
     }
     if !inherited.is_empty() {
         warn!(addresses = ?inherited.unused(), "inherited listeners this configuration does not use: closed");

@@ -189,13 +189,16 @@ pub struct RunArgs {
 
     /// Serve the DNS proxy on this address (UDP and TCP; Istio's port is 15053): mesh
     /// hostnames answered for the pod that asks, the rest relayed to `--dns-upstream`.
-    /// Enrolled pods' DNS over TCP is captured to it (`--dns-capture`); over UDP not yet:
-    /// pods reach it there only by asking this address.
+    /// Enrolled pods' DNS (UDP and TCP, port 53 of any address) is captured to it
+    /// (`--dns-capture`); with capture on, its UDP socket is bound to the wildcard
+    /// addresses of this port, and answers on other addresses only captured questions.
     #[arg(long, env = "DNS_PROXY_ADDR", value_name = "ADDR")]
     pub dns_proxy_addr: Option<std::net::SocketAddr>,
 
-    /// With the DNS proxy running: enrolled pods' DNS over TCP (port 53, to any address)
-    /// goes to it. Their DNS over UDP is not captured yet.
+    /// With the DNS proxy running: enrolled pods' DNS (UDP and TCP, port 53 of any
+    /// address) goes to it, answered as if from the server they asked. While ztunnel is
+    /// down their DNS goes where they sent it (fails open; their connections stay
+    /// captured and fail closed).
     #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_capture: bool,
 
@@ -504,6 +507,14 @@ impl RunArgs {
             self.xds_address
                 .get_or_insert_with(|| ISTIOD_ADDRESS.into());
         }
+    }
+
+    /// The port enrolled pods' DNS over UDP is captured to: the DNS proxy's, when it runs
+    /// with `--dns-capture`.
+    pub fn dns_capture_port(&self) -> Option<u16> {
+        self.dns_proxy_addr
+            .filter(|_| self.dns_capture)
+            .map(|a| a.port())
     }
 
     pub fn listen_addrs(&self, port: u16) -> [SocketAddr; 2] {

@@ -59,6 +59,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Records a UDP socket (the DNS proxy's), as [`Registry::add`]. The successor tells
+    /// it from a listener on the same address by its type.
+    pub fn add_udp(&self, s: &std::net::UdpSocket) -> std::io::Result<()> {
+        let addr = s.local_addr()?;
+        let fd = s.try_clone()?.into();
+        self.0.lock().expect("registry").push((addr, fd));
+        Ok(())
+    }
+
     fn entries(&self) -> Vec<(SocketAddr, RawFd)> {
         let g = self.0.lock().expect("registry");
         g.iter().map(|(a, fd)| (*a, fd.as_raw_fd())).collect()
@@ -70,9 +79,10 @@ impl Registry {
     }
 }
 
-/// Listening sockets received from the previous ztunnel, by local address.
+/// Sockets received from the previous ztunnel, by local address and kind: TCP listeners
+/// (`udp` false) and the DNS proxy's UDP sockets.
 #[derive(Default)]
-pub struct Inherited(HashMap<SocketAddr, std::net::TcpListener>);
+pub struct Inherited(HashMap<(SocketAddr, bool), OwnedFd>);
 
 impl Inherited {
     /// The inherited listener for `addr`, else a new one from `bind`.
@@ -81,8 +91,20 @@ impl Inherited {
         addr: SocketAddr,
         bind: impl FnOnce(SocketAddr) -> std::io::Result<std::net::TcpListener>,
     ) -> std::io::Result<std::net::TcpListener> {
-        match self.0.remove(&addr) {
-            Some(l) => Ok(l),
+        match self.0.remove(&(addr, false)) {
+            Some(fd) => Ok(fd.into()),
+            None => bind(addr),
+        }
+    }
+
+    /// The inherited UDP socket for `addr`, else a new one from `bind`.
+    pub fn take_or_bind_udp(
+        &mut self,
+        addr: SocketAddr,
+        bind: impl FnOnce(SocketAddr) -> std::io::Result<std::net::UdpSocket>,
+    ) -> std::io::Result<std::net::UdpSocket> {
+        match self.0.remove(&(addr, true)) {
+            Some(fd) => Ok(fd.into()),
             None => bind(addr),
         }
     }
@@ -97,7 +119,7 @@ impl Inherited {
 
     /// Addresses received but not used (the new configuration dropped them).
     pub fn unused(&self) -> Vec<SocketAddr> {
-        self.0.keys().copied().collect()
+        self.0.keys().map(|(a, _)| *a).collect()
     }
 }
 
@@ -133,12 +155,17 @@ impl Predecessor {
         }
         let mut inherited = Inherited::default();
         for (addr, fd) in addrs.into_iter().zip(fds) {
-            let l = std::net::TcpListener::from(fd);
-            let actual = l.local_addr().context("inherited socket")?;
+            let sock = socket2::SockRef::from(&fd);
+            let actual = sock
+                .local_addr()
+                .context("inherited socket")?
+                .as_socket()
+                .context("inherited socket is not an IP socket")?;
             if actual != addr {
                 anyhow::bail!("inherited socket for {addr} is bound to {actual}");
             }
-            inherited.0.insert(addr, l);
+            let udp = sock.r#type().context("inherited socket's type")? == socket2::Type::DGRAM;
+            inherited.0.insert((addr, udp), fd);
         }
         self.0.write_all(b"ack\n").context("acknowledging")?;
         let mut bye = String::new();
@@ -345,6 +372,41 @@ mod tests {
         // And the path is free for the successor's own server.
         assert!(!is_running(&path));
         let _again = serve(&path, Registry::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_udp_socket_on_a_listeners_address_moves_as_itself() {
+        let dir = temp_dir("udp");
+        let path = socket_path(&dir, "node");
+        let registry = Registry::default();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let u = std::net::UdpSocket::bind(addr).unwrap();
+        registry.add_udp(&u).unwrap();
+        registry.add(&l).unwrap();
+        let _handed = serve(&path, registry.clone()).unwrap();
+        // A datagram queued before the handover is read by the successor.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"q", addr).unwrap();
+        let mut inherited = Predecessor::find(&path)
+            .expect("predecessor answers")
+            .take_listeners()
+            .unwrap();
+        assert_eq!(inherited.len(), 2);
+        let u2 = inherited
+            .take_or_bind_udp(addr, |_| panic!("must be inherited"))
+            .unwrap();
+        let l2 = inherited
+            .take_or_bind(addr, |_| panic!("must be inherited"))
+            .unwrap();
+        assert!(inherited.is_empty());
+        drop((u, l));
+        registry.clear();
+        let mut b = [0u8; 1];
+        let (n, from) = u2.recv_from(&mut b).unwrap();
+        assert_eq!((&b[..n], from), (&b"q"[..], client.local_addr().unwrap()));
+        assert_eq!(l2.local_addr().unwrap(), addr);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -264,6 +264,8 @@ pub struct Metrics {
     pub capture_dropped: Family<PodLabels, Gauge>,
     pub capture_spoofed: Family<PodLabels, Gauge>,
     pub capture_socket_gone: Family<PodLabels, Gauge>,
+    pub capture_dns_captured: Family<PodLabels, Gauge>,
+    pub capture_dns_passed: Family<PodLabels, Gauge>,
     /// Workloads this node should capture but cannot (held: their traffic is dropped).
     pub workloads_not_enrolled: Gauge,
     /// Pod addresses more than one interface claims now, and the claims refused so far.
@@ -312,6 +314,8 @@ impl Metrics {
             capture_dropped: Family::default(),
             capture_spoofed: Family::default(),
             capture_socket_gone: Family::default(),
+            capture_dns_captured: Family::default(),
+            capture_dns_passed: Family::default(),
             workloads_not_enrolled: Gauge::default(),
             address_conflicts: Gauge::default(),
             address_claims_refused: Counter::default(),
@@ -431,6 +435,16 @@ impl Metrics {
             "capture_dropped_socket_gone",
             "Other packets of captured flows whose ztunnel socket is gone (ztunnel died, or late packets of a closed flow), dropped",
             m.capture_socket_gone.clone(),
+        );
+        zt.register(
+            "capture_dns_captured",
+            "DNS questions over UDP from enrolled pods handed to the DNS proxy",
+            m.capture_dns_captured.clone(),
+        );
+        zt.register(
+            "capture_dns_passed",
+            "DNS questions over UDP from enrolled pods that found no DNS proxy (ztunnel down) and went to the server asked (DNS fails open)",
+            m.capture_dns_passed.clone(),
         );
         zt.register(
             "capture_dropped_spoofed",
@@ -566,6 +580,12 @@ impl Metrics {
             self.capture_socket_gone
                 .get_or_create(&l)
                 .set(c.dropped_socket_gone as i64);
+            self.capture_dns_captured
+                .get_or_create(&l)
+                .set(c.dns_captured as i64);
+            self.capture_dns_passed
+                .get_or_create(&l)
+                .set(c.dns_passed as i64);
         }
     }
 }

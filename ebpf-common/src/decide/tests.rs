@@ -56,6 +56,8 @@ const SETTINGS: Settings = Settings {
     inbound_plain_port: 15006,
     inbound_hbone_port: 15008,
     flags: SETTINGS_ENABLED,
+    dns_port: 15053,
+    reserved: 0,
 };
 
 /// A question the decision asked.

@@ -82,7 +82,18 @@ fn ipv4_table() {
             14,
             L4::Tcp(34),
         ),
-        ("UDP", v4(17, 0, 5, &TCP), 0, L4::Other),
+        ("UDP", v4(17, 0, 5, &TCP), 0, L4::Udp(20)),
+        ("UDP with options", v4(17, 0, 6, &TCP), 0, L4::Udp(24)),
+        (
+            "UDP, a whole header",
+            v4(17, 0, 5, &TCP[..8]),
+            0,
+            L4::Udp(20),
+        ),
+        ("UDP cut short", v4(17, 0, 5, &TCP[..7]), 0, L4::Other),
+        ("UDP first fragment", v4(17, 0x2000, 5, &TCP), 0, L4::Other),
+        ("UDP later fragment", v4(17, 0x0010, 5, &TCP), 0, L4::Other),
+        ("UDP, IHL below 5", v4(17, 0, 4, &TCP), 0, L4::Other),
         ("ICMP fragment", v4(1, 0x2000, 5, &TCP), 0, L4::Other),
         (
             "first fragment (MF)",
@@ -131,7 +142,13 @@ fn ipv4_table() {
 fn ipv6_table() {
     let rows: &[(&str, Vec<u8>, L4)] = &[
         ("plain TCP", v6(6, &TCP), L4::Tcp(40)),
-        ("UDP", v6(17, &TCP), L4::Other),
+        ("UDP", v6(17, &TCP), L4::Udp(40)),
+        ("UDP cut short", v6(17, &TCP[..7]), L4::Other),
+        (
+            "UDP fragment",
+            v6(44, &cat(&[&frag(17, 0, true), &TCP])),
+            L4::Other,
+        ),
         ("ICMPv6", v6(58, &TCP), L4::Other),
         ("no next header", v6(59, &[]), L4::Other),
         (
@@ -157,12 +174,12 @@ fn ipv6_table() {
         (
             "mobility header to UDP",
             v6(135, &cat(&[&ext(17, 1), &TCP])),
-            L4::Other,
+            L4::Udp(48),
         ),
         (
             "destination options to UDP",
             v6(60, &cat(&[&ext(17, 1), &[0; 8]])),
-            L4::Other,
+            L4::Udp(48),
         ),
         (
             "an atomic fragment is whole",

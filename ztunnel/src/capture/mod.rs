@@ -73,6 +73,9 @@ pub struct CaptureConfig {
     /// The node's own connections to enrolled pods meet their policy at the last hop,
     /// instead of being exempt (`--host-probes policy`).
     pub host_under_policy: bool,
+    /// The port of the DNS proxy's transparent UDP socket that enrolled pods' DNS questions
+    /// over UDP are assigned to; 0: not captured.
+    pub dns_port: u16,
 }
 
 /// The attachment asked for (`--tc-attach`).
@@ -110,6 +113,8 @@ pub struct Counters {
     pub dropped_no_proxy: u64,
     pub dropped_spoofed: u64,
     pub dropped_socket_gone: u64,
+    pub dns_captured: u64,
+    pub dns_passed: u64,
 }
 
 /// An enrolled pod address, as read back from the kernel map.
@@ -245,6 +250,8 @@ impl Capture {
                 } else {
                     0
                 },
+            dns_port: cfg.dns_port,
+            reserved: 0,
         };
         settings.set(0, written, 0)?;
         let sockmap = sockmap::Sockmap::start(&mut ebpf, &cfg.sockmap);
@@ -494,6 +501,8 @@ impl Capture {
                 c.dropped_no_proxy += v.dropped_no_proxy;
                 c.dropped_spoofed += v.dropped_spoofed;
                 c.dropped_socket_gone += v.dropped_socket_gone;
+                c.dns_captured += v.dns_captured;
+                c.dns_passed += v.dns_passed;
             }
             out.insert(addr(k), c);
         }

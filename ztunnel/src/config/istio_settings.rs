@@ -45,8 +45,8 @@ pub fn read(get: &impl Fn(&str) -> Option<String>) -> Extra {
                 .into(),
         );
     }
-    // Istio's DNS switch and address (proxy metadata): the DNS proxy runs, and takes what
-    // of the pods' DNS is captured (TCP; UDP not yet).
+    // Istio's DNS switch and address (proxy metadata): the DNS proxy runs, and takes the
+    // enrolled pods' DNS (captured unless DNS_CAPTURE=false).
     let dns_addr = get("ISTIO_META_DNS_PROXY_ADDR").filter(|v| !v.trim().is_empty());
     if get("DNS_PROXY_ADDR").is_none() {
         match dns_addr {
@@ -56,13 +56,6 @@ pub fn read(get: &impl Fn(&str) -> Option<String>) -> Extra {
                 .push(("DNS_PROXY_ADDR".into(), "127.0.0.1:15053".into())),
             None => {}
         }
-    }
-    if is_true("ISTIO_META_DNS_CAPTURE") {
-        out.warnings.push(
-            "ISTIO_META_DNS_CAPTURE=true: the DNS proxy runs and answers enrolled pods' DNS over \
-             TCP; their DNS over UDP is not captured yet"
-                .into(),
-        );
     }
     let ignored: [(&str, bool, &str); 3] = [
         (
@@ -272,7 +265,7 @@ mod tests {
             ("TLS12_ENABLED", "true"),
             ("ISTIO_META_DNS_CAPTURE", "true"),
         ]);
-        assert_eq!(e.warnings.len(), 2, "{e:?}");
+        assert_eq!(e.warnings.len(), 1, "{e:?}");
         assert!(e.errors.is_empty());
     }
 
@@ -283,7 +276,7 @@ mod tests {
             e.set,
             vec![("DNS_PROXY_ADDR".into(), "127.0.0.1:15053".into())]
         );
-        assert_eq!(e.warnings.len(), 1);
+        assert!(e.warnings.is_empty(), "{e:?}");
         let e = run(&[
             ("ISTIO_META_DNS_CAPTURE", "true"),
             ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:15054"),

@@ -4,11 +4,12 @@
 //! as the asking pod may see them (`visibility`); everything else goes to the node's
 //! resolvers.
 //!
-//! Built so far: the proxy itself (`names`, `table`, `answer`, `forward`, `server`,
-//! `metrics`), on `--dns-proxy-addr`, and enrolled pods' DNS over TCP, which the ordinary
-//! TCP capture brings to the outbound listener (handed here by port 53). Not yet: their
-//! DNS over UDP (steering it in the eBPF program, with a transparent reply source), and
-//! resolving hostname-only workloads at connect time.
+//! The proxy itself is `names`, `table`, `answer`, `forward`, `server` and `metrics`, on
+//! `--dns-proxy-addr`. Enrolled pods reach it without being told: their DNS over UDP is
+//! assigned by the capture program to a transparent socket on the proxy's port and
+//! answered from the address they asked (`transparent`); their DNS over TCP is a TCP
+//! connection like any other, which the capture brings to the outbound listener and that
+//! hands here by port 53.
 
 mod answer;
 mod forward;
@@ -16,10 +17,11 @@ pub mod metrics;
 mod names;
 mod server;
 mod table;
+pub mod transparent;
 
 pub use answer::{decide, Reply, MESH_TTL};
 pub use forward::Upstreams;
-pub use server::DnsProxy;
+pub use server::{DnsProxy, UdpRole};
 pub use table::{entries, lookup, Entry, Lookup};
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use tracing::debug;
 use super::answer::{self, Reply};
 use super::forward::{Upstreams, MAX_MESSAGE};
 use super::metrics::{DnsLabels, DNS};
+use super::transparent::{self, arrival, Arrival};
+use crate::admin::http::{accept_with_backoff, ACCEPT_BACKOFF};
 use crate::limits::Cap;
 use crate::state::StateStore;
 
@@ -27,6 +29,17 @@ const MAX_TCP_CONNECTIONS: usize = 256;
 /// A question over UDP longer than this is not one a resolver sends (EDNS payloads are
 /// 1232-4096 bytes, and that is the answer's size, not the question's): dropped.
 const MAX_UDP_QUESTION: usize = 4096;
+
+/// What a UDP socket of the proxy is.
+#[derive(Clone, Copy, Debug)]
+pub enum UdpRole {
+    /// Bound to the proxy's address: answers go back from it.
+    Plain,
+    /// Bound to the wildcard on the proxy's port, transparent: captured questions are
+    /// answered from the address they were going to, with ztunnel's `SO_MARK`; questions
+    /// to `proxy_addr` as on a plain socket; anything else is dropped.
+    Capture { proxy_addr: SocketAddr, mark: u32 },
+}
 
 pub struct DnsProxy {
     pub store: Arc<StateStore>,
@@ -95,16 +108,32 @@ impl DnsProxy {
         }
     }
 
-    pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket) {
+    /// Serves one UDP socket: the proxy's own ([`UdpRole::Plain`]), or a capture socket
+    /// that enrolled pods' questions to port 53 are assigned to ([`UdpRole::Capture`]),
+    /// answered from the address each was going to.
+    pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket, role: UdpRole) {
         let sock = Arc::new(sock);
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
-            let (n, src) = match sock.recv_from(&mut buf).await {
+            let (n, src, dst) = match transparent::recv_with_dst(&sock, &mut buf).await {
                 Ok(r) => r,
                 Err(e) => {
+                    // Rare (ENOMEM, ENOBUFS): pause rather than spin the runtime.
                     debug!(error = %e, "dns: udp receive");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
+            };
+            let reply_from = match role {
+                UdpRole::Plain => None,
+                UdpRole::Capture { proxy_addr, .. } => match arrival(dst, proxy_addr) {
+                    Arrival::Captured(asked) => Some(asked),
+                    Arrival::Direct => None,
+                    Arrival::Stray => {
+                        debug!(%src, ?dst, "dns: datagram neither captured nor for the proxy's address, dropped");
+                        continue;
+                    }
+                },
             };
             if n > MAX_UDP_QUESTION {
                 debug!(%src, bytes = n, "dns: oversized udp question dropped");
@@ -118,8 +147,17 @@ impl DnsProxy {
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Some(reply) = me.handle(&query, src, false).await {
-                    let _ = sock.send_to(&reply, src).await;
+                let Some(reply) = me.handle(&query, src, false).await else {
+                    return;
+                };
+                let sent = match (reply_from, role) {
+                    (Some(from), UdpRole::Capture { mark, .. }) => {
+                        transparent::send_from(from, src, &reply, mark)
+                    }
+                    _ => sock.send_to(&reply, src).await.map(drop),
+                };
+                if let Err(e) = sent {
+                    debug!(%src, from = ?reply_from, error = %e, "dns: reply not sent");
                 }
             });
         }
@@ -127,9 +165,7 @@ impl DnsProxy {
 
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((conn, src)) = listener.accept().await else {
-                continue;
-            };
+            let (conn, src) = accept_with_backoff("DNS proxy (tcp)", || listener.accept()).await;
             let Some(permit) = self.tcp_connections.admit() else {
                 continue;
             };

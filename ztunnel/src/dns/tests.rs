@@ -129,7 +129,7 @@ async fn proxy(upstream: SocketAddr) -> SocketAddr {
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = udp.local_addr().unwrap();
     let tcp = TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(p.clone().serve_udp(udp));
+    tokio::spawn(p.clone().serve_udp(udp, super::UdpRole::Plain));
     tokio::spawn(p.serve_tcp(tcp));
     addr
 }

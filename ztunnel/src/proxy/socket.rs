@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// sockets share ephemeral ports per destination instead of exhausting them.
 const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
 
-fn setsockopt_int(
+pub(crate) fn setsockopt_int(
     fd: &impl AsRawFd,
     level: libc::c_int,
     opt: libc::c_int,
@@ -38,7 +38,7 @@ fn setsockopt_int(
     }
 }
 
-fn set_transparent(s: &Socket, v6: bool) -> io::Result<()> {
+pub(crate) fn set_transparent(s: &Socket, v6: bool) -> io::Result<()> {
     if v6 {
         setsockopt_int(s, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
     } else {
