@@ -2,7 +2,7 @@
 //! `ztunnel_ebpf_common::dns` decides (documented and table-tested there).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, BPF_F_CURRENT_NETNS},
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK},
     helpers::generated::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release},
     programs::TcContext,
 };

@@ -28,7 +28,8 @@ const LAYOUTS: &[&str] = &[
     "routed+ipip",
 ];
 
-const DEFAULT_SUITES: &str = "capture,mesh,faults,sockmap,waypoints,node_proxy,unparsed,bypass,xds";
+const DEFAULT_SUITES: &str =
+    "capture,mesh,faults,sockmap,waypoints,node_proxy,unparsed,bypass,xds,dns";
 
 #[derive(clap::Args)]
 pub struct LayoutsArgs {
