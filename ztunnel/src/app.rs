@@ -192,6 +192,12 @@ fn serve_dns(
     let Some(addr) = args.dns_proxy_addr else {
         return Ok(());
     };
+    if args.dns_capture_port().is_some() {
+        transparent::check_reply_privilege(args.proxy_mark).context(
+            "DNS capture answers from port 53 of the address each pod asked: that needs \
+             CAP_NET_BIND_SERVICE (and NET_ADMIN); add it, or run with --dns-capture false",
+        )?;
+    }
     let udp: Vec<(std::net::UdpSocket, UdpRole)> = match args.dns_capture_port() {
         Some(port) => args
             .listen_addrs(port)

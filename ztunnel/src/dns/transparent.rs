@@ -172,6 +172,20 @@ pub fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> i
     Ok(())
 }
 
+/// Checks, once at start, that this process may answer from port 53 (binding a port below
+/// 1024 needs CAP_NET_BIND_SERVICE), on an address of the documentation range that no
+/// one serves (a transparent bind needs no local address).
+pub fn check_reply_privilege(mark: u32) -> io::Result<()> {
+    let probe: SocketAddr = (std::net::Ipv4Addr::new(192, 0, 2, 53), DNS_PORT).into();
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    set_transparent(&s, false)?;
+    if mark != 0 {
+        s.set_mark(mark)?;
+    }
+    s.bind(&probe.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
