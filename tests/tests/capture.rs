@@ -29,6 +29,7 @@ fn config(ns: &Netns) -> CaptureConfig {
         excluded_ports: vec![9999],
         attach: tc_attach(),
         host_under_policy: false,
+        dns_port: 0,
         tc_priority: 1,
         // Capture alone: the listeners here are the test's, not ztunnel's relay.
         sockmap: Default::default(),
