@@ -20,7 +20,12 @@
 //!
 //! Not captured: a pod that is not enrolled (or held), a packet that did not come from
 //! the pod's own interface (another pod spoofing its address gets no answers meant for
-//! it), fragmented datagrams (`parse` leaves them alone; questions are small).
+//! it), fragmented datagrams (`parse` leaves them alone; questions are small), and
+//! questions to the node's own addresses — as a TCP connection to its node is not. A
+//! resolver on the node (NodeLocal DNSCache, which in its iptables mode also takes the
+//! cluster DNS's address onto a local interface) holds port 53 of that address, and the
+//! answer could not leave from there: the pod's resolver would wait out its timeout. Left
+//! alone, it is answered by that resolver.
 
 use crate::{decide::Facts, SETTINGS_ENABLED};
 
@@ -43,6 +48,8 @@ pub enum DnsVerdict {
 
 /// The one question the DNS decision asks beyond [`Facts`].
 pub trait DnsLookups {
+    /// The destination address is in `ZT_NODE_ADDRS`.
+    fn dst_is_node(&mut self) -> bool;
     /// ztunnel has a UDP socket on `port` (the packet's addresses, that port): assign the
     /// packet to it, with the capture mark. True if it was assigned.
     fn assign_dns(&mut self, port: u16) -> bool;
@@ -51,7 +58,7 @@ pub trait DnsLookups {
 /// The verdict for a UDP packet on an interface other than a bridge's own device.
 /// `f.dport` is the UDP destination port; `f.tcp_flags` is not looked at.
 pub fn decide_dns<L: DnsLookups>(f: &Facts, look: &mut L) -> DnsVerdict {
-    if !capturing(f) || !f.from_own_pod() || !f.src_outbound() {
+    if !capturing(f) || !f.from_own_pod() || !f.src_outbound() || look.dst_is_node() {
         return DnsVerdict::Continue;
     }
     assign(f, look)

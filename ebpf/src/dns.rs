@@ -12,7 +12,7 @@ use ztunnel_ebpf_common::{
     IfaceInfo, IFACE_BRIDGE, VERDICT_CONTINUE,
 };
 
-use crate::{counters, pod_info, sockets::tuple_from, taken, Packet, SETTINGS};
+use crate::{counters, pod_info, sockets::tuple_from, taken, Packet, NODE_ADDRS, SETTINGS};
 
 /// The verdict for a UDP packet to port 53. Not inlined: its facts and the lookup tuple
 /// live in frames of their own, off the TCP path's (the 512-byte stack budget of older
@@ -68,6 +68,9 @@ struct Kernel<'a> {
 }
 
 impl DnsLookups for Kernel<'_> {
+    fn dst_is_node(&mut self) -> bool {
+        NODE_ADDRS.get_ptr(self.pkt.dst()).is_some()
+    }
     fn assign_dns(&mut self, port: u16) -> bool {
         assign_dns(self.ctx, self.pkt, port, self.mark)
     }

@@ -179,6 +179,10 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
         (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
     );
     assert!(ask(&plain, kube_dns, echo, RecordType::A).is_err());
+    // Nor is a question to the node's own address taken (a node-local resolver would hold
+    // its port 53): nothing serves it here, so it goes unanswered.
+    let node_dns = SocketAddr::new(a.ip.into(), 53);
+    assert!(ask(&client, node_dns, echo, RecordType::A).is_err());
     // What the pod got reaches the service through the mesh.
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
     let captured = capture_counter(&a, &client, "dns_captured").unwrap();

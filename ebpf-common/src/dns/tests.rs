@@ -49,10 +49,14 @@ const DISABLED: Settings = Settings { flags: 0, ..ON };
 /// Records the ports asked for and answers from a fixed world.
 struct World {
     listening: bool,
+    to_node: bool,
     asked: Vec<u16>,
 }
 
 impl DnsLookups for World {
+    fn dst_is_node(&mut self) -> bool {
+        self.to_node
+    }
     fn assign_dns(&mut self, port: u16) -> bool {
         self.asked.push(port);
         self.listening
@@ -89,6 +93,7 @@ fn dns_table() {
     for &(case, settings, src, iface, port, listening, want, asks) in rows {
         let mut w = World {
             listening,
+            to_node: false,
             asked: Vec::new(),
         };
         let got = decide_dns(&facts(settings, src, iface, port), &mut w);
@@ -96,6 +101,14 @@ fn dns_table() {
         let expected: &[u16] = if asks { &[15053] } else { &[] };
         assert_eq!(w.asked, expected, "{case}: questions");
     }
+    // A resolver on the node itself (NodeLocal DNSCache): not captured.
+    let mut w = World {
+        listening: true,
+        to_node: true,
+        asked: Vec::new(),
+    };
+    assert_eq!(decide_dns(&facts(ON, A, A_VETH, 53), &mut w), Continue);
+    assert!(w.asked.is_empty());
 }
 
 #[test]
@@ -114,6 +127,7 @@ fn bridge_table() {
     for &(case, settings, marked, port, listening, want, asks) in rows {
         let mut w = World {
             listening,
+            to_node: false,
             asked: Vec::new(),
         };
         let f = facts(settings, NONE, 3, port);
