@@ -198,9 +198,23 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     );
     assert!(ask(&client, kube_dns, echo, RecordType::A).is_err());
     // Back: the mesh answers again; the counters (pinned) saw the questions passed on.
-    let _za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    let za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
     eventually("the mesh answers again", WAIT, || {
         ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
     });
     assert!(capture_counter(&a, &client, "dns_passed").unwrap() >= 2);
+
+    // An upgrade: the new ztunnel takes the DNS sockets over with the listeners (binding
+    // them beside the running one's would fail), and answers once the old one is gone.
+    let next = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    next.wait_for_log("took over the running ztunnel's listeners", WAIT)
+        .unwrap();
+    za.wait_for_log("a new ztunnel took over: draining", WAIT)
+        .unwrap();
+    tb.stop(za.pid, WAIT).expect("old process");
+    assert_eq!(
+        ask(&client, kube_dns, echo, RecordType::A).unwrap(),
+        (vec![vip], kube_dns)
+    );
+    assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
 }
