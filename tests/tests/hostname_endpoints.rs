@@ -2,15 +2,17 @@
 //! ztunnel looks the name up with the node's resolver (`--dns-upstream`, here a stand-in
 //! DNS server in a pod) when a connection picks the endpoint, and connects to what it
 //! found — plaintext for an endpoint outside the mesh, HBONE for one in it. A name the
-//! resolver does not know refuses the connection, and says why in the access log.
+//! resolver does not know refuses the connection, and says why in the access log. From
+//! the workload file and over xDS alike.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use ztunnel_tests::dns::StubDns;
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
-use ztunnel_tests::ztunnel::{local_config, WorkloadSpec};
-use ztunnel_tests::{require_root, Testbed};
+use ztunnel_tests::ztunnel::{local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::{require_root, Node, Testbed};
 
 const WAIT: Duration = Duration::from_secs(20);
 const T: Duration = Duration::from_secs(5);
@@ -28,6 +30,16 @@ fn endpoint(name: &str, hostname: &str, protocol: &str, sa: &str) -> String {
 #[test]
 fn hostname_endpoints_are_looked_up_when_a_connection_picks_them() {
     require_root!();
+    run(false);
+}
+
+#[test]
+fn hostname_endpoints_over_xds_are_looked_up_too() {
+    require_root!();
+    run(true);
+}
+
+fn run(xds: bool) {
     let mut tb = Testbed::new().unwrap();
     let a = tb.add_node("node-a").unwrap();
     let b = tb.add_node("node-b").unwrap();
@@ -74,10 +86,8 @@ fn hostname_endpoints_are_looked_up_when_a_connection_picks_them() {
         .write_config("resolv.conf", &format!("nameserver {}\n", coredns.ip))
         .unwrap();
     let resolv = resolv.display().to_string();
-    let za = tb
-        .start_ztunnel(&a, &config, &["--dns-upstream", &resolv])
-        .unwrap();
-    let _zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
+    let cp = xds.then(|| tb.add_node("cp").unwrap());
+    let (za, _zb) = start(&tb, cp, &config, &a, &b, &resolv);
 
     // Outside the mesh: plaintext to the address found, with the client's address.
     let api: SocketAddr = "240.240.0.1:80".parse().unwrap();
@@ -132,4 +142,34 @@ fn hostname_endpoints_are_looked_up_when_a_connection_picks_them() {
         T,
     )
     .unwrap();
+}
+
+/// node-a's ztunnel (the node's resolver from `resolv`) and node-b's, from the file, or
+/// (with a control-plane node) over xDS from a control plane serving it.
+fn start(
+    tb: &Testbed,
+    cp: Option<Node>,
+    config: &Path,
+    a: &Node,
+    b: &Node,
+    resolv: &str,
+) -> (Ztunnel, Ztunnel) {
+    let dns = ["--dns-upstream", resolv];
+    let Some(cp_node) = cp else {
+        return (
+            tb.start_ztunnel(a, config, &dns).unwrap(),
+            tb.start_ztunnel(b, config, &[]).unwrap(),
+        );
+    };
+    let cp = tb.start_controlplane(&cp_node, config, &[]).unwrap();
+    let mut started = [a, b].into_iter().map(|n| {
+        let mut args = cp.node_args(n);
+        args.extend(["--xds-address".to_string(), cp.url.clone()]);
+        if n.name == a.name {
+            args.extend(dns.iter().map(|s| s.to_string()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tb.start_ztunnel_with(n, &args).unwrap()
+    });
+    (started.next().unwrap(), started.next().unwrap())
 }
