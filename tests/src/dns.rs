@@ -1,21 +1,62 @@
 //! DNS in the testbed: a stand-in for the cluster's DNS server (CoreDNS) that answers
-//! every A question with one fixed address, over UDP and TCP, and a pod's client.
+//! every A question with one fixed address, or only those about the names it is given
+//! (NXDOMAIN for the rest), over UDP and TCP, and a pod's client.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use std::sync::Arc;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::netns::Netns;
 
-/// Answers every A question with `answer` (TTL 5), on port 53 of every address of `ns`.
+/// Answers A questions (TTL 5), on port 53 of every address of `ns`.
 pub struct StubDns;
 
+/// What the stand-in knows.
+enum Answers {
+    /// This address for every name.
+    Every(Ipv4Addr),
+    /// These names (no final dot, lowercase) only; NXDOMAIN for the rest.
+    Only(Vec<(String, Ipv4Addr)>),
+}
+
+impl Answers {
+    /// The A record for `name`; `None` when the name does not exist.
+    fn a(&self, name: &Name) -> Option<Ipv4Addr> {
+        match self {
+            Answers::Every(ip) => Some(*ip),
+            Answers::Only(names) => {
+                let asked = name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+                names.iter().find(|(n, _)| *n == asked).map(|(_, ip)| *ip)
+            }
+        }
+    }
+}
+
 impl StubDns {
+    /// Every A question answered with `answer`.
     pub fn start(ns: &Netns, answer: Ipv4Addr) -> anyhow::Result<StubDns> {
+        StubDns::serve(ns, Answers::Every(answer))
+    }
+
+    /// A questions about `names` answered with their address; any question about another
+    /// name is NXDOMAIN.
+    pub fn start_names(ns: &Netns, names: &[(&str, Ipv4Addr)]) -> anyhow::Result<StubDns> {
+        let names = names
+            .iter()
+            .map(|(n, ip)| (n.trim_end_matches('.').to_ascii_lowercase(), *ip))
+            .collect();
+        StubDns::serve(ns, Answers::Only(names))
+    }
+
+    fn serve(ns: &Netns, answers: Answers) -> anyhow::Result<StubDns> {
+        let answers = Arc::new(answers);
+        let for_udp = answers.clone();
         let (udp, tcp) = ns.run(|| -> std::io::Result<_> {
             Ok((
                 UdpSocket::bind(("0.0.0.0", 53))?,
@@ -25,7 +66,7 @@ impl StubDns {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while let Ok((n, src)) = udp.recv_from(&mut buf) {
-                if let Some(r) = reply(&buf[..n], answer) {
+                if let Some(r) = reply(&buf[..n], &for_udp) {
                     let _ = udp.send_to(&r, src);
                 }
             }
@@ -33,11 +74,12 @@ impl StubDns {
         std::thread::spawn(move || {
             for conn in tcp.incoming() {
                 let Ok(mut conn) = conn else { continue };
+                let answer = answers.clone();
                 std::thread::spawn(move || {
                     let Ok(q) = read_framed(&mut conn) else {
                         return;
                     };
-                    if let Some(r) = reply(&q, answer) {
+                    if let Some(r) = reply(&q, &answer) {
                         let _ = write_framed(&mut conn, &r);
                     }
                 });
@@ -47,17 +89,21 @@ impl StubDns {
     }
 }
 
-fn reply(q: &[u8], answer: Ipv4Addr) -> Option<Vec<u8>> {
+fn reply(q: &[u8], answers: &Answers) -> Option<Vec<u8>> {
     let q = Message::from_vec(q).ok()?;
     let query = q.queries.first()?.clone();
     let mut m = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
     m.add_query(query.clone());
-    if query.query_type() == RecordType::A {
-        m.add_answer(Record::from_rdata(
-            query.name().clone(),
-            5,
-            RData::A(A(answer)),
-        ));
+    match answers.a(query.name()) {
+        None => m.metadata.response_code = ResponseCode::NXDomain,
+        Some(answer) if query.query_type() == RecordType::A => {
+            m.add_answer(Record::from_rdata(
+                query.name().clone(),
+                5,
+                RData::A(A(answer)),
+            ));
+        }
+        Some(_) => {}
     }
     m.to_vec().ok()
 }

@@ -121,15 +121,23 @@ fn state_lookups(c: &mut Criterion) {
     });
     let to_pod = SocketAddr::new(pod_ip(1234), 8080);
     g.bench_function("resolve_workload", |b| {
-        b.iter(|| snap.resolve(std::hint::black_box(to_pod)).unwrap().unwrap())
+        b.iter(|| {
+            snap.resolve_from(None, std::hint::black_box(to_pod))
+                .unwrap()
+                .unwrap()
+        })
     });
     let to_vip = SocketAddr::new(vip(123), 80);
     g.bench_function("resolve_service_vip", |b| {
-        b.iter(|| snap.resolve(std::hint::black_box(to_vip)).unwrap().unwrap())
+        b.iter(|| {
+            snap.resolve_from(None, std::hint::black_box(to_vip))
+                .unwrap()
+                .unwrap()
+        })
     });
     let miss = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 443);
     g.bench_function("resolve_outside_mesh", |b| {
-        b.iter(|| snap.resolve(std::hint::black_box(miss)).unwrap())
+        b.iter(|| snap.resolve_from(None, std::hint::black_box(miss)).unwrap())
     });
     g.finish();
 }

@@ -300,6 +300,8 @@ async fn serve(
         );
         let hbone_limits = args.hbone_limits.clone();
         let inbound_limits = crate::proxy::guards::InboundLimits::new(&hbone_limits);
+        // The node's resolvers, the ones the DNS proxy forwards to.
+        let resolvers = crate::dns::ResolverSettings::from_resolv_conf(&args.dns_upstream);
         Arc::new(move || ProxyContext {
             node: node.clone(),
             store: store.clone(),
@@ -328,6 +330,7 @@ async fn serve(
             limits: inbound_limits.clone(),
             draining: drain_rx.clone(),
             dns: dns_tcp.clone(),
+            resolver: resolvers.build(crate::dns::LOOKUP_TIMEOUT),
         })
     };
 

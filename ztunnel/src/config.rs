@@ -202,7 +202,8 @@ pub struct RunArgs {
     #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_capture: bool,
 
-    /// The resolv.conf whose nameservers get the questions the mesh does not answer.
+    /// The resolv.conf whose nameservers get the questions the mesh does not answer, and
+    /// the lookups of endpoints known by hostname only (at connect time).
     #[arg(long, env = "DNS_UPSTREAM", default_value = "/etc/resolv.conf")]
     pub dns_upstream: PathBuf,
 

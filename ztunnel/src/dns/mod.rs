@@ -10,17 +10,21 @@
 //! answered from the address they asked (`transparent`); their DNS over TCP is a TCP
 //! connection like any other, which the capture brings to the outbound listener and that
 //! hands here by port 53.
+//! Apart from the proxy, `on_demand` looks up endpoints known by hostname only, when a
+//! connection to one is made.
 
 mod answer;
 mod forward;
 pub mod metrics;
 mod names;
+mod on_demand;
 mod server;
 mod table;
 pub mod transparent;
 
 pub use answer::{decide, Reply, MESH_TTL};
 pub use forward::Upstreams;
+pub use on_demand::{OnDemand, ResolverSettings, LOOKUP_TIMEOUT};
 pub use server::{DnsProxy, UdpRole};
 pub use table::{entries, lookup, Entry, Lookup};
 

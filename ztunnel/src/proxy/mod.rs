@@ -65,6 +65,8 @@ pub struct ProxyContext {
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// Where enrolled pods' captured DNS over TCP (port 53) goes, when set.
     pub dns: Option<Arc<crate::dns::DnsProxy>>,
+    /// Looks up endpoints known by hostname only, when a connection picks one.
+    pub resolver: crate::dns::OnDemand,
 }
 
 /// Reads an accepted connection's original destination.

@@ -8,6 +8,7 @@
 //!   delivered directly;
 //! → behind a waypoint: HBONE to the waypoint, asking it for the original destination;
 //! → outside the mesh: plain passthrough with the pod's address as source;
+//! → an endpoint known by hostname only: looked up (bounded), then one of the above;
 //! → refused: nothing dialed.
 //! Each path finishes the attempt's [`ConnectionResult`] exactly once.
 //!
@@ -29,7 +30,7 @@ use crate::connections::{Authz, ConnectionResult, Direction, Hbone, Outcome, Rea
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
 use crate::pool::PoolKey;
-use crate::state::{Service, Upstream, WaypointHop, Workload};
+use crate::state::{ResolveError, Service, Unresolved, Upstream, WaypointHop, Workload};
 
 pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = (ctx.original_dst)(&stream);
@@ -57,27 +58,26 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
         )));
     };
     let route = ctx.planner().plan(&state, peer, dst);
+    carry_out(&ctx, conn, stream, peer, dst, route).await
+}
+
+async fn carry_out(
+    ctx: &ProxyContext,
+    conn: ConnectionResult,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    route: Route,
+) {
     match route {
-        Route::Hbone { src, up } => hbone(&ctx, conn, stream, peer, dst, &src, &up).await,
-        Route::SameNode { src, up } => same_node(&ctx, conn, stream, peer, dst, &src, &up).await,
+        Route::Hbone { src, up } => hbone(ctx, conn, stream, peer, dst, &src, &up).await,
+        Route::SameNode { src, up } => same_node(ctx, conn, stream, peer, dst, &src, &up).await,
         Route::Waypoint {
             src,
             hop,
             dst,
             service,
-        } => {
-            waypoint(
-                &ctx,
-                conn,
-                stream,
-                peer,
-                dst,
-                &src,
-                &hop,
-                service.as_deref(),
-            )
-            .await
-        }
+        } => waypoint(ctx, conn, stream, peer, dst, &src, &hop, service.as_deref()).await,
         Route::Passthrough { src, up, target } => {
             let record = Record {
                 direction: Direction::Outbound,
@@ -96,7 +96,17 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
                 target,
                 hbone: None,
             };
-            deliver(&ctx, conn, stream, peer, &record, None).await
+            deliver(ctx, conn, stream, peer, &record, None).await
+        }
+        Route::Lookup { src, endpoint } => {
+            let route = match lookup(ctx, &endpoint).await {
+                Ok(up) => ctx.planner().to_endpoint(src, Some(up), dst),
+                Err(e) => {
+                    return refuse_unresolved(conn, peer, dst, src.as_deref(), &endpoint, e);
+                }
+            };
+            // Never another lookup: `to_endpoint` plans for an address.
+            Box::pin(carry_out(ctx, conn, stream, peer, dst, route)).await
         }
         Route::Refuse(r) => conn.finish(Outcome::Denied(match r {
             Refusal::OwnListener => Reason::OwnListener,
@@ -104,6 +114,51 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             Refusal::NoWaypoint(e) => Reason::NoWaypoint(e),
         })),
     }
+}
+
+/// The endpoint at an address its hostname has now. Bounded (`dns::LOOKUP_TIMEOUT`): a
+/// resolver that does not answer refuses the connection, it never hangs it.
+async fn lookup(ctx: &ProxyContext, endpoint: &Unresolved) -> Result<Upstream, ResolveError> {
+    let hostname = endpoint.hostname();
+    let found = ctx
+        .resolver
+        .lookup(hostname)
+        .await
+        .map_err(|e| endpoint.failed(e))?;
+    let up = endpoint.clone().found(&found, &mut rand::rng())?;
+    debug!(%hostname, ?found, picked = %up.address, "looked up the endpoint");
+    Ok(up)
+}
+
+/// The access log's line for a connection whose endpoint could not be looked up: what
+/// was dialed, the service and the endpoint's workload, and why.
+fn refuse_unresolved(
+    mut conn: ConnectionResult,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: Option<&Workload>,
+    endpoint: &Unresolved,
+    e: ResolveError,
+) {
+    let record = Record {
+        direction: Direction::Outbound,
+        src: End {
+            addr: Some(peer),
+            workload: src,
+            identity: None,
+        },
+        dst: End {
+            addr: None,
+            workload: Some(&endpoint.workload),
+            identity: None,
+        },
+        service: endpoint.service.as_deref(),
+        dst_addr: dst,
+        target: dst,
+        hbone: None,
+    };
+    conn.identify(record.info(), record.labels(), None);
+    conn.finish(Outcome::Denied(Reason::NoEndpoint(e.to_string())))
 }
 
 /// The identities the destination may present: its workload's, or any of the

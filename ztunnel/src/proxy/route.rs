@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::state::{NetworkAddress, ProxyState, Service, Upstream, WaypointHop, Workload};
+use crate::state::{
+    NetworkAddress, ProxyState, Service, Target, Unresolved, Upstream, WaypointHop, Workload,
+};
 
 /// The plan for one outbound connection.
 #[derive(Debug, Clone)]
@@ -30,6 +32,12 @@ pub enum Route {
         src: Option<Arc<Workload>>,
         up: Option<Upstream>,
         target: SocketAddr,
+    },
+    /// The picked endpoint is known by hostname only: look it up, then
+    /// [`Planner::to_endpoint`] says how to reach the address found.
+    Lookup {
+        src: Option<Arc<Workload>>,
+        endpoint: Unresolved,
     },
     /// Refused before anything is dialed.
     Refuse(Refusal),
@@ -97,11 +105,23 @@ impl Planner<'_> {
                 };
             }
         }
-        let up = match state.resolve_from(src.as_deref(), dst) {
-            Ok(up) => up,
+        match state.resolve_from(src.as_deref(), dst) {
+            Ok(Some(Target::Hostname(endpoint))) => Route::Lookup { src, endpoint },
+            Ok(Some(Target::Address(up))) => self.to_endpoint(src, Some(up), dst),
+            Ok(None) => self.to_endpoint(src, None, dst),
             // Known to the mesh but not servable: refused, never sent elsewhere.
-            Err(e) => return Route::Refuse(Refusal::NoEndpoint(e.to_string())),
-        };
+            Err(e) => Route::Refuse(Refusal::NoEndpoint(e.to_string())),
+        }
+    }
+
+    /// How to reach the endpoint `up` (the state's, or one whose hostname was looked up),
+    /// or, with none, the address dialed.
+    pub fn to_endpoint(
+        &self,
+        src: Option<Arc<Workload>>,
+        up: Option<Upstream>,
+        dst: SocketAddr,
+    ) -> Route {
         match (src, up) {
             (Some(src), Some(up)) if up.in_mesh() => {
                 if up.workload.node == self.node {
@@ -196,6 +216,8 @@ mod tests {
                     .into(),
                     ..workload("web-api", "10.2.0.7", "node-b", Protocol::HBONE)
                 },
+                hostname_only("ext-dns", "api.example.com", Protocol::TCP),
+                hostname_only("mesh-dns", "vm.example.com", Protocol::HBONE),
             ],
             [
                 service("web", "10.96.0.1"),
@@ -209,10 +231,29 @@ mod tests {
                     ..service("lost", "10.96.0.4")
                 },
                 service("wp", "10.96.0.8"),
+                service("ext", "240.240.0.1"),
+                service("mesh", "240.240.0.2"),
             ],
             [],
         );
         s.snapshot()
+    }
+
+    /// A ServiceEntry endpoint known by name only, the one endpoint of service `svc`
+    /// (the workload's name up to `-dns`).
+    fn hostname_only(name: &str, hostname: &str, protocol: Protocol) -> Workload {
+        let svc = name.trim_end_matches("-dns");
+        Workload {
+            workload_ips: vec![],
+            hostname: hostname.into(),
+            node: String::new(),
+            services: [(
+                NamespacedHostname::new("default", &format!("{svc}.default.svc.cluster.local")),
+                Default::default(),
+            )]
+            .into(),
+            ..workload(name, "0.0.0.0", "", protocol)
+        }
     }
 
     fn sa(s: &str) -> SocketAddr {
@@ -242,6 +283,14 @@ mod tests {
                 name(&Some(src).flatten()),
                 up.map_or("-".into(), |u| u.workload.name.clone())
             ),
+            Route::Lookup { src, endpoint } => {
+                format!(
+                    "lookup {} {} {}",
+                    name(&src),
+                    endpoint.hostname(),
+                    endpoint.port
+                )
+            }
             Route::Refuse(r) => format!("refuse {}", r.name()),
         }
     }
@@ -336,9 +385,58 @@ mod tests {
                 "10.96.0.3:80",
                 "passthrough - web-api 10.2.0.7:8080",
             ),
+            // an endpoint known by hostname only: looked up first, whoever the client
+            (
+                "10.1.0.2:40000",
+                "240.240.0.1:80",
+                "lookup client api.example.com 8080",
+            ),
+            (
+                "10.1.0.4:40000",
+                "240.240.0.1:80",
+                "lookup - api.example.com 8080",
+            ),
         ];
         for (peer, dst, want) in table {
             assert_eq!(plan(peer, dst), want, "{peer} -> {dst}");
+        }
+    }
+
+    /// Once the name is looked up, the endpoint is reached as one with that address would
+    /// be: HBONE for a mesh endpoint, plaintext for the rest.
+    #[test]
+    fn after_a_lookup() {
+        let is_local = |_: SocketAddr| false;
+        let p = Planner {
+            node: "node-a",
+            listen_ports: &[15001],
+            is_local: &is_local,
+        };
+        let state = state();
+        let client = state.workload_by_ip("10.1.0.2".parse().unwrap());
+        let mut rng = rand::rng();
+        let found = ["2001:db8::5".parse().unwrap(), "192.0.2.5".parse().unwrap()];
+        for (vip, src, want) in [
+            (
+                "240.240.0.1:80",
+                client.clone(),
+                "passthrough 192.0.2.5:8080",
+            ),
+            ("240.240.0.2:80", client.clone(), "hbone 192.0.2.5:8080"),
+            // no mesh client: no identity to tunnel with
+            ("240.240.0.2:80", None, "passthrough 192.0.2.5:8080"),
+        ] {
+            let route = p.plan(&state, sa("10.1.0.2:40000"), sa(vip));
+            let Route::Lookup { endpoint, .. } = route else {
+                panic!("{vip}: {route:?}");
+            };
+            let up = endpoint.found(&found, &mut rng).unwrap();
+            let got = match p.to_endpoint(src, Some(up), sa(vip)) {
+                Route::Hbone { up, .. } => format!("hbone {}", up.address),
+                Route::Passthrough { target, .. } => format!("passthrough {target}"),
+                other => format!("{other:?}"),
+            };
+            assert_eq!(got, want, "{vip}");
         }
     }
 }

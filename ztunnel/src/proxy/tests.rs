@@ -149,6 +149,8 @@ fn node(
         is_node_address: Arc::new(|ip| ip == std::net::IpAddr::from([127, 0, 0, 1])),
         workload_wait,
         dns: None,
+        resolver: crate::dns::ResolverSettings::unavailable("no resolver in tests")
+            .build(crate::dns::LOOKUP_TIMEOUT),
         limits: Default::default(),
         draining,
     });

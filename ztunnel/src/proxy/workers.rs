@@ -218,6 +218,8 @@ pub(crate) fn test_context() -> Arc<dyn Fn() -> ProxyContext + Send + Sync> {
         limits: Default::default(),
         draining: draining.clone(),
         dns: None,
+        resolver: crate::dns::ResolverSettings::unavailable("no resolver in tests")
+            .build(crate::dns::LOOKUP_TIMEOUT),
     })
 }
 

@@ -63,7 +63,8 @@ fn a_range_reaches_its_service_but_never_takes_a_pods_address() {
     let up = snap
         .resolve_from(Some(&client), sa("10.97.0.200:80"))
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .expect_address();
     assert_eq!(up.workload.name, "backend");
     assert_eq!(up.address, sa("10.0.0.2:8080"));
     assert_eq!(up.service.unwrap().hostname, "ext.example.com");
@@ -101,7 +102,7 @@ fn a_shared_vip_goes_to_the_clients_namespace_and_respects_visibility() {
     let backend = |client: &str| {
         let w = snap.workload_by_uid(client).unwrap();
         let up = snap.resolve_from(Some(&w), sa("240.0.0.1:80")).unwrap();
-        up.map(|u| u.workload.name.clone())
+        up.map(|u| u.expect_address().workload.name.clone())
     };
     assert_eq!(backend("c//Pod/a/client-a").as_deref(), Some("backend-a"));
     assert_eq!(backend("c//Pod/b/client-b").as_deref(), Some("backend-b"));

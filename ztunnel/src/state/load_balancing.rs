@@ -3,7 +3,7 @@
 //! health and by how close they are to the client (routing preference).
 //!
 //! The choice is a pure function of the client, the endpoints and the settings, so it is
-//! table-tested here; [`super::ProxyState::pick_endpoint`] then picks at random among
+//! table-tested here; [`super::ProxyState::pick_endpoint_for`] then picks at random among
 //! what [`choose`] keeps.
 
 use serde::Serialize;

@@ -10,6 +10,7 @@ pub mod load_balancing;
 mod resolve;
 mod service;
 mod snapshot;
+mod unresolved;
 mod vip_index;
 mod waypoint;
 mod workload;
@@ -18,9 +19,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
-pub use resolve::{ResolveError, Upstream};
+pub use resolve::{ResolveError, Target, Upstream};
 pub use service::{Endpoint, IpFamilies, NetworkCidr, Service, Visibility, WeightedWaypoint};
 pub use snapshot::ProxyState;
+pub use unresolved::{check_hostname, pick_address, Unresolved};
 pub use waypoint::{GatewayAddress, GatewayDestination, WaypointError, WaypointHop};
 pub use workload::{
     HealthStatus, NamespacedHostname, NetworkAddress, NetworkMode, PortMap, Protocol, Workload,

@@ -1,5 +1,6 @@
 //! Outbound resolution: from the original destination of a captured connection to the
-//! workload and port to tunnel to.
+//! workload and port to tunnel to, or to an endpoint known by hostname only, whose address
+//! the connection looks up (`unresolved`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use rand::Rng;
 use super::load_balancing::{self, Mode};
 use super::service::Service;
 use super::snapshot::ProxyState;
+use super::unresolved::Unresolved;
 use super::workload::{NetworkAddress, Workload};
 
 /// Where a connection goes.
@@ -49,6 +51,30 @@ pub enum ResolveError {
     OtherNetworks { service: String, networks: String },
     #[error("no endpoint of service {service} meets its routing preference (STRICT)")]
     NoPreferredEndpoint { service: String },
+    /// The picked endpoint is known by hostname only and its lookup gave no usable address
+    /// (failed, timed out, or none the service allows).
+    #[error("could not resolve {hostname}: {error}")]
+    Dns { hostname: String, error: String },
+}
+
+/// Where the state says a connection goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An endpoint at a known address.
+    Address(Upstream),
+    /// An endpoint known by hostname only: its address is looked up first.
+    Hostname(Unresolved),
+}
+
+impl Target {
+    /// The endpoint, for callers that know it has an address (tests).
+    #[cfg(test)]
+    pub fn expect_address(self) -> Upstream {
+        match self {
+            Target::Address(up) => up,
+            Target::Hostname(l) => panic!("{} needs a lookup", l.hostname()),
+        }
+    }
 }
 
 impl ProxyState {
@@ -58,25 +84,31 @@ impl ProxyState {
     /// through), or a VIP whose load balancing is PASSTHROUGH (sent to the address dialled).
     /// Service VIPs are load balanced at random over their endpoints, as their load
     /// balancing allows (health, routing preference from the client `src`, when known).
+    /// (Tests: endpoints with addresses only.)
+    #[cfg(test)]
     pub fn resolve(&self, dst: SocketAddr) -> Result<Option<Upstream>, ResolveError> {
-        self.resolve_from(None, dst)
+        Ok(self.resolve_from(None, dst)?.map(Target::expect_address))
     }
 
-    /// [`ProxyState::resolve`] for a connection from the workload `src`.
+    /// [`ProxyState::resolve`] for a connection from the workload `src`; the endpoint may
+    /// be one to look up.
     pub fn resolve_from(
         &self,
         src: Option<&Workload>,
         dst: SocketAddr,
-    ) -> Result<Option<Upstream>, ResolveError> {
+    ) -> Result<Option<Target>, ResolveError> {
         self.resolve_on(self.network(), src, dst)
     }
 
+    #[cfg(test)]
     pub fn resolve_in(
         &self,
         network: &str,
         dst: SocketAddr,
     ) -> Result<Option<Upstream>, ResolveError> {
-        self.resolve_on(network, None, dst)
+        Ok(self
+            .resolve_on(network, None, dst)?
+            .map(Target::expect_address))
     }
 
     fn resolve_on(
@@ -84,14 +116,16 @@ impl ProxyState {
         network: &str,
         src: Option<&Workload>,
         dst: SocketAddr,
-    ) -> Result<Option<Upstream>, ResolveError> {
+    ) -> Result<Option<Target>, ResolveError> {
         let ip = dst.ip().to_canonical();
         let addr = NetworkAddress::new(network, ip);
         let Some(svc) = self.destination_service(&addr, src.map(|w| w.namespace.as_str())) else {
-            return Ok(self.workload_by_addr(&addr).map(|workload| Upstream {
-                workload,
-                address: SocketAddr::new(ip, dst.port()),
-                service: None,
+            return Ok(self.workload_by_addr(&addr).map(|workload| {
+                Target::Address(Upstream {
+                    workload,
+                    address: SocketAddr::new(ip, dst.port()),
+                    service: None,
+                })
             }));
         };
         if svc
@@ -119,34 +153,41 @@ impl ProxyState {
         })
     }
 
-    /// Picks a healthy endpoint of `svc` for a connection to `dst` (a VIP of it), at random
-    /// with `rng` in proportion to the endpoints' capacities; the endpoint IP is one the
-    /// service's IP families allow, of `dst`'s family when it has one.
+    /// (Tests: [`ProxyState::pick_endpoint_for`] with no client, endpoints with addresses.)
+    #[cfg(test)]
     pub fn pick_endpoint(
         &self,
         svc: &Arc<Service>,
         dst: SocketAddr,
         rng: &mut impl Rng,
     ) -> Result<Upstream, ResolveError> {
-        self.pick_endpoint_for(None, svc, dst, rng)
+        Ok(self
+            .pick_endpoint_for(None, svc, dst, rng)?
+            .expect_address())
     }
 
-    /// [`ProxyState::pick_endpoint`] for a connection from `src`: the service's load
-    /// balancing says which endpoints may be picked (`load_balancing::choose`).
+    /// Picks a healthy endpoint of `svc` for a connection from `src` to `dst` (a VIP of
+    /// it), at random with `rng` in proportion to the endpoints' capacities, among those
+    /// the service's load balancing allows (`load_balancing::choose`). The endpoint IP is
+    /// one the service's IP families allow, of `dst`'s family when it has one; an endpoint
+    /// with no such IP but a hostname is picked too, to be looked up.
     pub fn pick_endpoint_for(
         &self,
         src: Option<&Workload>,
         svc: &Arc<Service>,
         dst: SocketAddr,
         rng: &mut impl Rng,
-    ) -> Result<Upstream, ResolveError> {
+    ) -> Result<Target, ResolveError> {
         let key = svc.key();
         let port = dst.port();
         let lb = svc.load_balancing.as_ref();
         let eligible: Vec<_> = self
             .endpoints(&key)
             .into_iter()
-            .filter(|(w, _)| load_balancing::eligible(lb, w) && w.ip_for(svc, dst.ip()).is_some())
+            .filter(|(w, _)| {
+                load_balancing::eligible(lb, w)
+                    && (w.ip_for(svc, dst.ip()).is_some() || !w.hostname.is_empty())
+            })
             .filter(|(w, _)| w.network == self.network())
             .filter_map(|(w, ep)| Some((svc.target_port(port, &ep.ports)?, w)))
             .collect();
@@ -203,15 +244,21 @@ impl ProxyState {
                 service: key.to_string(),
             })?
             .clone();
-        let ip = workload
-            .ip_for(svc, dst.ip())
-            .ok_or_else(|| ResolveError::NoWorkloadIp {
+        match workload.ip_for(svc, dst.ip()) {
+            Some(ip) => Ok(Target::Address(Upstream {
+                workload,
+                address: SocketAddr::new(ip, target),
+                service: Some(svc.clone()),
+            })),
+            None if !workload.hostname.is_empty() => Ok(Target::Hostname(Unresolved {
+                workload,
+                port: target,
+                service: Some(svc.clone()),
+                dialed: dst.ip(),
+            })),
+            None => Err(ResolveError::NoWorkloadIp {
                 uid: workload.uid.clone(),
-            })?;
-        Ok(Upstream {
-            workload,
-            address: SocketAddr::new(ip, target),
-            service: Some(svc.clone()),
-        })
+            }),
+        }
     }
 }

@@ -485,7 +485,11 @@ fn load_balancing_of_a_vip() {
     );
     let client_z2 = in_zone("z2", workload("c", "10.0.0.50", &[]));
     for _ in 0..30 {
-        let up = strict.resolve_from(Some(&client_z2), vip).unwrap().unwrap();
+        let up = strict
+            .resolve_from(Some(&client_z2), vip)
+            .unwrap()
+            .unwrap()
+            .expect_address();
         assert_eq!(up.workload.name, "e2", "STRICT zone");
     }
     let client_z3 = in_zone("z3", workload("c", "10.0.0.50", &[]));

@@ -167,6 +167,10 @@ pub fn workload_from_proto(w: &wpb::Workload) -> Result<Workload> {
     let workload_type = enum_value::<wpb::WorkloadType>("workloadType", w.workload_type)?
         .as_str_name()
         .to_ascii_lowercase();
+    // A workload with no address is reached by looking this name up at connect time.
+    if !w.hostname.is_empty() {
+        crate::state::check_hostname(&w.hostname).map_err(|e| ConvertError::new("hostname", e))?;
+    }
     let mut services = std::collections::BTreeMap::new();
     for (key, ports) in &w.services {
         let field = format!("services[{key:?}]");

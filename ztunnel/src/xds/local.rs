@@ -323,6 +323,12 @@ impl<'a> Validator<'a> {
                 return Err(self.error("workloads", i, "services", Some("0:"), msg));
             }
         }
+        // A workload with no address is reached by looking this name up at connect time.
+        if !lw.hostname.is_empty() {
+            if let Err(msg) = crate::state::check_hostname(&lw.hostname) {
+                return Err(self.error("workloads", i, "hostname", Some(&lw.hostname), msg));
+            }
+        }
         let mut ips: Vec<IpAddr> = Vec::new();
         for ip in lw.workload_ip.into_iter().chain(lw.workload_ips) {
             if !ips.contains(&ip.0) {

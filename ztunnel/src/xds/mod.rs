@@ -14,3 +14,5 @@ pub use watch::{follow, watch, watch_every};
 
 #[cfg(test)]
 mod corpus_tests;
+#[cfg(test)]
+mod hostname_tests;

@@ -12,6 +12,8 @@ mod static_config;
 pub use static_config::LocalSource;
 mod version;
 mod workload;
+#[cfg(test)]
+pub(crate) use workload::WorkloadDump;
 mod workload_state;
 
 use serde_json::{json, Value};
