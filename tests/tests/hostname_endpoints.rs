@@ -142,6 +142,24 @@ fn run(xds: bool) {
         T,
     )
     .unwrap();
+    // Each lookup counted under Istio's name, by hostname.
+    for host in ["api.example.com", "vm.example.com", "gone.example.com"] {
+        let prefix = "istio_on_demand_dns_total{";
+        let counted = metric_line(&a, prefix, &format!("hostname=\"{host}\""));
+        assert!(counted >= 1, "{prefix}…hostname={host}");
+    }
+}
+
+/// The sum of the metric lines of the ztunnel on `node` that start with `prefix` and hold
+/// `label`.
+fn metric_line(node: &Node, prefix: &str, label: &str) -> u64 {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let (_, body) = ztunnel_tests::http::get(&node.netns, metrics, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// node-a's ztunnel (the node's resolver from `resolv`) and node-b's, from the file, or

@@ -27,6 +27,7 @@ use super::labels::{End, Record};
 use super::route::{Refusal, Route};
 use super::{authorize, relay, relay_tunnel, socket, ProxyContext};
 use crate::connections::{Authz, ConnectionResult, Direction, Hbone, Outcome, Reason};
+use crate::dns::metrics::{OnDemandLabels, DNS};
 use crate::hbone::ConnectRequest;
 use crate::identity::Identity;
 use crate::pool::PoolKey;
@@ -99,6 +100,8 @@ async fn carry_out(
             deliver(ctx, conn, stream, peer, &record, None).await
         }
         Route::Lookup { src, endpoint } => {
+            let labels = OnDemandLabels::new(src.as_deref(), endpoint.hostname());
+            DNS.on_demand.get_or_create(&labels).inc();
             let route = match lookup(ctx, &endpoint).await {
                 Ok(up) => ctx.planner().to_endpoint(src, Some(up), dst),
                 Err(e) => {
