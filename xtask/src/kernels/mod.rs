@@ -48,10 +48,10 @@ pub const SERIES: &[Series] = &[
     },
 ];
 
-const DEFAULT_SUITES: &str = "capture,mesh,cni,faults,node_proxy,bypass";
+const DEFAULT_SUITES: &str = "capture,mesh,cni,faults,node_proxy,bypass,dns";
 /// What CI runs on every submission: the kernels most nodes run that lack TCX.
 const SMOKE_KERNELS: &str = "5.10,6.1";
-const SMOKE_SUITES: &str = "capture,mesh";
+const SMOKE_SUITES: &str = "capture,mesh,dns";
 
 #[derive(clap::Args)]
 pub struct KernelsArgs {
@@ -65,7 +65,7 @@ pub struct KernelsArgs {
     /// (6.6+), or both (legacy everywhere, plus tcx where it exists).
     #[arg(long, env = "ZT_KERNELS_ATTACH", value_enum, default_value = "both")]
     attach: Attach,
-    /// The CI smoke: capture and mesh on 5.10 and 6.1, legacy; overrides the three above.
+    /// The CI smoke: capture, mesh and dns on 5.10 and 6.1, legacy; overrides the three above.
     #[arg(long)]
     smoke: bool,
     /// QEMU accelerator. Default tcg: nested KVM on the machines this was built on hangs
