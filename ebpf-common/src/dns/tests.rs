@@ -74,11 +74,22 @@ fn facts(settings: Settings, src: PodInfo, ifindex: u32, dport: u16) -> Facts {
     }
 }
 
+/// (case, settings, source, arrived on, port, ztunnel's socket there, verdict, asked)
+type Row = (
+    &'static str,
+    Settings,
+    PodInfo,
+    u32,
+    u16,
+    bool,
+    DnsVerdict,
+    bool,
+);
+
 #[test]
 fn dns_table() {
-    // (case, settings, source, arrived on, port, ztunnel's socket there, verdict, asked)
     #[rustfmt::skip]
-    let rows: &[(&str, Settings, PodInfo, u32, u16, bool, DnsVerdict, bool)] = &[
+    let rows: &[Row] = &[
         ("enrolled pod asks, socket there", ON, A, A_VETH, 53, true, Assigned, true),
         ("ztunnel down: fail open, counted", ON, A, A_VETH, 53, false, Passed, true),
         ("not port 53", ON, A, A_VETH, 5353, true, Continue, false),
