@@ -49,6 +49,20 @@ impl DnsProxy {
 
     /// Answers one question from `src`; `None`: nothing to send.
     pub async fn handle(&self, query: &[u8], src: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
+        match self.answer_here(query, src, tcp) {
+            Ok(reply) => reply,
+            Err(forward) => self.forward(query, src, tcp, forward).await,
+        }
+    }
+
+    /// What needs no upstream, at once: `Ok` with the reply (`None`: nothing to send), or
+    /// `Err` when the question must be forwarded.
+    fn answer_here(
+        &self,
+        query: &[u8],
+        src: SocketAddr,
+        tcp: bool,
+    ) -> Result<Option<Vec<u8>>, (DnsLabels, answer::Asked)> {
         let state = self.store.snapshot();
         let client = state.workload_by_ip(src.ip());
         let max_udp = (!tcp).then_some(MAX_MESSAGE);
@@ -66,31 +80,39 @@ impl DnsProxy {
         match reply {
             Reply::Answer(bytes) => {
                 debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: answered from the mesh");
-                Some(bytes)
+                Ok(Some(bytes))
             }
             Reply::Drop => {
                 debug!(%src, "dns: not a DNS question, dropped");
-                None
+                Ok(None)
             }
-            Reply::Forward => {
-                DNS.upstream_requests.get_or_create(&labels).inc();
-                let start = Instant::now();
-                let r = self.upstreams.forward(query, tcp).await;
-                DNS.upstream_duration
-                    .get_or_create(&labels)
-                    .observe(start.elapsed().as_secs_f64());
-                match r {
-                    Ok(bytes) => {
-                        debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
-                        Some(bytes)
-                    }
-                    Err(e) => {
-                        DNS.upstream_failures.get_or_create(&labels).inc();
-                        debug!(%src, name = %asked.name, error = %e, "dns: forwarding failed");
-                        // SERVFAIL, so the pod's resolver moves on at once.
-                        servfail(query)
-                    }
-                }
+            Reply::Forward => Err((labels, asked)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        query: &[u8],
+        src: SocketAddr,
+        tcp: bool,
+        (labels, asked): (DnsLabels, answer::Asked),
+    ) -> Option<Vec<u8>> {
+        DNS.upstream_requests.get_or_create(&labels).inc();
+        let start = Instant::now();
+        let r = self.upstreams.forward(query, tcp).await;
+        DNS.upstream_duration
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        match r {
+            Ok(bytes) => {
+                debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
+                Some(bytes)
+            }
+            Err(e) => {
+                DNS.upstream_failures.get_or_create(&labels).inc();
+                debug!(%src, name = %asked.name, error = %e, "dns: forwarding failed");
+                // SERVFAIL, so the pod's resolver moves on at once.
+                servfail(query)
             }
         }
     }
@@ -110,6 +132,16 @@ impl DnsProxy {
                 debug!(%src, bytes = n, "dns: oversized udp question dropped");
                 continue;
             }
+            // Mesh names (and FORMERR) are answered at once, whatever is in flight: only
+            // what is forwarded waits, so only that takes a place within the bound.
+            let forward = match self.answer_here(&buf[..n], src, false) {
+                Ok(Some(reply)) => {
+                    let _ = sock.send_to(&reply, src).await;
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(forward) => forward,
+            };
             // A flood beyond the bound is dropped (and counted), as a busy server would.
             let Some(permit) = self.inflight.admit() else {
                 continue;
@@ -118,7 +150,7 @@ impl DnsProxy {
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Some(reply) = me.handle(&query, src, false).await {
+                if let Some(reply) = me.forward(&query, src, false, forward).await {
                     let _ = sock.send_to(&reply, src).await;
                 }
             });
@@ -168,11 +200,18 @@ impl DnsProxy {
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "slow question")
                 })??;
-            // One question at a time per connection, within the same bound as UDP's.
-            let Some(_permit) = self.inflight.admit() else {
-                return Ok(());
+            // One question at a time per connection; a forwarded one within the same
+            // bound as UDP's.
+            let reply = match self.answer_here(&query, src, true) {
+                Ok(reply) => reply,
+                Err(forward) => {
+                    let Some(_permit) = self.inflight.admit() else {
+                        return Ok(());
+                    };
+                    self.forward(&query, src, true, forward).await
+                }
             };
-            let Some(reply) = self.handle(&query, src, true).await else {
+            let Some(reply) = reply else {
                 return Ok(());
             };
             let len = u16::try_from(reply.len()).unwrap_or(u16::MAX);
