@@ -19,8 +19,8 @@ use crate::state::StateStore;
 
 /// How long a TCP client may stay silent between questions.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Questions in flight at once (each holds at most its question and, while forwarded, a
-/// 64 KiB reply buffer: ~64 MiB at worst) and TCP connections at once (each up to two
+/// Forwarded questions in flight at once (each holds its question and a 64 KiB reply
+/// buffer: ~64 MiB at worst; mesh names are answered at once, outside this bound) and TCP connections at once (each up to two
 /// 64 KiB messages: ~32 MiB).
 const MAX_INFLIGHT: usize = 1024;
 const MAX_TCP_CONNECTIONS: usize = 256;
