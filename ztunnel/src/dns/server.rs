@@ -62,7 +62,7 @@ impl DnsProxy {
         query: &[u8],
         src: SocketAddr,
         tcp: bool,
-    ) -> Result<Option<Vec<u8>>, (DnsLabels, answer::Asked)> {
+    ) -> Result<Option<Vec<u8>>, Box<(DnsLabels, answer::Asked)>> {
         let state = self.store.snapshot();
         let client = state.workload_by_ip(src.ip());
         let max_udp = (!tcp).then_some(MAX_MESSAGE);
@@ -86,7 +86,7 @@ impl DnsProxy {
                 debug!(%src, "dns: not a DNS question, dropped");
                 Ok(None)
             }
-            Reply::Forward => Err((labels, asked)),
+            Reply::Forward => Err(Box::new((labels, asked))),
         }
     }
 
@@ -95,8 +95,9 @@ impl DnsProxy {
         query: &[u8],
         src: SocketAddr,
         tcp: bool,
-        (labels, asked): (DnsLabels, answer::Asked),
+        forward: Box<(DnsLabels, answer::Asked)>,
     ) -> Option<Vec<u8>> {
+        let (labels, asked) = *forward;
         DNS.upstream_requests.get_or_create(&labels).inc();
         let start = Instant::now();
         let r = self.upstreams.forward(query, tcp).await;
