@@ -385,7 +385,7 @@ fn dns_attacks(
         run(
             &format!("DNS: up to {flood} UDP questions in 10 s, as fast as they go, resolver dead"),
             true,
-            &|| dns::udp_flood(att, proxy, flood, Duration::from_secs(10), 8),
+            &|| dns::udp_flood(&a.netns, att, proxy, flood, Duration::from_secs(10), 8),
         ),
         run(
             &format!("DNS: malformed UDP messages ({per_kind} of each kind)"),
@@ -398,12 +398,12 @@ fn dns_attacks(
                 hold.as_secs()
             ),
             false,
-            &|| dns::tcp_hold(att, proxy, conns, b"", false, hold),
+            &|| dns::tcp_hold(&a.netns, att, proxy, conns, (b"", false), hold),
         ),
         run(
             &format!("DNS: {conns} TCP connections declaring 65,535 bytes, a byte every 2 s"),
             false,
-            &|| dns::tcp_hold(att, proxy, conns, b"\xff\xff", true, hold),
+            &|| dns::tcp_hold(&a.netns, att, proxy, conns, (b"\xff\xff", true), hold),
         ),
     ]
 }
