@@ -1,6 +1,7 @@
 //! DNS in the testbed: a stand-in for the cluster's DNS server (CoreDNS) that answers
 //! every A question with one fixed address, or only those about the names it is given
-//! (NXDOMAIN for the rest), over UDP and TCP, and a pod's client.
+//! (NXDOMAIN for the rest), over UDP and TCP, a dead one that never answers, and a pod's
+//! clients.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -181,6 +182,90 @@ pub fn resolve_udp(
             .collect();
         Ok((ips, from))
     })
+}
+
+/// Reads every question on port 53 of `ns` (UDP, and TCP connections accepted and held,
+/// the latest 1,024) and never answers: a dead or hopelessly slow upstream.
+pub struct DeadDns;
+
+impl DeadDns {
+    pub fn start(ns: &Netns) -> anyhow::Result<DeadDns> {
+        let (udp, tcp) = ns.run(|| -> std::io::Result<_> {
+            Ok((
+                UdpSocket::bind(("0.0.0.0", 53))?,
+                TcpListener::bind(("0.0.0.0", 53))?,
+            ))
+        })?;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while udp.recv_from(&mut buf).is_ok() {}
+        });
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            for conn in tcp.incoming().flatten() {
+                held.push_back(conn);
+                if held.len() > 1024 {
+                    held.pop_front();
+                }
+            }
+        });
+        Ok(DeadDns)
+    }
+}
+
+/// One question (id 0, recursion desired) for `name` of type `qtype`, encoded.
+pub fn question(name: &str, qtype: RecordType) -> anyhow::Result<Vec<u8>> {
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name)?, qtype));
+    Ok(q.to_vec()?)
+}
+
+/// A reply's response code and A/AAAA addresses.
+pub fn answers(reply: &[u8]) -> anyhow::Result<(ResponseCode, Vec<IpAddr>)> {
+    let r = Message::from_vec(reply)?;
+    let ips = r
+        .answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    Ok((r.metadata.response_code, ips))
+}
+
+/// The A records `server` gives for `name`, asked over UDP from inside `ns` through a
+/// connected socket, waiting at most `timeout`; an error for any response code but
+/// NOERROR.
+pub fn resolve_udp_a(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<IpAddr>> {
+    let mut q = question(name, RecordType::A)?;
+    let id: u16 = rand_id();
+    q[..2].copy_from_slice(&id.to_be_bytes());
+    let s = ns.run(move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind(("0.0.0.0", 0))?;
+        s.connect(server)?;
+        Ok(s)
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(&q)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = s.recv(&mut buf)?;
+        if n >= 2 && buf[..2] == id.to_be_bytes() {
+            let (code, ips) = answers(&buf[..n])?;
+            if code != ResponseCode::NoError {
+                anyhow::bail!("{code}");
+            }
+            return Ok(ips);
+        }
+    }
 }
 
 fn rand_id() -> u16 {

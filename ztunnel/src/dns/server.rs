@@ -21,8 +21,8 @@ use crate::state::StateStore;
 
 /// How long a TCP client may stay silent between questions.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Questions in flight at once (each holds at most its question and, while forwarded, a
-/// 64 KiB reply buffer: ~64 MiB at worst) and TCP connections at once (each up to two
+/// Forwarded questions in flight at once (each holds its question and a 64 KiB reply
+/// buffer: ~64 MiB at worst; mesh names are answered at once, outside this bound) and TCP connections at once (each up to two
 /// 64 KiB messages: ~32 MiB).
 const MAX_INFLIGHT: usize = 1024;
 const MAX_TCP_CONNECTIONS: usize = 256;
@@ -62,6 +62,20 @@ impl DnsProxy {
 
     /// Answers one question from `src`; `None`: nothing to send.
     pub async fn handle(&self, query: &[u8], src: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
+        match self.answer_here(query, src, tcp) {
+            Ok(reply) => reply,
+            Err(forward) => self.forward(query, src, tcp, forward).await,
+        }
+    }
+
+    /// What needs no upstream, at once: `Ok` with the reply (`None`: nothing to send), or
+    /// `Err` when the question must be forwarded.
+    fn answer_here(
+        &self,
+        query: &[u8],
+        src: SocketAddr,
+        tcp: bool,
+    ) -> Result<Option<Vec<u8>>, Box<(DnsLabels, answer::Asked)>> {
         let state = self.store.snapshot();
         let client = state.workload_by_ip(src.ip());
         let max_udp = (!tcp).then_some(MAX_MESSAGE);
@@ -79,31 +93,40 @@ impl DnsProxy {
         match reply {
             Reply::Answer(bytes) => {
                 debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: answered from the mesh");
-                Some(bytes)
+                Ok(Some(bytes))
             }
             Reply::Drop => {
                 debug!(%src, "dns: not a DNS question, dropped");
-                None
+                Ok(None)
             }
-            Reply::Forward => {
-                DNS.upstream_requests.get_or_create(&labels).inc();
-                let start = Instant::now();
-                let r = self.upstreams.forward(query, tcp).await;
-                DNS.upstream_duration
-                    .get_or_create(&labels)
-                    .observe(start.elapsed().as_secs_f64());
-                match r {
-                    Ok(bytes) => {
-                        debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
-                        Some(bytes)
-                    }
-                    Err(e) => {
-                        DNS.upstream_failures.get_or_create(&labels).inc();
-                        debug!(%src, name = %asked.name, error = %e, "dns: forwarding failed");
-                        // SERVFAIL, so the pod's resolver moves on at once.
-                        servfail(query)
-                    }
-                }
+            Reply::Forward => Err(Box::new((labels, asked))),
+        }
+    }
+
+    async fn forward(
+        &self,
+        query: &[u8],
+        src: SocketAddr,
+        tcp: bool,
+        forward: Box<(DnsLabels, answer::Asked)>,
+    ) -> Option<Vec<u8>> {
+        let (labels, asked) = *forward;
+        DNS.upstream_requests.get_or_create(&labels).inc();
+        let start = Instant::now();
+        let r = self.upstreams.forward(query, tcp).await;
+        DNS.upstream_duration
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        match r {
+            Ok(bytes) => {
+                debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
+                Some(bytes)
+            }
+            Err(e) => {
+                DNS.upstream_failures.get_or_create(&labels).inc();
+                debug!(%src, name = %asked.name, error = %e, "dns: forwarding failed");
+                // SERVFAIL, so the pod's resolver moves on at once.
+                servfail(query)
             }
         }
     }
@@ -139,6 +162,16 @@ impl DnsProxy {
                 debug!(%src, bytes = n, "dns: oversized udp question dropped");
                 continue;
             }
+            // Mesh names (and FORMERR) are answered at once, whatever is in flight: only
+            // what is forwarded waits, so only that takes a place within the bound.
+            let forward = match self.answer_here(&buf[..n], src, false) {
+                Ok(Some(reply)) => {
+                    send_reply(&sock, role, reply_from, src, &reply).await;
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(forward) => forward,
+            };
             // A flood beyond the bound is dropped (and counted), as a busy server would.
             let Some(permit) = self.inflight.admit() else {
                 continue;
@@ -147,17 +180,8 @@ impl DnsProxy {
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let Some(reply) = me.handle(&query, src, false).await else {
-                    return;
-                };
-                let sent = match (reply_from, role) {
-                    (Some(from), UdpRole::Capture { mark, .. }) => {
-                        transparent::send_from(from, src, &reply, mark)
-                    }
-                    _ => sock.send_to(&reply, src).await.map(drop),
-                };
-                if let Err(e) = sent {
-                    debug!(%src, from = ?reply_from, error = %e, "dns: reply not sent");
+                if let Some(reply) = me.forward(&query, src, false, forward).await {
+                    send_reply(&sock, role, reply_from, src, &reply).await;
                 }
             });
         }
@@ -204,11 +228,18 @@ impl DnsProxy {
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "slow question")
                 })??;
-            // One question at a time per connection, within the same bound as UDP's.
-            let Some(_permit) = self.inflight.admit() else {
-                return Ok(());
+            // One question at a time per connection; a forwarded one within the same
+            // bound as UDP's.
+            let reply = match self.answer_here(&query, src, true) {
+                Ok(reply) => reply,
+                Err(forward) => {
+                    let Some(_permit) = self.inflight.admit() else {
+                        return Ok(());
+                    };
+                    self.forward(&query, src, true, forward).await
+                }
             };
-            let Some(reply) = self.handle(&query, src, true).await else {
+            let Some(reply) = reply else {
                 return Ok(());
             };
             let len = u16::try_from(reply.len()).unwrap_or(u16::MAX);
@@ -217,6 +248,26 @@ impl DnsProxy {
             framed.extend_from_slice(&reply[..usize::from(len)]);
             conn.write_all(&framed).await?;
         }
+    }
+}
+
+/// Sends `reply` to `src`: from the address it asked when it was captured (`reply_from`,
+/// on a capture socket), else from `sock`.
+async fn send_reply(
+    sock: &UdpSocket,
+    role: UdpRole,
+    reply_from: Option<SocketAddr>,
+    src: SocketAddr,
+    reply: &[u8],
+) {
+    let sent = match (reply_from, role) {
+        (Some(from), UdpRole::Capture { mark, .. }) => {
+            transparent::send_from(from, src, reply, mark)
+        }
+        _ => sock.send_to(reply, src).await.map(drop),
+    };
+    if let Err(e) = sent {
+        debug!(%src, from = ?reply_from, error = %e, "dns: reply not sent");
     }
 }
 

@@ -13,13 +13,15 @@
 //! has a deadline or a count, and a watchdog tears everything down if the whole run
 //! exceeds its budget. Knobs (environment): BENCH_ROUNDS, BENCH_TPUT_SECS,
 //! BENCH_CONN_SECS, BENCH_RTT (round trips per run), BENCH_HOLD (connections held open),
-//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay,sockmap;
+//! BENCH_ONLY (comma list of: tput1,tput4,rtt,conn1,conn4,same,hold,relay,sockmap,dns;
 //! without `relay` the relays are not measured, without `sockmap` nor the mesh with
-//! sockmap acceleration), BENCH_OUT (dir), ZTUNNEL_GLIBC_TUNABLES (ztunnel's
+//! sockmap acceleration; `dns` alone runs only the DNS part, in its own testbed, see
+//! `dns`), BENCH_DNS_CLIENTS, BENCH_DNS_SECS, BENCH_DNS_ROUNDS, BENCH_OUT (dir), ZTUNNEL_GLIBC_TUNABLES (ztunnel's
 //! `GLIBC_TUNABLES`; by default the value the Dockerfile and the DaemonSet deploy, so the
 //! bench measures the process as deployed; empty for glibc's defaults).
 
 mod cluster;
+mod dns;
 mod load;
 mod relay;
 mod report;
@@ -64,6 +66,13 @@ impl Plan {
             .as_ref()
             .is_none_or(|o| o.iter().any(|x| x == item))
     }
+
+    /// Whether anything but the DNS part is asked for (the two-node mesh cluster).
+    fn wants_cluster(&self) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x != "dns"))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,11 +93,31 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("ZTUNNEL_LOG", ztunnel_tests::ztunnel::PRODUCTION_LOG);
     }
     let started = Instant::now();
+    let mut results = Results::new(report::machine());
+    // First, in a testbed of its own that is gone before the cluster starts.
+    if plan.wants("dns") {
+        results.dns = Some(dns::run()?);
+    }
+    if plan.wants_cluster() {
+        results.resources = cluster_part(&plan, &mut results)?;
+    }
+    results.elapsed_secs = started.elapsed().as_secs_f64();
+    let out = report::write(&results)?;
+    println!("{}", std::fs::read_to_string(out.join("results.md"))?);
+    eprintln!(
+        "bench: wrote {} ({:.0} s)",
+        out.display(),
+        results.elapsed_secs
+    );
+    Ok(())
+}
+
+/// Everything but the DNS part, on the two-node cluster.
+fn cluster_part(plan: &Plan, results: &mut Results) -> anyhow::Result<Resources> {
     eprintln!("bench: starting the cluster");
     let cluster = Cluster::start()?;
     // For profilers: `perf record -p <pids>`.
     eprintln!("bench: ztunnel pids {:?}", cluster.pids());
-    let mut results = Results::new(report::machine());
     warm_up(&cluster)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut res = Resources::default();
@@ -99,22 +128,13 @@ fn main() -> anyhow::Result<()> {
         .map(|p| procstat::rss_anon(*p))
         .collect();
 
-    run_all(&cluster, &plan, &mut results, &mut res)?;
+    run_all(&cluster, plan, results, &mut res)?;
     if plan.wants("hold") {
         hold(&cluster, plan.hold, &mut res)?;
     }
     std::thread::sleep(Duration::from_secs(1));
     res.rss_after = cluster.pids().iter().map(|p| procstat::rss(*p)).collect();
-    results.resources = res;
-    results.elapsed_secs = started.elapsed().as_secs_f64();
-    let out = report::write(&results)?;
-    println!("{}", std::fs::read_to_string(out.join("results.md"))?);
-    eprintln!(
-        "bench: wrote {} ({:.0} s)",
-        out.display(),
-        results.elapsed_secs
-    );
-    Ok(())
+    Ok(res)
 }
 
 /// One connection per pair and mode first: certificates are fetched and HBONE

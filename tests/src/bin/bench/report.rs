@@ -148,6 +148,8 @@ pub struct Results {
     series: Vec<Series>,
     rtts: Vec<(Path, Mode, Vec<u64>)>,
     pub resources: Resources,
+    /// The DNS part, when it ran.
+    pub dns: Option<crate::dns::DnsResults>,
     pub elapsed_secs: f64,
 }
 
@@ -158,6 +160,7 @@ impl Results {
             series: vec![],
             rtts: vec![],
             resources: Resources::default(),
+            dns: None,
             elapsed_secs: 0.0,
         }
     }
@@ -386,6 +389,7 @@ fn to_json(r: &Results) -> Value {
             "rss_idle_after_run_bytes": res.rss_after,
         },
         "targets": targets(r).iter().map(|t| json!({"target": t.what, "value": t.value, "unit": t.unit, "met": t.met})).collect::<Vec<_>>(),
+        "dns": r.dns.as_ref().map(|d| d.json()),
     })
 }
 
@@ -400,8 +404,26 @@ fn fmt(v: f64) -> String {
 }
 
 fn to_markdown(r: &Results) -> String {
+    let mut md = cluster_markdown(r);
+    if let Some(dns) = &r.dns {
+        md.push('\n');
+        md.push_str(&dns.markdown());
+    }
+    md
+}
+
+fn cluster_markdown(r: &Results) -> String {
     let m = &r.machine;
     let mut md = String::new();
+    if r.series.is_empty() && r.rtts.is_empty() && r.resources.rss_idle.is_empty() {
+        let _ = writeln!(
+            md,
+            "Measured {} on {} ({} cores), Linux {}, commit {}, by `cargo xtask bench` in {:.0} s \
+             (the DNS part only).",
+            m.date, m.cpu, m.cores, m.kernel, m.commit, r.elapsed_secs
+        );
+        return md;
+    }
     let _ = writeln!(
         md,
         "Measured {} on {} ({} cores), Linux {}, commit {}, by `cargo xtask bench` in {:.0} s: \

@@ -8,10 +8,15 @@
 //! passing beside it, and what the attack itself saw; during the attacks on 15012 a node
 //! token keeps asking for certificates. Writes `target/load/results.{json,md}` (LOAD_OUT to
 //! change). Knobs: LOAD_SLOW_CONNS (3000), LOAD_IDLE_CONNS (5000), LOAD_STREAMS (10000),
-//! LOAD_HOLD_SECS (25), LOAD_RESETS (20000 per connection on 15012, a quarter on 15008), LOAD_XDS_NAMES (50000).
+//! LOAD_HOLD_SECS (25), LOAD_RESETS (20000 per connection on 15012, a quarter on 15008), LOAD_XDS_NAMES (50000),
+//! LOAD_DNS_FLOOD (1000000 questions, at most 10 s), LOAD_DNS_MALFORMED (5000 of each kind),
+//! LOAD_DNS_CONNS (2000 TCP connections); LOAD_ONLY (comma list of: http, hbone, cp, dns,
+//! peer) runs only those attacks. node-a's ztunnel runs the DNS proxy on node-a's address,
+//! port 15053, its resolver a dead one (`dns`).
 
 mod attacks;
 mod clients;
+mod dns;
 mod measure;
 
 use std::net::SocketAddr;
@@ -21,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use ztunnel::identity::Identity;
+use ztunnel_tests::dns::DeadDns;
 use ztunnel_tests::procstat;
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
 use ztunnel_tests::ztunnel::{local_config, WorkloadSpec};
@@ -51,23 +57,40 @@ fn main() -> anyhow::Result<()> {
     let client = tb.add_pod(&a, "client")?;
     let attacker = tb.add_pod(&a, "attacker")?;
     let server = tb.add_pod(&b, "server")?;
+    let resolver = tb.add_pod(&b, "dead-dns")?;
+    DeadDns::start(&resolver.netns)?;
+    let mut server_spec = WorkloadSpec::mesh(&server, "load", "server");
+    server_spec.extra = "  services:\n    load/echo.load.svc.cluster.local: {80: 8080}\n".into();
+    let services = "services:\n- name: echo\n  namespace: load\n  \
+                    hostname: echo.load.svc.cluster.local\n  vips: [\"/10.96.0.60\"]\n  \
+                    ports: {80: 8080}\n";
     let config = tb.write_config(
         "workloads.yaml",
         &local_config(
-            &[
-                WorkloadSpec::mesh(&client, "load", "client"),
-                WorkloadSpec::mesh(&server, "load", "server"),
-            ],
-            "",
+            &[WorkloadSpec::mesh(&client, "load", "client"), server_spec],
+            services,
         ),
     )?;
+    let resolv = tb.write_config("resolv.conf", &format!("nameserver {}\n", resolver.ip))?;
+    let dns_target = dns::DnsTarget {
+        proxy: SocketAddr::new(a.ip.into(), 15053),
+        captured_tcp: "10.96.0.10:53".parse()?,
+        mesh_name: "echo.load.svc.cluster.local.",
+        vip: "10.96.0.60".parse()?,
+    };
+    let only: Option<Vec<String>> = std::env::var("LOAD_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wants = |what: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == what));
     let _echo = EchoServer::start(&server.netns, ECHO_PORT)?;
     let cp = tb.start_controlplane(
         &cp_node,
         &config,
         &["--metrics-addr", &format!("{}:15014", cp_node.ip)],
     )?;
-    let za = tb.start_ztunnel(&a, &config, &[])?;
+    let (proxy, resolv) = (dns_target.proxy.to_string(), resolv.display().to_string());
+    let dns_args = ["--dns-proxy-addr", &proxy, "--dns-upstream", &resolv];
+    let za = tb.start_ztunnel(&a, &config, &dns_args)?;
     let zb = tb.start_ztunnel(&b, &config, &[])?;
     let dst = SocketAddr::new(server.ip.into(), ECHO_PORT);
     eventually("the mesh echoes", Duration::from_secs(30), || {
@@ -100,103 +123,113 @@ fn main() -> anyhow::Result<()> {
         SocketAddr::new(b.ip.into(), 15020),
         SocketAddr::new(b.ip.into(), 15021),
     ];
-    results.push(measured(
-        "slow headers 15020+15021",
-        "ztunnel node-b",
-        zb.pid,
-        &cn,
-        dst,
-        settle,
-        || {
-            Ok(with_hits(
-                &b,
-                attacks::slow_headers(&ns_a, targets, n, hold),
-            ))
-        },
-    ));
+    if wants("http") {
+        results.push(measured(
+            "slow headers 15020+15021",
+            "ztunnel node-b",
+            zb.pid,
+            &cn,
+            dst,
+            settle,
+            || {
+                Ok(with_hits(
+                    &b,
+                    attacks::slow_headers(&ns_a, targets, n, hold),
+                ))
+            },
+        ));
+    }
 
     // 15008 of the server pod, from a pod outside the mesh.
     let n = num("LOAD_IDLE_CONNS", 5000);
     let hbone = SocketAddr::new(server.ip.into(), 15008);
-    results.push(measured(
-        "idle connections 15008",
-        "ztunnel node-b",
-        zb.pid,
-        &cn,
-        dst,
-        settle,
-        || Ok(with_hits(&b, attacks::idle(&ns_att, hbone, n, hold))),
-    ));
+    if wants("http") {
+        results.push(measured(
+            "idle connections 15008",
+            "ztunnel node-b",
+            zb.pid,
+            &cn,
+            dst,
+            settle,
+            || Ok(with_hits(&b, attacks::idle(&ns_att, hbone, n, hold))),
+        ));
+    }
 
     // 15012: unauthenticated streams that never end, with a node getting certificates.
     let streams = num("LOAD_STREAMS", 10_000);
     let conns = streams.div_ceil(100);
-    results.push(cp_attack(
-        "unauthenticated CreateCertificate streams",
-        &cp,
-        &cpc,
-        &cn,
-        dst,
-        &ns_a,
-        &token_a,
-        &client_id,
-        settle,
-        || attacks::unauthenticated_streams(&ns_att, &cpc, conns, 100, hold),
-    ));
+    if wants("cp") {
+        results.push(cp_attack(
+            "unauthenticated CreateCertificate streams",
+            &cp,
+            &cpc,
+            &cn,
+            dst,
+            &ns_a,
+            &token_a,
+            &client_id,
+            settle,
+            || attacks::unauthenticated_streams(&ns_att, &cpc, conns, 100, hold),
+        ));
+    }
 
     // 15012: huge initial_resource_versions from a node token.
     let token = std::fs::read_to_string(&token_a)?.trim().to_string();
     let other_token = std::fs::read_to_string(&token_b)?.trim().to_string();
     let names = num("LOAD_XDS_NAMES", 50_000);
-    results.push(cp_attack(
-        "xDS huge initial_resource_versions",
-        &cp,
-        &cpc,
-        &cn,
-        dst,
-        &ns_a,
-        &token_a,
-        &client_id,
-        settle,
-        || {
-            attacks::huge_initial_versions(
-                &ns_att,
-                &cpc,
-                (token.clone(), other_token.clone()),
-                10,
-                names,
-                (120_000, 400_000),
-                hold,
-            )
-        },
-    ));
+    if wants("cp") {
+        results.push(cp_attack(
+            "xDS huge initial_resource_versions",
+            &cp,
+            &cpc,
+            &cn,
+            dst,
+            &ns_a,
+            &token_a,
+            &client_id,
+            settle,
+            || {
+                attacks::huge_initial_versions(
+                    &ns_att,
+                    &cpc,
+                    (token.clone(), other_token.clone()),
+                    10,
+                    names,
+                    (120_000, 400_000),
+                    hold,
+                )
+            },
+        ));
+    }
 
     // Reset floods.
     let resets = num("LOAD_RESETS", 20_000);
     let c2 = cpc.clone();
-    results.push(cp_attack(
-        "reset flood 15012",
-        &cp,
-        &cpc,
-        &cn,
-        dst,
-        &ns_a,
-        &token_a,
-        &client_id,
-        settle,
-        || {
-            attacks::reset_flood(
-                &ns_att,
-                move || {
-                    let cp = c2.clone();
-                    async move { cp.h2().await }
-                },
-                || grpc(CSR_PATH, None),
-                4,
-                resets,
-            )
-        },
-    ));
+    if wants("cp") {
+        results.push(cp_attack(
+            "reset flood 15012",
+            &cp,
+            &cpc,
+            &cn,
+            dst,
+            &ns_a,
+            &token_a,
+            &client_id,
+            settle,
+            || {
+                attacks::reset_flood(
+                    &ns_att,
+                    move || {
+                        let cp = c2.clone();
+                        async move { cp.h2().await }
+                    },
+                    || grpc(CSR_PATH, None),
+                    4,
+                    resets,
+                )
+            },
+        ));
+    }
     let attacker_cert = {
         let mut opts = ztunnel::identity::ca::CaOptions::new("cluster.local");
         opts.dir = Some(tb.dir().join("ca"));
@@ -207,75 +240,85 @@ fn main() -> anyhow::Result<()> {
         )?
     };
     let attacker_cert = Arc::new(attacker_cert);
-    results.push(measured(
-        "reset flood 15008 (mesh certificate)",
-        "ztunnel node-b",
-        zb.pid,
-        &cn,
-        dst,
-        settle,
-        || {
-            let (cert, sid) = (attacker_cert.clone(), server_id.clone());
-            Ok(with_hits(
-                &b,
-                attacks::reset_flood(
-                    &ns_att,
-                    move || {
-                        let (cert, sid) = (cert.clone(), sid.clone());
-                        async move {
-                            let config = ztunnel::tls::client_config(&cert, &[sid])?;
-                            let tcp = tokio::net::TcpStream::connect(hbone).await?;
-                            let tls = ztunnel::tls::connect(config, hbone, tcp).await?;
-                            let (send, _driver) = ztunnel::hbone::handshake(tls).await?;
-                            Ok(send)
-                        }
-                    },
-                    move || {
-                        http::Request::builder()
-                            .method(http::Method::CONNECT)
-                            .uri(dst.to_string())
-                            .body(())
-                            .expect("request")
-                    },
-                    4,
-                    resets / 4,
-                ),
-            ))
-        },
-    ));
+    if wants("hbone") {
+        results.push(measured(
+            "reset flood 15008 (mesh certificate)",
+            "ztunnel node-b",
+            zb.pid,
+            &cn,
+            dst,
+            settle,
+            || {
+                let (cert, sid) = (attacker_cert.clone(), server_id.clone());
+                Ok(with_hits(
+                    &b,
+                    attacks::reset_flood(
+                        &ns_att,
+                        move || {
+                            let (cert, sid) = (cert.clone(), sid.clone());
+                            async move {
+                                let config = ztunnel::tls::client_config(&cert, &[sid])?;
+                                let tcp = tokio::net::TcpStream::connect(hbone).await?;
+                                let tls = ztunnel::tls::connect(config, hbone, tcp).await?;
+                                let (send, _driver) = ztunnel::hbone::handshake(tls).await?;
+                                Ok(send)
+                            }
+                        },
+                        move || {
+                            http::Request::builder()
+                                .method(http::Method::CONNECT)
+                                .uri(dst.to_string())
+                                .body(())
+                                .expect("request")
+                        },
+                        4,
+                        resets / 4,
+                    ),
+                ))
+            },
+        ));
+    }
 
     // A token removed in the same write as a typo.
     let tokens_file = tb.dir().join("tokens");
     let kept = (token_a.clone(), client_id.clone());
     let removed_token = std::fs::read_to_string(&token_b)?.trim().to_string();
-    results.push(measured(
-        "token removed in an edit with a typo",
-        "control plane",
-        cp.pid,
-        &cn,
-        dst,
-        Duration::from_secs(1),
-        || {
-            Ok(attacks::token_typo(
-                &ns_a,
-                &cpc,
-                tokens_file.clone(),
-                (token_b.clone(), server_id.clone(), removed_token),
-                kept,
-            ))
-        },
-    ));
+    if wants("cp") {
+        results.push(measured(
+            "token removed in an edit with a typo",
+            "control plane",
+            cp.pid,
+            &cn,
+            dst,
+            Duration::from_secs(1),
+            || {
+                Ok(attacks::token_typo(
+                    &ns_a,
+                    &cpc,
+                    tokens_file.clone(),
+                    (token_b.clone(), server_id.clone(), removed_token),
+                    kept,
+                ))
+            },
+        ));
+    }
+
+    if wants("dns") {
+        results.extend(dns_attacks(&za, &ns_att, &cn, dst, &dns_target, &a, hold));
+    }
 
     // A peer node that stops answering: node-a's pooled tunnel to node-b is evicted.
-    results.push(measured(
-        "killed peer node (node-b's ztunnel stopped)",
-        "ztunnel node-a",
-        za.pid,
-        &cn,
-        dst,
-        Duration::from_secs(1),
-        || killed_peer(&a, &client.netns, dst, zb.pid),
-    ));
+    if wants("peer") {
+        results.push(measured(
+            "killed peer node (node-b's ztunnel stopped)",
+            "ztunnel node-a",
+            za.pid,
+            &cn,
+            dst,
+            Duration::from_secs(1),
+            || killed_peer(&a, &client.netns, dst, zb.pid),
+        ));
+    }
 
     let out = std::env::var_os("LOAD_OUT")
         .map(PathBuf::from)
@@ -312,6 +355,57 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The DNS proxy's attacks (`dns`), each with good questions beside it.
+fn dns_attacks(
+    za: &ztunnel_tests::ztunnel::Ztunnel,
+    att: &Arc<ztunnel_tests::Netns>,
+    client: &Arc<ztunnel_tests::Netns>,
+    dst: SocketAddr,
+    t: &dns::DnsTarget,
+    a: &ztunnel_tests::Node,
+    hold: Duration,
+) -> Vec<Outcome> {
+    let num = |k, d| ztunnel_tests::env_num(k, d) as usize;
+    let settle = Duration::from_secs(12);
+    let proxy = t.proxy;
+    let run = |name: &str, need_tcp: bool, attack: &dyn Fn() -> measure::Report| {
+        measured(name, "ztunnel node-a", za.pid, client, dst, settle, || {
+            Ok(with_hits(
+                a,
+                dns::with_good_questions(client, t, need_tcp, attack),
+            ))
+        })
+    };
+    let flood = num("LOAD_DNS_FLOOD", 1_000_000);
+    let per_kind = num("LOAD_DNS_MALFORMED", 5_000);
+    let conns = num("LOAD_DNS_CONNS", 2_000);
+    vec![
+        run(
+            &format!("DNS: up to {flood} UDP questions in 10 s, as fast as they go, resolver dead"),
+            true,
+            &|| dns::udp_flood(&a.netns, att, proxy, flood, Duration::from_secs(10), 8),
+        ),
+        run(
+            &format!("DNS: malformed UDP messages ({per_kind} of each kind)"),
+            true,
+            &|| dns::malformed(att, proxy, per_kind),
+        ),
+        run(
+            &format!(
+                "DNS: {conns} idle TCP connections (held {} s)",
+                hold.as_secs()
+            ),
+            false,
+            &|| dns::tcp_hold(&a.netns, att, proxy, conns, (b"", false), hold),
+        ),
+        run(
+            &format!("DNS: {conns} TCP connections declaring 65,535 bytes, a byte every 2 s"),
+            false,
+            &|| dns::tcp_hold(&a.netns, att, proxy, conns, (b"\xff\xff", true), hold),
+        ),
+    ]
 }
 
 /// An attack on the control plane, with a node token asking for certificates beside it.
