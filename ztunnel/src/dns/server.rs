@@ -16,16 +16,19 @@ use super::forward::{Upstreams, MAX_MESSAGE};
 use super::metrics::{DnsLabels, DNS};
 use super::transparent::{self, arrival, Arrival};
 use crate::admin::http::{accept_with_backoff, ACCEPT_BACKOFF};
-use crate::limits::Cap;
+use crate::limits::{Cap, KeyPermit, PerKey};
 use crate::state::StateStore;
 
 /// How long a TCP client may stay silent between questions.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Forwarded questions in flight at once (each holds its question and a 64 KiB reply
-/// buffer: ~64 MiB at worst; mesh names are answered at once, outside this bound) and TCP connections at once (each up to two
-/// 64 KiB messages: ~32 MiB).
+/// buffer: ~64 MiB at worst; mesh names are answered at once, outside this bound) and TCP
+/// connections at once (each up to two 64 KiB messages: ~32 MiB).
 const MAX_INFLIGHT: usize = 1024;
 const MAX_TCP_CONNECTIONS: usize = 256;
+/// TCP connections one source address may hold at once: a resolver uses one or two, and
+/// no single pod can take the whole [`MAX_TCP_CONNECTIONS`] from the others.
+pub(super) const MAX_TCP_PER_SOURCE: usize = 16;
 /// A question over UDP longer than this is not one a resolver sends (EDNS payloads are
 /// 1232-4096 bytes, and that is the answer's size, not the question's): dropped.
 const MAX_UDP_QUESTION: usize = 4096;
@@ -47,6 +50,7 @@ pub struct DnsProxy {
     pub cluster_domain: String,
     inflight: Cap,
     tcp_connections: Cap,
+    tcp_per_source: PerKey<std::net::IpAddr>,
 }
 
 impl DnsProxy {
@@ -57,6 +61,7 @@ impl DnsProxy {
             cluster_domain: cluster_domain.to_string(),
             inflight: Cap::new("dns_inflight", MAX_INFLIGHT),
             tcp_connections: Cap::new("dns_tcp_connections", MAX_TCP_CONNECTIONS),
+            tcp_per_source: PerKey::new("dns_tcp_connections_per_source", MAX_TCP_PER_SOURCE),
         })
     }
 
@@ -190,7 +195,7 @@ impl DnsProxy {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (conn, src) = accept_with_backoff("DNS proxy (tcp)", || listener.accept()).await;
-            let Some(permit) = self.tcp_connections.admit() else {
+            let Some(permit) = self.admit_tcp(src) else {
                 continue;
             };
             let me = self.clone();
@@ -206,12 +211,25 @@ impl DnsProxy {
     /// A pod's TCP connection to port 53 of any address, captured: served here as if
     /// this were the server it dialled.
     pub async fn serve_captured_tcp(&self, conn: TcpStream, src: SocketAddr) {
-        let Some(_permit) = self.tcp_connections.admit() else {
+        let Some(_permit) = self.admit_tcp(src) else {
             return;
         };
         if let Err(e) = self.tcp_session(conn, src).await {
             debug!(%src, error = %e, "dns: captured tcp session ended");
         }
+    }
+
+    /// A place for one TCP connection from `src`: within its own share first, then within
+    /// the proxy's bound. `None`: the connection is closed at once.
+    fn admit_tcp(
+        &self,
+        src: SocketAddr,
+    ) -> Option<(
+        KeyPermit<std::net::IpAddr>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let mine = self.tcp_per_source.admit(src.ip(), &src.ip())?;
+        Some((mine, self.tcp_connections.admit()?))
     }
 
     /// Questions one after another on one connection, each framed by its length.

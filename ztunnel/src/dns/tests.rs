@@ -241,3 +241,40 @@ async fn bad_input_gets_formerr_or_nothing_and_a_dead_upstream_servfail() {
     let r = ask_udp(p, &question("www.example.org.", RecordType::A)).await;
     assert_eq!(answers(&r).0, ResponseCode::ServFail);
 }
+
+#[tokio::test]
+async fn one_source_cannot_hold_every_tcp_place() {
+    let dead = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = proxy(dead).await;
+    // The pod holds its whole share with silent connections...
+    let mut held = Vec::new();
+    for _ in 0..super::server::MAX_TCP_PER_SOURCE {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{POD}:0").parse().unwrap()).unwrap();
+        held.push(sock.connect(p).await.unwrap());
+    }
+    // ...so its next one is closed at once, unanswered,
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{POD}:0").parse().unwrap()).unwrap();
+    let mut extra = sock.connect(p).await.unwrap();
+    let q = question("echo.default.svc.cluster.local.", RecordType::A);
+    let _ = extra.write_all(&(q.len() as u16).to_be_bytes()).await;
+    let _ = extra.write_all(&q).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.read_u16()).await;
+    assert!(matches!(closed, Ok(Err(_))), "closed without an answer");
+    // ...while another source is still answered over TCP.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut s = other.connect(p).await.unwrap();
+    s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+    s.write_all(&q).await.unwrap();
+    let n = s.read_u16().await.unwrap();
+    let mut buf = vec![0u8; usize::from(n)];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(answers(&buf).1.len(), 1);
+    drop(held);
+}
