@@ -183,6 +183,12 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     // its port 53): nothing serves it here, so it goes unanswered.
     let node_dns = SocketAddr::new(a.ip.into(), 53);
     assert!(ask(&client, node_dns, echo, RecordType::A).is_err());
+    // The proxy's own address still answers (on the node: 127.0.0.1:15053), from itself.
+    let own: SocketAddr = "127.0.0.1:15053".parse().unwrap();
+    assert_eq!(
+        resolve_udp(&a.netns, own, echo, RecordType::A, short).unwrap(),
+        (vec![vip], own)
+    );
     // What the pod got reaches the service through the mesh.
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
     let captured = capture_counter(&a, &client, "dns_captured").unwrap();

@@ -38,9 +38,9 @@ const MAX_UDP_QUESTION: usize = 4096;
 pub enum UdpRole {
     /// Bound to the proxy's address: answers go back from it.
     Plain,
-    /// Bound to the wildcard on the proxy's port, transparent: captured questions are
-    /// answered from the address they were going to, with ztunnel's `SO_MARK`; questions
-    /// to `proxy_addr` as on a plain socket; anything else is dropped.
+    /// Bound to the wildcard on the proxy's port, transparent: captured questions, and
+    /// questions to `proxy_addr`, are answered from the address they were going to, with
+    /// ztunnel's `SO_MARK`; anything else is dropped.
     Capture { proxy_addr: SocketAddr, mark: u32 },
 }
 
@@ -153,10 +153,10 @@ impl DnsProxy {
                 }
             };
             let reply_from = match role {
-                UdpRole::Plain => None,
-                UdpRole::Capture { proxy_addr, .. } => match arrival(dst, proxy_addr) {
-                    Arrival::Captured(asked) => Some(asked),
-                    Arrival::Direct => None,
+                UdpRole::Plain => ReplyFrom::Socket,
+                UdpRole::Capture { proxy_addr, mark } => match arrival(dst, proxy_addr) {
+                    Arrival::Captured(addr) => ReplyFrom::Asked { addr, mark },
+                    Arrival::Direct(addr) => ReplyFrom::Via(addr),
                     Arrival::Stray => {
                         debug!(%src, ?dst, "dns: datagram neither captured nor for the proxy's address, dropped");
                         continue;
@@ -171,7 +171,7 @@ impl DnsProxy {
             // what is forwarded waits, so only that takes a place within the bound.
             let forward = match self.answer_here(&buf[..n], src, false) {
                 Ok(Some(reply)) => {
-                    send_reply(&sock, role, reply_from, src, &reply).await;
+                    send_reply(&sock, reply_from, src, &reply).await;
                     continue;
                 }
                 Ok(None) => continue,
@@ -186,7 +186,7 @@ impl DnsProxy {
             tokio::spawn(async move {
                 let _permit = permit;
                 if let Some(reply) = me.forward(&query, src, false, forward).await {
-                    send_reply(&sock, role, reply_from, src, &reply).await;
+                    send_reply(&sock, reply_from, src, &reply).await;
                 }
             });
         }
@@ -269,23 +269,25 @@ impl DnsProxy {
     }
 }
 
-/// Sends `reply` to `src`: from the address it asked when it was captured (`reply_from`,
-/// on a capture socket), else from `sock`.
-async fn send_reply(
-    sock: &UdpSocket,
-    role: UdpRole,
-    reply_from: Option<SocketAddr>,
-    src: SocketAddr,
-    reply: &[u8],
-) {
-    let sent = match (reply_from, role) {
-        (Some(from), UdpRole::Capture { mark, .. }) => {
-            transparent::send_from(from, src, reply, mark)
-        }
-        _ => sock.send_to(reply, src).await.map(drop),
+/// How a reply leaves: from the socket, from the address the question was going to
+/// through the socket (a question to the proxy's own address on a wildcard socket), or
+/// from that address and port through a socket of its own (a captured question).
+#[derive(Clone, Copy, Debug)]
+enum ReplyFrom {
+    Socket,
+    Via(SocketAddr),
+    Asked { addr: SocketAddr, mark: u32 },
+}
+
+/// Sends `reply` to `src` as `from` says.
+async fn send_reply(sock: &UdpSocket, from: ReplyFrom, src: SocketAddr, reply: &[u8]) {
+    let sent = match from {
+        ReplyFrom::Socket => sock.send_to(reply, src).await.map(drop),
+        ReplyFrom::Via(addr) => transparent::send_via(sock, addr, src, reply).await,
+        ReplyFrom::Asked { addr, mark } => transparent::send_from(addr, src, reply, mark),
     };
     if let Err(e) = sent {
-        debug!(%src, from = ?reply_from, error = %e, "dns: reply not sent");
+        debug!(%src, ?from, error = %e, "dns: reply not sent");
     }
 }
 

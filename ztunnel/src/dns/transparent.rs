@@ -8,8 +8,10 @@
 //! pod's own flow, which it un-NATs as usual when the pod asked a Service VIP.
 //!
 //! The same socket also serves the DNS proxy's own address (`--dns-proxy-addr`), which it
-//! covers being bound to the wildcard on that port; datagrams that reach it on any other
-//! address and port were neither captured nor sent to the proxy's address, and are
+//! covers being bound to the wildcard on that port, answering from that address the same
+//! way (left to the route, the source could be another of the node's addresses, and a
+//! resolver takes answers only from the server it asked); datagrams that reach it on any
+//! other address and port were neither captured nor sent to the proxy's address, and are
 //! dropped.
 
 use std::io::{self, IoSliceMut};
@@ -31,8 +33,10 @@ pub const DNS_PORT: u16 = 53;
 pub enum Arrival {
     /// Captured on its way to port 53 of this address: answer from it.
     Captured(SocketAddr),
-    /// Sent to the DNS proxy's own address: answer from the socket.
-    Direct,
+    /// Sent to the DNS proxy's own address (this one: with a wildcard proxy address, the
+    /// one the datagram came to): answer from it too, as the socket, bound to the
+    /// wildcard, would pick its source by the route instead.
+    Direct(SocketAddr),
     /// Neither (the wildcard socket reached on another address): dropped.
     Stray,
 }
@@ -47,7 +51,7 @@ pub fn arrival(orig_dst: Option<SocketAddr>, proxy_addr: SocketAddr) -> Arrival 
     if dst.port() == proxy_addr.port()
         && (proxy_addr.ip().is_unspecified() || dst.ip() == proxy_addr.ip())
     {
-        return Arrival::Direct;
+        return Arrival::Direct(dst);
     }
     if dst.port() == DNS_PORT {
         return Arrival::Captured(dst);
@@ -142,6 +146,64 @@ fn storage_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     )))
 }
 
+/// Sends `reply` to `to` through `sock` (bound to the wildcard on the proxy's port), from
+/// the address `from` (`IP_PKTINFO`): a question to the proxy's own address is answered
+/// from it, whatever source the route to the asker would pick. (Binding a socket there
+/// for the reply, as [`send_from`] does, would take the proxy's next questions to that
+/// address away from `sock` for as long as it exists.)
+pub async fn send_via(
+    sock: &UdpSocket,
+    from: SocketAddr,
+    to: SocketAddr,
+    reply: &[u8],
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, SockaddrIn, SockaddrIn6};
+    use std::io::IoSlice;
+    let (from, to) = (
+        crate::proxy::socket::canonical(from),
+        crate::proxy::socket::canonical(to),
+    );
+    sock.async_io(Interest::WRITABLE, || {
+        let iov = [IoSlice::new(reply)];
+        let sent = match (from.ip(), to) {
+            (IpAddr::V4(ip), SocketAddr::V4(to)) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                sendmsg(
+                    sock.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&SockaddrIn::from(to)),
+                )
+            }
+            (IpAddr::V6(ip), SocketAddr::V6(to)) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                sendmsg(
+                    sock.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::Ipv6PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&SockaddrIn6::from(to)),
+                )
+            }
+            _ => return Err(io::Error::other("reply across address families")),
+        };
+        sent.map(drop).map_err(io::Error::from)
+    })
+    .await
+}
+
 /// Sends `reply` to `to` from `from` (the address and port the pod asked), through a
 /// socket bound there for this one datagram and carrying ztunnel's `SO_MARK`.
 pub fn send_from(from: SocketAddr, to: SocketAddr, reply: &[u8], mark: u32) -> io::Result<()> {
@@ -221,7 +283,7 @@ mod tests {
                 "the proxy's address",
                 Some(loopback),
                 loopback,
-                Arrival::Direct,
+                Arrival::Direct(loopback),
             ),
             (
                 "the node's address on the proxy's port, proxy on loopback",
@@ -233,7 +295,7 @@ mod tests {
                 "proxy on every address",
                 Some(a("10.0.0.5:15053")),
                 any,
-                Arrival::Direct,
+                Arrival::Direct(a("10.0.0.5:15053")),
             ),
             (
                 "another port",
