@@ -171,16 +171,7 @@ pub fn resolve_udp(
         let (n, from) = s.recv_from(&mut buf)?;
         let r = Message::from_vec(&buf[..n])?;
         anyhow::ensure!(r.metadata.id == q.metadata.id, "answer to another question");
-        let ips = r
-            .answers
-            .iter()
-            .filter_map(|a| match &a.data {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                _ => None,
-            })
-            .collect();
-        Ok((ips, from))
+        Ok((addresses(&r), from))
     })
 }
 
@@ -224,16 +215,19 @@ pub fn question(name: &str, qtype: RecordType) -> anyhow::Result<Vec<u8>> {
 /// A reply's response code and A/AAAA addresses.
 pub fn answers(reply: &[u8]) -> anyhow::Result<(ResponseCode, Vec<IpAddr>)> {
     let r = Message::from_vec(reply)?;
-    let ips = r
-        .answers
+    Ok((r.metadata.response_code, addresses(&r)))
+}
+
+/// The A and AAAA addresses of a reply's answers.
+fn addresses(r: &Message) -> Vec<IpAddr> {
+    r.answers
         .iter()
         .filter_map(|a| match &a.data {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             RData::AAAA(a) => Some(IpAddr::V6(a.0)),
             _ => None,
         })
-        .collect();
-    Ok((r.metadata.response_code, ips))
+        .collect()
 }
 
 /// The A records `server` gives for `name`, asked over UDP from inside `ns` through a

@@ -9,54 +9,105 @@ use std::time::Duration;
 use hickory_proto::rr::RecordType;
 use ztunnel_tests::dns::{resolve_tcp, resolve_udp, StubDns};
 use ztunnel_tests::traffic::{echoes, eventually, EchoServer};
-use ztunnel_tests::ztunnel::{capture_counter, local_config, WorkloadSpec};
-use ztunnel_tests::{require_root, Testbed};
+use ztunnel_tests::ztunnel::{capture_counter, local_config, WorkloadSpec, Ztunnel};
+use ztunnel_tests::{require_root, Node, Pod, Testbed};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// What the stand-in CoreDNS answers for every name.
 const COREDNS_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 
-#[test]
-fn enrolled_pods_dns_over_tcp_is_answered_by_the_mesh() {
-    require_root!();
-    let mut tb = Testbed::new().unwrap();
-    let a = tb.add_node("node-a").unwrap();
-    let b = tb.add_node("node-b").unwrap();
-    let client = tb.add_pod(&a, "client").unwrap();
-    let plain = tb.add_pod(&a, "plain").unwrap();
-    let server = tb.add_pod(&b, "server").unwrap();
-    let coredns = tb.add_pod(&b, "coredns").unwrap();
-    let _echo = EchoServer::start(&server.netns, 8080).unwrap();
-    let _stub = StubDns::start(&coredns.netns, COREDNS_ANSWER).unwrap();
-    let mut server_spec = WorkloadSpec::mesh(&server, "default", "server");
-    server_spec.extra =
-        "  services:\n    default/echo.default.svc.cluster.local: {80: 8080}\n".into();
-    let services = "services:\n- name: echo\n  namespace: default\n  \
-                    hostname: echo.default.svc.cluster.local\n  vips: [\"/10.96.0.50\"]\n  \
-                    ports: {80: 8080}\n";
-    let yaml = local_config(
-        &[
-            WorkloadSpec::mesh(&client, "default", "client"),
-            WorkloadSpec::plain(&plain, "default"),
-            server_spec,
-        ],
-        services,
-    );
-    let config = tb.write_config("workloads.yaml", &yaml).unwrap();
-    // The node's resolver is the stand-in CoreDNS.
-    let resolv = tb
-        .write_config("resolv.conf", &format!("nameserver {}\n", coredns.ip))
-        .unwrap();
-    let resolv = resolv.display().to_string();
-    let dns_args = [
+/// Two nodes: on node-a an enrolled client, a pod outside the mesh and the ztunnel running
+/// the DNS proxy (127.0.0.1:15053), its resolver a stand-in CoreDNS in a pod on node-b,
+/// beside the echo server behind the `echo` service's VIPs (`vips`). `services` may add
+/// more services to the file.
+struct Bed {
+    tb: Testbed,
+    a: Node,
+    client: Pod,
+    plain: Pod,
+    coredns: Pod,
+    config: std::path::PathBuf,
+    resolv: String,
+    za: Ztunnel,
+    _zb: Ztunnel,
+    _echo: EchoServer,
+    _stub: StubDns,
+}
+
+impl Bed {
+    fn new(vips: &str, services: &str) -> Bed {
+        let mut tb = Testbed::new().unwrap();
+        let a = tb.add_node("node-a").unwrap();
+        let b = tb.add_node("node-b").unwrap();
+        let client = tb.add_pod(&a, "client").unwrap();
+        let plain = tb.add_pod(&a, "plain").unwrap();
+        let server = tb.add_pod(&b, "server").unwrap();
+        let coredns = tb.add_pod(&b, "coredns").unwrap();
+        let echo = EchoServer::start(&server.netns, 8080).unwrap();
+        let stub = StubDns::start(&coredns.netns, COREDNS_ANSWER).unwrap();
+        let mut server_spec = WorkloadSpec::mesh(&server, "default", "server");
+        server_spec.extra =
+            "  services:\n    default/echo.default.svc.cluster.local: {80: 8080}\n".into();
+        let services = format!(
+            "services:\n- name: echo\n  namespace: default\n  \
+             hostname: echo.default.svc.cluster.local\n  vips: [{vips}]\n  \
+             ports: {{80: 8080}}\n{services}"
+        );
+        let yaml = local_config(
+            &[
+                WorkloadSpec::mesh(&client, "default", "client"),
+                WorkloadSpec::plain(&plain, "default"),
+                server_spec,
+            ],
+            &services,
+        );
+        let config = tb.write_config("workloads.yaml", &yaml).unwrap();
+        // The node's resolver is the stand-in CoreDNS.
+        let resolv = tb
+            .write_config("resolv.conf", &format!("nameserver {}\n", coredns.ip))
+            .unwrap()
+            .display()
+            .to_string();
+        let args = dns_args(&resolv);
+        let za = tb.start_ztunnel(&a, &config, &args).unwrap();
+        let zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
+        Bed {
+            tb,
+            a,
+            client,
+            plain,
+            coredns,
+            config,
+            resolv,
+            za,
+            _zb: zb,
+            _echo: echo,
+            _stub: stub,
+        }
+    }
+
+    /// Another ztunnel on node-a with the same arguments (a restart, or an upgrade while
+    /// one runs).
+    fn start_a(&self) -> Ztunnel {
+        let args = dns_args(&self.resolv);
+        self.tb.start_ztunnel(&self.a, &self.config, &args).unwrap()
+    }
+}
+
+fn dns_args(resolv: &str) -> [&str; 4] {
+    [
         "--dns-proxy-addr",
         "127.0.0.1:15053",
         "--dns-upstream",
-        &resolv,
-    ];
-    let _za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
-    let _zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
+        resolv,
+    ]
+}
 
+#[test]
+fn enrolled_pods_dns_over_tcp_is_answered_by_the_mesh() {
+    require_root!();
+    let bed = Bed::new("\"/10.96.0.50\"", "");
+    let (client, plain, coredns) = (&bed.client, &bed.plain, &bed.coredns);
     let kube_dns: SocketAddr = "10.96.0.10:53".parse().unwrap();
     let stub: SocketAddr = SocketAddr::new(coredns.ip.into(), 53);
     let vip: IpAddr = "10.96.0.50".parse().unwrap();
@@ -84,47 +135,14 @@ fn enrolled_pods_dns_over_tcp_is_answered_by_the_mesh() {
 #[test]
 fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     require_root!();
-    let mut tb = Testbed::new().unwrap();
-    let a = tb.add_node("node-a").unwrap();
-    let b = tb.add_node("node-b").unwrap();
-    let client = tb.add_pod(&a, "client").unwrap();
-    let plain = tb.add_pod(&a, "plain").unwrap();
-    let server = tb.add_pod(&b, "server").unwrap();
-    let coredns = tb.add_pod(&b, "coredns").unwrap();
-    let _echo = EchoServer::start(&server.netns, 8080).unwrap();
-    let _stub = StubDns::start(&coredns.netns, COREDNS_ANSWER).unwrap();
-    let mut server_spec = WorkloadSpec::mesh(&server, "default", "server");
-    server_spec.extra =
-        "  services:\n    default/echo.default.svc.cluster.local: {80: 8080}\n".into();
     // A service with both families' VIPs, and a ServiceEntry host with an (auto-allocated
     // style) VIP that no resolver but the mesh's knows.
-    let services = "services:\n- name: echo\n  namespace: default\n  \
-                    hostname: echo.default.svc.cluster.local\n  \
-                    vips: [\"/10.96.0.50\", \"/fd00:96::50\"]\n  ports: {80: 8080}\n\
-                    - name: api\n  namespace: default\n  hostname: api.example.com\n  \
-                    vips: [\"/240.240.0.7\"]\n  ports: {443: 443}\n";
-    let yaml = local_config(
-        &[
-            WorkloadSpec::mesh(&client, "default", "client"),
-            WorkloadSpec::plain(&plain, "default"),
-            server_spec,
-        ],
-        services,
+    let bed = Bed::new(
+        "\"/10.96.0.50\", \"/fd00:96::50\"",
+        "- name: api\n  namespace: default\n  hostname: api.example.com\n  \
+         vips: [\"/240.240.0.7\"]\n  ports: {443: 443}\n",
     );
-    let config = tb.write_config("workloads.yaml", &yaml).unwrap();
-    let resolv = tb
-        .write_config("resolv.conf", &format!("nameserver {}\n", coredns.ip))
-        .unwrap();
-    let resolv = resolv.display().to_string();
-    let dns_args = [
-        "--dns-proxy-addr",
-        "127.0.0.1:15053",
-        "--dns-upstream",
-        &resolv,
-    ];
-    let za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
-    let _zb = tb.start_ztunnel(&b, &config, &[]).unwrap();
-
+    let (a, client, plain, coredns) = (&bed.a, &bed.client, &bed.plain, &bed.coredns);
     let short = Duration::from_secs(1);
     let kube_dns: SocketAddr = "10.96.0.10:53".parse().unwrap();
     let kube_dns6: SocketAddr = "[fd00:96::10]:53".parse().unwrap();
@@ -197,14 +215,14 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
 
     // ztunnel killed: the pod's DNS goes where it was sent (fails open): the real server
     // answers; a name only the mesh knew does not resolve there.
-    tb.kill(za.pid);
+    bed.tb.kill(bed.za.pid);
     assert_eq!(
         ask(&client, stub, echo, RecordType::A).unwrap(),
         (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
     );
     assert!(ask(&client, kube_dns, echo, RecordType::A).is_err());
     // Back: the mesh answers again; the counters (pinned) saw the questions passed on.
-    let za = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    let za = bed.start_a();
     eventually("the mesh answers again", WAIT, || {
         ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
     });
@@ -212,12 +230,12 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
 
     // An upgrade: the new ztunnel takes the DNS sockets over with the listeners (binding
     // them beside the running one's would fail), and answers once the old one is gone.
-    let next = tb.start_ztunnel(&a, &config, &dns_args).unwrap();
+    let next = bed.start_a();
     next.wait_for_log("took over the running ztunnel's listeners", WAIT)
         .unwrap();
     za.wait_for_log("a new ztunnel took over: draining", WAIT)
         .unwrap();
-    tb.stop(za.pid, WAIT).expect("old process");
+    bed.tb.stop(za.pid, WAIT).expect("old process");
     assert_eq!(
         ask(&client, kube_dns, echo, RecordType::A).unwrap(),
         (vec![vip], kube_dns)
