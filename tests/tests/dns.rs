@@ -156,7 +156,7 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     // To the cluster DNS's address (which nothing here serves): answered by the mesh, from
     // the address the pod asked.
     eventually("the mesh answers over UDP", WAIT, || {
-        ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
+        ask(client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
     });
     // The forms the pod's search domains make, as its resolver tries them.
     for name in [
@@ -164,43 +164,43 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
         "echo.default.svc.cluster.local.default.svc.cluster.local.",
     ] {
         assert_eq!(
-            ask(&client, kube_dns, name, RecordType::A).unwrap().0,
+            ask(client, kube_dns, name, RecordType::A).unwrap().0,
             [vip],
             "{name}"
         );
     }
     // A ServiceEntry host: its VIP, known only to the mesh.
     assert_eq!(
-        ask(&client, kube_dns, "api.example.com.", RecordType::A)
+        ask(client, kube_dns, "api.example.com.", RecordType::A)
             .unwrap()
             .0,
         ["240.240.0.7".parse::<IpAddr>().unwrap()]
     );
     // IPv6: asked over IPv6, AAAA answered from the IPv6 server address asked.
     assert_eq!(
-        ask(&client, kube_dns6, echo, RecordType::AAAA).unwrap(),
+        ask(client, kube_dns6, echo, RecordType::AAAA).unwrap(),
         (vec![vip6], kube_dns6)
     );
     // A name the mesh does not know: through the node's resolver.
     assert_eq!(
-        ask(&client, kube_dns, "www.example.org.", RecordType::A).unwrap(),
+        ask(client, kube_dns, "www.example.org.", RecordType::A).unwrap(),
         (vec![IpAddr::V4(COREDNS_ANSWER)], kube_dns)
     );
     // Asked of the real server's address, a mesh name is still the mesh's answer, from it.
     assert_eq!(
-        ask(&client, stub, echo, RecordType::A).unwrap(),
+        ask(client, stub, echo, RecordType::A).unwrap(),
         (vec![vip], stub)
     );
     // A pod outside the mesh asks the server itself, and the cluster address stays silent.
     assert_eq!(
-        ask(&plain, stub, echo, RecordType::A).unwrap(),
+        ask(plain, stub, echo, RecordType::A).unwrap(),
         (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
     );
-    assert!(ask(&plain, kube_dns, echo, RecordType::A).is_err());
+    assert!(ask(plain, kube_dns, echo, RecordType::A).is_err());
     // Nor is a question to the node's own address taken (a node-local resolver would hold
     // its port 53): nothing serves it here, so it goes unanswered.
     let node_dns = SocketAddr::new(a.ip.into(), 53);
-    assert!(ask(&client, node_dns, echo, RecordType::A).is_err());
+    assert!(ask(client, node_dns, echo, RecordType::A).is_err());
     // The proxy's own address still answers (on the node: 127.0.0.1:15053), from itself.
     let own: SocketAddr = "127.0.0.1:15053".parse().unwrap();
     assert_eq!(
@@ -209,7 +209,7 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     );
     // What the pod got reaches the service through the mesh.
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
-    let captured = capture_counter(&a, &client, "dns_captured").unwrap();
+    let captured = capture_counter(a, client, "dns_captured").unwrap();
     // Six questions over IPv4 (the IPv6 one counts on the pod's IPv6 address).
     assert!(captured >= 6, "dns_captured {captured}");
 
@@ -217,16 +217,16 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
     // answers; a name only the mesh knew does not resolve there.
     bed.tb.kill(bed.za.pid);
     assert_eq!(
-        ask(&client, stub, echo, RecordType::A).unwrap(),
+        ask(client, stub, echo, RecordType::A).unwrap(),
         (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
     );
-    assert!(ask(&client, kube_dns, echo, RecordType::A).is_err());
+    assert!(ask(client, kube_dns, echo, RecordType::A).is_err());
     // Back: the mesh answers again; the counters (pinned) saw the questions passed on.
     let za = bed.start_a();
     eventually("the mesh answers again", WAIT, || {
-        ask(&client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
+        ask(client, kube_dns, echo, RecordType::A).is_ok_and(|r| r == (vec![vip], kube_dns))
     });
-    assert!(capture_counter(&a, &client, "dns_passed").unwrap() >= 2);
+    assert!(capture_counter(a, client, "dns_passed").unwrap() >= 2);
 
     // An upgrade: the new ztunnel takes the DNS sockets over with the listeners (binding
     // them beside the running one's would fail), and answers once the old one is gone.
@@ -237,7 +237,7 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
         .unwrap();
     bed.tb.stop(za.pid, WAIT).expect("old process");
     assert_eq!(
-        ask(&client, kube_dns, echo, RecordType::A).unwrap(),
+        ask(client, kube_dns, echo, RecordType::A).unwrap(),
         (vec![vip], kube_dns)
     );
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
