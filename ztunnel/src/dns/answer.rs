@@ -30,6 +30,43 @@ pub struct Asked {
     pub qtype: String,
 }
 
+/// The largest reply the sender of `msg` takes over UDP: its EDNS payload size (at least
+/// 512 bytes), else 512 (RFC 1035), never more than `max`.
+fn udp_limit(msg: &Message, max: usize) -> usize {
+    msg.edns
+        .as_ref()
+        .map_or(512, |e| usize::from(e.max_payload()).max(512))
+        .min(max)
+}
+
+/// `reply`, the node's resolvers' answer to `query`, as a client that asked over UDP may
+/// take it: unchanged when it fits the size the client said it takes, else only its header
+/// and question with TC set, so the client asks again over TCP (which is captured too).
+/// The proxy fetched the whole answer (over TCP if the resolver truncated it), and that
+/// may be more than this client takes: a reply longer than its buffer would reach it cut,
+/// or in IP fragments.
+pub fn fit_udp(query: &[u8], reply: Vec<u8>, max: usize) -> Vec<u8> {
+    let limit = Message::from_vec(query).map_or(512, |q| udp_limit(&q, max));
+    if reply.len() <= limit {
+        return reply;
+    }
+    let Ok(mut m) = Message::from_vec(&reply) else {
+        // Not readable: its header alone, flagged truncated, sections emptied.
+        let mut header = reply[..reply.len().min(12)].to_vec();
+        if header.len() == 12 {
+            header[2] |= 0x02;
+            header[6..12].fill(0);
+        }
+        return header;
+    };
+    m.answers.clear();
+    m.authorities.clear();
+    m.additionals.clear();
+    m.signature = None;
+    m.metadata.truncation = true;
+    m.to_vec().unwrap_or_else(|_| reply[..12].to_vec())
+}
+
 /// Decides what to do with `query` from `client`. `max_udp`: the largest reply the
 /// client takes over UDP (`None` over TCP).
 pub fn decide(
@@ -99,12 +136,7 @@ pub fn decide(
     // Too long for the client's UDP: the header and question, truncated, so it asks again
     // over TCP.
     if let Some(max) = max_udp {
-        let limit = msg
-            .edns
-            .as_ref()
-            .map_or(512, |e| usize::from(e.max_payload()).max(512))
-            .min(max);
-        if bytes.len() > limit {
+        if bytes.len() > udp_limit(&msg, max) {
             reply.answers.clear();
             reply.metadata.truncation = true;
             if let Reply::Answer(b) = encode(reply) {

@@ -125,7 +125,11 @@ impl DnsProxy {
         match r {
             Ok(bytes) => {
                 debug!(%src, name = %asked.name, qtype = %asked.qtype, "dns: forwarded");
-                Some(bytes)
+                Some(if tcp {
+                    bytes
+                } else {
+                    answer::fit_udp(query, bytes, MAX_MESSAGE)
+                })
             }
             Err(e) => {
                 DNS.upstream_failures.get_or_create(&labels).inc();

@@ -193,8 +193,23 @@ async fn mesh_names_are_answered_and_the_rest_forwarded() {
     assert_eq!(answers(&r).1, vec![ip("93.184.0.1")]);
     let r = ask_udp(p, &question("nope.example.org.", RecordType::A)).await;
     assert_eq!(answers(&r).0, ResponseCode::NXDomain);
-    // Truncated over UDP upstream: asked again over TCP, the whole answer relayed.
-    let r = ask_udp(p, &question("big.example.org.", RecordType::A)).await;
+    // Truncated over UDP upstream: asked again over TCP, the whole answer (about 670
+    // bytes) relayed to a client that takes that much over UDP (EDNS, 1232 bytes)...
+    let mut big = Message::from_vec(&question("big.example.org.", RecordType::A)).unwrap();
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(1232);
+    big.edns = Some(edns);
+    let r = ask_udp(p, &big.to_vec().unwrap()).await;
+    let (code, ips, tc) = answers(&r);
+    assert_eq!((code, ips.len(), tc), (ResponseCode::NoError, 40, false));
+    // ...truncated for one that takes the plain 512 bytes, so it asks again over TCP...
+    let plain = question("big.example.org.", RecordType::A);
+    let r = ask_udp(p, &plain).await;
+    assert!(r.len() <= 512, "{} bytes over UDP", r.len());
+    let (code, ips, tc) = answers(&r);
+    assert_eq!((code, ips.len(), tc), (ResponseCode::NoError, 0, true));
+    // ...where it gets all of it.
+    let r = ask_tcp(p, &plain).await;
     let (code, ips, tc) = answers(&r);
     assert_eq!((code, ips.len(), tc), (ResponseCode::NoError, 40, false));
     // Counted as Istio counts them.
