@@ -475,7 +475,7 @@ fn parse(ctx: &TcContext, iface: &IfaceInfo, pkt: &mut Packet) -> Result<Parsed,
         L4::Tcp(l4) => l4,
         L4::Udp(l4) => {
             // Only DNS questions are ztunnel's; every other datagram (VXLAN on an uplink
-            // included) stops here, at the cost of one two-byte read.
+            // included) stops here, having cost the address reads above and this one.
             let dport: u16 = ctx.load(l4 + 2).map_err(|_| ())?;
             if u16::from_be(dport) != DNS_PORT {
                 return Ok(Parsed::Other);
