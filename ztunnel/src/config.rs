@@ -189,14 +189,14 @@ pub struct RunArgs {
 
     /// Serve the DNS proxy on this address (UDP and TCP; Istio's port is 15053): mesh
     /// hostnames answered for the pod that asks, the rest relayed to `--dns-upstream`.
-    /// Enrolled pods' DNS (UDP and TCP, port 53 of any address) is captured to it
+    /// Enrolled pods' DNS (UDP and TCP, port 53 of any address but the node's) is captured to it
     /// (`--dns-capture`); with capture on, its UDP socket is bound to the wildcard
     /// addresses of this port, and answers on other addresses only captured questions.
     #[arg(long, env = "DNS_PROXY_ADDR", value_name = "ADDR")]
     pub dns_proxy_addr: Option<std::net::SocketAddr>,
 
     /// With the DNS proxy running: enrolled pods' DNS (UDP and TCP, port 53 of any
-    /// address) goes to it, answered as if from the server they asked. While ztunnel is
+    /// address but the node's own) goes to it, answered as if from the server they asked. While ztunnel is
     /// down their DNS goes where they sent it (fails open; their connections stay
     /// captured and fail closed).
     #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
