@@ -241,4 +241,21 @@ fn enrolled_pods_dns_over_udp_is_answered_by_the_mesh_and_fails_open() {
         (vec![vip], kube_dns)
     );
     assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
+
+    // An upgrade that cannot take the DNS sockets (here: capture switched off, so the
+    // proxy wants its own address bound plainly, which the predecessor's wildcard socket
+    // holds): the data path is taken over all the same, and DNS fails open meanwhile.
+    let mut args = dns_args(&bed.resolv).to_vec();
+    args.extend(["--dns-capture", "false"]);
+    let odd = bed.tb.start_ztunnel(a, &bed.config, &args).unwrap();
+    odd.wait_for_log("DNS proxy sockets not served after the takeover", WAIT)
+        .unwrap();
+    next.wait_for_log("a new ztunnel took over: draining", WAIT)
+        .unwrap();
+    bed.tb.stop(next.pid, WAIT).expect("old process");
+    assert!(echoes(&client.netns, SocketAddr::new(vip, 80)));
+    assert_eq!(
+        ask(client, stub, echo, RecordType::A).unwrap(),
+        (vec![IpAddr::V4(COREDNS_ANSWER)], stub)
+    );
 }

@@ -168,6 +168,13 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<()> {
 
 /// The DNS proxy (its sockets are bound in `serve`, where a predecessor's are taken over).
 fn dns_proxy(args: &RunArgs, store: Arc<StateStore>) -> anyhow::Result<Arc<crate::dns::DnsProxy>> {
+    // Checked at start, before anything is taken over from a running ztunnel.
+    if args.dns_capture_port().is_some() {
+        crate::dns::transparent::check_reply_privilege(args.proxy_mark).context(
+            "DNS capture answers from port 53 of the address each pod asked: that needs \
+             CAP_NET_BIND_SERVICE (and NET_ADMIN); add it, or run with --dns-capture false",
+        )?;
+    }
     let upstreams = crate::dns::Upstreams::from_resolv_conf(&args.dns_upstream)
         .context("--dns-upstream (DNS_UPSTREAM)")?;
     info!(upstreams = ?upstreams.servers, "DNS proxy: questions the mesh does not answer go to these");
@@ -192,12 +199,6 @@ fn serve_dns(
     let Some(addr) = args.dns_proxy_addr else {
         return Ok(());
     };
-    if args.dns_capture_port().is_some() {
-        transparent::check_reply_privilege(args.proxy_mark).context(
-            "DNS capture answers from port 53 of the address each pod asked: that needs \
-             CAP_NET_BIND_SERVICE (and NET_ADMIN); add it, or run with --dns-capture false",
-        )?;
-    }
     let udp: Vec<(std::net::UdpSocket, UdpRole)> = match args.dns_capture_port() {
         Some(port) => args
             .listen_addrs(port)
@@ -402,6 +403,7 @@ async fn serve(
 
     // ...the listening sockets, inherited from a running ztunnel when upgrading...
     let mut inherited = take_over(args, &admin_state).await?;
+    let took_over = !inherited.is_empty();
     let registry = handover::Registry::default();
     let mut bind = |addr| -> anyhow::Result<std::net::TcpListener> {
         let l = inherited
@@ -449,7 +451,19 @@ async fn serve(
         ));
     }
     if let Some(dns) = &dns {
-        serve_dns(args, dns, &mut inherited, &registry, &mut tasks)?;
+        match serve_dns(args, dns, &mut inherited, &registry, &mut tasks) {
+            Ok(()) => {}
+            // The predecessor has handed over the data path and is draining: failing now
+            // would leave the node without one. Without the DNS sockets, pods' DNS over UDP
+            // goes to the servers they ask (fails open); over TCP it is still answered.
+            Err(e) if took_over => error!(
+                "DNS proxy sockets not served after the takeover (the predecessor still \
+                 holds them: another --dns-proxy-addr or --dns-capture, or a build that did \
+                 not hand them over): {e:#}; enrolled pods' DNS over UDP goes to the \
+                 servers they ask until the next restart"
+            ),
+            Err(e) => return Err(e),
+        }
     }
     if !inherited.is_empty() {
         warn!(addresses = ?inherited.unused(), "inherited listeners this configuration does not use: closed");
