@@ -58,12 +58,7 @@ impl StubDns {
     fn serve(ns: &Netns, answers: Answers) -> anyhow::Result<StubDns> {
         let answers = Arc::new(answers);
         let for_udp = answers.clone();
-        let (udp, tcp) = ns.run(|| -> std::io::Result<_> {
-            Ok((
-                UdpSocket::bind(("0.0.0.0", 53))?,
-                TcpListener::bind(("0.0.0.0", 53))?,
-            ))
-        })?;
+        let (udp, tcp) = bind_port_53(ns)?;
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while let Ok((n, src)) = udp.recv_from(&mut buf) {
@@ -181,12 +176,7 @@ pub struct DeadDns;
 
 impl DeadDns {
     pub fn start(ns: &Netns) -> anyhow::Result<DeadDns> {
-        let (udp, tcp) = ns.run(|| -> std::io::Result<_> {
-            Ok((
-                UdpSocket::bind(("0.0.0.0", 53))?,
-                TcpListener::bind(("0.0.0.0", 53))?,
-            ))
-        })?;
+        let (udp, tcp) = bind_port_53(ns)?;
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while udp.recv_from(&mut buf).is_ok() {}
@@ -260,6 +250,16 @@ pub fn resolve_udp_a(
             return Ok(ips);
         }
     }
+}
+
+/// UDP and TCP sockets on port 53 of every address of `ns`, as a DNS server has.
+fn bind_port_53(ns: &Netns) -> std::io::Result<(UdpSocket, TcpListener)> {
+    ns.run(|| -> std::io::Result<_> {
+        Ok((
+            UdpSocket::bind(("0.0.0.0", 53))?,
+            TcpListener::bind(("0.0.0.0", 53))?,
+        ))
+    })
 }
 
 fn rand_id() -> u16 {

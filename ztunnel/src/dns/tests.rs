@@ -92,6 +92,15 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
+/// An upstream address nothing listens on (the socket that held it is gone).
+async fn dead_upstream() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// A proxy on loopback over a state with one service and one ServiceEntry host.
 async fn proxy(upstream: SocketAddr) -> SocketAddr {
     let store = Arc::new(StateStore::default());
@@ -227,13 +236,7 @@ async fn mesh_names_are_answered_and_the_rest_forwarded() {
 
 #[tokio::test]
 async fn bad_input_gets_formerr_or_nothing_and_a_dead_upstream_servfail() {
-    // Nothing listens on the upstream's port.
-    let dead = UdpSocket::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let p = proxy(dead).await;
+    let p = proxy(dead_upstream().await).await;
     // A readable header with garbage after it: FORMERR with its id.
     let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
     junk.extend_from_slice(&[0xff; 20]);
@@ -259,12 +262,7 @@ async fn bad_input_gets_formerr_or_nothing_and_a_dead_upstream_servfail() {
 
 #[tokio::test]
 async fn one_source_cannot_hold_every_tcp_place() {
-    let dead = UdpSocket::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let p = proxy(dead).await;
+    let p = proxy(dead_upstream().await).await;
     // The pod holds its whole share with silent connections...
     let mut held = Vec::new();
     for _ in 0..super::server::MAX_TCP_PER_SOURCE {
