@@ -65,14 +65,6 @@ impl DnsProxy {
         })
     }
 
-    /// Answers one question from `src`; `None`: nothing to send.
-    pub async fn handle(&self, query: &[u8], src: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
-        match self.answer_here(query, src, tcp) {
-            Ok(reply) => reply,
-            Err(forward) => self.forward(query, src, tcp, forward).await,
-        }
-    }
-
     /// What needs no upstream, at once: `Ok` with the reply (`None`: nothing to send), or
     /// `Err` when the question must be forwarded.
     fn answer_here(
