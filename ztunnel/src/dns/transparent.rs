@@ -25,8 +25,8 @@ use tokio::net::UdpSocket;
 
 use crate::proxy::socket::set_transparent;
 
-/// The port DNS questions are captured on.
-pub const DNS_PORT: u16 = 53;
+/// The port DNS questions are captured on: the capture program's.
+pub use ztunnel_ebpf_common::dns::DNS_PORT;
 
 /// Whose a datagram that reached the capture socket is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
